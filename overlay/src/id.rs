@@ -1,0 +1,96 @@
+//! Node identity.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// The longest identity we carry; an Ed25519 libp2p `PeerId` is 38 bytes.
+pub const MAX_ID_LEN: usize = 48;
+
+/// A node's identity: the raw bytes of its libp2p `PeerId` in the agent, a short counter in the simulator.
+///
+/// Stored inline (no heap) and `Copy`, because member lists and routes carry many of them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId {
+    len: u8,
+    bytes: [u8; MAX_ID_LEN],
+}
+
+impl NodeId {
+    /// `None` when `bytes` is empty or longer than [`MAX_ID_LEN`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() || bytes.len() > MAX_ID_LEN {
+            return None;
+        }
+        let mut id = NodeId { len: bytes.len() as u8, bytes: [0; MAX_ID_LEN] };
+        id.bytes[..bytes.len()].copy_from_slice(bytes);
+        Some(id)
+    }
+
+    /// A compact id for simulations and tests.
+    pub fn from_u64(n: u64) -> Self {
+        Self::from_bytes(&n.to_be_bytes()).expect("8 bytes fit")
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+/// Lower-case hex of the last 6 bytes: short enough for logs, long enough to tell peers apart.
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.as_bytes();
+        for byte in &b[b.len().saturating_sub(6)..] {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.as_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NodeId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "1 to {MAX_ID_LEN} bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<NodeId, E> {
+                NodeId::from_bytes(v).ok_or_else(|| E::invalid_length(v.len(), &self))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_cbor() {
+        let id = NodeId::from_bytes(&[7; 38]).unwrap();
+        let mut buf = Vec::new();
+        ciborium::into_writer(&id, &mut buf).unwrap();
+        let back: NodeId = ciborium::from_reader(&buf[..]).unwrap();
+        assert_eq!(id, back);
+    }
+
+    #[test]
+    fn rejects_empty_and_oversized() {
+        assert!(NodeId::from_bytes(&[]).is_none());
+        assert!(NodeId::from_bytes(&[1; MAX_ID_LEN + 1]).is_none());
+    }
+}
