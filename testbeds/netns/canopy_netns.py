@@ -260,9 +260,9 @@ class Testbed:
         problems: list[str] = []
         # Agents first and gently, so they can leave the tree and remove the service namespaces they made.
         for agent in self.agents.values():
-            _terminate(agent.process, GRACEFUL_STOP_SECONDS)
+            terminate(agent.process, GRACEFUL_STOP_SECONDS)
         for _, proc, _ in self.processes:
-            _terminate(proc, 1.0)
+            terminate(proc, 1.0)
         ours = set(self._netns_created)
         ours.update(name for name in list_netns() if name.startswith(self.prefix + "-"))
         # Hosts before the underlay so their processes go before the links they use.
@@ -615,12 +615,7 @@ table ip canopy_nat {{
         def parse():
             if agent.process.poll() is not None:
                 raise TestbedError(f"the agent on {first.name} exited with code {agent.process.returncode}")
-            text = _strip_ansi(agent.log_path.read_text(errors="replace"))
-            for line in text.splitlines():
-                match = re.search(r"\bagent\s+join\s+(.+)$", line)
-                if match:
-                    return _drop_per_host_flags(shlex.split(match.group(1).strip().rstrip("`'\"")))
-            return None
+            return parse_join_command(agent.log_path.read_text(errors="replace"))
 
         return self.wait_for(parse, timeout, f"the join command in {agent.log_path.name}")
 
@@ -649,7 +644,7 @@ table ip canopy_nat {{
         agent = self.agents.get(host.name)
         if agent is None:
             raise TestbedError(f"no agent on {host.name}")
-        _terminate(agent.process, 0 if kill else GRACEFUL_STOP_SECONDS)
+        terminate(agent.process, 0 if kill else GRACEFUL_STOP_SECONDS)
 
     def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None) -> subprocess.Popen:
         """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] -- CMD...` in the background on a host."""
@@ -663,16 +658,8 @@ table ip canopy_nat {{
         """Wait until the agents of `hosts` form one tree: one root, everyone else attached below it."""
 
         def check():
-            statuses = {h.name: _tree_view(self.status(h)) for h in hosts}
-            roots = [name for name, s in statuses.items() if s["role"] == "root"]
-            if len(roots) != 1:
-                raise TestbedError(f"{len(roots)} roots: {roots}")
-            root_id = statuses[roots[0]]["id"]
-            for name, s in statuses.items():
-                if name == roots[0]:
-                    continue
-                if s["role"] in ("detached", "") or (root_id not in s["ancestors"] and s["parent"] != root_id):
-                    raise TestbedError(f"{name} is not below the root (role {s['role']}, parent {s['parent']})")
+            statuses = {h.name: self.status(h) for h in hosts}
+            check_one_tree(statuses)
             return statuses
 
         return self.wait_for(check, timeout, f"one tree over {len(hosts)} agents", interval=1.0)
@@ -682,24 +669,33 @@ table ip canopy_nat {{
             raise TestbedError("the testbed is not running (use it as a context manager or call start())")
 
 
-def _terminate(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group, wait `grace` seconds, then SIGKILL it."""
+def terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process (and its process group when it leads its own), wait `grace` seconds, then SIGKILL."""
     if proc.poll() is not None:
         return
     try:
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:
         return
-    if grace > 0:
+    # Never signal our own group: only processes started in a new session get group-wide signals.
+    own_group = pgid == os.getpgid(0)
+
+    def send(sig: int) -> None:
         try:
-            os.killpg(pgid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            if own_group:
+                os.kill(proc.pid, sig)
+            else:
+                os.killpg(pgid, sig)
+        except ProcessLookupError:
             pass
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+
+    if grace > 0:
+        send(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    send(signal.SIGKILL)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -711,6 +707,34 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 def _strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+def parse_join_command(log_text: str) -> list[str] | None:
+    """The arguments after `agent join` in the first `agent join ...` line of an agent's output (None if there is
+    none yet), without the per-host flags. Shared by the netns, Mininet and containernet runners."""
+    for line in _strip_ansi(log_text).splitlines():
+        match = re.search(r"\bagent\s+join\s+(.+)$", line)
+        if match:
+            try:
+                return _drop_per_host_flags(shlex.split(match.group(1).strip().rstrip("`'\"")))
+            except ValueError:  # unbalanced quotes: a partly written line, try again later
+                return None
+    return None
+
+
+def check_one_tree(statuses: dict[str, dict]) -> None:
+    """Raise TestbedError unless the `agent status --json` outputs (by host name) show one tree: exactly one root
+    and every other agent attached with the root among its ancestors."""
+    views = {name: _tree_view(status) for name, status in statuses.items()}
+    roots = [name for name, view in views.items() if view["role"] == "root"]
+    if len(roots) != 1:
+        raise TestbedError(f"{len(roots)} roots: {roots}")
+    root_id = views[roots[0]]["id"]
+    for name, view in views.items():
+        if name == roots[0]:
+            continue
+        if view["role"] in ("detached", "") or (root_id not in view["ancestors"] and view["parent"] != root_id):
+            raise TestbedError(f"{name} is not below the root (role {view['role']!r}, parent {view['parent']!r})")
 
 
 def _drop_per_host_flags(args: list[str]) -> list[str]:

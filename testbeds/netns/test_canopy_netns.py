@@ -67,6 +67,23 @@ class JoinCommandParsing(unittest.TestCase):
             ["/ip4/198.18.0.1/udp/4001/quic-v1/p2p/12D3Koo", "--network-key-file", "/k", "--tunnel-port", "7"],
         )
 
+    def test_join_line_is_found_in_agent_output(self):
+        log = "2026-01-01 INFO started\n\x1b[1mTo add machines run:\x1b[0m  agent join /ip4/1.2.3.4/tcp/4001 --network-key k1 --data-dir /var/lib/canopy\n"
+        self.assertEqual(cn.parse_join_command(log), ["/ip4/1.2.3.4/tcp/4001", "--network-key", "k1"])
+        self.assertIsNone(cn.parse_join_command("INFO starting\n"))
+
+    def test_one_tree_needs_one_root_and_everyone_below_it(self):
+        root = {"id": "A", "role": "Root", "parent": None, "ancestors": []}
+        leaf = {"id": "B", "role": "Leaf", "parent": "A", "ancestors": ["A"]}
+        deep = {"id": "C", "role": "Leaf", "parent": "B", "ancestors": ["B", "A"]}
+        cn.check_one_tree({"a": root, "b": leaf, "c": deep})
+        with self.assertRaises(cn.TestbedError):
+            cn.check_one_tree({"a": root, "b": dict(root, id="B")})
+        with self.assertRaises(cn.TestbedError):
+            cn.check_one_tree({"a": root, "c": {"id": "C", "role": "Detached", "parent": None, "ancestors": []}})
+        with self.assertRaises(cn.TestbedError):
+            cn.check_one_tree({"a": root, "c": dict(deep, parent="X", ancestors=["X"])})
+
     def test_tree_view_finds_nested_fields(self):
         status = {"node": {"id": "B", "role": "Leaf", "parent": "A", "ancestors": ["A"]}, "services": []}
         self.assertEqual(cn._tree_view(status), {"id": "B", "role": "leaf", "parent": "A", "ancestors": ["A"]})
