@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "netns"))
 
-from canopy_netns import DEFAULT_P2P_PORT, TestbedError, check_one_tree, parse_join_command, terminate  # noqa: E402
+from canopy_netns import DEFAULT_P2P_PORT, GiveUp, TestbedError, check_one_tree, parse_join_command, terminate  # noqa: E402
 from canopy_netns import Testbed  # noqa: E402
 
 wait_for = Testbed.wait_for
@@ -78,7 +78,7 @@ class OverlayDriver:
 
         def join_args():
             if proc.poll() is not None:
-                raise TestbedError(f"the first agent exited with code {proc.returncode}; see {log_path}")
+                raise GiveUp(f"the first agent exited with code {proc.returncode}; see {log_path}")
             return parse_join_command(log_path.read_text(errors="replace"))
 
         args = wait_for(join_args, join_timeout, f"the join command in {log_path}")

@@ -70,7 +70,9 @@ def build_mininet(topo: topologies.Topology, switch_kind: str, with_delays: bool
                 self.addLink(link.a, link.b, **opts)
 
     switch = OVSSwitch if switch_kind == "ovs" else LinuxBridge
-    return Mininet(topo=CanopyTopo(), switch=switch, controller=None, link=TCLink, autoSetMacs=True, waitConnected=False)
+    return Mininet(topo=CanopyTopo(), switch=switch, controller=None, link=TCLink, autoSetMacs=True, waitConnected=False,
+                   # Underlay outside the platform range 10.16.0.0/12, so overlay routes never overlap it.
+                   ipBase="10.0.0.0/16")
 
 
 def main() -> int:

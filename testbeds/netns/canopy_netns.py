@@ -58,6 +58,10 @@ class TestbedError(RuntimeError):
     """A testbed step failed; the message says which command and why."""
 
 
+class GiveUp(TestbedError):
+    """Raised by a `wait_for` condition when waiting longer cannot help (e.g. the process it waits on died)."""
+
+
 def missing_privileges() -> str | None:
     """Why testbeds cannot run here, or None when they can (root and the needed tools present)."""
     if os.geteuid() != 0:
@@ -543,6 +547,8 @@ table ip canopy_nat {{
                 value = condition()
                 if value:
                     return value
+            except GiveUp:
+                raise
             except Exception as err:  # noqa: BLE001 - any failure means "not yet"; reported on timeout
                 last_error = err
             if time.monotonic() >= deadline:
@@ -614,7 +620,7 @@ table ip canopy_nat {{
 
         def parse():
             if agent.process.poll() is not None:
-                raise TestbedError(f"the agent on {first.name} exited with code {agent.process.returncode}")
+                raise GiveUp(f"the agent on {first.name} exited with code {agent.process.returncode}; see its log")
             return parse_join_command(agent.log_path.read_text(errors="replace"))
 
         return self.wait_for(parse, timeout, f"the join command in {agent.log_path.name}")
@@ -653,6 +659,19 @@ table ip canopy_nat {{
             argv += ["--instance", str(instance)]
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service)
         return self.spawn(host, [*argv, "--", *cmd], log_name=f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}")
+
+    def run_client(self, host: Node, service: str, cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        """`agent run --service ... -- CMD` in the foreground: CMD runs in a service namespace and is waited for."""
+        argv = ["run", "--service", service, "--", *cmd]
+        return self.exec(host, [str(self.find_agent_binary()), "--data-dir", str(self.data_dir(host)), *argv], check=False, timeout=timeout)
+
+    def resolve(self, host: Node, name: str) -> str:
+        """The first IPv4 address that `agent resolve NAME` prints on a host."""
+        result = self.agent_cli(host, "resolve", name, check=False)
+        match = re.search(r"\b(\d{1,3}(?:\.\d{1,3}){3})\b", result.stdout)
+        if result.returncode != 0 or not match:
+            raise TestbedError(f"resolve {name} on {host.name}: {result.stderr.strip() or result.stdout.strip()}")
+        return match.group(1)
 
     def wait_one_tree(self, hosts: Sequence[Node], timeout: float = 60) -> dict[str, dict]:
         """Wait until the agents of `hosts` form one tree: one root, everyone else attached below it."""
@@ -725,7 +744,7 @@ def parse_join_command(log_text: str) -> list[str] | None:
 def check_one_tree(statuses: dict[str, dict]) -> None:
     """Raise TestbedError unless the `agent status --json` outputs (by host name) show one tree: exactly one root
     and every other agent attached with the root among its ancestors."""
-    views = {name: _tree_view(status) for name, status in statuses.items()}
+    views = {name: tree_view(status) for name, status in statuses.items()}
     roots = [name for name, view in views.items() if view["role"] == "root"]
     if len(roots) != 1:
         raise TestbedError(f"{len(roots)} roots: {roots}")
@@ -755,7 +774,7 @@ def _drop_per_host_flags(args: list[str]) -> list[str]:
     return out
 
 
-def _tree_view(status: dict) -> dict:
+def tree_view(status: dict) -> dict:
     """Pull id, role, parent and ancestors out of `agent status --json`, wherever the agent nests them."""
 
     def find(obj, key):

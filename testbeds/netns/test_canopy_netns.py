@@ -84,9 +84,9 @@ class JoinCommandParsing(unittest.TestCase):
         with self.assertRaises(cn.TestbedError):
             cn.check_one_tree({"a": root, "c": dict(deep, parent="X", ancestors=["X"])})
 
-    def test_tree_view_finds_nested_fields(self):
+    def testtree_view_finds_nested_fields(self):
         status = {"node": {"id": "B", "role": "Leaf", "parent": "A", "ancestors": ["A"]}, "services": []}
-        self.assertEqual(cn._tree_view(status), {"id": "B", "role": "leaf", "parent": "A", "ancestors": ["A"]})
+        self.assertEqual(cn.tree_view(status), {"id": "B", "role": "leaf", "parent": "A", "ancestors": ["A"]})
 
 
 class RouteComputation(unittest.TestCase):
