@@ -93,12 +93,15 @@ impl VivaldiCoord {
 
         // Adaptive timestep, then move along the unit height-vector away from (or towards) the remote.
         let force = STEP_GAIN * weight * (rtt - predicted);
-        let mut diff = [self.position[0] - remote.position[0], self.position[1] - remote.position[1]];
-        let mut planar = diff[0].hypot(diff[1]);
+        let diff = [self.position[0] - remote.position[0], self.position[1] - remote.position[1]];
+        let planar = diff[0].hypot(diff[1]);
         if planar < COINCIDENT_MS {
+            // Same planar spot (every node starts at the origin): push apart in a pseudo-random direction and leave
+            // the heights alone; otherwise nearly all of the first samples would turn into height.
             let angle = self.pseudo_random_angle(rtt, remote);
-            diff = [angle.cos() * COINCIDENT_MS, angle.sin() * COINCIDENT_MS];
-            planar = COINCIDENT_MS;
+            self.position[0] += force * angle.cos();
+            self.position[1] += force * angle.sin();
+            return Ok(());
         }
         // Height vectors: ||[x, h]|| = ||x|| + h and [x, xh] - [y, yh] = [x - y, xh + yh] (paper, section 5.4).
         let norm = planar + self.height + remote.height;
