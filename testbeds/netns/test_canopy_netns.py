@@ -84,7 +84,7 @@ class JoinCommandParsing(unittest.TestCase):
         with self.assertRaises(cn.TestbedError):
             cn.check_one_tree({"a": root, "c": dict(deep, parent="X", ancestors=["X"])})
 
-    def testtree_view_finds_nested_fields(self):
+    def test_tree_view_finds_nested_fields(self):
         status = {"node": {"id": "B", "role": "Leaf", "parent": "A", "ancestors": ["A"]}, "services": []}
         self.assertEqual(cn.tree_view(status), {"id": "B", "role": "leaf", "parent": "A", "ancestors": ["A"]})
 
@@ -174,6 +174,28 @@ class NamespaceTestbed(unittest.TestCase):
             # htb at 20 Mbit/s: well below the unshaped veth rate (Gbit/s), and not starved.
             self.assertLess(mbit, 26, f"measured {mbit:.1f} Mbit/s through a 20 Mbit/s limit")
             self.assertGreater(mbit, 10, f"measured only {mbit:.1f} Mbit/s through a 20 Mbit/s limit")
+
+    def test_overlay_orchestration_with_a_stand_in_agent(self):
+        """start/join/status/resolve/run plumbing, with fake_agent.py in place of the real agent."""
+        fake = Path(__file__).resolve().parent / "fake_agent.py"
+        with cn.Testbed(agent_binary=fake) as tb:
+            wan, lan = tb.add_segment("wan"), tb.add_segment("lan", public=False)
+            tb.add_nat_router("nat", wan=wan, lan=lan)
+            hosts = [tb.add_host("h1", wan, (48.1, 11.5)), tb.add_host("h2", wan), tb.add_host("h3", lan)]
+            tb.start_overlay(hosts)
+            self.assertEqual(tb.join_command(hosts[0]), ["/ip4/198.18.0.2/tcp/4001", "--network-key-file", "/fake/key"])
+            statuses = tb.wait_one_tree(hosts, timeout=20)
+            root_id = statuses["h1"]["node"]["id"]
+            self.assertEqual(statuses["h3"]["node"]["parent"], root_id)  # joined from behind the NAT
+            self.assertEqual(tb.resolve(hosts[2], "demo.canopy.web.test.any.rr"), "10.30.0.7")
+            self.assertIn("hello", tb.run_client(hosts[1], "demo.canopy.client.test", ["echo", "hello"]).stdout)
+            tb.stop_agent(hosts[1], kill=True)
+            tb.exec(hosts[1], ["rm", str(tb.data_dir(hosts[1]) / "state.json")])
+            with self.assertRaises(cn.TestbedError):
+                tb.wait_one_tree(hosts, timeout=2)
+            agent_procs = [a.process for a in tb.agents.values()]
+        self.assertTrue(all(p.poll() is not None for p in agent_procs), "an agent survived teardown")
+        self.assertEqual(tb.leftovers(), [])
 
     def test_teardown_after_an_exception(self):
         with self.assertRaises(ZeroDivisionError):
