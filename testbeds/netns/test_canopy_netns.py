@@ -162,6 +162,10 @@ class NamespaceTestbed(unittest.TestCase):
             hc = tb.add_host("hc", c)
             tb.ping(ha, hc.ip)
             tb.ping(hc, ha.ip)
+            tb.set_link(hc, up=False)  # cut the cable
+            self.assertFalse(tb.ping(ha, hc.ip, timeout=1, check=False), "ping crossed a link that is down")
+            tb.set_link(hc, up=True)
+            tb.wait_for(lambda: tb.ping(ha, hc.ip, timeout=1, check=False), 10, "the link to come back")
 
             tb.limit_bandwidth(hc, 20, qdisc="htb")
             sink = tb.spawn(hc, [sys.executable, "-c", TCP_SINK], log_name="sink")
