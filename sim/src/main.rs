@@ -1,1 +1,106 @@
-fn main() {}
+//! `canopy-sim`: run a scenario (`run`) or the scaling benchmark (`bench`).
+
+use anyhow::Context;
+use canopy_sim::{Scenario, bench, plot, run};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "canopy-sim", version, about = "Deterministic discrete-event simulator for the Canopy overlay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one scenario and print a summary (and optionally a JSON report and plots).
+    Run {
+        /// Scenario file (TOML).
+        scenario: PathBuf,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override the scenario's node count.
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Write the JSON report here (`-` for stdout).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write PNG plots (CDFs, final tree) into this directory.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Exit with status 1 unless the final tree converged (one root per component, all attached, no cycles).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run the 1k, 10k and 100k node benchmark scenarios and check the scaling and speed targets.
+    Bench {
+        /// Skip the 100k-node speed run.
+        #[arg(long)]
+        skip_100k: bool,
+        /// Write all reports as a JSON array here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("canopy-sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    if path.as_os_str() == "-" {
+        println!("{text}");
+        Ok(())
+    } else {
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Cmd::Run { scenario: path, seed, nodes, json, plot: plot_dir, check } => {
+            let mut scenario = Scenario::from_file(&path)?;
+            if let Some(seed) = seed {
+                scenario.seed = seed;
+            }
+            if let Some(nodes) = nodes {
+                scenario.nodes.count = nodes;
+            }
+            scenario.validate().map_err(|(key, problem)| anyhow::anyhow!("`{key}` {problem}"))?;
+            let name = path.file_stem().map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
+            let outcome = run(&scenario, &name);
+            if json.as_ref().is_none_or(|p| p.as_os_str() != "-") {
+                print!("{}", outcome.report.summary());
+            }
+            if let Some(json) = &json {
+                write_json(json, &outcome.report)?;
+            }
+            if let Some(dir) = plot_dir {
+                for written in plot::write_plots(&outcome, &dir)? {
+                    eprintln!("wrote {}", written.display());
+                }
+            }
+            Ok(if check && !outcome.report.r#final.converged() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Cmd::Bench { skip_100k, json } => {
+            let result = bench::run_bench(!skip_100k, |r| {
+                eprintln!("{}: {} nodes done in {:.2} s ({:.1}x)", r.scenario, r.nodes, r.wall_seconds, bench::speed(r))
+            })?;
+            print!("{}", result.text);
+            if let Some(json) = &json {
+                write_json(json, &result.reports)?;
+            }
+            Ok(if result.all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

@@ -1,0 +1,888 @@
+//! The discrete-event engine: one virtual clock, one heap of (time, sequence) events, many overlay nodes.
+//!
+//! Nodes are indexed by a dense `u32`; node `i` has `NodeId::from_u64(i)`. A node's wakeup is scheduled lazily
+//! from `poll_timeout` and stale heap entries are skipped. Messages in flight live in a slab so heap entries stay
+//! 24 bytes. Each message is CBOR-encoded exactly once, into a counting sink, to measure its wire size.
+
+use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
+use crate::network::{Attachment, NetworkModel};
+use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, Stats, Violation};
+use crate::scenario::{EventKind, Scenario, Target};
+use canopy_overlay::{
+    Capacity, Command, Config, Envelope, Event, Input, Node, NodeId, NodeInfo, Output, Position, Role,
+};
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::time::{Duration, Instant};
+
+/// How often the whole tree is checked during a run (cycles, depth, fanout).
+const CHECK_INTERVAL_NS: u64 = 5_000_000_000;
+/// At most this many violations are kept in the report (all are counted).
+const MAX_VIOLATIONS: usize = 200;
+
+/// Everything a run produces: the report, plus the raw data the plots need.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub report: Report,
+    pub join_samples_ms: Vec<f64>,
+    pub reattach_samples_ms: Vec<f64>,
+    pub failover_samples_ms: Vec<f64>,
+    /// The final tree: every live node with its position, parent index and role.
+    pub final_tree: Vec<TreeNode>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TreeNode {
+    pub index: usize,
+    pub position: Position,
+    pub parent: Option<usize>,
+    pub role: Role,
+    pub attached: bool,
+}
+
+/// Runs a scenario to its end. `name` only labels the report.
+pub fn run(scenario: &Scenario, name: &str) -> Outcome {
+    let started = Instant::now();
+    let mut sim = Simulation::new(scenario);
+    sim.run();
+    sim.finish(name, started.elapsed().as_secs_f64())
+}
+
+/// The overlay configuration a scenario asks for.
+pub fn overlay_config(scenario: &Scenario) -> Config {
+    let mut config = Config::default();
+    if let Some(ms) = scenario.overlay.heartbeat_ms {
+        config.heartbeat_interval = Duration::from_millis(ms);
+    }
+    if let Some(m) = scenario.overlay.max_children {
+        config.max_children = m;
+    }
+    config
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    what: What,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum What {
+    /// Deliver the message in this slab slot.
+    Deliver(u32),
+    Wakeup(u32),
+    /// Start (node 0) or join (the others) for the first time.
+    Boot(u32),
+    ScenarioEvent(u32),
+    LeaveDone(u32),
+    Check,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    NotStarted,
+    Live,
+    Leaving,
+    Crashed,
+    Left,
+}
+
+struct SimNode {
+    node: Option<Node>,
+    info: NodeInfo,
+    at: Attachment,
+    life: Life,
+    incarnation: u64,
+    /// The wakeup currently in the heap for this node; other Wakeup entries are stale.
+    armed: Option<u64>,
+    /// Role and parent as last announced by the node's events.
+    role: Role,
+    parent: Option<u32>,
+    role_at_crash: Role,
+    /// When the current join started, and whether it is a rejoin after a restart.
+    joining_since: Option<(u64, bool)>,
+    /// When the node entered its current traffic bucket (for node-seconds per role).
+    bucket_since: u64,
+}
+
+impl SimNode {
+    fn alive(&self) -> bool {
+        matches!(self.life, Life::Live | Life::Leaving)
+    }
+}
+
+struct InFlight {
+    from: u32,
+    to: u32,
+    bytes: u32,
+    envelope: Envelope,
+}
+
+/// A crash whose orphans are not all attached again yet (for a root crash: or whose side has no single root yet).
+struct PendingReattach {
+    crashed: u32,
+    since: u64,
+    orphans: Vec<u32>,
+    /// For failovers: the side of the partition the old root was on.
+    component: usize,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Traffic {
+    msgs: u64,
+    bytes: u64,
+    node_ns: u128,
+}
+
+pub struct Simulation {
+    scenario: Scenario,
+    config: Config,
+    now: u64,
+    end: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    slab: Vec<Option<InFlight>>,
+    free_slots: Vec<u32>,
+    nodes: Vec<SimNode>,
+    /// Nodes `0..booted` have been started at least once.
+    booted: u32,
+    net: NetworkModel,
+    net_rng: ChaCha8Rng,
+    choice_rng: ChaCha8Rng,
+    out_buf: Vec<Output>,
+    /// Live nodes whose last role event said Root.
+    roots: BTreeSet<u32>,
+    pending: Vec<PendingReattach>,
+    join_samples: Vec<f64>,
+    rejoin_samples: Vec<f64>,
+    reattach_samples: Vec<f64>,
+    failover_samples: Vec<f64>,
+    failovers: Vec<PendingReattach>,
+    /// [leaf, coordinator]
+    traffic: [Traffic; 2],
+    counts: MessageCounts,
+    violations: Vec<Violation>,
+    violations_total: usize,
+    applied: Vec<AppliedEvent>,
+    depth_max: usize,
+    fanout_max: usize,
+}
+
+fn bucket(role: Role) -> usize {
+    match role {
+        Role::Leaf | Role::Detached => 0,
+        Role::Coordinator | Role::Root => 1,
+    }
+}
+
+fn ns_to_ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn node_id(index: u32) -> NodeId {
+    NodeId::from_u64(u64::from(index))
+}
+
+/// Mixes the run seed with a stream number, so node RNGs and the engine's RNGs are independent.
+fn derive_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Counts the bytes of a serialisation without storing them.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The exact length of `envelope.encode()`, computed by running the same CBOR serialiser into a counter.
+pub fn encoded_len(envelope: &Envelope) -> usize {
+    let mut counter = ByteCounter(0);
+    ciborium::into_writer(envelope, &mut counter).expect("counting bytes cannot fail");
+    counter.0
+}
+
+impl Simulation {
+    pub fn new(scenario: &Scenario) -> Self {
+        let seed = scenario.seed;
+        let mut setup_rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, 1));
+        let net = NetworkModel::new(&scenario.network, scenario.topology.as_ref());
+        let count = scenario.nodes.count;
+        let switches = net.assign_switches(count, &mut setup_rng);
+        let [lat_min, lon_min, lat_max, lon_max] = scenario.nodes.region;
+        let nodes = (0..count)
+            .map(|i| {
+                let position = Position::new(
+                    lat_min + setup_rng.random::<f64>() * (lat_max - lat_min),
+                    lon_min + setup_rng.random::<f64>() * (lon_max - lon_min),
+                );
+                let capacity = Capacity {
+                    cpu: f64::from(setup_rng.random_range(1..=32u32)),
+                    mem_mb: f64::from(setup_rng.random_range(1..=64u32) * 1024),
+                    bandwidth_mbps: f64::from(setup_rng.random_range(1..=100u32) * 10),
+                };
+                let info = NodeInfo {
+                    id: node_id(i as u32),
+                    addrs: vec![format!("sim:{i}")],
+                    position,
+                    capacity,
+                    reachable: setup_rng.random::<f64>() < 0.7,
+                };
+                SimNode {
+                    node: None,
+                    info,
+                    at: Attachment { position, switch: switches[i] },
+                    life: Life::NotStarted,
+                    incarnation: 0,
+                    armed: None,
+                    role: Role::Detached,
+                    parent: None,
+                    role_at_crash: Role::Detached,
+                    joining_since: None,
+                    bucket_since: 0,
+                }
+            })
+            .collect();
+        let mut sim = Simulation {
+            scenario: scenario.clone(),
+            config: overlay_config(scenario),
+            now: 0,
+            end: scenario.duration().as_nanos() as u64,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            slab: Vec::new(),
+            free_slots: Vec::new(),
+            nodes,
+            booted: 0,
+            net,
+            net_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 2)),
+            choice_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 3)),
+            out_buf: Vec::new(),
+            roots: BTreeSet::new(),
+            pending: Vec::new(),
+            join_samples: Vec::new(),
+            rejoin_samples: Vec::new(),
+            reattach_samples: Vec::new(),
+            failover_samples: Vec::new(),
+            failovers: Vec::new(),
+            traffic: [Traffic::default(); 2],
+            counts: MessageCounts::default(),
+            violations: Vec::new(),
+            violations_total: 0,
+            applied: Vec::new(),
+            depth_max: 0,
+            fanout_max: 0,
+        };
+        let join_over_ns = scenario.nodes.join_over_s * 1e9;
+        for i in 0..count {
+            let at = (join_over_ns * i as f64 / count as f64) as u64;
+            sim.schedule(at, What::Boot(i as u32));
+        }
+        for (i, event) in scenario.events.iter().enumerate() {
+            sim.schedule((event.at_s * 1e9) as u64, What::ScenarioEvent(i as u32));
+        }
+        sim.schedule(CHECK_INTERVAL_NS, What::Check);
+        sim
+    }
+
+    fn schedule(&mut self, at: u64, what: What) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled { at, seq: self.seq, what }));
+    }
+
+    pub fn run(&mut self) {
+        while let Some(Reverse(next)) = self.queue.peek().copied() {
+            if next.at > self.end {
+                break;
+            }
+            self.queue.pop();
+            self.now = next.at;
+            match next.what {
+                What::Deliver(slot) => self.deliver(slot),
+                What::Wakeup(i) => self.wakeup(i, next.at),
+                What::Boot(i) => self.boot(i),
+                What::ScenarioEvent(e) => self.apply_event(e as usize),
+                What::LeaveDone(i) => self.leave_done(i),
+                What::Check => {
+                    self.periodic_check();
+                    self.schedule(self.now + CHECK_INTERVAL_NS, What::Check);
+                }
+            }
+        }
+        self.now = self.end;
+    }
+
+    fn now_time(&self) -> Duration {
+        Duration::from_nanos(self.now)
+    }
+
+    fn violation(&mut self, node: Option<u32>, kind: &str, detail: String) {
+        self.violations_total += 1;
+        if self.violations.len() < MAX_VIOLATIONS {
+            self.violations.push(Violation {
+                t_s: self.now as f64 / 1e9,
+                node: node.map(|n| n as usize),
+                kind: kind.to_string(),
+                detail,
+            });
+        }
+    }
+
+    // ---- driving nodes -------------------------------------------------------------------------------------
+
+    /// Feeds one input, fires a due timer, drains outputs and re-arms the wakeup.
+    fn feed(&mut self, i: u32, input: Option<Input>) {
+        let now = self.now_time();
+        let mut outputs = std::mem::take(&mut self.out_buf);
+        {
+            let Some(node) = self.nodes[i as usize].node.as_mut() else { return };
+            if let Some(input) = input {
+                node.handle(now, input);
+            }
+            if node.poll_timeout().is_some_and(|t| t <= now) {
+                node.handle_timeout(now);
+            }
+            while let Some(out) = node.poll_output() {
+                outputs.push(out);
+            }
+        }
+        for out in outputs.drain(..) {
+            match out {
+                Output::Send { to, envelope } => self.send(i, to, envelope),
+                Output::Event(event) => self.on_event(i, event),
+            }
+        }
+        self.out_buf = outputs;
+        self.arm(i);
+    }
+
+    fn arm(&mut self, i: u32) {
+        let sim_node = &mut self.nodes[i as usize];
+        let Some(node) = sim_node.node.as_ref() else { return };
+        // A timer in the past fires at the current instant, after what is already queued for it.
+        let wanted = node.poll_timeout().map(|t| (t.as_nanos() as u64).max(self.now));
+        if wanted != sim_node.armed {
+            sim_node.armed = wanted;
+            if let Some(at) = wanted {
+                self.schedule(at, What::Wakeup(i));
+            }
+        }
+    }
+
+    fn wakeup(&mut self, i: u32, at: u64) {
+        let sim_node = &mut self.nodes[i as usize];
+        if sim_node.armed != Some(at) || !sim_node.alive() {
+            return; // stale entry
+        }
+        sim_node.armed = None;
+        self.feed(i, None);
+    }
+
+    fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
+        let bytes = encoded_len(&envelope) as u32;
+        self.counts.sent += 1;
+        self.counts.bytes_sent += u64::from(bytes);
+        let b = bucket(self.nodes[from as usize].role);
+        self.traffic[b].msgs += 1;
+        self.traffic[b].bytes += u64::from(bytes);
+        let Some(to) = self.index_of(&to) else {
+            self.counts.dropped_unknown += 1;
+            return;
+        };
+        if self.net.lost(&mut self.net_rng) {
+            self.counts.dropped_loss += 1;
+            return;
+        }
+        let (a, b) = (self.nodes[from as usize].at, self.nodes[to as usize].at);
+        if !self.net.can_talk(&a, &b) {
+            self.counts.dropped_partition += 1;
+            return;
+        }
+        let latency = self.net.latency_ns(&a, &b, &mut self.net_rng);
+        let flight = InFlight { from, to, bytes, envelope };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = Some(flight);
+                slot
+            }
+            None => {
+                self.slab.push(Some(flight));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.schedule(self.now + latency, What::Deliver(slot));
+    }
+
+    fn deliver(&mut self, slot: u32) {
+        let flight = self.slab[slot as usize].take().expect("each slot is delivered once");
+        self.free_slots.push(slot);
+        let (from, to) = (flight.from as usize, flight.to as usize);
+        if !self.nodes[to].alive() {
+            self.counts.dropped_dead += 1;
+            return;
+        }
+        if !self.net.can_talk(&self.nodes[from].at, &self.nodes[to].at) {
+            self.counts.dropped_partition += 1;
+            return;
+        }
+        self.counts.delivered += 1;
+        let b = bucket(self.nodes[to].role);
+        self.traffic[b].msgs += 1;
+        self.traffic[b].bytes += u64::from(flight.bytes);
+        let input = Input::Message { from: node_id(flight.from), envelope: flight.envelope };
+        self.feed(flight.to, Some(input));
+    }
+
+    fn index_of(&self, id: &NodeId) -> Option<u32> {
+        let bytes: [u8; 8] = id.as_bytes().try_into().ok()?;
+        let index = u64::from_be_bytes(bytes);
+        (index < self.nodes.len() as u64).then_some(index as u32)
+    }
+
+    // ---- lifecycle -----------------------------------------------------------------------------------------
+
+    fn bring_up(&mut self, i: u32) {
+        let seed = derive_seed(self.scenario.seed, 1000 + u64::from(i) * 1000 + self.nodes[i as usize].incarnation);
+        let now = self.now_time();
+        let n = &mut self.nodes[i as usize];
+        n.incarnation += 1;
+        n.node = Some(Node::new(n.info.clone(), self.config.clone(), seed, now));
+        n.life = Life::Live;
+        n.armed = None;
+        n.role = Role::Detached;
+        n.parent = None;
+        n.bucket_since = self.now;
+    }
+
+    /// A random live member that is in a tree, else any other live node. Nodes boot in index order, so members
+    /// are among `0..booted`; random tries make a join O(1) even in a large network, a scan covers the rare rest.
+    fn pick_member(&mut self, except: u32) -> Option<u32> {
+        let n = self.booted;
+        if n == 0 {
+            return None;
+        }
+        let usable = |s: &Self, j: u32, in_tree: bool| {
+            let node = &s.nodes[j as usize];
+            j != except && node.life == Life::Live && (!in_tree || node.role != Role::Detached)
+        };
+        for _ in 0..32 {
+            let j = self.choice_rng.random_range(0..n);
+            if usable(self, j, true) {
+                return Some(j);
+            }
+        }
+        for in_tree in [true, false] {
+            let candidates: Vec<u32> = (0..n).filter(|&j| usable(self, j, in_tree)).collect();
+            if let Some(&j) = candidates.choose(&mut self.choice_rng) {
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    fn boot(&mut self, i: u32) {
+        if self.nodes[i as usize].life != Life::NotStarted {
+            return; // crashed or otherwise handled before its turn
+        }
+        self.booted = self.booted.max(i + 1);
+        self.bring_up(i);
+        self.start_or_join(i, false);
+    }
+
+    fn start_or_join(&mut self, i: u32, rejoin: bool) {
+        let command = match self.pick_member(i) {
+            Some(via) if i != 0 || rejoin => {
+                self.nodes[i as usize].joining_since = Some((self.now, rejoin));
+                Command::Join { via: node_id(via) }
+            }
+            _ => Command::Start,
+        };
+        self.feed(i, Some(Input::Command(command)));
+    }
+
+    /// Closes the node's traffic accounting for the time it spent in its current bucket.
+    fn close_bucket(&mut self, i: u32) {
+        let n = &mut self.nodes[i as usize];
+        if n.alive() {
+            self.traffic[bucket(n.role)].node_ns += u128::from(self.now - n.bucket_since);
+        }
+        n.bucket_since = self.now;
+    }
+
+    fn take_down(&mut self, i: u32, life: Life) {
+        self.close_bucket(i);
+        let n = &mut self.nodes[i as usize];
+        n.role_at_crash = n.role;
+        n.node = None;
+        n.life = life;
+        n.armed = None;
+        n.role = Role::Detached;
+        n.parent = None;
+        n.joining_since = None;
+        self.roots.remove(&i);
+        for p in self.pending.iter_mut().chain(self.failovers.iter_mut()) {
+            p.orphans.retain(|&o| o != i);
+        }
+        self.settle_pending();
+    }
+
+    fn crash(&mut self, i: u32) {
+        if !self.nodes[i as usize].alive() {
+            return;
+        }
+        let role = self.nodes[i as usize].role;
+        let orphans: Vec<u32> = (0..self.nodes.len() as u32)
+            .filter(|&j| self.nodes[j as usize].alive() && self.nodes[j as usize].parent == Some(i))
+            .collect();
+        let component = self.net.component(&self.nodes[i as usize].at);
+        self.take_down(i, Life::Crashed);
+        let pending = PendingReattach { crashed: i, since: self.now, orphans, component };
+        if role == Role::Root {
+            self.failovers.push(PendingReattach { orphans: pending.orphans.clone(), ..pending });
+        }
+        if !pending.orphans.is_empty() {
+            self.pending.push(pending);
+        }
+        self.settle_pending();
+    }
+
+    fn restart(&mut self, i: u32) {
+        if self.nodes[i as usize].life != Life::Crashed {
+            return;
+        }
+        self.bring_up(i);
+        self.start_or_join(i, true);
+    }
+
+    fn leave(&mut self, i: u32) {
+        if self.nodes[i as usize].life != Life::Live {
+            return;
+        }
+        self.nodes[i as usize].life = Life::Leaving;
+        self.feed(i, Some(Input::Command(Command::Leave)));
+        let grace = (self.scenario.nodes.leave_grace_s * 1e9) as u64;
+        self.schedule(self.now + grace, What::LeaveDone(i));
+    }
+
+    fn leave_done(&mut self, i: u32) {
+        if self.nodes[i as usize].life == Life::Leaving {
+            self.take_down(i, Life::Left);
+        }
+    }
+
+    // ---- events from nodes ---------------------------------------------------------------------------------
+
+    fn on_event(&mut self, i: u32, event: Event) {
+        match event {
+            Event::RoleChanged { role, .. } => {
+                self.close_bucket(i);
+                self.nodes[i as usize].role = role;
+                if role == Role::Root {
+                    self.roots.insert(i);
+                } else {
+                    self.roots.remove(&i);
+                }
+                self.settle_pending();
+            }
+            Event::ParentChanged { parent } => {
+                let parent_index = parent.as_ref().map(|p| self.index_of(p).unwrap_or(u32::MAX));
+                self.nodes[i as usize].parent = parent_index;
+                if parent_index.is_some()
+                    && let Some((since, rejoin)) = self.nodes[i as usize].joining_since.take()
+                {
+                    let ms = ns_to_ms(self.now - since);
+                    if rejoin { self.rejoin_samples.push(ms) } else { self.join_samples.push(ms) }
+                }
+                self.settle_pending();
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether node `o` counts as attached again after `crashed` went down.
+    fn reattached(&self, o: u32, crashed: u32) -> bool {
+        let n = &self.nodes[o as usize];
+        match n.parent {
+            _ if n.role == Role::Root => true,
+            Some(p) => p != crashed && self.nodes.get(p as usize).is_some_and(SimNode::alive),
+            None => false,
+        }
+    }
+
+    /// Completes re-attach and failover measurements whose conditions now hold.
+    fn settle_pending(&mut self) {
+        if self.pending.is_empty() && self.failovers.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.retain_mut(|p| {
+            p.orphans.retain(|&o| !self.reattached(o, p.crashed));
+            if p.orphans.is_empty() {
+                self.reattach_samples.push(ns_to_ms(self.now - p.since));
+            }
+            !p.orphans.is_empty()
+        });
+        self.pending = pending;
+        let mut failovers = std::mem::take(&mut self.failovers);
+        failovers.retain_mut(|f| {
+            f.orphans.retain(|&o| !self.reattached(o, f.crashed));
+            let component = f.component;
+            let roots_here = self
+                .roots
+                .iter()
+                .filter(|&&r| {
+                    self.nodes[r as usize].alive() && self.net.component(&self.nodes[r as usize].at) == component
+                })
+                .count();
+            let done = roots_here == 1 && f.orphans.is_empty();
+            if done {
+                self.failover_samples.push(ns_to_ms(self.now - f.since));
+            }
+            !done
+        });
+        self.failovers = failovers;
+    }
+
+    // ---- scenario events -----------------------------------------------------------------------------------
+
+    fn apply_event(&mut self, e: usize) {
+        let event = self.scenario.events[e].clone();
+        let mut hit = Vec::new();
+        match event.kind {
+            EventKind::Crash | EventKind::Restart | EventKind::Leave => {
+                let target = event.target.expect("validated: crash/restart/leave have a target");
+                hit = self.resolve_target(event.kind, target);
+                for &i in &hit {
+                    match event.kind {
+                        EventKind::Crash => self.crash(i),
+                        EventKind::Restart => self.restart(i),
+                        _ => self.leave(i),
+                    }
+                }
+            }
+            EventKind::Partition => {
+                self.net.partition(event.split_lon.expect("validated: partition has split_lon"));
+            }
+            EventKind::Heal => self.net.heal(),
+        }
+        if hit.is_empty() && matches!(event.kind, EventKind::Crash | EventKind::Restart | EventKind::Leave) {
+            self.violation(None, "empty_target", format!("{:?} {:?} matched no node", event.kind, event.target));
+        }
+        self.applied.push(AppliedEvent {
+            t_s: self.now as f64 / 1e9,
+            kind: format!("{:?}", event.kind).to_lowercase(),
+            target: event.target.map(|t| t.to_string()),
+            nodes: hit.iter().map(|&i| i as usize).collect(),
+        });
+    }
+
+    fn resolve_target(&mut self, kind: EventKind, target: Target) -> Vec<u32> {
+        let restart = kind == EventKind::Restart;
+        let eligible: Vec<u32> = (0..self.nodes.len() as u32)
+            .filter(|&i| {
+                let n = &self.nodes[i as usize];
+                if restart { n.life == Life::Crashed } else { n.life == Life::Live }
+            })
+            .collect();
+        let role_of = |n: &SimNode| if restart { n.role_at_crash } else { n.role };
+        let mut pick = |mut from: Vec<u32>, k: usize| {
+            from.shuffle(&mut self.choice_rng);
+            from.truncate(k);
+            from.sort_unstable();
+            from
+        };
+        match target {
+            Target::All => eligible,
+            Target::Index(i) => eligible.into_iter().filter(|&j| j as usize == i).collect(),
+            Target::Random(k) => pick(eligible, k),
+            Target::Root => {
+                let roots: Vec<u32> =
+                    eligible.into_iter().filter(|&i| role_of(&self.nodes[i as usize]) == Role::Root).collect();
+                if restart { roots } else { roots.into_iter().take(1).collect() }
+            }
+            Target::Coordinators(k) => {
+                let coords: Vec<u32> =
+                    eligible.into_iter().filter(|&i| role_of(&self.nodes[i as usize]) == Role::Coordinator).collect();
+                pick(coords, k)
+            }
+        }
+    }
+
+    // ---- global checks -------------------------------------------------------------------------------------
+
+    fn views(&self) -> Vec<Option<NodeView>> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                if n.life != Life::Live {
+                    return None;
+                }
+                let status = n.node.as_ref()?.status();
+                Some(NodeView {
+                    role: status.role,
+                    parent: status.parent.map(|p| self.index_of(&p).map_or(usize::MAX, |i| i as usize)),
+                    component: self.net.component(&n.at),
+                })
+            })
+            .collect()
+    }
+
+    fn periodic_check(&mut self) {
+        let check = check_tree(&self.views());
+        for &c in &check.cycles {
+            self.violation(Some(c as u32), "cycle", "parent pointers form a cycle through this node".into());
+        }
+        self.depth_max = self.depth_max.max(check.depth_max);
+        self.fanout_max = self.fanout_max.max(check.fanout_max);
+    }
+
+    fn final_check(&mut self) -> (FinalState, TreeCheck) {
+        let views = self.views();
+        let check = check_tree(&views);
+        let largest = check.component_sizes.iter().copied().max().unwrap_or(0);
+        let bound = depth_bound(largest, self.config.max_children);
+        let sides: Vec<usize> = (0..check.component_sizes.len()).filter(|&c| check.component_sizes[c] > 0).collect();
+        for &c in &sides {
+            let roots = &check.roots[c];
+            if roots.len() != 1 {
+                self.violation(
+                    roots.first().map(|&r| r as u32),
+                    "roots",
+                    format!(
+                        "component {c} ({} live nodes) has {} roots: {:?}",
+                        check.component_sizes[c],
+                        roots.len(),
+                        roots
+                    ),
+                );
+            }
+        }
+        for &u in &check.unattached {
+            let parent = views[u].and_then(|v| v.parent);
+            self.violation(
+                Some(u as u32),
+                "unattached",
+                format!("parent chain does not reach a root (parent {parent:?})"),
+            );
+        }
+        for &c in &check.cycles {
+            self.violation(Some(c as u32), "cycle", "parent pointers form a cycle through this node".into());
+        }
+        if let (Some(bound), Some(deepest)) = (bound, check.deepest)
+            && check.depth_max > bound
+        {
+            self.violation(Some(deepest as u32), "depth", format!("depth {} exceeds bound {bound}", check.depth_max));
+        }
+        if check.fanout_max > self.config.max_children {
+            let widest = check.widest.map(|w| w as u32);
+            let detail = format!("{} children, max_children {}", check.fanout_max, self.config.max_children);
+            self.violation(widest, "fanout", detail);
+        }
+        let stuck: Vec<(u32, String)> = self
+            .pending
+            .iter()
+            .flat_map(|p| {
+                let detail =
+                    format!("orphan of node {} crashed at {:.3}s never re-attached", p.crashed, p.since as f64 / 1e9);
+                p.orphans.iter().map(move |&o| (o, detail.clone()))
+            })
+            .collect();
+        for (orphan, detail) in stuck {
+            self.violation(Some(orphan), "reattach", detail);
+        }
+        self.depth_max = self.depth_max.max(check.depth_max);
+        self.fanout_max = self.fanout_max.max(check.fanout_max);
+        let state = FinalState {
+            live: check.component_sizes.iter().sum(),
+            component_sizes: sides.iter().map(|&c| check.component_sizes[c]).collect(),
+            roots_per_component: sides.iter().map(|&c| check.roots[c].len()).collect(),
+            unattached: check.unattached.len(),
+            cycles: check.cycles.len(),
+            tree_depth: check.depth_max,
+            depth_bound: bound,
+            fanout_max: check.fanout_max,
+        };
+        (state, check)
+    }
+
+    pub fn finish(mut self, name: &str, wall_seconds: f64) -> Outcome {
+        for i in 0..self.nodes.len() as u32 {
+            self.close_bucket(i);
+        }
+        let (final_state, check) = self.final_check();
+        let sim_seconds = self.end as f64 / 1e9;
+        let per_node_s = |t: &Traffic, v: u64| if t.node_ns == 0 { 0.0 } else { v as f64 / (t.node_ns as f64 / 1e9) };
+        let all = Traffic {
+            msgs: self.traffic[0].msgs + self.traffic[1].msgs,
+            bytes: self.traffic[0].bytes + self.traffic[1].bytes,
+            node_ns: self.traffic[0].node_ns + self.traffic[1].node_ns,
+        };
+        let by_role = |f: &dyn Fn(&Traffic) -> u64| ByRole {
+            leaf: per_node_s(&self.traffic[0], f(&self.traffic[0])),
+            coordinator: per_node_s(&self.traffic[1], f(&self.traffic[1])),
+            all: per_node_s(&all, f(&all)),
+        };
+        let msgs = by_role(&|t| t.msgs);
+        let bytes = by_role(&|t| t.bytes);
+        let joins_incomplete = self.nodes.iter().filter(|n| n.joining_since.is_some_and(|(_, r)| !r)).count();
+        let rejoins_incomplete = self.nodes.iter().filter(|n| n.joining_since.is_some_and(|(_, r)| r)).count();
+        let reattach_incomplete = self.pending.iter().filter(|p| !p.orphans.is_empty()).count();
+        let report = Report {
+            scenario: name.to_string(),
+            nodes: self.nodes.len(),
+            seed: self.scenario.seed,
+            sim_seconds,
+            wall_seconds,
+            heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
+            max_children: self.config.max_children,
+            join_ms: Stats::from_samples(&self.join_samples, joins_incomplete),
+            rejoin_ms: Stats::from_samples(&self.rejoin_samples, rejoins_incomplete),
+            reattach_ms: Stats::from_samples(&self.reattach_samples, reattach_incomplete),
+            root_failover_ms: Stats::from_samples(&self.failover_samples, self.failovers.len()),
+            r#final: final_state,
+            tree_depth_max: self.depth_max,
+            fanout_max: self.fanout_max,
+            msgs_per_node_per_s: msgs,
+            bytes_per_node_per_s: bytes,
+            messages: self.counts.clone(),
+            applied_events: std::mem::take(&mut self.applied),
+            violations_total: self.violations_total,
+            violations: std::mem::take(&mut self.violations),
+        };
+        let views = self.views();
+        let final_tree = views
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let v = (*v)?;
+                Some(TreeNode {
+                    index: i,
+                    position: self.nodes[i].at.position,
+                    parent: v.parent.filter(|&p| p < self.nodes.len()),
+                    role: v.role,
+                    attached: check.depth[i].is_some(),
+                })
+            })
+            .collect();
+        Outcome {
+            report,
+            join_samples_ms: self.join_samples,
+            reattach_samples_ms: self.reattach_samples,
+            failover_samples_ms: self.failover_samples,
+            final_tree,
+        }
+    }
+}

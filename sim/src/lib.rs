@@ -1,0 +1,17 @@
+//! A deterministic discrete-event simulator running thousands of Canopy overlay nodes on a virtual clock.
+//!
+//! [`scenario`] reads a TOML scenario, [`engine`] runs it (network model in [`network`], global tree checks in
+//! [`check`]), [`report`] holds the JSON report, [`plot`] draws PNGs and [`bench`] measures scaling and speed.
+//! Same scenario and seed, same report (except `wall_seconds`).
+
+pub mod bench;
+pub mod check;
+pub mod engine;
+pub mod network;
+pub mod plot;
+pub mod report;
+pub mod scenario;
+
+pub use engine::{Outcome, run};
+pub use report::Report;
+pub use scenario::Scenario;

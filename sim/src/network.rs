@@ -1,0 +1,207 @@
+//! The network model: how long a message takes, whether it is lost, and who can reach whom.
+//!
+//! Latency is `base + distance / speed + jitter` between geographic positions, or `hops * hop_latency + jitter`
+//! on a fixed switch tree (VineIO's evaluation topologies). A partition splits the world at a longitude.
+
+use crate::scenario::{HostPlacement, Network, Topology, TopologyKind};
+use canopy_policies::Position;
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+/// Where a node sits: its position, and its switch when a fixed topology is simulated.
+#[derive(Debug, Clone, Copy)]
+pub struct Attachment {
+    pub position: Position,
+    pub switch: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetworkModel {
+    base_ns: f64,
+    ns_per_km: f64,
+    jitter_ns: f64,
+    loss: f64,
+    switch_tree: Option<SwitchTree>,
+    split_lon: Option<f64>,
+}
+
+impl NetworkModel {
+    pub fn new(network: &Network, topology: Option<&Topology>) -> Self {
+        Self {
+            base_ns: network.base_latency_ms * 1e6,
+            ns_per_km: 1e6 / network.km_per_ms,
+            jitter_ns: network.jitter_ms * 1e6,
+            loss: network.loss,
+            switch_tree: topology.map(SwitchTree::new),
+            split_lon: None,
+        }
+    }
+
+    /// Picks a switch for each of `count` nodes: evenly over the eligible switches, in random order.
+    pub fn assign_switches(&self, count: usize, rng: &mut impl Rng) -> Vec<u32> {
+        let Some(tree) = &self.switch_tree else { return vec![0; count] };
+        let mut eligible = tree.host_switches();
+        eligible.shuffle(rng);
+        (0..count).map(|i| eligible[i % eligible.len()]).collect()
+    }
+
+    /// One-way delay of one message, in nanoseconds.
+    pub fn latency_ns(&self, from: &Attachment, to: &Attachment, rng: &mut impl Rng) -> u64 {
+        let fixed = match &self.switch_tree {
+            Some(tree) => tree.hop_ns * f64::from(tree.host_hops(from.switch, to.switch)),
+            None => self.base_ns + from.position.distance_km(&to.position) * self.ns_per_km,
+        };
+        let jitter = if self.jitter_ns > 0.0 { rng.random::<f64>() * self.jitter_ns } else { 0.0 };
+        (fixed + jitter).round() as u64
+    }
+
+    /// Draws whether a message is lost. Consumes randomness only when loss is configured, so a loss-free
+    /// scenario's other random choices do not depend on message counts.
+    pub fn lost(&self, rng: &mut impl Rng) -> bool {
+        self.loss > 0.0 && rng.random::<f64>() < self.loss
+    }
+
+    pub fn partition(&mut self, split_lon: f64) {
+        self.split_lon = Some(split_lon);
+    }
+
+    pub fn heal(&mut self) {
+        self.split_lon = None;
+    }
+
+    pub fn split_lon(&self) -> Option<f64> {
+        self.split_lon
+    }
+
+    /// Which side of the partition a node is on (always 0 when there is no partition).
+    pub fn component(&self, at: &Attachment) -> usize {
+        match self.split_lon {
+            Some(split) if at.position.lon >= split => 1,
+            _ => 0,
+        }
+    }
+
+    pub fn can_talk(&self, a: &Attachment, b: &Attachment) -> bool {
+        self.component(a) == self.component(b)
+    }
+}
+
+/// A complete binary tree of switches in heap order: switch 0 is the top, `i`'s children are `2i+1`, `2i+2`.
+#[derive(Debug, Clone)]
+struct SwitchTree {
+    levels: u32,
+    hop_ns: f64,
+    hosts_on: HostPlacement,
+}
+
+impl SwitchTree {
+    fn new(topology: &Topology) -> Self {
+        match topology.kind {
+            TopologyKind::BinaryTree => {}
+        }
+        Self { levels: topology.levels, hop_ns: topology.hop_latency_ms * 1e6, hosts_on: topology.hosts_on }
+    }
+
+    fn host_switches(&self) -> Vec<u32> {
+        let total = (1u32 << self.levels) - 1;
+        match self.hosts_on {
+            HostPlacement::AllSwitches => (0..total).collect(),
+            HostPlacement::Leaves => ((1u32 << (self.levels - 1)) - 1..total).collect(),
+        }
+    }
+
+    /// Links between two hosts: their two access links plus the switch-to-switch path.
+    fn host_hops(&self, a: u32, b: u32) -> u32 {
+        2 + switch_hops(a, b)
+    }
+}
+
+fn depth_of(switch: u32) -> u32 {
+    (switch + 1).ilog2()
+}
+
+fn switch_hops(mut a: u32, mut b: u32) -> u32 {
+    let mut hops = 0;
+    while a != b {
+        if depth_of(a) >= depth_of(b) {
+            a = (a - 1) / 2;
+        } else {
+            b = (b - 1) / 2;
+        }
+        hops += 1;
+    }
+    hops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn at(lat: f64, lon: f64) -> Attachment {
+        Attachment { position: Position::new(lat, lon), switch: 0 }
+    }
+
+    #[test]
+    fn geographic_latency_is_base_plus_distance() {
+        let net =
+            NetworkModel::new(&Network { base_latency_ms: 2.0, km_per_ms: 100.0, jitter_ms: 0.0, loss: 0.0 }, None);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let munich = at(48.14, 11.58);
+        let berlin = at(52.52, 13.40);
+        let km = munich.position.distance_km(&berlin.position);
+        assert!((500.0..520.0).contains(&km), "{km}");
+        let ns = net.latency_ns(&munich, &berlin, &mut rng);
+        assert_eq!(ns, (2e6 + km * 1e4).round() as u64);
+        assert_eq!(net.latency_ns(&munich, &munich, &mut rng), 2_000_000);
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let net =
+            NetworkModel::new(&Network { base_latency_ms: 1.0, km_per_ms: 100.0, jitter_ms: 3.0, loss: 0.0 }, None);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let p = at(0.0, 0.0);
+        let samples: Vec<u64> = (0..1000).map(|_| net.latency_ns(&p, &p, &mut rng)).collect();
+        assert!(samples.iter().all(|&s| (1_000_000..=4_000_000).contains(&s)));
+        assert!(samples.iter().any(|&s| s > 3_500_000) && samples.iter().any(|&s| s < 1_500_000));
+    }
+
+    #[test]
+    fn switch_tree_hops() {
+        assert_eq!(switch_hops(0, 0), 0);
+        assert_eq!(switch_hops(1, 2), 2);
+        assert_eq!(switch_hops(3, 4), 2);
+        assert_eq!(switch_hops(3, 6), 4);
+        assert_eq!(switch_hops(0, 6), 2);
+        let topo = Topology {
+            kind: TopologyKind::BinaryTree,
+            levels: 3,
+            hop_latency_ms: 5.0,
+            hosts_on: HostPlacement::Leaves,
+        };
+        let net = NetworkModel::new(&Network { jitter_ms: 0.0, ..Network::default() }, Some(&topo));
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let a = Attachment { position: Position::new(48.1, 11.5), switch: 3 };
+        let b = Attachment { position: Position::new(48.1, 11.6), switch: 6 };
+        // 2 access links + 4 switch hops, 5 ms each.
+        assert_eq!(net.latency_ns(&a, &b, &mut rng), 30_000_000);
+        let switches = net.assign_switches(8, &mut rng);
+        let mut sorted = switches.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![3, 3, 4, 4, 5, 5, 6, 6], "evenly spread over the leaves");
+    }
+
+    #[test]
+    fn partition_splits_by_longitude() {
+        let mut net = NetworkModel::new(&Network::default(), None);
+        let (west, east) = (at(50.0, 5.0), at(50.0, 15.0));
+        assert!(net.can_talk(&west, &east));
+        net.partition(10.0);
+        assert!(!net.can_talk(&west, &east));
+        assert!(net.can_talk(&west, &west));
+        net.heal();
+        assert!(net.can_talk(&west, &east));
+    }
+}

@@ -1,0 +1,241 @@
+//! The JSON report of one run, and its short human summary.
+//!
+//! Everything except `wall_seconds` is a pure function of scenario and seed, so two runs can be compared byte for
+//! byte once `wall_seconds` is blanked.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    pub nodes: usize,
+    pub seed: u64,
+    pub sim_seconds: f64,
+    pub wall_seconds: f64,
+    pub heartbeat_ms: u64,
+    pub max_children: usize,
+    /// Start of a join command to the first `ParentChanged { parent: Some(..) }`, for the initial joins.
+    pub join_ms: Stats,
+    /// The same for nodes joining again after a restart.
+    pub rejoin_ms: Stats,
+    /// From a coordinator's (or the root's) crash until every one of its live children has a live parent again
+    /// (or became root): one sample per crash.
+    pub reattach_ms: Stats,
+    /// From the root's crash until its side of the network has exactly one root and its former children are attached.
+    pub root_failover_ms: Stats,
+    pub r#final: FinalState,
+    /// Deepest tree seen at any periodic check (and at the end).
+    pub tree_depth_max: usize,
+    /// Most children under one node seen at any periodic check (and at the end).
+    pub fanout_max: usize,
+    /// Messages sent plus received per live node per second, by the role the node had at the time.
+    pub msgs_per_node_per_s: ByRole,
+    pub bytes_per_node_per_s: ByRole,
+    pub messages: MessageCounts,
+    /// The scenario events as applied, with the nodes they hit (for replay and diagnosis).
+    pub applied_events: Vec<AppliedEvent>,
+    pub violations_total: usize,
+    /// The first violations (capped), each with time and node.
+    pub violations: Vec<Violation>,
+}
+
+/// Percentiles by nearest rank; `None` when there were no samples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub count: usize,
+    /// Measurements that started but never finished before the end of the run.
+    pub incomplete: usize,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Stats {
+    pub fn from_samples(samples: &[f64], incomplete: usize) -> Self {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let pct = |p: f64| -> Option<f64> {
+            if sorted.is_empty() {
+                return None;
+            }
+            let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+            Some(sorted[rank.clamp(1, sorted.len()) - 1])
+        };
+        Self {
+            count: sorted.len(),
+            incomplete,
+            p50: pct(50.0),
+            p90: pct(90.0),
+            p99: pct(99.0),
+            max: sorted.last().copied(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ByRole {
+    /// Leaves and detached nodes.
+    pub leaf: f64,
+    /// Coordinators and roots.
+    pub coordinator: f64,
+    pub all: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MessageCounts {
+    pub sent: u64,
+    pub delivered: u64,
+    pub bytes_sent: u64,
+    pub dropped_loss: u64,
+    pub dropped_partition: u64,
+    /// Arrived at a crashed, left or never started node.
+    pub dropped_dead: u64,
+    /// Addressed to an id that is no node of this simulation.
+    pub dropped_unknown: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FinalState {
+    pub live: usize,
+    /// Live nodes per side of the partition (one entry when there is none).
+    pub component_sizes: Vec<usize>,
+    pub roots_per_component: Vec<usize>,
+    /// Live nodes whose parent chain does not reach a live root on their side.
+    pub unattached: usize,
+    pub cycles: usize,
+    pub tree_depth: usize,
+    /// `2 * ceil(ln(N) / ln(max_children / 2)) + 1` for the largest component.
+    pub depth_bound: Option<usize>,
+    pub fanout_max: usize,
+}
+
+impl FinalState {
+    /// The convergence property: one root per component, everyone attached, no cycles, depth within bound.
+    pub fn converged(&self) -> bool {
+        self.roots_per_component.iter().all(|&r| r == 1)
+            && self.unattached == 0
+            && self.cycles == 0
+            && self.depth_bound.is_none_or(|bound| self.tree_depth <= bound)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedEvent {
+    pub t_s: f64,
+    pub kind: String,
+    pub target: Option<String>,
+    pub nodes: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Violation {
+    pub t_s: f64,
+    /// The node index (in scenario order) the violation is about, when there is one.
+    pub node: Option<usize>,
+    pub kind: String,
+    pub detail: String,
+}
+
+impl Report {
+    /// The report with the one non-deterministic field cleared, for comparisons.
+    pub fn without_wall_time(&self) -> Report {
+        Report { wall_seconds: 0.0, ..self.clone() }
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+        let stats = |s: &mut String, name: &str, st: &Stats| {
+            let _ = writeln!(
+                s,
+                "  {name:<17} n={:<6} p50={:>6} p90={:>6} p99={:>6} max={:>6} ms  (incomplete {})",
+                st.count,
+                ms(st.p50),
+                ms(st.p90),
+                ms(st.p99),
+                ms(st.max),
+                st.incomplete
+            );
+        };
+        let speed = if self.wall_seconds > 0.0 { self.sim_seconds / self.wall_seconds } else { f64::INFINITY };
+        let _ = writeln!(
+            s,
+            "{}: {} nodes, seed {}, {:.0} sim s in {:.2} wall s ({speed:.1}x)",
+            self.scenario, self.nodes, self.seed, self.sim_seconds, self.wall_seconds
+        );
+        stats(&mut s, "join", &self.join_ms);
+        stats(&mut s, "rejoin", &self.rejoin_ms);
+        stats(&mut s, "reattach", &self.reattach_ms);
+        stats(&mut s, "root failover", &self.root_failover_ms);
+        let f = &self.r#final;
+        let _ = writeln!(
+            s,
+            "  final: {} live, components {:?}, roots {:?}, unattached {}, cycles {}, depth {} (bound {}), fanout {}",
+            f.live,
+            f.component_sizes,
+            f.roots_per_component,
+            f.unattached,
+            f.cycles,
+            f.tree_depth,
+            f.depth_bound.map_or("-".into(), |b| b.to_string()),
+            f.fanout_max
+        );
+        let _ = writeln!(
+            s,
+            "  traffic per node per s: leaf {:.2} msgs / {:.0} B, coordinator {:.2} msgs / {:.0} B, all {:.2} msgs / {:.0} B",
+            self.msgs_per_node_per_s.leaf,
+            self.bytes_per_node_per_s.leaf,
+            self.msgs_per_node_per_s.coordinator,
+            self.bytes_per_node_per_s.coordinator,
+            self.msgs_per_node_per_s.all,
+            self.bytes_per_node_per_s.all
+        );
+        let m = &self.messages;
+        let _ = writeln!(
+            s,
+            "  messages: {} sent, {} delivered, dropped: {} loss, {} partition, {} dead, {} unknown",
+            m.sent, m.delivered, m.dropped_loss, m.dropped_partition, m.dropped_dead, m.dropped_unknown
+        );
+        let _ = writeln!(s, "  converged: {}, violations: {}", f.converged(), self.violations_total);
+        for v in self.violations.iter().take(5) {
+            let node = v.node.map_or("-".into(), |n| n.to_string());
+            let _ = writeln!(s, "    t={:.3}s node {node}: {} ({})", v.t_s, v.kind, v.detail);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let s = Stats::from_samples(&samples, 3);
+        assert_eq!((s.count, s.incomplete), (100, 3));
+        assert_eq!((s.p50, s.p90, s.p99, s.max), (Some(50.0), Some(90.0), Some(99.0), Some(100.0)));
+        let one = Stats::from_samples(&[7.0], 0);
+        assert_eq!((one.p50, one.p99, one.max), (Some(7.0), Some(7.0), Some(7.0)));
+        assert_eq!(Stats::from_samples(&[], 0).p50, None);
+    }
+
+    #[test]
+    fn convergence_needs_every_condition() {
+        let good = FinalState {
+            live: 10,
+            component_sizes: vec![10],
+            roots_per_component: vec![1],
+            depth_bound: Some(3),
+            tree_depth: 2,
+            ..FinalState::default()
+        };
+        assert!(good.converged());
+        assert!(!FinalState { roots_per_component: vec![2], ..good.clone() }.converged());
+        assert!(!FinalState { unattached: 1, ..good.clone() }.converged());
+        assert!(!FinalState { cycles: 1, ..good.clone() }.converged());
+        assert!(!FinalState { tree_depth: 4, ..good.clone() }.converged());
+    }
+}

@@ -1,0 +1,123 @@
+//! Convergence properties over random fault schedules on small networks.
+//!
+//! After the last fault and twice the failure-detection timeout: every component has exactly one root, every live
+//! node is attached, there are no cycles and the depth stays within `2 * ceil(ln N / ln(max_children / 2)) + 1`.
+//! A failing case prints its scenario as TOML and writes it to a file, to replay with
+//! `cargo run -p canopy-sim -- run <file> --plot out/`.
+
+use canopy_sim::scenario::{EventKind, Network, Nodes, OverlayTuning, Scenario, ScenarioEvent, Target};
+use canopy_sim::{Report, run};
+use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
+
+const HEARTBEAT_MS: u64 = 1000;
+/// The overlay declares a parent dead after about this long (missed heartbeats plus indirect probes).
+const DETECTION_TIMEOUT_S: f64 = 3.0 * HEARTBEAT_MS as f64 / 1000.0;
+/// Time for the messages of the last repair to arrive, on top of twice the detection timeout.
+const LATENCY_SLACK_S: f64 = 1.0;
+const JOIN_OVER_S: f64 = 10.0;
+const FAULTS_FROM_S: f64 = 15.0;
+const REGION: [f64; 4] = [45.0, 0.0, 55.0, 20.0];
+
+#[derive(Debug, Clone)]
+enum Fault {
+    Crash(Target),
+    Restart(Target),
+    Leave(Target),
+    /// Split at this longitude, heal this many seconds later.
+    Partition {
+        split_lon: f64,
+        heal_after_s: f64,
+    },
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    let small = 1usize..4;
+    prop_oneof![
+        small.clone().prop_map(|k| Fault::Crash(Target::Random(k))),
+        (1usize..3).prop_map(|k| Fault::Crash(Target::Coordinators(k))),
+        Just(Fault::Crash(Target::Root)),
+        prop_oneof![Just(Target::All), small.clone().prop_map(Target::Random)].prop_map(Fault::Restart),
+        small.prop_map(|k| Fault::Leave(Target::Random(k))),
+        (2.0f64..18.0, 2.0f64..10.0).prop_map(|(split_lon, heal_after_s)| Fault::Partition { split_lon, heal_after_s }),
+    ]
+}
+
+prop_compose! {
+    fn fault_scenario()(
+        seed in any::<u64>(),
+        count in 20usize..150,
+        max_children in 4usize..12,
+        loss in prop_oneof![Just(0.0), 0.0f64..0.02],
+        faults in prop::collection::vec((0.0f64..25.0, fault()), 1..6),
+    ) -> Scenario {
+        let mut events = Vec::new();
+        let mut last = FAULTS_FROM_S;
+        for (offset, fault) in faults {
+            let at_s = ((FAULTS_FROM_S + offset) * 1000.0).round() / 1000.0;
+            let simple = |kind, target| ScenarioEvent { at_s, kind, target: Some(target), split_lon: None };
+            match fault {
+                Fault::Crash(t) => events.push(simple(EventKind::Crash, t)),
+                Fault::Restart(t) => events.push(simple(EventKind::Restart, t)),
+                Fault::Leave(t) => events.push(simple(EventKind::Leave, t)),
+                Fault::Partition { split_lon, heal_after_s } => {
+                    events.push(ScenarioEvent { at_s, kind: EventKind::Partition, target: None, split_lon: Some(split_lon) });
+                    let heal_at = ((at_s + heal_after_s) * 1000.0).round() / 1000.0;
+                    events.push(ScenarioEvent { at_s: heal_at, kind: EventKind::Heal, target: None, split_lon: None });
+                }
+            }
+        }
+        events.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+        // Every partition's heal comes after it, so the last partition-or-heal event is a heal: the run ends whole.
+        // A leave takes effect after its grace period.
+        let leave_grace_s = 3.0;
+        for e in &events {
+            let effective = if e.kind == EventKind::Leave { e.at_s + leave_grace_s } else { e.at_s };
+            last = last.max(effective);
+        }
+        Scenario {
+            seed,
+            duration_s: (last + 2.0 * DETECTION_TIMEOUT_S + LATENCY_SLACK_S).ceil(),
+            network: Network { base_latency_ms: 2.0, km_per_ms: 100.0, jitter_ms: 1.0, loss },
+            nodes: Nodes { count, region: REGION, join_over_s: JOIN_OVER_S, leave_grace_s },
+            overlay: OverlayTuning { heartbeat_ms: Some(HEARTBEAT_MS), max_children: Some(max_children) },
+            topology: None,
+            events,
+        }
+    }
+}
+
+fn replay_hint(scenario: &Scenario, report: &Report) -> String {
+    let toml = scenario.to_toml();
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("failing-seed-{}.toml", scenario.seed));
+    let written = match std::fs::write(&path, &toml) {
+        Ok(()) => format!("written to {}", path.display()),
+        Err(e) => format!("could not write {}: {e}", path.display()),
+    };
+    format!(
+        "\nseed {} did not converge. Replay: cargo run -p canopy-sim -- run {} --plot /tmp/failing\n\
+         --- scenario ({written}) ---\n{toml}--- summary ---\n{}",
+        scenario.seed,
+        path.display(),
+        report.summary()
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 200,
+        // Each case is a whole simulation: shrink a little, but do not spend minutes on it.
+        max_shrink_iters: 24,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn the_tree_converges_after_random_faults(scenario in fault_scenario()) {
+        prop_assert!(scenario.validate().is_ok(), "generator produced an invalid scenario: {:?}", scenario.validate());
+        let outcome = run(&scenario, "property");
+        let report = &outcome.report;
+        prop_assert!(report.r#final.converged(), "{}", replay_hint(&scenario, report));
+        prop_assert_eq!(report.r#final.component_sizes.len(), 1, "{}", replay_hint(&scenario, report));
+    }
+}
