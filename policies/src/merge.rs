@@ -189,11 +189,16 @@ impl Accumulator {
             level,
             origin,
             nodes: self.nodes.iter().map(|&n| u32::try_from(n).unwrap_or(u32::MAX)).collect(),
-            free: self.free.iter().map(|&v| v as f32).collect(),
-            largest: self.largest.iter().map(|&v| v as f32).collect(),
+            free: self.free.iter().map(|&v| to_finite_f32(v)).collect(),
+            largest: self.largest.iter().map(|&v| to_finite_f32(v)).collect(),
             centroid,
         }
     }
+}
+
+/// Sums of huge peer-reported values may exceed `f32`; saturate so the grid stays valid on the wire.
+fn to_finite_f32(v: f64) -> f32 {
+    v.min(f64::from(f32::MAX)) as f32
 }
 
 #[cfg(test)]
@@ -246,6 +251,19 @@ mod tests {
         assert_eq!(total.nodes, 1);
         assert_eq!(total.free, Capacity::new(0.0, 0.0, 3.0));
         assert_eq!(CapacityGrid::merge(&[]).total().nodes, 0);
+    }
+
+    #[test]
+    fn huge_values_saturate_instead_of_becoming_infinite() {
+        let huge = Capacity::new(f64::from(f32::MAX), 1.0, 1.0);
+        let grid = CapacityGrid::merge(&[
+            GridInput::Node { position: Position::new(1.0, 1.0), free: huge },
+            GridInput::Node { position: Position::new(1.0, 1.0), free: huge },
+        ]);
+        assert!(grid.total().free.cpu.is_finite());
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&grid, &mut bytes).unwrap();
+        assert!(ciborium::from_reader::<CapacityGrid, _>(bytes.as_slice()).is_ok());
     }
 
     #[test]
