@@ -13,14 +13,24 @@
 //! Nothing here does I/O, reads a clock or spawns a task; time comes in as `now` and randomness from a seeded RNG,
 //! so the same code runs in the agent and, thousands of times over, in the simulator.
 
+pub mod dedup;
+pub mod failure;
 pub mod id;
+pub mod join;
+pub mod membership;
 pub mod message;
 pub mod node;
+pub mod rank;
+pub mod routes;
+pub mod split;
+pub mod summary;
 
 pub use canopy_policies::{Capacity, Position};
 pub use id::NodeId;
 pub use message::{DecodeError, Envelope, Message, PROTOCOL_VERSION};
-pub use node::{Command, Config, Event, Input, Node, NodeInfo, Output, Role, Status};
+pub use node::{Command, Config, Counters, Event, Input, Node, NodeInfo, Output, Role, Status};
+pub use rank::Rank;
+pub use summary::Summary;
 
 /// Time since the driver's epoch (the agent's start, or the simulation's zero). Only differences matter.
 pub type Time = std::time::Duration;

@@ -1,23 +1,97 @@
-//! The overlay node state machine. (Skeleton: the tree protocol is being filled in.)
+//! The overlay node state machine: joins, heartbeats, failure detection, succession, splits, leaves, partitions.
+//!
+//! Protocol summary (see `DESIGN.md`, "The tree"):
+//! - A joiner sends `JoinRequest` to any member; it goes up to the root, then down towards the nearest balanced
+//!   subtree until a coordinator with room answers `Accept` (parent, ancestor chain, term, member list).
+//! - Parents send children `Heartbeat`s (full view only when a child reports an older version); children send
+//!   `Report`s with their rank and a subtree summary.
+//! - A child that misses heartbeats probes its parent directly and through a few siblings; when nobody reaches it,
+//!   all children compute the same successor (highest rank) from the member list. The successor takes the term
+//!   + 1 and attaches to the grandparent (or further up, or becomes an island root); the others attach to it.
+//! - Roots retry known contacts; two trees merge so that the higher (term, id) root stays root.
 
 use crate::Time;
+use crate::dedup::Dedup;
+use crate::failure::{Detector, Verdict};
 use crate::id::NodeId;
-use crate::message::{Envelope, Message};
+use crate::join::choose_descent;
+use crate::membership::choose_successor;
+use crate::message::{
+    Accept, Attach, Envelope, Heartbeat, JoinRequest, MAX_ANCESTORS, Member, Message, NotYourChild, Refuse, Report,
+    RootClaim, View,
+};
+use crate::rank::Rank;
+use crate::split::split_group;
+use crate::summary::Summary;
 use canopy_policies::{Capacity, Position};
+use ipnet::Ipv4Net;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
+
+/// Join requests travelling further than this are dropped (a loop in stale state).
+const MAX_HOPS: u8 = 64;
+/// Contacts a node keeps for rejoining and merging after partitions.
+const MAX_CONTACTS: usize = 16;
+/// Peers whose addresses we remember beyond parent, children and view (joiners we must answer).
+const MAX_PEER_CACHE: usize = 1024;
+/// Coordinators replaced by a successor that we remember, to tell them to step down if they come back.
+const MAX_REPLACED: usize = 32;
+/// Indirect probes we run for siblings at a time.
+const MAX_RELAYS: usize = 32;
 
 /// Tunables. Defaults follow the design: 1 s heartbeats, 16 children per coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Config {
     pub heartbeat_interval: Duration,
     pub max_children: usize,
+    /// Silence from the parent after which it is suspected (then probed). Default 1.5 heartbeat intervals.
+    pub suspect_after: Duration,
+    /// How long direct and indirect probes may take before the parent is declared dead. Default 0.5 intervals.
+    pub probe_timeout: Duration,
+    /// Siblings asked to probe a suspected parent.
+    pub indirect_probes: usize,
+    /// Silence from a child after which it is dropped. Default 3 intervals.
+    pub child_timeout: Duration,
+    /// How long to wait for an `Accept` to a direct `Attach`. Default 1 interval.
+    pub attach_timeout: Duration,
+    /// How long to wait for an `Accept` to a `JoinRequest`. Default 2 intervals.
+    pub join_timeout: Duration,
+    /// How often a root (or a detached node) retries its contacts. Default 1 interval.
+    pub retry_interval: Duration,
+    /// Members to retry when detached or islanded, besides the `Join { via }` ones.
+    pub bootstrap: Vec<NodeId>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { heartbeat_interval: Duration::from_secs(1), max_children: 16 }
+        Self::with_interval(Duration::from_secs(1))
+    }
+}
+
+impl Config {
+    /// All timeouts scaled to `heartbeat_interval`.
+    pub fn with_interval(heartbeat_interval: Duration) -> Self {
+        Self {
+            heartbeat_interval,
+            max_children: 16,
+            suspect_after: heartbeat_interval * 3 / 2,
+            probe_timeout: heartbeat_interval / 2,
+            indirect_probes: 3,
+            child_timeout: heartbeat_interval * 3,
+            attach_timeout: heartbeat_interval,
+            join_timeout: heartbeat_interval * 2,
+            retry_interval: heartbeat_interval,
+            bootstrap: Vec::new(),
+        }
+    }
+
+    /// The time from a parent's last heartbeat to its children declaring it dead.
+    pub fn detection_timeout(&self) -> Duration {
+        self.suspect_after + self.probe_timeout
     }
 }
 
@@ -52,10 +126,12 @@ pub enum Input {
 pub enum Command {
     /// Become the root of a new overlay.
     Start,
-    /// Join the overlay through any member.
+    /// Join the overlay through any member. `via` is remembered and retried after partitions.
     Join { via: NodeId },
     /// Leave gracefully (a coordinator hands its role over first).
     Leave,
+    /// Remember another member to retry when detached or islanded.
+    AddContact(NodeId),
 }
 
 /// What the driver drains.
@@ -76,10 +152,46 @@ pub enum Role {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    RoleChanged { role: Role, term: u64 },
-    ParentChanged { parent: Option<NodeId> },
+    RoleChanged {
+        role: Role,
+        term: u64,
+    },
+    /// `Some` means attached under that parent; a root has `None`.
+    ParentChanged {
+        parent: Option<NodeId>,
+    },
+    /// Attached to a tree (as a child: `parent` is `Some`; as a root: `None`).
+    Joined {
+        parent: Option<NodeId>,
+        term: u64,
+    },
     MemberJoined(NodeId),
     MemberLeft(NodeId),
+    /// The parent was declared dead after missed heartbeats and failed probes.
+    ParentFailed(NodeId),
+}
+
+/// Protocol health counters (dropped input and notable events).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub received: u64,
+    pub sent: u64,
+    pub duplicates: u64,
+    pub bad_version: u64,
+    pub malformed: u64,
+    /// Envelopes whose `from` differs from the authenticated sender.
+    pub spoofed: u64,
+    /// Heartbeats/reports/probe answers from nodes that are not our parent or child.
+    pub from_non_members: u64,
+    pub unexpected: u64,
+    pub join_refused: u64,
+    pub join_lost: u64,
+    pub cycles_avoided: u64,
+    pub parent_failures: u64,
+    pub takeovers: u64,
+    pub splits: u64,
+    pub step_downs: u64,
+    pub merges: u64,
 }
 
 /// A snapshot for `agent status` and the simulator's checks.
@@ -90,46 +202,1085 @@ pub struct Status {
     pub term: u64,
     pub parent: Option<NodeId>,
     pub children: Vec<NodeId>,
+    /// Root first, the parent last.
     pub ancestors: Vec<NodeId>,
+    pub subtree: Summary,
+    pub address_block: Option<Ipv4Net>,
+    pub counters: Counters,
+}
+
+struct ParentLink {
+    info: NodeInfo,
+    term: u64,
+    detector: Detector,
+    view_version: u64,
+}
+
+struct Child {
+    info: NodeInfo,
+    rank: Rank,
+    summary: Summary,
+    last_heard: Time,
+    /// The view version this child last reported holding.
+    acked_version: u64,
+}
+
+/// What we remember about a parent we lost, to find the successor and climb the ancestor chain.
+struct Orphan {
+    old_parent: NodeId,
+    old_term: u64,
+    /// Members (siblings) and ancestors above the old parent, grandparent last.
+    members: Vec<Member>,
+    climb: Vec<NodeInfo>,
+    /// Candidates that did not answer.
+    tried: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttachPurpose {
+    /// An orphan attaching to the computed successor.
+    ToSuccessor,
+    /// A successor (or handover heir) attaching to an ancestor in its old parent's place.
+    Climb,
+    /// Told to attach elsewhere (split, leave, step-down), or reconnecting to a parent that dropped us.
+    Direct,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    Join { contact: NodeId, deadline: Time },
+    Attach { target: NodeId, deadline: Time, purpose: AttachPurpose },
+}
+
+/// An indirect probe we run for a sibling.
+struct Relay {
+    requester: NodeId,
+    target: NodeId,
+    their_seq: u64,
+    our_seq: u64,
+    deadline: Time,
 }
 
 pub struct Node {
     info: NodeInfo,
-    #[allow(dead_code)]
     config: Config,
+    rng: ChaCha8Rng,
     outputs: VecDeque<Output>,
     next_msg_id: u64,
+    started: Time,
+
+    /// The term of the group this node coordinates (raised by succession).
+    term: u64,
+    is_root: bool,
+    parent: Option<ParentLink>,
+    /// Root first, the parent last (kept while orphaned, for cycle checks).
+    ancestors: Vec<NodeInfo>,
+    /// Our parent's children (us included), from the parent's view.
+    members: Vec<Member>,
+    children: Vec<Child>,
+    /// Version of the view we send our children; bumped on any change to it.
+    view_version: u64,
+    view_dirty: bool,
+    address_block: Option<Ipv4Net>,
+
+    orphan: Option<Orphan>,
+    pending: Pending,
+    contacts: VecDeque<NodeId>,
+    next_contact: usize,
+    retry_at: Time,
+    leaving: bool,
+
+    peers: HashMap<NodeId, NodeInfo>,
+    peer_order: VecDeque<NodeId>,
+    replaced: VecDeque<(NodeId, NodeInfo, u64)>,
+    relays: Vec<Relay>,
+    probe_seq: u64,
+    dedup: Dedup,
+    next_tick: Time,
+    counters: Counters,
+
+    last_role: (Role, u64),
+    last_parent: Option<NodeId>,
 }
 
 impl Node {
-    pub fn new(info: NodeInfo, config: Config, _seed: u64, _now: Time) -> Self {
-        Self { info, config, outputs: VecDeque::new(), next_msg_id: 0 }
+    pub fn new(info: NodeInfo, config: Config, seed: u64, now: Time) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (now.as_nanos() as u64).rotate_left(17));
+        // Random id base: a restarted node does not reuse ids a peer's dedup window still holds.
+        let next_msg_id = rng.random::<u32>() as u64 * (1 << 24);
+        let first_tick = now + config.heartbeat_interval.mul_f64(rng.random::<f64>());
+        let contacts = config.bootstrap.iter().copied().filter(|c| *c != info.id).collect();
+        Self {
+            info,
+            config,
+            rng,
+            outputs: VecDeque::new(),
+            next_msg_id,
+            started: now,
+            term: 0,
+            is_root: false,
+            parent: None,
+            ancestors: Vec::new(),
+            members: Vec::new(),
+            children: Vec::new(),
+            view_version: 1,
+            view_dirty: false,
+            address_block: None,
+            orphan: None,
+            pending: Pending::None,
+            contacts,
+            next_contact: 0,
+            retry_at: now,
+            leaving: false,
+            peers: HashMap::new(),
+            peer_order: VecDeque::new(),
+            replaced: VecDeque::new(),
+            relays: Vec::new(),
+            probe_seq: 0,
+            dedup: Dedup::new(4096),
+            next_tick: first_tick,
+            counters: Counters::default(),
+            last_role: (Role::Detached, 0),
+            last_parent: None,
+        }
     }
 
     pub fn id(&self) -> NodeId {
         self.info.id
     }
 
-    pub fn handle(&mut self, _now: Time, _input: Input) {}
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn role(&self) -> Role {
+        if self.is_root {
+            Role::Root
+        } else if self.parent.is_none() {
+            Role::Detached
+        } else if self.children.is_empty() {
+            Role::Leaf
+        } else {
+            Role::Coordinator
+        }
+    }
+
+    pub fn parent(&self) -> Option<NodeId> {
+        self.parent.as_ref().map(|p| p.info.id)
+    }
+
+    pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.children.iter().map(|c| c.info.id)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Where to reach a peer the overlay asked to send to (or knows of).
+    pub fn addresses_of(&self, id: &NodeId) -> Option<&[String]> {
+        self.info_of(id).map(|i| i.addrs.as_slice())
+    }
+
+    /// Set the group's address block (for the routes/grants issue); it rides on heartbeats to children.
+    pub fn set_address_block(&mut self, block: Option<Ipv4Net>) {
+        self.address_block = block;
+    }
+
+    /// Update what this node says about itself (new addresses, measured capacity); sent with the next report.
+    pub fn set_info(&mut self, info: NodeInfo) {
+        if info.id == self.info.id {
+            self.info = info;
+        }
+    }
+
+    /// The driver failed to decode bytes from a peer: count it.
+    pub fn record_decode_error(&mut self, err: &crate::DecodeError) {
+        match err {
+            crate::DecodeError::Version(_) => self.counters.bad_version += 1,
+            _ => self.counters.malformed += 1,
+        }
+    }
+
+    /// Decode and handle raw bytes from `from`; bad input is counted and dropped.
+    pub fn handle_bytes(&mut self, now: Time, from: NodeId, bytes: &[u8]) {
+        match Envelope::decode(bytes) {
+            Ok(envelope) => self.handle(now, Input::Message { from, envelope }),
+            Err(e) => self.record_decode_error(&e),
+        }
+    }
+
+    pub fn handle(&mut self, now: Time, input: Input) {
+        match input {
+            Input::Message { from, envelope } => self.on_envelope(now, from, envelope),
+            Input::PeerConnected(_) => {}
+            Input::PeerLost(peer) => self.on_peer_lost(now, peer),
+            Input::Command(cmd) => self.on_command(now, cmd),
+        }
+        self.finish(now);
+    }
 
     /// The earliest time at which [`Node::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Time> {
-        None
+        if self.leaving {
+            return None;
+        }
+        let mut t = self.next_tick;
+        if let Some(p) = &self.parent {
+            t = t.min(p.detector.deadline());
+        }
+        match self.pending {
+            Pending::None => {}
+            Pending::Join { deadline, .. } | Pending::Attach { deadline, .. } => t = t.min(deadline),
+        }
+        Some(t)
     }
 
-    pub fn handle_timeout(&mut self, _now: Time) {}
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.leaving {
+            return;
+        }
+        self.check_parent(now);
+        self.check_pending(now);
+        if now >= self.next_tick {
+            self.next_tick = (self.next_tick + self.config.heartbeat_interval).max(now);
+            self.tick(now);
+        }
+        self.finish(now);
+    }
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
     }
 
     pub fn status(&self) -> Status {
-        Status { id: self.info.id, role: Role::Detached, term: 0, parent: None, children: vec![], ancestors: vec![] }
+        Status {
+            id: self.info.id,
+            role: self.role(),
+            term: self.term,
+            parent: self.parent(),
+            children: self.children().collect(),
+            ancestors: self.ancestors.iter().map(|a| a.id).collect(),
+            subtree: self.summary(),
+            address_block: self.address_block,
+            counters: self.counters.clone(),
+        }
     }
 
-    #[allow(dead_code)]
-    fn envelope(&mut self, body: Message) -> Envelope {
+    // ----- inputs -------------------------------------------------------------------------------------------
+
+    fn on_command(&mut self, now: Time, cmd: Command) {
+        if self.leaving {
+            return;
+        }
+        match cmd {
+            Command::Start => {
+                if self.parent.is_none() && !self.is_root {
+                    self.become_root();
+                }
+            }
+            Command::Join { via } => {
+                self.add_contact_front(via);
+                if self.parent.is_none() && !self.is_root && self.pending == Pending::None {
+                    self.send_join(now, via);
+                }
+            }
+            Command::AddContact(id) => self.add_contact(id),
+            Command::Leave => self.leave(),
+        }
+    }
+
+    fn on_peer_lost(&mut self, now: Time, peer: NodeId) {
+        if let Some(p) = &mut self.parent
+            && p.info.id == peer
+        {
+            p.detector.suspect_now(now);
+        }
+        match self.pending {
+            Pending::Attach { target, .. } if target == peer => self.attach_failed(now),
+            Pending::Join { contact, .. } if contact == peer => self.pending = Pending::None,
+            _ => {}
+        }
+    }
+
+    fn on_envelope(&mut self, now: Time, from: NodeId, env: Envelope) {
+        self.counters.received += 1;
+        if env.from != from {
+            self.counters.spoofed += 1;
+            return;
+        }
+        if env.version != crate::PROTOCOL_VERSION {
+            self.counters.bad_version += 1;
+            return;
+        }
+        if !self.dedup.check(from, env.id) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        if self.leaving || from == self.info.id {
+            return;
+        }
+        match env.body {
+            Message::JoinRequest(r) => self.on_join_request(now, r),
+            Message::Accept(a) => self.on_accept(now, from, a),
+            Message::Refuse(r) => self.on_refuse(now, from, r),
+            Message::Attach(a) => self.on_attach(now, from, a),
+            Message::Heartbeat(h) => self.on_heartbeat(now, from, h),
+            Message::Report(r) => self.on_report(now, from, r),
+            Message::NotYourChild(n) => self.on_not_your_child(now, from, n),
+            Message::Probe { seq } => self.send(from, Message::ProbeAck { seq }),
+            Message::ProbeAck { seq } => self.on_probe_ack(now, from, seq),
+            Message::ProbeRequest { target, seq } => self.on_probe_request(now, from, target, seq),
+            Message::ProbeResult { target, seq, alive } => {
+                if let Some(p) = &mut self.parent
+                    && p.info.id == target
+                    && alive
+                {
+                    p.detector.probe_answered(now, seq);
+                }
+            }
+            Message::Redirect { to } => self.on_redirect(now, from, to),
+            Message::Handover { term, ancestors } => self.on_handover(now, from, term, ancestors),
+            Message::Leaving => self.on_leaving(from),
+        }
+    }
+
+    // ----- joining --------------------------------------------------------------------------------------------
+
+    fn join_request(&self, contact: NodeId) -> JoinRequest {
+        JoinRequest {
+            joiner: self.info.clone(),
+            rank: self.rank(),
+            summary: self.summary(),
+            root_claim: self.is_root.then(|| self.root_claim()),
+            contact,
+            descending: false,
+            hops: 0,
+        }
+    }
+
+    fn send_join(&mut self, now: Time, contact: NodeId) {
+        let req = self.join_request(contact);
+        self.send(contact, Message::JoinRequest(req));
+        self.pending = Pending::Join { contact, deadline: now + self.config.join_timeout };
+    }
+
+    fn on_join_request(&mut self, now: Time, mut r: JoinRequest) {
+        let joiner = r.joiner.id;
+        if joiner == self.info.id {
+            // Our own request came back up to us: that contact is inside our own tree.
+            self.contacts.retain(|c| *c != r.contact);
+            if matches!(self.pending, Pending::Join { contact, .. } if contact == r.contact) {
+                self.pending = Pending::None;
+            }
+            return;
+        }
+        self.remember_peer(r.joiner.clone());
+        if r.hops >= MAX_HOPS {
+            self.counters.join_lost += 1;
+            self.send(joiner, Message::Refuse(Refuse::Lost));
+            return;
+        }
+        r.hops += 1;
+        if !r.descending {
+            if let Some(p) = &self.parent {
+                let to = p.info.id;
+                self.send(to, Message::JoinRequest(r));
+                return;
+            }
+            if !self.is_root {
+                self.send(joiner, Message::Refuse(Refuse::NotInTree));
+                return;
+            }
+            if let Some(claim) = r.root_claim
+                && claim > self.root_claim()
+            {
+                // The other tree's root outranks us: we join it (with our whole tree) instead.
+                self.send(joiner, Message::Refuse(Refuse::LowerRoot));
+                self.add_contact_front(joiner);
+                if !matches!(self.pending, Pending::Join { .. }) {
+                    self.send_join(now, joiner);
+                }
+                return;
+            }
+            r.descending = true;
+        } else if self.parent.is_none() && !self.is_root {
+            self.send(joiner, Message::Refuse(Refuse::NotInTree));
+            return;
+        }
+        if self.ancestors.iter().any(|a| a.id == joiner) {
+            self.counters.cycles_avoided += 1;
+            self.send(joiner, Message::Refuse(Refuse::Cycle));
+            return;
+        }
+        let is_child = self.children.iter().any(|c| c.info.id == joiner);
+        if is_child || self.children.len() < self.config.max_children {
+            self.adopt(now, r.joiner, r.rank, r.summary);
+            return;
+        }
+        let kids = self.children.iter().map(|c| (c.info.id, c.summary));
+        match choose_descent(r.joiner.position, joiner, kids) {
+            Some(next) => {
+                // Count the joiner in at once, so a burst of joins spreads before the next reports arrive.
+                if let Some(c) = self.children.iter_mut().find(|c| c.info.id == next) {
+                    c.summary.size = c.summary.size.saturating_add(r.summary.size);
+                }
+                self.send(next, Message::JoinRequest(r));
+            }
+            None => self.adopt(now, r.joiner, r.rank, r.summary),
+        }
+    }
+
+    fn on_accept(&mut self, now: Time, from: NodeId, a: Accept) {
+        if a.parent.id != from {
+            self.counters.unexpected += 1;
+            return;
+        }
+        let expected = match self.pending {
+            Pending::Join { .. } => true,
+            Pending::Attach { target, .. } => target == from,
+            Pending::None => false,
+        };
+        if !expected {
+            if self.parent() != Some(from) {
+                // A late answer: we attached elsewhere meanwhile. Tell it not to keep us.
+                self.counters.unexpected += 1;
+                self.send(from, Message::Leaving);
+            }
+            return;
+        }
+        let chain_ok = a.view.ancestors.len() <= MAX_ANCESTORS
+            && a.view.ancestors.last().map(|p| p.id) == Some(from)
+            && !a.view.ancestors.iter().any(|x| x.id == self.info.id)
+            && !self.children.iter().any(|c| c.info.id == from);
+        if !chain_ok {
+            self.counters.cycles_avoided += 1;
+            self.send(from, Message::Leaving);
+            return;
+        }
+        if self.is_root && self.pending != Pending::None {
+            self.counters.merges += 1;
+        }
+        self.pending = Pending::None;
+        self.orphan = None;
+        self.is_root = false;
+        self.remember_peer(a.parent.clone());
+        self.attach_under(now, a.parent, a.term, a.view);
+    }
+
+    fn attach_under(&mut self, now: Time, parent: NodeInfo, term: u64, view: View) {
+        let detector = Detector::new(now, self.config.suspect_after, self.config.probe_timeout);
+        for anc in &view.ancestors {
+            if anc.id != parent.id {
+                self.remember_peer(anc.clone());
+            }
+        }
+        self.ancestors = view.ancestors;
+        self.members = view.members;
+        self.parent = Some(ParentLink { info: parent, term, detector, view_version: view.version });
+        self.mark_view_changed();
+    }
+
+    fn on_refuse(&mut self, now: Time, from: NodeId, r: Refuse) {
+        self.counters.join_refused += 1;
+        match self.pending {
+            Pending::Join { contact, .. } => {
+                if r == Refuse::SameTree {
+                    self.contacts.retain(|c| *c != contact);
+                }
+                // LowerRoot: the other root joins us; otherwise the next tick retries another contact.
+                self.pending = Pending::None;
+            }
+            Pending::Attach { target, .. } if target == from => self.attach_failed(now),
+            _ => {}
+        }
+    }
+
+    // ----- direct attach (succession, split, leave) ----------------------------------------------------------
+
+    fn on_attach(&mut self, now: Time, from: NodeId, a: Attach) {
+        if a.info.id != from {
+            self.counters.unexpected += 1;
+            return;
+        }
+        self.remember_peer(a.info.clone());
+        if self.ancestors.iter().any(|x| x.id == from) || self.parent() == Some(from) {
+            self.counters.cycles_avoided += 1;
+            self.send(from, Message::Refuse(Refuse::Cycle));
+            return;
+        }
+        // A sibling found our common parent dead and picked us as successor: trust its probes and take over.
+        if let Some(p) = &self.parent
+            && a.orphaned_from == Some(p.info.id)
+        {
+            let failed = p.info.id;
+            self.parent_failed(now, failed);
+        }
+        let in_tree = self.parent.is_some() || self.is_root || self.orphan.is_some() || !self.children.is_empty();
+        if !in_tree {
+            self.send(from, Message::Refuse(Refuse::NotInTree));
+            return;
+        }
+        if let Some(old) = a.replaces
+            && let Some(i) = self.children.iter().position(|c| c.info.id == old)
+        {
+            self.children.remove(i);
+            self.push_event(Event::MemberLeft(old));
+            self.replaced.push_back((old, a.info.clone(), a.term));
+            if self.replaced.len() > MAX_REPLACED {
+                self.replaced.pop_front();
+            }
+        }
+        self.adopt(now, a.info, a.rank, a.summary);
+    }
+
+    fn send_attach(&mut self, now: Time, target: NodeId, replaces: Option<NodeId>, purpose: AttachPurpose) {
+        let term = match (&self.orphan, purpose) {
+            (Some(o), AttachPurpose::ToSuccessor) => o.old_term + 1,
+            _ => self.term,
+        };
+        let orphaned_from = match (&self.orphan, purpose) {
+            (Some(o), AttachPurpose::ToSuccessor) => Some(o.old_parent),
+            _ => None,
+        };
+        let attach = Attach {
+            info: self.info.clone(),
+            rank: self.rank(),
+            summary: self.summary(),
+            replaces,
+            orphaned_from,
+            term,
+        };
+        self.send(target, Message::Attach(attach));
+        self.pending = Pending::Attach { target, deadline: now + self.config.attach_timeout, purpose };
+    }
+
+    fn adopt(&mut self, now: Time, info: NodeInfo, rank: Rank, summary: Summary) {
+        let id = info.id;
+        match self.children.iter_mut().find(|c| c.info.id == id) {
+            Some(c) => {
+                c.info = info.clone();
+                c.rank = rank;
+                c.summary = summary;
+                c.last_heard = now;
+            }
+            None => {
+                self.children.push(Child { info: info.clone(), rank, summary, last_heard: now, acked_version: 0 });
+                self.push_event(Event::MemberJoined(id));
+            }
+        }
+        self.mark_view_changed();
+        let view = self.view_for_children();
+        if let Some(c) = self.children.iter_mut().find(|c| c.info.id == id) {
+            c.acked_version = view.version;
+        }
+        let accept = Accept { parent: self.info.clone(), term: self.term, view };
+        self.send(id, Message::Accept(accept));
+        if self.children.len() > self.config.max_children {
+            self.split();
+        }
+    }
+
+    fn split(&mut self) {
+        let kids: Vec<_> = self.children.iter().map(|c| (c.info.id, c.info.position, c.rank)).collect();
+        let Some(s) = split_group(self.info.position, &kids) else { return };
+        let Some(coordinator) = self.children.iter().find(|c| c.info.id == s.coordinator).map(|c| c.info.clone())
+        else {
+            return;
+        };
+        self.counters.splits += 1;
+        for id in &s.members {
+            self.children.retain(|c| c.info.id != *id);
+            self.send(*id, Message::Redirect { to: coordinator.clone() });
+            self.push_event(Event::MemberLeft(*id));
+        }
+        self.mark_view_changed();
+    }
+
+    fn on_redirect(&mut self, now: Time, from: NodeId, to: NodeInfo) {
+        if self.parent() != Some(from) || to.id == self.info.id {
+            self.counters.unexpected += 1;
+            return;
+        }
+        self.remember_peer(to.clone());
+        self.add_contact(from);
+        self.parent = None;
+        self.send_attach(now, to.id, None, AttachPurpose::Direct);
+    }
+
+    // ----- heartbeats ---------------------------------------------------------------------------------------
+
+    fn on_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
+        let Some(p) = self.parent.as_mut().filter(|p| p.info.id == from) else {
+            self.counters.from_non_members += 1;
+            self.send(from, Message::NotYourChild(NotYourChild { replaced_by: None, term: self.term }));
+            return;
+        };
+        p.detector.heard(now);
+        p.term = h.term;
+        self.address_block = h.address_block;
+        let Some(view) = h.view else { return };
+        p.view_version = view.version;
+        if view.ancestors.iter().any(|a| a.id == self.info.id) || view.ancestors.len() > MAX_ANCESTORS {
+            // A cycle formed from stale state: leave it and join again through a contact.
+            self.counters.cycles_avoided += 1;
+            self.send(from, Message::Leaving);
+            self.add_contact(from);
+            self.parent = None;
+            return;
+        }
+        if view.ancestors != self.ancestors {
+            self.ancestors = view.ancestors;
+            self.mark_view_changed();
+        }
+        self.members = view.members;
+    }
+
+    fn on_report(&mut self, now: Time, from: NodeId, r: Report) {
+        let Some(c) = self.children.iter_mut().find(|c| c.info.id == from) else {
+            self.counters.from_non_members += 1;
+            let replaced = self.replaced.iter().rev().find(|(old, _, _)| *old == from);
+            let reply = match replaced {
+                Some((_, by, term)) => NotYourChild { replaced_by: Some(by.clone()), term: *term },
+                None => NotYourChild { replaced_by: None, term: self.term },
+            };
+            self.send(from, Message::NotYourChild(reply));
+            return;
+        };
+        c.last_heard = now;
+        c.summary = r.summary;
+        c.acked_version = r.view_version;
+        if c.rank != r.rank {
+            c.rank = r.rank;
+            self.mark_view_changed();
+        }
+    }
+
+    fn on_not_your_child(&mut self, now: Time, from: NodeId, n: NotYourChild) {
+        if let Some(i) = self.children.iter().position(|c| c.info.id == from) {
+            // It attached elsewhere; it is alive and in some tree, so a useful contact for merging.
+            self.children.remove(i);
+            self.push_event(Event::MemberLeft(from));
+            self.mark_view_changed();
+            self.add_contact(from);
+            return;
+        }
+        if self.parent() != Some(from) {
+            return;
+        }
+        match n.replaced_by {
+            Some(successor) if successor.id != self.info.id => self.step_down(now, successor),
+            _ => {
+                // Our parent dropped us (missed reports): attach to it again directly.
+                self.parent = None;
+                self.send_attach(now, from, None, AttachPurpose::Direct);
+            }
+        }
+    }
+
+    /// We were replaced by a successor while away: hand our remaining children to it and rejoin as a leaf.
+    fn step_down(&mut self, now: Time, successor: NodeInfo) {
+        self.counters.step_downs += 1;
+        for c in std::mem::take(&mut self.children) {
+            self.send(c.info.id, Message::Redirect { to: successor.clone() });
+            self.push_event(Event::MemberLeft(c.info.id));
+        }
+        self.parent = None;
+        self.is_root = false;
+        self.orphan = None;
+        self.remember_peer(successor.clone());
+        self.add_contact_front(successor.id);
+        self.send_join(now, successor.id);
+    }
+
+    fn tick(&mut self, now: Time) {
+        // Drop silent children.
+        let timeout = self.config.child_timeout;
+        let mut dropped = Vec::new();
+        self.children.retain(|c| {
+            let alive = now.saturating_sub(c.last_heard) < timeout;
+            if !alive {
+                dropped.push(c.info.id);
+            }
+            alive
+        });
+        for id in dropped {
+            self.push_event(Event::MemberLeft(id));
+            self.mark_view_changed();
+        }
+        self.send_heartbeats(false);
+        if let Some(p) = &self.parent {
+            let report = Report { view_version: p.view_version, rank: self.rank(), summary: self.summary() };
+            let to = p.info.id;
+            self.send(to, Message::Report(report));
+        }
+        self.relays.retain(|r| r.deadline > now);
+        // Detached, or a root that may be an island: retry contacts.
+        let detached = self.parent.is_none() && !self.is_root && self.orphan.is_none();
+        if self.pending == Pending::None && (detached || self.is_root) && now >= self.retry_at {
+            self.retry_at = now + self.config.retry_interval;
+            if let Some(contact) = self.pick_contact() {
+                self.send_join(now, contact);
+            }
+        }
+    }
+
+    /// Heartbeats to all children; `changes_only` sends only to children whose view is stale.
+    fn send_heartbeats(&mut self, changes_only: bool) {
+        if self.children.is_empty() {
+            return;
+        }
+        let version = self.view_version;
+        let needs_view = self.children.iter().any(|c| c.acked_version != version);
+        let view = needs_view.then(|| self.view_for_children());
+        let targets: Vec<(NodeId, bool)> = self
+            .children
+            .iter()
+            .filter(|c| !changes_only || c.acked_version != version)
+            .map(|c| (c.info.id, c.acked_version != version))
+            .collect();
+        for (id, stale) in targets {
+            let hb = Heartbeat {
+                term: self.term,
+                view_version: version,
+                view: if stale { view.clone() } else { None },
+                address_block: self.address_block,
+            };
+            self.send(id, Message::Heartbeat(hb));
+        }
+    }
+
+    fn view_for_children(&self) -> View {
+        let mut ancestors = Vec::with_capacity(self.ancestors.len() + 1);
+        if self.parent.is_some() {
+            ancestors.extend(self.ancestors.iter().cloned());
+        }
+        ancestors.push(self.info.clone());
+        let members = self.children.iter().map(|c| Member { info: c.info.clone(), rank: c.rank }).collect();
+        View { version: self.view_version, ancestors, members }
+    }
+
+    fn mark_view_changed(&mut self) {
+        self.view_version += 1;
+        self.view_dirty = true;
+    }
+
+    // ----- failure detection and succession ------------------------------------------------------------------
+
+    fn check_parent(&mut self, now: Time) {
+        let Some(p) = &mut self.parent else { return };
+        let seq = self.probe_seq + 1;
+        match p.detector.poll(now, seq) {
+            Verdict::Wait => {}
+            Verdict::Probe(seq) => {
+                self.probe_seq = seq;
+                let target = p.info.id;
+                self.send(target, Message::Probe { seq });
+                let siblings: Vec<NodeId> =
+                    self.members.iter().map(|m| m.info.id).filter(|id| *id != self.info.id && *id != target).collect();
+                for _ in 0..self.config.indirect_probes.min(siblings.len()) {
+                    let pick = siblings[self.rng.random_range(0..siblings.len())];
+                    self.send(pick, Message::ProbeRequest { target, seq });
+                }
+            }
+            Verdict::Dead => {
+                let failed = p.info.id;
+                self.parent_failed(now, failed);
+            }
+        }
+    }
+
+    fn on_probe_ack(&mut self, now: Time, from: NodeId, seq: u64) {
+        if let Some(p) = &mut self.parent
+            && p.info.id == from
+        {
+            p.detector.probe_answered(now, seq);
+        }
+        if let Some(i) = self.relays.iter().position(|r| r.target == from && r.our_seq == seq) {
+            let r = self.relays.swap_remove(i);
+            self.send(r.requester, Message::ProbeResult { target: r.target, seq: r.their_seq, alive: true });
+        }
+    }
+
+    fn on_probe_request(&mut self, now: Time, from: NodeId, target: NodeId, seq: u64) {
+        let heard_recently = self.parent.as_ref().is_some_and(|p| {
+            p.info.id == target && now.saturating_sub(p.detector.last_heard()) < self.config.heartbeat_interval
+        });
+        if heard_recently {
+            self.send(from, Message::ProbeResult { target, seq, alive: true });
+            return;
+        }
+        if self.relays.len() >= MAX_RELAYS {
+            return;
+        }
+        self.probe_seq += 1;
+        let our_seq = self.probe_seq;
+        self.relays.push(Relay {
+            requester: from,
+            target,
+            their_seq: seq,
+            our_seq,
+            deadline: now + self.config.probe_timeout,
+        });
+        self.send(target, Message::Probe { seq: our_seq });
+    }
+
+    fn parent_failed(&mut self, now: Time, failed: NodeId) {
+        let Some(p) = self.parent.take() else { return };
+        self.counters.parent_failures += 1;
+        self.push_event(Event::ParentFailed(failed));
+        let climb: Vec<NodeInfo> = self.ancestors.iter().filter(|a| a.id != failed).cloned().collect();
+        for a in &climb {
+            self.add_contact(a.id);
+        }
+        self.orphan = Some(Orphan {
+            old_parent: failed,
+            old_term: p.term,
+            members: std::mem::take(&mut self.members),
+            climb,
+            tried: Vec::new(),
+        });
+        self.pending = Pending::None;
+        self.next_succession_step(now);
+    }
+
+    /// Attach to the best live successor, or take over when that is us.
+    fn next_succession_step(&mut self, now: Time) {
+        let Some(o) = &self.orphan else { return };
+        let successor = choose_successor(&o.members, self.rank(), o.old_parent, &o.tried);
+        if successor == self.info.id {
+            self.take_over(now);
+        } else {
+            self.send_attach(now, successor, None, AttachPurpose::ToSuccessor);
+        }
+    }
+
+    /// Take the failed (or leaving) parent's place: a higher term, attached to the nearest live ancestor.
+    fn take_over(&mut self, now: Time) {
+        let Some(o) = &self.orphan else { return };
+        self.term = self.term.max(o.old_term) + 1;
+        self.counters.takeovers += 1;
+        self.climb(now);
+    }
+
+    fn climb(&mut self, now: Time) {
+        let Some(o) = &mut self.orphan else { return };
+        let replaces = o.old_parent;
+        match o.climb.pop() {
+            Some(next) => {
+                o.tried.push(next.id);
+                self.send_attach(now, next.id, Some(replaces), AttachPurpose::Climb);
+            }
+            None => {
+                // No ancestor answers: we are an island's root until a contact answers again.
+                self.orphan = None;
+                self.pending = Pending::None;
+                self.become_root();
+            }
+        }
+    }
+
+    fn become_root(&mut self) {
+        self.is_root = true;
+        self.parent = None;
+        self.ancestors.clear();
+        self.members.clear();
+        self.mark_view_changed();
+    }
+
+    fn check_pending(&mut self, now: Time) {
+        match self.pending {
+            Pending::Join { deadline, .. } if now >= deadline => {
+                self.counters.join_lost += 1;
+                self.pending = Pending::None;
+            }
+            Pending::Attach { deadline, .. } if now >= deadline => self.attach_failed(now),
+            _ => {}
+        }
+    }
+
+    fn attach_failed(&mut self, now: Time) {
+        let Pending::Attach { target, purpose, .. } = self.pending else { return };
+        self.pending = Pending::None;
+        match purpose {
+            AttachPurpose::ToSuccessor => {
+                if let Some(o) = &mut self.orphan {
+                    o.tried.push(target);
+                }
+                self.next_succession_step(now);
+            }
+            AttachPurpose::Climb => self.climb(now),
+            AttachPurpose::Direct => {
+                // Fall back to a normal join through our contacts (next tick).
+                self.add_contact(target);
+            }
+        }
+    }
+
+    // ----- leaving ------------------------------------------------------------------------------------------
+
+    fn on_handover(&mut self, now: Time, from: NodeId, term: u64, ancestors: Vec<NodeInfo>) {
+        if self.parent() != Some(from) {
+            self.counters.unexpected += 1;
+            return;
+        }
+        self.parent = None;
+        self.term = self.term.max(term.saturating_sub(1));
+        let old_term = term.saturating_sub(1);
+        self.orphan =
+            Some(Orphan { old_parent: from, old_term, members: Vec::new(), climb: ancestors, tried: Vec::new() });
+        self.take_over(now);
+    }
+
+    fn on_leaving(&mut self, from: NodeId) {
+        if let Some(i) = self.children.iter().position(|c| c.info.id == from) {
+            self.children.remove(i);
+            self.push_event(Event::MemberLeft(from));
+            self.mark_view_changed();
+        } else if self.parent() == Some(from) {
+            self.parent = None;
+            self.add_contact(from);
+        }
+    }
+
+    fn leave(&mut self) {
+        if let Some(p) = &self.parent {
+            let to = p.info.id;
+            self.send(to, Message::Leaving);
+        }
+        if let Some(heir) = self.children.iter().max_by_key(|c| c.rank).map(|c| c.info.clone()) {
+            let ancestors = if self.parent.is_some() { self.ancestors.clone() } else { Vec::new() };
+            self.send(heir.id, Message::Handover { term: self.term + 1, ancestors });
+            let others: Vec<NodeId> = self.children.iter().map(|c| c.info.id).filter(|id| *id != heir.id).collect();
+            for id in others {
+                self.send(id, Message::Redirect { to: heir.clone() });
+            }
+        }
+        self.children.clear();
+        self.parent = None;
+        self.is_root = false;
+        self.orphan = None;
+        self.pending = Pending::None;
+        self.leaving = true;
+    }
+
+    // ----- helpers ------------------------------------------------------------------------------------------
+
+    pub fn rank(&self) -> Rank {
+        let uptime = self.next_tick.saturating_sub(self.started);
+        Rank::new(self.info.id, self.info.reachable, &self.info.capacity, uptime)
+    }
+
+    fn root_claim(&self) -> RootClaim {
+        RootClaim { term: self.term, id: self.info.id }
+    }
+
+    pub fn summary(&self) -> Summary {
+        Summary::aggregate(self.info.position, self.children.iter().map(|c| &c.summary))
+    }
+
+    fn info_of(&self, id: &NodeId) -> Option<&NodeInfo> {
+        if let Some(p) = &self.parent
+            && p.info.id == *id
+        {
+            return Some(&p.info);
+        }
+        self.children
+            .iter()
+            .map(|c| &c.info)
+            .chain(self.members.iter().map(|m| &m.info))
+            .chain(self.ancestors.iter())
+            .chain(self.orphan.iter().flat_map(|o| o.members.iter().map(|m| &m.info)))
+            .find(|i| i.id == *id)
+            .or_else(|| self.peers.get(id))
+    }
+
+    fn remember_peer(&mut self, info: NodeInfo) {
+        if info.id == self.info.id {
+            return;
+        }
+        if self.peers.insert(info.id, info.clone()).is_none() {
+            self.peer_order.push_back(info.id);
+            if self.peer_order.len() > MAX_PEER_CACHE
+                && let Some(old) = self.peer_order.pop_front()
+            {
+                self.peers.remove(&old);
+            }
+        }
+    }
+
+    fn add_contact(&mut self, id: NodeId) {
+        if id == self.info.id || self.contacts.contains(&id) {
+            return;
+        }
+        self.contacts.push_back(id);
+        if self.contacts.len() > MAX_CONTACTS {
+            self.contacts.pop_front();
+        }
+    }
+
+    fn add_contact_front(&mut self, id: NodeId) {
+        if id == self.info.id {
+            return;
+        }
+        self.contacts.retain(|c| *c != id);
+        self.contacts.push_front(id);
+        self.contacts.truncate(MAX_CONTACTS);
+        self.next_contact = 0;
+    }
+
+    /// Round-robin over contacts that are not our own children (those are in our tree for sure).
+    fn pick_contact(&mut self) -> Option<NodeId> {
+        for _ in 0..self.contacts.len() {
+            let i = self.next_contact % self.contacts.len();
+            self.next_contact = i + 1;
+            let c = self.contacts[i];
+            if !self.children.iter().any(|k| k.info.id == c) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn send(&mut self, to: NodeId, body: Message) {
         self.next_msg_id += 1;
-        Envelope { version: crate::PROTOCOL_VERSION, id: self.next_msg_id, from: self.info.id, body }
+        self.counters.sent += 1;
+        let envelope = Envelope { version: crate::PROTOCOL_VERSION, id: self.next_msg_id, from: self.info.id, body };
+        self.outputs.push_back(Output::Send { to, envelope });
+    }
+
+    fn push_event(&mut self, e: Event) {
+        self.outputs.push_back(Output::Event(e));
+    }
+
+    /// After every input: push changed views to children and report role/parent changes.
+    fn finish(&mut self, _now: Time) {
+        if self.view_dirty {
+            self.view_dirty = false;
+            self.send_heartbeats(true);
+        }
+        let role = (self.role(), self.term);
+        let parent = self.parent();
+        if parent != self.last_parent {
+            self.last_parent = parent;
+            self.push_event(Event::ParentChanged { parent });
+        }
+        if role != self.last_role {
+            let was_detached = self.last_role.0 == Role::Detached;
+            self.last_role = role;
+            self.push_event(Event::RoleChanged { role: role.0, term: role.1 });
+            if was_detached && role.0 != Role::Detached {
+                self.push_event(Event::Joined { parent, term: role.1 });
+            }
+        }
     }
 }
