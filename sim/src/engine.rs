@@ -53,10 +53,11 @@ pub fn run(scenario: &Scenario, name: &str) -> Outcome {
 
 /// The overlay configuration a scenario asks for.
 pub fn overlay_config(scenario: &Scenario) -> Config {
-    let mut config = Config::default();
-    if let Some(ms) = scenario.overlay.heartbeat_ms {
-        config.heartbeat_interval = Duration::from_millis(ms);
-    }
+    let mut config = match scenario.overlay.heartbeat_ms {
+        // Every timeout scales with the heartbeat interval.
+        Some(ms) => Config::with_interval(Duration::from_millis(ms)),
+        None => Config::default(),
+    };
     if let Some(m) = scenario.overlay.max_children {
         config.max_children = m;
     }
@@ -457,9 +458,12 @@ impl Simulation {
     fn bring_up(&mut self, i: u32) {
         let seed = derive_seed(self.scenario.seed, 1000 + u64::from(i) * 1000 + self.nodes[i as usize].incarnation);
         let now = self.now_time();
+        let mut config = self.config.clone();
+        config.bootstrap =
+            (0..self.scenario.nodes.bootstrap.min(self.nodes.len()) as u32).filter(|&b| b != i).map(node_id).collect();
         let n = &mut self.nodes[i as usize];
         n.incarnation += 1;
-        n.node = Some(Node::new(n.info.clone(), self.config.clone(), seed, now));
+        n.node = Some(Node::new(n.info.clone(), config, seed, now));
         n.life = Life::Live;
         n.armed = None;
         n.role = Role::Detached;

@@ -65,6 +65,10 @@ pub struct Nodes {
     /// How long a leaving node keeps running (to hand its role over) before it is gone.
     #[serde(default = "defaults::leave_grace_s")]
     pub leave_grace_s: f64,
+    /// Nodes `0..bootstrap` are every node's bootstrap list (retried when detached or islanded), like the
+    /// well-known addresses given to `agent join`.
+    #[serde(default)]
+    pub bootstrap: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -11,13 +11,18 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
 const HEARTBEAT_MS: u64 = 1000;
-/// The overlay declares a parent dead after about this long (missed heartbeats plus indirect probes).
-const DETECTION_TIMEOUT_S: f64 = 3.0 * HEARTBEAT_MS as f64 / 1000.0;
 /// Time for the messages of the last repair to arrive, on top of twice the detection timeout.
 const LATENCY_SLACK_S: f64 = 1.0;
 const JOIN_OVER_S: f64 = 10.0;
 const FAULTS_FROM_S: f64 = 15.0;
 const REGION: [f64; 4] = [45.0, 0.0, 55.0, 20.0];
+
+/// How long the overlay takes to declare a parent dead (missed heartbeats plus indirect probes).
+fn detection_timeout_s() -> f64 {
+    canopy_overlay::Config::with_interval(std::time::Duration::from_millis(HEARTBEAT_MS))
+        .detection_timeout()
+        .as_secs_f64()
+}
 
 #[derive(Debug, Clone)]
 enum Fault {
@@ -77,9 +82,9 @@ prop_compose! {
         }
         Scenario {
             seed,
-            duration_s: (last + 2.0 * DETECTION_TIMEOUT_S + LATENCY_SLACK_S).ceil(),
+            duration_s: (last + 2.0 * detection_timeout_s() + LATENCY_SLACK_S).ceil(),
             network: Network { base_latency_ms: 2.0, km_per_ms: 100.0, jitter_ms: 1.0, loss },
-            nodes: Nodes { count, region: REGION, join_over_s: JOIN_OVER_S, leave_grace_s },
+            nodes: Nodes { count, region: REGION, join_over_s: JOIN_OVER_S, leave_grace_s, bootstrap: 3 },
             overlay: OverlayTuning { heartbeat_ms: Some(HEARTBEAT_MS), max_children: Some(max_children) },
             topology: None,
             events,
