@@ -1,0 +1,16 @@
+//! The TUN device: the kernel routes the ServiceIP range and other machines' subnets into it; the agent reads
+//! those packets and writes translated ones back for local delivery.
+
+use anyhow::Context;
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+/// Creates the TUN device `name` (up, no address) with `mtu`. Must be called inside the tokio runtime that will
+/// poll it.
+pub fn create(name: &str, mtu: u16) -> anyhow::Result<AsyncDevice> {
+    DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .packet_information(false)
+        .build_async()
+        .with_context(|| format!("creating TUN device {name} (needs root or CAP_NET_ADMIN)"))
+}

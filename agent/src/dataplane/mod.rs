@@ -1,0 +1,613 @@
+//! The data plane: Oakestra's NetManager/ProxyTUN done right (seed 002 §3.4–3.6, DESIGN.md "Data plane").
+//!
+//! Pure parts (no I/O, unit-tested and fuzzed): `packet` (parse, in-place rewrite, RFC 1624 checksums, MSS clamp),
+//! `flow` (bounded connection table), `proxy` (the translation decision), `tunnel` (wire format, peer table),
+//! `routes` (route table types and index). I/O shell: `device` (TUN), `setup` (netlink), `engine` (packet loop),
+//! this module (the `DataPlane` handle) and `api` (HTTP routes). `commands` holds the CLI.
+//!
+//! # Public API (for the daemon)
+//! ```ignore
+//! let dp = DataPlane::start(DataPlaneConfig::new(node_name, subnet)).await?; // needs root
+//! dp.set_routes(table).await?;            // RouteTable: nodes, services, instances (routes issue feeds it)
+//! let a = dp.attach(AttachRequest { .. }).await?;   // veth + namespace IP into a service namespace
+//! dp.detach("app.appns.svc.svcns", 0).await?;
+//! dp.counters();                          // CounterSnapshot (drops by reason, packets, bytes)
+//! dp.status().await;                      // DataPlaneStatus (also GET /v1/dataplane)
+//! let router = dp.router();               // axum::Router: /v1/dataplane, /v1/dataplane/routes, /v1/instances
+//! dp.shutdown().await?;                   // removes everything it installed
+//! ```
+//! Kernel objects are named after `DataPlaneConfig::prefix` (bridge `<p>br`, TUN `<p>tun`, veths `<p>h<n>`,
+//! namespaces `<p>-<service>-<n>`); `start` removes any left by a crashed run with the same prefix.
+
+pub mod api;
+pub mod commands;
+pub mod counters;
+pub mod device;
+pub mod engine;
+pub mod flow;
+pub mod packet;
+pub mod proxy;
+pub mod routes;
+pub mod setup;
+pub mod tunnel;
+
+use crate::netns::{self, NamespaceRef};
+use anyhow::{Context, anyhow, bail};
+use counters::{CounterSnapshot, Counters};
+use engine::{Command, Engine, LoopStatus};
+use flow::FlowTimeouts;
+use ipnet::Ipv4Net;
+use proxy::{Proxy, ProxyConfig, RoundRobin};
+use routes::{NodeId, RouteIndex, RouteTable};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tunnel::PeerTable;
+
+pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
+pub const DEFAULT_SERVICE_RANGE: &str = "10.30.0.0/16";
+pub const DEFAULT_PREFIX: &str = "cnp";
+
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// This machine's name in route tables (its tunnel identity is derived from it).
+    pub node_name: String,
+    /// This machine's instance subnet; the bridge holds its first host address.
+    pub subnet: Ipv4Net,
+    /// ServiceIPs and InstanceIPs, routed into the TUN.
+    pub service_range: Ipv4Net,
+    pub listen: SocketAddr,
+    /// MTU of the underlay; the TUN and veths get this minus the tunnel overhead.
+    pub underlay_mtu: u16,
+    /// Prefix of every kernel object this agent creates (at most 8 characters).
+    pub prefix: String,
+    pub flow_capacity: NonZeroUsize,
+    pub flow_timeouts: FlowTimeouts,
+    pub peer_capacity: NonZeroUsize,
+    pub peer_idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+}
+
+impl DataPlaneConfig {
+    pub fn new(node_name: impl Into<String>, subnet: Ipv4Net) -> Self {
+        Self {
+            node_name: node_name.into(),
+            subnet,
+            service_range: DEFAULT_SERVICE_RANGE.parse().expect("constant parses"),
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_TUNNEL_PORT)),
+            underlay_mtu: 1500,
+            prefix: DEFAULT_PREFIX.to_string(),
+            flow_capacity: NonZeroUsize::new(65536).expect("non-zero"),
+            flow_timeouts: FlowTimeouts::default(),
+            peer_capacity: NonZeroUsize::new(1024).expect("non-zero"),
+            peer_idle_timeout: Duration::from_secs(180),
+            keepalive_interval: Duration::from_secs(25),
+        }
+    }
+
+    /// MTU of the TUN and every service interface: room for the tunnel headers on the underlay.
+    pub fn mtu(&self) -> u16 {
+        self.underlay_mtu - tunnel::OVERHEAD as u16
+    }
+
+    /// Largest TCP segment that fits: MTU minus IPv4 and TCP headers.
+    pub fn max_mss(&self) -> u16 {
+        self.mtu() - 40
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        setup::check_link_name(&format!("{}tun", self.prefix))?;
+        if self.prefix.len() > 8 {
+            bail!("prefix {:?} is longer than 8 characters", self.prefix);
+        }
+        if self.subnet.prefix_len() > 29 {
+            bail!("subnet {} is too small for a gateway and instances", self.subnet);
+        }
+        if self.subnet.trunc() != self.subnet {
+            bail!("subnet {} has host bits set (did you mean {}?)", self.subnet, self.subnet.trunc());
+        }
+        if usize::from(self.underlay_mtu) < 576 + tunnel::OVERHEAD
+            || usize::from(self.underlay_mtu) > tunnel::MAX_PACKET
+        {
+            bail!(
+                "underlay MTU {} must be between {} and {}",
+                self.underlay_mtu,
+                576 + tunnel::OVERHEAD,
+                tunnel::MAX_PACKET
+            );
+        }
+        Ok(())
+    }
+
+    fn bridge_name(&self) -> String {
+        format!("{}br", self.prefix)
+    }
+
+    fn tun_name(&self) -> String {
+        format!("{}tun", self.prefix)
+    }
+}
+
+/// How to find the namespace of an instance being attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachTarget {
+    /// Create a fresh named namespace, owned by the process `owner_pid` (`agent run`): detached when it exits.
+    Create { owner_pid: u32 },
+    /// The namespace of a running process (a container's PID).
+    Pid(u32),
+    /// An existing named namespace (`/run/netns/NAME`).
+    Netns(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub service: String,
+    pub instance: u32,
+    pub target: AttachTarget,
+}
+
+/// An attached instance, as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub service: String,
+    pub instance: u32,
+    pub namespace_ip: Ipv4Addr,
+    pub instance_ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mtu: u16,
+    /// The namespace file to enter (`setns`) to run inside it.
+    pub netns_path: PathBuf,
+    /// Set when the agent created the namespace (and removes it on detach).
+    pub netns_name: Option<String>,
+    /// resolv.conf to bind-mount inside, for namespaces the agent created.
+    pub resolv_conf: Option<PathBuf>,
+    pub host_interface: String,
+    pub target: AttachTarget,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataPlaneStatus {
+    pub node: String,
+    pub node_id: NodeId,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub service_range: Ipv4Net,
+    pub listen: SocketAddr,
+    pub mtu: u16,
+    pub max_mss: u16,
+    pub flows: usize,
+    pub tunnel_peers: usize,
+    pub routes: RouteTable,
+    pub attachments: Vec<Attachment>,
+    pub counters: CounterSnapshot,
+}
+
+struct State {
+    routes: RouteTable,
+    attachments: BTreeMap<(String, u32), Attachment>,
+    /// Routes we installed into the TUN.
+    installed: BTreeSet<Ipv4Net>,
+    next_veth: u32,
+    old_ip_forward: Option<String>,
+    stopped: bool,
+}
+
+struct Inner {
+    config: DataPlaneConfig,
+    netlink: rtnetlink::Handle,
+    bridge_index: u32,
+    tun_index: u32,
+    counters: Arc<Counters>,
+    commands: mpsc::UnboundedSender<Command>,
+    engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    state: Mutex<State>,
+}
+
+/// Handle to a running data plane; cheap to clone.
+#[derive(Clone)]
+pub struct DataPlane {
+    inner: Arc<Inner>,
+}
+
+impl DataPlane {
+    /// Sets the machine up (bridge, TUN, routes, sysctls) and starts the packet loop. Must run inside a tokio
+    /// runtime (the netlink connection lives there); needs root.
+    pub async fn start(config: DataPlaneConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        let netlink = setup::connect()?;
+        Self::remove_leftovers(&netlink, &config.prefix).await?;
+        let mtu = config.mtu();
+        let gateway = Ipv4Net::new(config.gateway(), config.subnet.prefix_len()).expect("prefix checked");
+        let bridge_index = setup::create_bridge(&netlink, &config.bridge_name(), gateway, u32::from(mtu)).await?;
+        let started = Self::start_engine(&config, &netlink).await;
+        let (commands, thread, tun_index, counters) = match started {
+            Ok(started) => started,
+            Err(err) => {
+                let _ = setup::delete_link(&netlink, &config.bridge_name()).await;
+                return Err(err);
+            }
+        };
+        let dataplane = DataPlane {
+            inner: Arc::new(Inner {
+                config,
+                netlink,
+                bridge_index,
+                tun_index,
+                counters,
+                commands,
+                engine_thread: std::sync::Mutex::new(Some(thread)),
+                state: Mutex::new(State {
+                    routes: RouteTable::default(),
+                    attachments: BTreeMap::new(),
+                    installed: BTreeSet::new(),
+                    next_veth: 0,
+                    old_ip_forward: None,
+                    stopped: false,
+                }),
+            }),
+        };
+        if let Err(err) = dataplane.configure_kernel().await {
+            let _ = dataplane.shutdown().await;
+            return Err(err);
+        }
+        dataplane.spawn_watcher();
+        tracing::info!(
+            node = %dataplane.inner.config.node_name, subnet = %dataplane.inner.config.subnet,
+            listen = %dataplane.inner.config.listen, mtu, "data plane started"
+        );
+        Ok(dataplane)
+    }
+
+    async fn remove_leftovers(netlink: &rtnetlink::Handle, prefix: &str) -> anyhow::Result<()> {
+        let removed = setup::remove_links_with_prefix(netlink, prefix).await?;
+        if !removed.is_empty() {
+            tracing::warn!("removed links left by an earlier run: {}", removed.join(", "));
+        }
+        for name in netns::list_named(&format!("{prefix}-")) {
+            tracing::warn!("removing network namespace {name} left by an earlier run");
+            netns::delete_named(&name).await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn start_engine(
+        config: &DataPlaneConfig,
+        netlink: &rtnetlink::Handle,
+    ) -> anyhow::Result<(mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>, u32, Arc<Counters>)> {
+        let counters = Arc::new(Counters::default());
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (ready, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
+        let proxy_config = ProxyConfig {
+            max_mss: config.max_mss(),
+            flow_capacity: config.flow_capacity,
+            timeouts: config.flow_timeouts,
+        };
+        let proxy = Proxy::new(config.node_name.clone(), proxy_config, Box::new(RoundRobin::default()));
+        let peers = PeerTable::new(config.peer_capacity, config.peer_idle_timeout);
+        let (tun_name, mtu, listen) = (config.tun_name(), config.mtu(), config.listen);
+        let node_id = NodeId::from_name(&config.node_name);
+        let keepalive_interval = config.keepalive_interval;
+        let engine_counters = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("dataplane".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = ready.send(Err(err.into()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let opened = async {
+                        let tun = device::create(&tun_name, mtu)?;
+                        let socket = std::net::UdpSocket::bind(listen)
+                            .with_context(|| format!("binding the tunnel socket {listen}"))?;
+                        socket.set_nonblocking(true)?;
+                        anyhow::Ok((tun, tokio::net::UdpSocket::from_std(socket)?))
+                    }
+                    .await;
+                    let (tun, socket) = match opened {
+                        Ok(opened) => opened,
+                        Err(err) => {
+                            let _ = ready.send(Err(err));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    let engine =
+                        Engine { proxy, peers, counters: engine_counters, tun, socket, node_id, keepalive_interval };
+                    engine.run(receiver).await;
+                });
+            })
+            .context("spawning the data-plane thread")?;
+        ready_rx.await.map_err(|_| anyhow!("the data-plane thread died while starting"))??;
+        let tun_index = setup::link_index(netlink, &config.tun_name())
+            .await?
+            .ok_or_else(|| anyhow!("TUN device {} not found after creation", config.tun_name()))?;
+        Ok((commands, thread, tun_index, counters))
+    }
+
+    async fn configure_kernel(&self) -> anyhow::Result<()> {
+        let config = &self.inner.config;
+        let old = setup::write_sysctl("net.ipv4.ip_forward", "1")?;
+        self.inner.state.lock().await.old_ip_forward = Some(old);
+        // Translated packets leave the TUN with overlay sources; replies come back through the bridge.
+        for interface in [config.tun_name(), config.bridge_name()] {
+            setup::write_sysctl(&format!("net.ipv4.conf.{interface}.rp_filter"), "0")?;
+        }
+        setup::add_route(&self.inner.netlink, config.service_range, self.inner.tun_index).await?;
+        self.inner.state.lock().await.installed.insert(config.service_range);
+        Ok(())
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.inner.counters.snapshot()
+    }
+
+    fn send(&self, command: Command) -> anyhow::Result<()> {
+        self.inner.commands.send(command).map_err(|_| anyhow!("the data plane has stopped"))
+    }
+
+    /// Replaces the route table and the kernel routes into the TUN (ServiceIP range and other machines' subnets).
+    pub async fn set_routes(&self, table: RouteTable) -> anyhow::Result<()> {
+        RouteIndex::build(&table)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SetRoutes(table.clone(), reply))?;
+        answer.await.map_err(|_| anyhow!("the data plane has stopped"))??;
+        let config = &self.inner.config;
+        let mut wanted: BTreeSet<Ipv4Net> =
+            table.nodes.iter().filter(|n| n.name != config.node_name).map(|n| n.subnet).collect();
+        wanted.insert(config.service_range);
+        let mut state = self.inner.state.lock().await;
+        let stale: Vec<Ipv4Net> = state.installed.difference(&wanted).copied().collect();
+        for net in stale {
+            setup::delete_route(&self.inner.netlink, net, self.inner.tun_index).await?;
+            state.installed.remove(&net);
+        }
+        let missing: Vec<Ipv4Net> = wanted.difference(&state.installed).copied().collect();
+        for net in missing {
+            if net == config.subnet {
+                bail!("node list gives another machine this machine's subnet {net}");
+            }
+            setup::add_route(&self.inner.netlink, net, self.inner.tun_index).await?;
+            state.installed.insert(net);
+        }
+        state.routes = table;
+        Ok(())
+    }
+
+    /// Attaches an instance's namespace: a veth on the bridge, its namespace IP, routes, and (for namespaces the
+    /// agent creates) a resolv.conf. Addresses come from the route table entry of this instance on this machine.
+    pub async fn attach(&self, request: AttachRequest) -> anyhow::Result<Attachment> {
+        let config = &self.inner.config;
+        let mut state = self.inner.state.lock().await;
+        if state.stopped {
+            bail!("the data plane has stopped");
+        }
+        let key = (request.service.clone(), request.instance);
+        if state.attachments.contains_key(&key) {
+            bail!("instance {} of {} is already attached", request.instance, request.service);
+        }
+        let index = RouteIndex::build(&state.routes)?;
+        let position = index.find_instance(&request.service, request.instance).ok_or_else(|| {
+            anyhow!("the route table has no instance {} of service {}", request.instance, request.service)
+        })?;
+        let instance = &index.instances[position];
+        let host = &index.nodes[instance.node].name;
+        if *host != config.node_name {
+            bail!(
+                "instance {} of {} belongs to machine {host}, not {}",
+                request.instance,
+                request.service,
+                config.node_name
+            );
+        }
+        let (namespace_ip, instance_ip) = (instance.namespace_ip, instance.instance_ip);
+        if !config.subnet.contains(&namespace_ip) || namespace_ip == config.gateway() {
+            bail!("namespace IP {namespace_ip} is not usable in this machine's subnet {}", config.subnet);
+        }
+        let (netns_ref, netns_name) = match &request.target {
+            AttachTarget::Create { owner_pid } => {
+                if !netns::process_alive(*owner_pid) {
+                    bail!("owner process {owner_pid} is not running");
+                }
+                let name = format!("{}-{}-{}", config.prefix, sanitize(&request.service), request.instance);
+                netns::create_named(&name).await?;
+                (NamespaceRef::Named(name.clone()), Some(name))
+            }
+            AttachTarget::Pid(pid) => (NamespaceRef::Pid(*pid), None),
+            AttachTarget::Netns(name) => (NamespaceRef::Named(name.clone()), None),
+        };
+        let netns_path = netns_ref.path();
+        let veth = state.next_veth;
+        state.next_veth += 1;
+        let host_interface = format!("{}h{veth}", config.prefix);
+        let peer_interface = format!("{}p{veth}", config.prefix);
+        let attached = async {
+            if !netns_path.exists() {
+                bail!("network namespace {} does not exist", netns_path.display());
+            }
+            let mtu = u32::from(config.mtu());
+            setup::create_veth(
+                &self.inner.netlink,
+                &host_interface,
+                &peer_interface,
+                mtu,
+                self.inner.bridge_index,
+                &netns_path,
+            )
+            .await?;
+            let address = Ipv4Net::new(namespace_ip, config.subnet.prefix_len()).expect("prefix checked");
+            netns::configure_inside(&netns_path, &peer_interface, address, config.gateway()).await?;
+            let resolv_conf = match &netns_name {
+                Some(name) => {
+                    netns::write_resolv_conf(name, config.gateway())?;
+                    Some(PathBuf::from(netns::NETNS_ETC_DIR).join(name).join("resolv.conf"))
+                }
+                None => None,
+            };
+            anyhow::Ok(resolv_conf)
+        }
+        .await;
+        let resolv_conf = match attached {
+            Ok(resolv_conf) => resolv_conf,
+            Err(err) => {
+                let _ = setup::delete_link(&self.inner.netlink, &host_interface).await;
+                if let Some(name) = &netns_name {
+                    let _ = netns::delete_named(name).await;
+                }
+                return Err(err);
+            }
+        };
+        self.send(Command::Attach { namespace_ip, instance_ip })?;
+        let attachment = Attachment {
+            service: request.service,
+            instance: request.instance,
+            namespace_ip,
+            instance_ip,
+            gateway: config.gateway(),
+            mtu: config.mtu(),
+            netns_path,
+            netns_name,
+            resolv_conf,
+            host_interface,
+            target: request.target,
+        };
+        tracing::info!(
+            service = %attachment.service, instance = attachment.instance, namespace_ip = %namespace_ip,
+            instance_ip = %instance_ip, "instance attached"
+        );
+        state.attachments.insert(key, attachment.clone());
+        Ok(attachment)
+    }
+
+    pub async fn detach(&self, service: &str, instance: u32) -> anyhow::Result<Attachment> {
+        let mut state = self.inner.state.lock().await;
+        let attachment = state
+            .attachments
+            .remove(&(service.to_string(), instance))
+            .ok_or_else(|| anyhow!("instance {instance} of {service} is not attached"))?;
+        self.release(&attachment).await?;
+        Ok(attachment)
+    }
+
+    async fn release(&self, attachment: &Attachment) -> anyhow::Result<()> {
+        let _ = self.send(Command::Detach { namespace_ip: attachment.namespace_ip });
+        setup::delete_link(&self.inner.netlink, &attachment.host_interface).await?;
+        if let Some(name) = &attachment.netns_name {
+            netns::delete_named(name).await?;
+        }
+        tracing::info!(service = %attachment.service, instance = attachment.instance, "instance detached");
+        Ok(())
+    }
+
+    pub async fn attachments(&self) -> Vec<Attachment> {
+        self.inner.state.lock().await.attachments.values().cloned().collect()
+    }
+
+    pub async fn status(&self) -> anyhow::Result<DataPlaneStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Status(reply))?;
+        let loop_status: LoopStatus = answer.await.map_err(|_| anyhow!("the data plane has stopped"))?;
+        let config = &self.inner.config;
+        let state = self.inner.state.lock().await;
+        Ok(DataPlaneStatus {
+            node: config.node_name.clone(),
+            node_id: NodeId::from_name(&config.node_name),
+            subnet: config.subnet,
+            gateway: config.gateway(),
+            service_range: config.service_range,
+            listen: config.listen,
+            mtu: config.mtu(),
+            max_mss: config.max_mss(),
+            flows: loop_status.flows,
+            tunnel_peers: loop_status.tunnel_peers,
+            routes: state.routes.clone(),
+            attachments: state.attachments.values().cloned().collect(),
+            counters: self.counters(),
+        })
+    }
+
+    /// Detaches instances whose process or namespace is gone, every second, until shutdown.
+    fn spawn_watcher(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let dataplane = DataPlane { inner };
+                let gone: Vec<(String, u32)> = {
+                    let state = dataplane.inner.state.lock().await;
+                    if state.stopped {
+                        return;
+                    }
+                    state.attachments.iter().filter(|(_, a)| !attachment_alive(a)).map(|(key, _)| key.clone()).collect()
+                };
+                for (service, instance) in gone {
+                    tracing::info!(%service, instance, "instance's process or namespace is gone");
+                    if let Err(err) = dataplane.detach(&service, instance).await {
+                        tracing::warn!("detaching {service} instance {instance}: {err:#}");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Stops the packet loop and removes everything the data plane installed.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        let mut state = self.inner.state.lock().await;
+        if state.stopped {
+            return Ok(());
+        }
+        state.stopped = true;
+        let _ = self.inner.commands.send(Command::Shutdown);
+        let thread = self.inner.engine_thread.lock().expect("not poisoned").take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        let mut first_error = None;
+        let attachments: Vec<Attachment> = std::mem::take(&mut state.attachments).into_values().collect();
+        for attachment in &attachments {
+            if let Err(err) = self.release(attachment).await {
+                first_error.get_or_insert(err);
+            }
+        }
+        // The TUN disappears with the thread's file descriptor, and its routes with it.
+        if let Err(err) = setup::remove_links_with_prefix(&self.inner.netlink, &self.inner.config.prefix).await {
+            first_error.get_or_insert(err);
+        }
+        if let Some(old) = state.old_ip_forward.take()
+            && let Err(err) = setup::write_sysctl("net.ipv4.ip_forward", &old)
+        {
+            first_error.get_or_insert(err);
+        }
+        tracing::info!("data plane stopped and cleaned up");
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn attachment_alive(attachment: &Attachment) -> bool {
+    match &attachment.target {
+        AttachTarget::Create { owner_pid } => netns::process_alive(*owner_pid) && attachment.netns_path.exists(),
+        AttachTarget::Pid(pid) => NamespaceRef::Pid(*pid).alive(),
+        AttachTarget::Netns(name) => NamespaceRef::Named(name.clone()).alive(),
+    }
+}
+
+/// Keeps a service name usable inside a namespace name.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
+}

@@ -1,0 +1,444 @@
+//! The L4 proxy (seed 002, fig. 3.9/3.10): the translation decision for each packet, made in place.
+//!
+//! Outgoing (read from the TUN, sent by a local instance):
+//! - source namespace IP -> the sender's InstanceIP;
+//! - destination ServiceIP -> the namespace IP of the instance chosen for this connection (sticky per 5-tuple,
+//!   a new connection asks the `Chooser`); destination InstanceIP -> its namespace IP;
+//! - destination in another machine's subnet: routed untranslated.
+//!
+//! Delivery (from the tunnel, or outgoing to an instance on this machine): the destination must be an attached
+//! instance, else the sender gets "route not found"; a reply of a ServiceIP connection gets the ServiceIP back as
+//! its source, so the client sees the address it called.
+
+use super::counters::Counters;
+use super::flow::{Flow, FlowKey, FlowTable, FlowTimeouts};
+use super::packet::{self, PacketInfo};
+use super::routes::{RouteIndex, RouteTable, Target};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+/// Picks an instance for a new connection. Swappable so the policies crate can plug in.
+pub trait Chooser: Send {
+    /// `candidates` are route-index positions of the service's available instances (never empty).
+    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize]) -> usize;
+}
+
+/// Real round-robin: each new connection goes to the next available instance of the service.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: HashMap<Ipv4Addr, usize>,
+}
+
+impl Chooser for RoundRobin {
+    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize]) -> usize {
+        let counter = self.next.entry(routes.services[service].service_ip).or_default();
+        let pick = candidates[*counter % candidates.len()];
+        *counter = counter.wrapping_add(1);
+        pick
+    }
+}
+
+/// What to do with a packet after translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Dropped; the reason is counted.
+    Drop,
+    /// Write it to the TUN: the kernel delivers it to a local instance over the bridge.
+    Local,
+    /// Send it through the tunnel to this route-index node.
+    Tunnel(usize),
+    /// The destination is not hosted here: tell the sender.
+    RouteNotFound(Ipv4Addr),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyConfig {
+    pub max_mss: u16,
+    pub flow_capacity: NonZeroUsize,
+    pub timeouts: FlowTimeouts,
+}
+
+pub struct Proxy {
+    local_node_name: String,
+    local_node: Option<usize>,
+    routes: RouteIndex,
+    /// Instances attached on this machine: namespace IP -> InstanceIP.
+    attached: HashMap<Ipv4Addr, Ipv4Addr>,
+    flows: FlowTable,
+    chooser: Box<dyn Chooser>,
+    candidates: Vec<usize>,
+    max_mss: u16,
+}
+
+impl Proxy {
+    pub fn new(local_node_name: String, config: ProxyConfig, chooser: Box<dyn Chooser>) -> Self {
+        Self {
+            local_node_name,
+            local_node: None,
+            routes: RouteIndex::default(),
+            attached: HashMap::new(),
+            flows: FlowTable::new(config.flow_capacity, config.timeouts),
+            chooser,
+            candidates: Vec::new(),
+            max_mss: config.max_mss,
+        }
+    }
+
+    pub fn routes(&self) -> &RouteIndex {
+        &self.routes
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    #[cfg(test)]
+    pub fn local_node(&self) -> Option<usize> {
+        self.local_node
+    }
+
+    /// Replaces the route table. Live connections whose instance is still listed keep it; the others are dropped.
+    pub fn set_routes(&mut self, table: &RouteTable) -> anyhow::Result<()> {
+        let routes = RouteIndex::build(table)?;
+        let by_instance_ip: HashMap<Ipv4Addr, usize> =
+            routes.instances.iter().enumerate().map(|(i, inst)| (inst.instance_ip, i)).collect();
+        self.flows.remove_where(|_, flow| !by_instance_ip.contains_key(&flow.instance_ip));
+        self.flows.remap_instances(|flow| by_instance_ip[&flow.instance_ip]);
+        self.local_node = routes.node_by_name(&self.local_node_name);
+        self.routes = routes;
+        Ok(())
+    }
+
+    pub fn attach(&mut self, namespace_ip: Ipv4Addr, instance_ip: Ipv4Addr) {
+        self.attached.insert(namespace_ip, instance_ip);
+    }
+
+    pub fn detach(&mut self, namespace_ip: Ipv4Addr) {
+        self.attached.remove(&namespace_ip);
+        self.flows.remove_where(|key, _| key.src == namespace_ip);
+    }
+
+    pub fn expire(&mut self, now: Duration) -> usize {
+        self.flows.expire(now)
+    }
+
+    /// Translates a packet read from the TUN.
+    pub fn outgoing(&mut self, buf: &mut [u8], now: Duration, counters: &Counters) -> Verdict {
+        let info = match packet::parse(buf) {
+            Ok(info) => info,
+            Err(reason) => {
+                counters.malformed(reason);
+                return Verdict::Drop;
+            }
+        };
+        let Some(&own_instance_ip) = self.attached.get(&info.src) else {
+            Counters::inc(&counters.drop_unknown_source);
+            return Verdict::Drop;
+        };
+        let (new_src, new_dst, node) = match self.routes.overlay_target(info.dst) {
+            Some(Target::Service(service)) => {
+                let Some(instance) = self.instance_for_connection(service, &info, now, counters) else {
+                    Counters::inc(&counters.drop_no_instance);
+                    return Verdict::Drop;
+                };
+                let instance = &self.routes.instances[instance];
+                (own_instance_ip, instance.namespace_ip, Some(instance.node))
+            }
+            Some(Target::Instance(instance)) => {
+                let instance = &self.routes.instances[instance];
+                (own_instance_ip, instance.namespace_ip, Some(instance.node))
+            }
+            None => match self.routes.node_for_subnet_address(info.dst) {
+                Some(node) => (info.src, info.dst, Some(node)),
+                None => {
+                    Counters::inc(&counters.drop_no_route);
+                    return Verdict::Drop;
+                }
+            },
+        };
+        packet::rewrite_addresses(buf, &info, new_src, new_dst);
+        if packet::clamp_mss(buf, &info, self.max_mss) {
+            Counters::inc(&counters.mss_clamped);
+        }
+        let translated = PacketInfo { src: new_src, dst: new_dst, ..info };
+        match node {
+            Some(node) if Some(node) != self.local_node => Verdict::Tunnel(node),
+            _ => {
+                Counters::inc(&counters.local_deliveries);
+                self.deliver(buf, &translated, now, counters)
+            }
+        }
+    }
+
+    /// Handles a packet that arrived through the tunnel.
+    pub fn incoming(&mut self, buf: &mut [u8], now: Duration, counters: &Counters) -> Verdict {
+        match packet::parse(buf) {
+            Ok(info) => self.deliver(buf, &info, now, counters),
+            Err(reason) => {
+                counters.malformed(reason);
+                Verdict::Drop
+            }
+        }
+    }
+
+    /// The tunnel peer `node` does not host `missing` any more: no new connections go to that instance, and its
+    /// connections are forgotten so their retransmissions pick another. Returns whether an instance was affected.
+    pub fn route_not_found(&mut self, node: usize, missing: Ipv4Addr) -> bool {
+        let Some(instance) = self.routes.instance_by_namespace_ip(missing) else { return false };
+        if self.routes.instances[instance].node != node {
+            return false;
+        }
+        self.routes.instances[instance].available = false;
+        self.flows.remove_where(|_, flow| flow.instance == instance);
+        true
+    }
+
+    fn instance_for_connection(
+        &mut self,
+        service: usize,
+        info: &PacketInfo,
+        now: Duration,
+        counters: &Counters,
+    ) -> Option<usize> {
+        let key = FlowKey {
+            protocol: info.protocol,
+            src: info.src,
+            src_port: info.src_port,
+            dst: info.dst,
+            dst_port: info.dst_port,
+        };
+        if let Some(flow) = self.flows.outgoing(&key, info.tcp_flags, now) {
+            return Some(flow.instance);
+        }
+        self.candidates.clear();
+        let routes = &self.routes;
+        self.candidates
+            .extend(routes.services[service].instances.iter().copied().filter(|&i| routes.instances[i].available));
+        if self.candidates.is_empty() {
+            return None;
+        }
+        let instance = self.chooser.choose(&self.routes, service, &self.candidates);
+        let instance_ip = self.routes.instances[instance].instance_ip;
+        // The reply comes from the instance's InstanceIP (translated on its machine) to our namespace IP.
+        let reply_key = FlowKey {
+            protocol: info.protocol,
+            src: instance_ip,
+            src_port: info.dst_port,
+            dst: info.src,
+            dst_port: info.src_port,
+        };
+        if self.flows.insert(key, Flow::new(info.dst, instance, instance_ip, reply_key), info.tcp_flags, now) {
+            Counters::inc(&counters.flows_evicted);
+        }
+        Some(instance)
+    }
+
+    fn deliver(&mut self, buf: &mut [u8], info: &PacketInfo, now: Duration, counters: &Counters) -> Verdict {
+        if !self.attached.contains_key(&info.dst) {
+            return Verdict::RouteNotFound(info.dst);
+        }
+        let reply_key = FlowKey {
+            protocol: info.protocol,
+            src: info.src,
+            src_port: info.src_port,
+            dst: info.dst,
+            dst_port: info.dst_port,
+        };
+        if let Some(service_ip) = self.flows.incoming(&reply_key, info.tcp_flags, now) {
+            packet::rewrite_addresses(buf, info, service_ip, info.dst);
+        }
+        if packet::clamp_mss(buf, info, self.max_mss) {
+            Counters::inc(&counters.mss_clamped);
+        }
+        Verdict::Local
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::packet::parse;
+    use crate::dataplane::packet::tests::{icmp_echo, tcp_packet, udp_packet};
+    use crate::dataplane::routes::tests::two_machine_table;
+    use proptest::prelude::*;
+
+    const CLIENT_NS: [u8; 4] = [10, 16, 0, 2];
+    const CLIENT_INSTANCE: [u8; 4] = [10, 30, 1, 1];
+    const WEB_SERVICE: [u8; 4] = [10, 30, 0, 2];
+    const WEB0_NS: [u8; 4] = [10, 16, 0, 3];
+    const WEB0_INSTANCE: [u8; 4] = [10, 30, 2, 1];
+    const WEB1_NS: [u8; 4] = [10, 16, 0, 66];
+    const WEB1_INSTANCE: [u8; 4] = [10, 30, 2, 2];
+
+    fn config() -> ProxyConfig {
+        ProxyConfig { max_mss: 1400, flow_capacity: NonZeroUsize::new(64).unwrap(), timeouts: FlowTimeouts::default() }
+    }
+
+    /// Machine `a` hosts the client and web#0, machine `b` hosts web#1.
+    fn machines() -> (Proxy, Proxy) {
+        let table = two_machine_table();
+        let mut a = Proxy::new("a".into(), config(), Box::new(RoundRobin::default()));
+        let mut b = Proxy::new("b".into(), config(), Box::new(RoundRobin::default()));
+        a.set_routes(&table).unwrap();
+        b.set_routes(&table).unwrap();
+        a.attach(CLIENT_NS.into(), CLIENT_INSTANCE.into());
+        a.attach(WEB0_NS.into(), WEB0_INSTANCE.into());
+        b.attach(WEB1_NS.into(), WEB1_INSTANCE.into());
+        (a, b)
+    }
+
+    fn addresses(buf: &[u8]) -> (Ipv4Addr, Ipv4Addr) {
+        let info = parse(buf).unwrap();
+        (info.src, info.dst)
+    }
+
+    #[test]
+    fn new_connections_alternate_and_replies_come_from_the_service_ip() {
+        let (mut a, mut b) = machines();
+        let counters = Counters::default();
+        let now = Duration::from_secs(1);
+        let b_index = a.routes().node_by_name("b").unwrap();
+
+        // Connection 1 goes to web#0, on this machine: delivered locally, source becomes the client InstanceIP.
+        let mut syn = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, true, b"");
+        assert_eq!(a.outgoing(&mut syn, now, &counters), Verdict::Local);
+        assert_eq!(addresses(&syn), (CLIENT_INSTANCE.into(), WEB0_NS.into()));
+        // Connection 2 goes to web#1 on machine b through the tunnel.
+        let mut syn2 = tcp_packet(CLIENT_NS, WEB_SERVICE, 40001, 80, true, b"");
+        assert_eq!(a.outgoing(&mut syn2, now, &counters), Verdict::Tunnel(b_index));
+        assert_eq!(addresses(&syn2), (CLIENT_INSTANCE.into(), WEB1_NS.into()));
+        // A later packet of connection 1 stays on web#0.
+        let mut data = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, false, b"GET /");
+        assert_eq!(a.outgoing(&mut data, now, &counters), Verdict::Local);
+        assert_eq!(addresses(&data).1, Ipv4Addr::from(WEB0_NS));
+
+        // Machine b delivers connection 2 and web#1 replies; b translates the reply for the client's machine.
+        assert_eq!(b.incoming(&mut syn2, now, &counters), Verdict::Local);
+        let mut reply = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"200 OK");
+        let a_index = b.routes().node_by_name("a").unwrap();
+        assert_eq!(b.outgoing(&mut reply, now, &counters), Verdict::Tunnel(a_index));
+        assert_eq!(addresses(&reply), (WEB1_INSTANCE.into(), CLIENT_NS.into()));
+        // Machine a restores the ServiceIP as the source.
+        assert_eq!(a.incoming(&mut reply, now, &counters), Verdict::Local);
+        assert_eq!(addresses(&reply), (WEB_SERVICE.into(), CLIENT_NS.into()));
+
+        // Local reply path: web#0 answers connection 1.
+        let mut local_reply = tcp_packet(WEB0_NS, CLIENT_INSTANCE, 80, 40000, false, b"200 OK");
+        assert_eq!(a.outgoing(&mut local_reply, now, &counters), Verdict::Local);
+        assert_eq!(addresses(&local_reply), (WEB_SERVICE.into(), CLIENT_NS.into()));
+        assert_eq!(counters.snapshot().mss_clamped, 2, "both SYNs carried MSS 1460 > 1400");
+    }
+
+    #[test]
+    fn instance_ip_maps_directly_and_icmp_echo_works() {
+        let (mut a, mut b) = machines();
+        let counters = Counters::default();
+        let now = Duration::ZERO;
+        let mut ping = icmp_echo(CLIENT_NS, WEB1_INSTANCE, 9, 1, false);
+        assert!(matches!(a.outgoing(&mut ping, now, &counters), Verdict::Tunnel(_)));
+        assert_eq!(addresses(&ping), (CLIENT_INSTANCE.into(), WEB1_NS.into()));
+        assert_eq!(b.incoming(&mut ping, now, &counters), Verdict::Local);
+        let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 9, 1, true);
+        b.outgoing(&mut pong, now, &counters);
+        assert_eq!(a.incoming(&mut pong, now, &counters), Verdict::Local);
+        assert_eq!(addresses(&pong), (WEB1_INSTANCE.into(), CLIENT_NS.into()), "the InstanceIP it called");
+
+        // Echo to the ServiceIP: the second ping (new id) goes to web#1 and its reply comes from the ServiceIP.
+        let mut first = icmp_echo(CLIENT_NS, WEB_SERVICE, 10, 1, false);
+        assert_eq!(a.outgoing(&mut first, now, &counters), Verdict::Local);
+        let mut second = icmp_echo(CLIENT_NS, WEB_SERVICE, 11, 1, false);
+        assert!(matches!(a.outgoing(&mut second, now, &counters), Verdict::Tunnel(_)));
+        b.incoming(&mut second, now, &counters);
+        let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 11, 1, true);
+        b.outgoing(&mut pong, now, &counters);
+        a.incoming(&mut pong, now, &counters);
+        assert_eq!(addresses(&pong), (WEB_SERVICE.into(), CLIENT_NS.into()));
+    }
+
+    #[test]
+    fn route_not_found_moves_new_and_retried_connections() {
+        let (mut a, mut b) = machines();
+        let counters = Counters::default();
+        let now = Duration::ZERO;
+        let b_index = a.routes().node_by_name("b").unwrap();
+        let mut first = udp_packet(CLIENT_NS, WEB_SERVICE, 5000, 7, b"x");
+        assert_eq!(a.outgoing(&mut first, now, &counters), Verdict::Local);
+        let mut second = udp_packet(CLIENT_NS, WEB_SERVICE, 5001, 7, b"x");
+        assert_eq!(a.outgoing(&mut second, now, &counters), Verdict::Tunnel(b_index));
+        // web#1 stops: machine b answers route-not-found.
+        b.detach(WEB1_NS.into());
+        assert_eq!(b.incoming(&mut second, now, &counters), Verdict::RouteNotFound(WEB1_NS.into()));
+        assert!(a.route_not_found(b_index, WEB1_NS.into()));
+        // The retransmission and every new connection now go to web#0.
+        for port in [5001, 5002, 5003] {
+            let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, port, 7, b"x");
+            assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Local, "port {port}");
+        }
+        // A route-not-found from a machine that never hosted the address is ignored.
+        assert!(!a.route_not_found(b_index, WEB0_NS.into()));
+        // With no instance left, packets are dropped and counted.
+        a.route_not_found(a.local_node().unwrap(), WEB0_NS.into());
+        let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 6000, 7, b"x");
+        assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Drop);
+        assert_eq!(counters.snapshot().drop_no_instance, 1);
+    }
+
+    #[test]
+    fn unknown_sources_and_destinations_are_counted() {
+        let (mut a, _) = machines();
+        let counters = Counters::default();
+        let mut stranger = udp_packet([10, 16, 0, 9], WEB_SERVICE, 1, 2, b"");
+        assert_eq!(a.outgoing(&mut stranger, Duration::ZERO, &counters), Verdict::Drop);
+        let mut nowhere = udp_packet(CLIENT_NS, [10, 30, 9, 9], 1, 2, b"");
+        assert_eq!(a.outgoing(&mut nowhere, Duration::ZERO, &counters), Verdict::Drop);
+        let mut garbage = vec![0x45, 0, 0];
+        assert_eq!(a.incoming(&mut garbage, Duration::ZERO, &counters), Verdict::Drop);
+        let snapshot = counters.snapshot();
+        assert_eq!((snapshot.drop_unknown_source, snapshot.drop_no_route, snapshot.drop_malformed), (1, 1, 1));
+    }
+
+    #[test]
+    fn new_route_table_keeps_live_connections() {
+        let (mut a, _) = machines();
+        let counters = Counters::default();
+        let mut first = udp_packet(CLIENT_NS, WEB_SERVICE, 5000, 7, b"x");
+        a.outgoing(&mut first, Duration::ZERO, &counters);
+        let mut second = udp_packet(CLIENT_NS, WEB_SERVICE, 5001, 7, b"x");
+        assert!(matches!(a.outgoing(&mut second, Duration::ZERO, &counters), Verdict::Tunnel(_)));
+        // Same services, instances listed in a different order.
+        let mut table = two_machine_table();
+        table.services[1].instances.reverse();
+        a.set_routes(&table).unwrap();
+        let mut again = udp_packet(CLIENT_NS, WEB_SERVICE, 5001, 7, b"x");
+        assert!(matches!(a.outgoing(&mut again, Duration::ZERO, &counters), Verdict::Tunnel(_)));
+        assert_eq!(addresses(&again).1, Ipv4Addr::from(WEB1_NS));
+    }
+
+    proptest! {
+        /// Fuzz the translation path: arbitrary bytes, and valid headers with arbitrary addresses, never panic.
+        #[test]
+        fn translation_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..96),
+            dst_last in any::<u8>(), sport in any::<u16>(), kind in 0u8..3, flip in 0usize..60, value in any::<u8>(),
+        ) {
+            let (mut a, mut b) = machines();
+            let counters = Counters::default();
+            let mut garbage = bytes.clone();
+            a.outgoing(&mut garbage, Duration::ZERO, &counters);
+            let mut garbage = bytes;
+            b.incoming(&mut garbage, Duration::ZERO, &counters);
+            let dst = [10, 30, 2, dst_last];
+            let mut packet = match kind {
+                0 => tcp_packet(CLIENT_NS, dst, sport, 80, true, b"abc"),
+                1 => udp_packet(CLIENT_NS, dst, sport, 80, b"abc"),
+                _ => icmp_echo(CLIENT_NS, dst, sport, 1, false),
+            };
+            if flip < packet.len() { packet[flip] = value; }
+            if let Verdict::Tunnel(_) = a.outgoing(&mut packet, Duration::ZERO, &counters) {
+                b.incoming(&mut packet, Duration::ZERO, &counters);
+            }
+        }
+    }
+}

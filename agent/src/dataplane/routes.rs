@@ -1,0 +1,292 @@
+//! The route table the data plane works from: machines (subnet, tunnel endpoint), services (ServiceIP, policy)
+//! and their instances (InstanceIP, namespace IP, hosting machine). Loaded from a file or set through the API now;
+//! the routes issue feeds the same types from the overlay. `RouteIndex` is the validated, indexed form the proxy
+//! looks addresses up in.
+
+use anyhow::{Context, bail};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+/// A machine's identity on the tunnel: derived from its name so both ends agree without coordination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+impl NodeId {
+    pub fn from_name(name: &str) -> Self {
+        let hash = blake3::hash(name.as_bytes());
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&hash.as_bytes()[..8]);
+        Self(u64::from_be_bytes(bytes))
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteTable {
+    #[serde(default)]
+    pub nodes: Vec<NodeRoute>,
+    #[serde(default)]
+    pub services: Vec<ServiceRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRoute {
+    pub name: String,
+    /// The machine's instance subnet (its bridge holds `.1`).
+    pub subnet: Ipv4Net,
+    /// Where its tunnel socket listens.
+    pub endpoint: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRoute {
+    /// `app.appns.service.servicens`
+    pub name: String,
+    pub service_ip: Ipv4Addr,
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    #[serde(default)]
+    pub instances: Vec<InstanceRoute>,
+}
+
+fn default_policy() -> String {
+    "rr".to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRoute {
+    pub number: u32,
+    pub instance_ip: Ipv4Addr,
+    pub namespace_ip: Ipv4Addr,
+    /// Name of the hosting machine (a `nodes` entry).
+    pub node: String,
+}
+
+impl RouteTable {
+    /// Reads a route table from JSON (`.json`) or TOML (any other extension).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading route table {}", path.display()))?;
+        let table = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).with_context(|| format!("parsing route table {} as JSON", path.display()))?
+        } else {
+            toml::from_str(&text).with_context(|| format!("parsing route table {} as TOML", path.display()))?
+        };
+        Ok(table)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub id: NodeId,
+    pub subnet: Ipv4Net,
+    pub endpoint: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub number: u32,
+    pub instance_ip: Ipv4Addr,
+    pub namespace_ip: Ipv4Addr,
+    pub node: usize,
+    /// Cleared when the hosting machine answered "route not found"; the instance gets no new connections until
+    /// a fresh route table arrives.
+    pub available: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub service_ip: Ipv4Addr,
+    /// Policy name from the table; the proxy's `Chooser` interprets it (round-robin until the policies land).
+    #[allow(dead_code)]
+    pub policy: String,
+    pub instances: Vec<usize>,
+}
+
+/// What an address in the overlay range stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Service(usize),
+    Instance(usize),
+}
+
+/// A validated route table indexed by every address the proxy looks up.
+#[derive(Debug, Clone, Default)]
+pub struct RouteIndex {
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub instances: Vec<Instance>,
+    node_by_id: HashMap<NodeId, usize>,
+    node_by_name: HashMap<String, usize>,
+    by_overlay_ip: HashMap<Ipv4Addr, Target>,
+    by_namespace_ip: HashMap<Ipv4Addr, usize>,
+}
+
+impl RouteIndex {
+    /// Validates `table`: known nodes, unique names and addresses, namespace IPs inside their node's subnet,
+    /// non-overlapping subnets.
+    pub fn build(table: &RouteTable) -> anyhow::Result<Self> {
+        let mut index = RouteIndex::default();
+        for node in &table.nodes {
+            let id = NodeId::from_name(&node.name);
+            if index.node_by_name.contains_key(&node.name) {
+                bail!("node {} is listed twice", node.name);
+            }
+            if let Some(other) = index
+                .nodes
+                .iter()
+                .find(|n| n.subnet.contains(&node.subnet.network()) || node.subnet.contains(&n.subnet.network()))
+            {
+                bail!("subnets of nodes {} ({}) and {} ({}) overlap", other.name, other.subnet, node.name, node.subnet);
+            }
+            index.node_by_name.insert(node.name.clone(), index.nodes.len());
+            index.node_by_id.insert(id, index.nodes.len());
+            index.nodes.push(Node { name: node.name.clone(), id, subnet: node.subnet, endpoint: node.endpoint });
+        }
+        let mut names = HashSet::new();
+        for service in &table.services {
+            if !names.insert(service.name.as_str()) {
+                bail!("service {} is listed twice", service.name);
+            }
+            let service_index = index.services.len();
+            index.claim_overlay_ip(service.service_ip, Target::Service(service_index), &service.name)?;
+            let mut numbers = HashSet::new();
+            let mut members = Vec::with_capacity(service.instances.len());
+            for instance in &service.instances {
+                let label = format!("{} instance {}", service.name, instance.number);
+                if !numbers.insert(instance.number) {
+                    bail!("{label} is listed twice");
+                }
+                let Some(&node) = index.node_by_name.get(&instance.node) else {
+                    bail!("{label} is on unknown node {}", instance.node);
+                };
+                let subnet = index.nodes[node].subnet;
+                if !subnet.contains(&instance.namespace_ip) || instance.namespace_ip == subnet.network() {
+                    bail!(
+                        "{label}: namespace IP {} is not a host of node {}'s subnet {subnet}",
+                        instance.namespace_ip,
+                        instance.node
+                    );
+                }
+                let instance_index = index.instances.len();
+                index.claim_overlay_ip(instance.instance_ip, Target::Instance(instance_index), &label)?;
+                if index.by_namespace_ip.insert(instance.namespace_ip, instance_index).is_some() {
+                    bail!("{label}: namespace IP {} is used twice", instance.namespace_ip);
+                }
+                index.instances.push(Instance {
+                    number: instance.number,
+                    instance_ip: instance.instance_ip,
+                    namespace_ip: instance.namespace_ip,
+                    node,
+                    available: true,
+                });
+                members.push(instance_index);
+            }
+            index.services.push(Service {
+                name: service.name.clone(),
+                service_ip: service.service_ip,
+                policy: service.policy.clone(),
+                instances: members,
+            });
+        }
+        Ok(index)
+    }
+
+    fn claim_overlay_ip(&mut self, ip: Ipv4Addr, target: Target, label: &str) -> anyhow::Result<()> {
+        if let Some(node) = self.nodes.iter().find(|n| n.subnet.contains(&ip)) {
+            bail!("{label}: overlay address {ip} lies in node {}'s subnet {}", node.name, node.subnet);
+        }
+        if self.by_overlay_ip.insert(ip, target).is_some() {
+            bail!("{label}: address {ip} is used twice");
+        }
+        Ok(())
+    }
+
+    pub fn overlay_target(&self, ip: Ipv4Addr) -> Option<Target> {
+        self.by_overlay_ip.get(&ip).copied()
+    }
+
+    pub fn instance_by_namespace_ip(&self, ip: Ipv4Addr) -> Option<usize> {
+        self.by_namespace_ip.get(&ip).copied()
+    }
+
+    pub fn node_by_id(&self, id: NodeId) -> Option<usize> {
+        self.node_by_id.get(&id).copied()
+    }
+
+    pub fn node_by_name(&self, name: &str) -> Option<usize> {
+        self.node_by_name.get(name).copied()
+    }
+
+    /// The node whose subnet holds `ip` (direct namespace-IP traffic).
+    pub fn node_for_subnet_address(&self, ip: Ipv4Addr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.subnet.contains(&ip))
+    }
+
+    pub fn find_instance(&self, service: &str, number: u32) -> Option<usize> {
+        let service = self.services.iter().position(|s| s.name == service)?;
+        self.services[service].instances.iter().copied().find(|&i| self.instances[i].number == number)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Two machines, a client service on `a`, and a web service with one instance on each machine.
+    pub fn two_machine_table() -> RouteTable {
+        let toml = r#"
+            [[nodes]]
+            name = "a"
+            subnet = "10.16.0.0/26"
+            endpoint = "192.0.2.1:50103"
+            [[nodes]]
+            name = "b"
+            subnet = "10.16.0.64/26"
+            endpoint = "192.0.2.2:50103"
+            [[services]]
+            name = "demo.default.client.default"
+            service_ip = "10.30.0.1"
+            instances = [{ number = 0, instance_ip = "10.30.1.1", namespace_ip = "10.16.0.2", node = "a" }]
+            [[services]]
+            name = "demo.default.web.default"
+            service_ip = "10.30.0.2"
+            policy = "rr"
+            instances = [
+                { number = 0, instance_ip = "10.30.2.1", namespace_ip = "10.16.0.3", node = "a" },
+                { number = 1, instance_ip = "10.30.2.2", namespace_ip = "10.16.0.66", node = "b" },
+            ]
+        "#;
+        toml::from_str(toml).expect("test table parses")
+    }
+
+    #[test]
+    fn builds_index() {
+        let index = RouteIndex::build(&two_machine_table()).unwrap();
+        assert_eq!(index.overlay_target("10.30.0.2".parse().unwrap()), Some(Target::Service(1)));
+        let web1 = index.find_instance("demo.default.web.default", 1).unwrap();
+        assert_eq!(index.overlay_target("10.30.2.2".parse().unwrap()), Some(Target::Instance(web1)));
+        assert_eq!(index.instance_by_namespace_ip("10.16.0.66".parse().unwrap()), Some(web1));
+        assert_eq!(index.nodes[index.instances[web1].node].name, "b");
+        assert_eq!(index.node_for_subnet_address("10.16.0.70".parse().unwrap()), index.node_by_name("b"));
+    }
+
+    #[test]
+    fn rejects_inconsistent_tables() {
+        let mut table = two_machine_table();
+        table.services[1].instances[1].node = "c".into();
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("unknown node c"));
+        let mut table = two_machine_table();
+        table.services[1].instances[1].namespace_ip = "10.16.0.5".parse().unwrap();
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("not a host of node b"));
+        let mut table = two_machine_table();
+        table.services[1].service_ip = "10.30.1.1".parse().unwrap();
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("used twice"));
+        let mut table = two_machine_table();
+        table.nodes[1].subnet = "10.16.0.0/25".parse().unwrap();
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("overlap"));
+    }
+}
