@@ -27,12 +27,45 @@ pub struct GlobalArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Start the first node of a new overlay (it becomes the root); runs in the foreground.
+    Start(crate::daemon::DaemonArgs),
+    /// Join an overlay through any of its members; runs in the foreground.
+    Join(crate::daemon::JoinArgs),
+    /// Show this node's role, term, parent, children, ancestors, addresses, subnet and counters.
+    Status(crate::control::StatusArgs),
+    /// Draw the part of the tree this node knows.
+    Tree(crate::control::OutputArgs),
+    /// List the peers this node is connected to or has admitted.
+    Peers(crate::control::OutputArgs),
+    /// Leave the overlay gracefully (a coordinator hands its role over first) and stop the agent.
+    Leave,
+    /// Run the data plane alone with a static route table (no control plane); serves the local API.
+    Dataplane(crate::dataplane::commands::DataplaneArgs),
+    /// Run a command in a new network namespace attached as an instance of a service.
+    Run(crate::dataplane::commands::RunArgs),
+    /// Attach an existing network namespace (--pid or --netns) as an instance of a service.
+    Attach(crate::dataplane::commands::AttachArgs),
+    /// Detach an instance of a service.
+    Detach(crate::dataplane::commands::DetachArgs),
+}
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.global.log_format, "info");
-    let result: anyhow::Result<()> = match cli.command {};
+    let global = &cli.global;
+    let result: anyhow::Result<()> = match &cli.command {
+        Command::Start(args) => crate::daemon::start(global, args),
+        Command::Join(args) => crate::daemon::join(global, args),
+        Command::Status(args) => crate::control::status(global, args),
+        Command::Tree(args) => crate::control::tree(global, args),
+        Command::Peers(args) => crate::control::peers(global, args),
+        Command::Leave => crate::control::leave(global),
+        Command::Dataplane(args) => crate::dataplane::commands::dataplane(global, args),
+        Command::Run(args) => crate::dataplane::commands::run(global, args),
+        Command::Attach(args) => crate::dataplane::commands::attach(global, args),
+        Command::Detach(args) => crate::dataplane::commands::detach(global, args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

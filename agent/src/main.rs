@@ -2,7 +2,13 @@
 
 mod api;
 mod cli;
+mod control;
+mod daemon;
+mod dataplane;
 mod logging;
+mod netns;
+mod persist;
+mod runtime;
 
 fn main() -> std::process::ExitCode {
     cli::main()

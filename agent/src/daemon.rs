@@ -1,0 +1,404 @@
+//! `agent start` and `agent join`: the daemon. Runs in the foreground (systemd-friendly, see
+//! `agent/canopy-agent.service`), owns the data dir (refusing a second agent on it), serves the local API and
+//! metrics, and drives the overlay over libp2p until SIGTERM / Ctrl-C or `agent leave`.
+//!
+//! Settings come from flags, then `CANOPY_*` environment variables, then the `--config` TOML file, then defaults.
+
+use crate::api;
+use crate::cli::GlobalArgs;
+use crate::persist::{self, KeySource, StateStore};
+use crate::runtime::behaviour::{SwarmOptions, build_swarm};
+use crate::runtime::driver::{Driver, DriverConfig, Mode};
+use crate::runtime::metrics::{self, Metrics};
+use crate::runtime::{self, Handle};
+use anyhow::{Context, anyhow, bail};
+use canopy_overlay::{Capacity, Position};
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default libp2p port (QUIC on UDP and TCP).
+pub const DEFAULT_P2P_PORT: u16 = 4001;
+pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
+const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
+
+/// Flags shared by `start` and `join`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DaemonArgs {
+    /// TOML file with any of: position, listen, tunnel_port, network_key_file, mdns, metrics, bootstrap_attempts,
+    /// subnet, routes, dataplane. Flags and CANOPY_* variables override it.
+    #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This machine's position, latitude,longitude in degrees (e.g. 48.14,11.58).
+    #[arg(long, env = "CANOPY_POSITION", value_name = "LAT,LON", value_parser = parse_position)]
+    pub position: Option<Position>,
+    /// libp2p listen address (repeatable). Default: QUIC and TCP on port 4001 on all interfaces.
+    #[arg(long = "listen", env = "CANOPY_LISTEN", value_name = "MULTIADDR", value_delimiter = ',')]
+    pub listen: Vec<Multiaddr>,
+    /// UDP port of the data-plane tunnel.
+    #[arg(long, env = "CANOPY_TUNNEL_PORT", value_name = "PORT")]
+    pub tunnel_port: Option<u16>,
+    /// File holding the overlay's network key (64 hex characters). `agent start` creates one when none is given.
+    #[arg(long, env = "CANOPY_NETWORK_KEY_FILE", value_name = "FILE")]
+    pub network_key_file: Option<PathBuf>,
+    /// Do not discover peers on the LAN with mDNS.
+    #[arg(long, env = "CANOPY_NO_MDNS")]
+    pub no_mdns: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "CANOPY_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// How many times to try reaching the bootstrap peer (with exponential backoff) before giving up.
+    #[arg(long, env = "CANOPY_BOOTSTRAP_ATTEMPTS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub bootstrap_attempts: Option<u32>,
+    /// This machine's subnet for the data plane (until the tree grants subnets).
+    #[arg(long, env = "CANOPY_SUBNET", value_name = "CIDR")]
+    pub subnet: Option<ipnet::Ipv4Net>,
+    /// Static route table for the data plane (with --subnet).
+    #[arg(long, env = "CANOPY_ROUTES", value_name = "FILE")]
+    pub routes: Option<PathBuf>,
+    /// Run the control plane only, even with --subnet.
+    #[arg(long, env = "CANOPY_NO_DATAPLANE")]
+    pub no_dataplane: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// Any member of the overlay: a multiaddr (/ip4/10.0.0.1/udp/4001/quic-v1) or host:port.
+    #[arg(value_name = "BOOTSTRAP")]
+    pub bootstrap: String,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// The config file. Unknown keys are an error, so a typo does not go unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    position: Option<String>,
+    listen: Option<Vec<String>>,
+    tunnel_port: Option<u16>,
+    network_key_file: Option<PathBuf>,
+    mdns: Option<bool>,
+    metrics: Option<SocketAddr>,
+    bootstrap_attempts: Option<u32>,
+    subnet: Option<ipnet::Ipv4Net>,
+    routes: Option<PathBuf>,
+    dataplane: Option<bool>,
+}
+
+/// Effective settings after merging flags, environment and config file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub position: Position,
+    pub listen: Vec<Multiaddr>,
+    pub tunnel_port: u16,
+    pub network_key_file: Option<PathBuf>,
+    pub mdns: bool,
+    pub metrics: Option<SocketAddr>,
+    pub bootstrap_attempts: u32,
+    pub subnet: Option<ipnet::Ipv4Net>,
+    pub routes: Option<PathBuf>,
+    pub dataplane: bool,
+}
+
+impl DaemonArgs {
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let position = match (self.position, &file.position) {
+            (Some(p), _) => p,
+            (None, Some(text)) => parse_position(text).map_err(|e| anyhow!("config file: position: {e}"))?,
+            (None, None) => Position::default(),
+        };
+        let listen = if !self.listen.is_empty() {
+            self.listen.clone()
+        } else if let Some(list) = &file.listen {
+            list.iter()
+                .map(|a| {
+                    a.parse::<Multiaddr>().map_err(|e| anyhow!("config file: listen: malformed multiaddr {a:?}: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            default_listen()
+        };
+        let bootstrap_attempts =
+            self.bootstrap_attempts.or(file.bootstrap_attempts).unwrap_or(DEFAULT_BOOTSTRAP_ATTEMPTS);
+        if bootstrap_attempts == 0 {
+            bail!("config file: bootstrap_attempts must be at least 1");
+        }
+        Ok(Settings {
+            position,
+            listen,
+            tunnel_port: self.tunnel_port.or(file.tunnel_port).unwrap_or(DEFAULT_TUNNEL_PORT),
+            network_key_file: self.network_key_file.clone().or(file.network_key_file),
+            mdns: !self.no_mdns && file.mdns.unwrap_or(true),
+            metrics: self.metrics.or(file.metrics),
+            bootstrap_attempts,
+            subnet: self.subnet.or(file.subnet),
+            routes: self.routes.clone().or(file.routes),
+            dataplane: !self.no_dataplane && file.dataplane.unwrap_or(true),
+        })
+    }
+}
+
+fn default_listen() -> Vec<Multiaddr> {
+    vec![
+        Multiaddr::empty()
+            .with(Protocol::Ip4([0, 0, 0, 0].into()))
+            .with(Protocol::Udp(DEFAULT_P2P_PORT))
+            .with(Protocol::QuicV1),
+        Multiaddr::empty().with(Protocol::Ip4([0, 0, 0, 0].into())).with(Protocol::Tcp(DEFAULT_P2P_PORT)),
+    ]
+}
+
+pub fn parse_position(text: &str) -> Result<Position, String> {
+    let (lat, lon) = text.split_once(',').ok_or_else(|| format!("expected LAT,LON, got {text:?}"))?;
+    let lat: f64 = lat.trim().parse().map_err(|_| format!("latitude {lat:?} is not a number"))?;
+    let lon: f64 = lon.trim().parse().map_err(|_| format!("longitude {lon:?} is not a number"))?;
+    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+        return Err(format!("position {lat},{lon} is out of range (latitude -90..90, longitude -180..180)"));
+    }
+    Ok(Position::new(lat, lon))
+}
+
+/// `BOOTSTRAP` as dialable addresses: a multiaddr as given, or `host:port` resolved to QUIC and TCP addresses.
+pub async fn resolve_bootstrap(text: &str) -> anyhow::Result<Vec<Multiaddr>> {
+    let text = text.trim();
+    if text.starts_with('/') {
+        let addr: Multiaddr = text.parse().map_err(|e| anyhow!("malformed bootstrap multiaddr {text:?}: {e}"))?;
+        return Ok(vec![addr]);
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("bootstrap {text:?} is neither a multiaddr (/ip4/...) nor host:port"))?;
+    let port: u16 = port.parse().map_err(|_| anyhow!("bootstrap {text:?}: port {port:?} is not a number"))?;
+    let resolved =
+        tokio::time::timeout(Duration::from_secs(10), tokio::net::lookup_host((host.trim_matches(['[', ']']), port)))
+            .await
+            .map_err(|_| anyhow!("resolving bootstrap host {host:?} timed out"))?
+            .with_context(|| format!("cannot resolve bootstrap host {host:?}"))?;
+    let mut addrs = Vec::new();
+    for socket in resolved {
+        let ip = Multiaddr::from(socket.ip());
+        addrs.push(ip.clone().with(Protocol::Udp(socket.port())).with(Protocol::QuicV1));
+        addrs.push(ip.with(Protocol::Tcp(socket.port())));
+    }
+    if addrs.is_empty() {
+        bail!("bootstrap host {host:?} has no addresses");
+    }
+    Ok(addrs)
+}
+
+/// The measured free capacity of this machine (CPU cores, available memory); bandwidth is not measured yet.
+fn measure_capacity() -> Capacity {
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+    let mem_mb = sysinfo::System::new()
+        .map(|mut sys| {
+            sys.refresh_memory();
+            sys.available_memory() as f64 / (1024.0 * 1024.0)
+        })
+        .unwrap_or(0.0);
+    Capacity { cpu: cpus, mem_mb, bandwidth_mbps: 0.0 }
+}
+
+pub fn start(global: &GlobalArgs, args: &DaemonArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    run_daemon(global, settings, None)
+}
+
+pub fn join(global: &GlobalArgs, args: &JoinArgs) -> anyhow::Result<()> {
+    let settings = args.daemon.settings()?;
+    // Reject a malformed multiaddr before touching the data dir.
+    if args.bootstrap.trim().starts_with('/') {
+        args.bootstrap
+            .trim()
+            .parse::<Multiaddr>()
+            .map_err(|e| anyhow!("malformed bootstrap multiaddr {:?}: {e}", args.bootstrap))?;
+    }
+    run_daemon(global, settings, Some(args.bootstrap.clone()))
+}
+
+/// A small runtime: one thread is plenty for the control plane and keeps the idle footprint low.
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn run_daemon(global: &GlobalArgs, settings: Settings, bootstrap: Option<String>) -> anyhow::Result<()> {
+    tokio_runtime()?.block_on(daemon_main(&global.data_dir, settings, bootstrap))
+}
+
+async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<String>) -> anyhow::Result<()> {
+    persist::prepare_data_dir(data_dir)?;
+    // Binding the API socket first is also the lock against a second agent on this data dir.
+    let api_listener = api::server::bind(&api::socket_path(data_dir)).await?;
+    let keypair = persist::load_or_create_identity(data_dir)?;
+    let local = keypair.public().to_peer_id();
+    let (network_key, key_source) =
+        persist::load_network_key(data_dir, settings.network_key_file.as_deref(), bootstrap.is_none())?;
+    let mode = match &bootstrap {
+        Some(text) => Mode::Join { bootstrap: resolve_bootstrap(text).await?, label: text.clone() },
+        None => Mode::Start,
+    };
+    tracing::info!(peer_id = %local, data_dir = %data_dir.display(), "canopy agent starting");
+
+    let swarm = build_swarm(keypair, SwarmOptions { mdns: settings.mdns, request_timeout: Duration::from_secs(10) })?;
+    let metrics = Arc::new(Metrics::default());
+    let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(64);
+    let driver = Driver::new(
+        swarm,
+        DriverConfig {
+            network_key: network_key.clone(),
+            listen: settings.listen.clone(),
+            mode: mode.clone(),
+            position: settings.position,
+            capacity: measure_capacity(),
+            overlay: canopy_overlay::Config::default(),
+            bootstrap_attempts: settings.bootstrap_attempts,
+            state: StateStore::new(data_dir),
+            metrics: metrics.clone(),
+        },
+        requests_rx,
+    )
+    .await?;
+    for addr in driver.listen_addrs() {
+        tracing::info!(%addr, "listening");
+    }
+    if matches!(mode, Mode::Start) {
+        print_join_hint(&driver, data_dir, &network_key, &key_source);
+    }
+
+    if let Some(addr) = settings.metrics {
+        metrics::serve(addr, metrics.clone()).await?;
+        tracing::info!(%addr, "serving metrics at /metrics");
+    }
+    start_dataplane(&settings);
+
+    let handle = Handle::new(requests_tx);
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = tokio::spawn(api::server::serve(api_listener, runtime::api::router(handle), async {
+        let _ = api_stopped.await;
+    }));
+
+    let result = driver.run(shutdown_signal()).await;
+    let _ = stop_api.send(());
+    if let Ok(Err(err)) = api_task.await {
+        tracing::warn!("{err:#}");
+    }
+    result
+}
+
+/// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet`.
+/// HOOK: `dataplane::DataPlane` does not exist yet; when it does, start it here with `settings.subnet`,
+/// `settings.routes` and `settings.tunnel_port`, and merge its `Router` into the API.
+fn start_dataplane(settings: &Settings) {
+    match settings.subnet {
+        Some(subnet) if settings.dataplane => tracing::warn!(
+            %subnet,
+            tunnel_port = settings.tunnel_port,
+            routes = ?settings.routes,
+            "the data plane is not wired into the daemon yet; running the control plane only"
+        ),
+        _ => tracing::info!("control plane only (no --subnet)"),
+    }
+}
+
+fn print_join_hint(driver: &Driver, data_dir: &Path, key: &crate::runtime::admission::NetworkKey, source: &KeySource) {
+    let peer = driver.local_peer_id();
+    let addr = driver
+        .listen_addrs()
+        .iter()
+        .find(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback())))
+        .or_else(|| driver.listen_addrs().first())
+        .map(|a| a.clone().with(Protocol::P2p(peer)).to_string())
+        .unwrap_or_else(|| "<this node's address>".to_string());
+    let key_file = match source {
+        KeySource::File(path) => path.display().to_string(),
+        KeySource::DataDir(path) | KeySource::Generated(path) => path.display().to_string(),
+    };
+    if let KeySource::Generated(_) = source {
+        println!("generated a new network key: {}", key.to_hex());
+    }
+    println!("peer id: {peer}");
+    println!("to join this overlay from another machine (copy the key file {key_file} there first):");
+    println!("  agent join {addr} --network-key-file {key_file}");
+    let _ = data_dir;
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_and_reject() {
+        assert_eq!(parse_position("48.1, 11.5").unwrap(), Position::new(48.1, 11.5));
+        assert!(parse_position("48.1").unwrap_err().contains("LAT,LON"));
+        assert!(parse_position("x,1").unwrap_err().contains("not a number"));
+        assert!(parse_position("91,0").unwrap_err().contains("out of range"));
+    }
+
+    #[tokio::test]
+    async fn bootstrap_forms() {
+        let addrs = resolve_bootstrap("/ip4/127.0.0.1/tcp/4001").await.unwrap();
+        assert_eq!(addrs.len(), 1);
+        let addrs = resolve_bootstrap("127.0.0.1:4001").await.unwrap();
+        assert!(addrs.contains(&"/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap()));
+        assert!(addrs.contains(&"/ip4/127.0.0.1/tcp/4001".parse().unwrap()));
+        let err = resolve_bootstrap("/ip4/300.0.0.1/tcp/1").await.unwrap_err();
+        assert!(err.to_string().contains("malformed bootstrap multiaddr"), "{err}");
+        let err = resolve_bootstrap("nonsense").await.unwrap_err();
+        assert!(err.to_string().contains("neither a multiaddr"), "{err}");
+        let err = resolve_bootstrap("host:port").await.unwrap_err();
+        assert!(err.to_string().contains("not a number"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_config_file() {
+        let dir = std::env::temp_dir().join(format!("canopy-daemon-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "position = \"10,20\"\nlisten = [\"/ip4/127.0.0.1/tcp/5000\"]\nmdns = false\ntunnel_port = 6000\n",
+        )
+        .unwrap();
+        let args = DaemonArgs { config: Some(file.clone()), tunnel_port: Some(7000), ..Default::default() };
+        let settings = args.settings().unwrap();
+        assert_eq!(settings.position, Position::new(10.0, 20.0));
+        assert_eq!(settings.listen, vec!["/ip4/127.0.0.1/tcp/5000".parse::<Multiaddr>().unwrap()]);
+        assert!(!settings.mdns);
+        assert_eq!(settings.tunnel_port, 7000);
+        std::fs::write(&file, "positon = \"1,2\"\n").unwrap();
+        let err = args.settings().unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let defaults = DaemonArgs::default().settings().unwrap();
+        assert_eq!(defaults.listen.len(), 2);
+        assert!(defaults.mdns);
+    }
+}
