@@ -90,9 +90,12 @@ pub struct JoinRequest {
     pub hops: u8,
 }
 
-/// Which root wins when two trees meet: the higher (term, id).
+/// Which root stays root when two trees meet: the bigger tree (by `floor(log2(size))`, so that small changes in
+/// size do not flip the order), then the higher term, then the higher id. Size first, so that a lone coordinator
+/// that was cut off (and raised its term while islanded) rejoins the main tree instead of taking it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RootClaim {
+    pub size_class: u8,
     pub term: u64,
     pub id: NodeId,
 }
@@ -113,6 +116,8 @@ pub struct View {
     pub ancestors: Vec<NodeInfo>,
     /// The parent's children (the receiver included), with their ranks: every child computes the same successor.
     pub members: Vec<Member>,
+    /// The parent's own siblings: contacts to merge with when a partition islands several parts of the tree.
+    pub uncles: Vec<Member>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,11 +220,11 @@ fn check_info(info: &NodeInfo) -> Result<(), &'static str> {
 }
 
 fn check_view(view: &View) -> Result<(), &'static str> {
-    if view.ancestors.len() > MAX_ANCESTORS || view.members.len() > MAX_MEMBERS {
+    if view.ancestors.len() > MAX_ANCESTORS || view.members.len() > MAX_MEMBERS || view.uncles.len() > MAX_MEMBERS {
         return Err("view too long");
     }
     view.ancestors.iter().try_for_each(check_info)?;
-    view.members.iter().try_for_each(|m| check_info(&m.info))
+    view.members.iter().chain(&view.uncles).try_for_each(|m| check_info(&m.info))
 }
 
 impl Message {
@@ -283,13 +288,18 @@ mod tests {
     fn samples() -> Vec<Message> {
         let rank = Rank::new(NodeId::from_u64(2), true, &info(2).capacity, Duration::from_secs(5));
         let summary = Summary::leaf(Position::new(1.0, 2.0));
-        let view = View { version: 3, ancestors: vec![info(1)], members: vec![Member { info: info(2), rank }] };
+        let view = View {
+            version: 3,
+            ancestors: vec![info(1)],
+            members: vec![Member { info: info(2), rank }],
+            uncles: vec![],
+        };
         vec![
             Message::JoinRequest(JoinRequest {
                 joiner: info(2),
                 rank,
                 summary,
-                root_claim: Some(RootClaim { term: 2, id: NodeId::from_u64(2) }),
+                root_claim: Some(RootClaim { size_class: 3, term: 2, id: NodeId::from_u64(2) }),
                 contact: NodeId::from_u64(3),
                 descending: true,
                 hops: 4,

@@ -34,11 +34,13 @@ use std::time::Duration;
 /// Join requests travelling further than this are dropped (a loop in stale state).
 const MAX_HOPS: u8 = 64;
 /// Contacts a node keeps for rejoining and merging after partitions.
-const MAX_CONTACTS: usize = 16;
+const MAX_CONTACTS: usize = 48;
 /// Peers whose addresses we remember beyond parent, children and view (joiners we must answer).
 const MAX_PEER_CACHE: usize = 1024;
 /// Coordinators replaced by a successor that we remember, to tell them to step down if they come back.
 const MAX_REPLACED: usize = 32;
+/// Contacts a detached node or a root tries per retry.
+const CONTACTS_PER_RETRY: usize = 3;
 /// Indirect probes we run for siblings at a time.
 const MAX_RELAYS: usize = 32;
 
@@ -278,6 +280,8 @@ pub struct Node {
     ancestors: Vec<NodeInfo>,
     /// Our parent's children (us included), from the parent's view.
     members: Vec<Member>,
+    /// Our parent's siblings, from the parent's view.
+    uncles: Vec<Member>,
     children: Vec<Child>,
     /// Version of the view we send our children; bumped on any change to it.
     view_version: u64,
@@ -323,6 +327,7 @@ impl Node {
             parent: None,
             ancestors: Vec::new(),
             members: Vec::new(),
+            uncles: Vec::new(),
             children: Vec::new(),
             view_version: 1,
             view_dirty: false,
@@ -686,6 +691,7 @@ impl Node {
         }
         self.ancestors = view.ancestors;
         self.members = view.members;
+        self.uncles = view.uncles;
         self.parent = Some(ParentLink { info: parent, term, detector, view_version: view.version });
         self.mark_view_changed();
     }
@@ -838,11 +844,13 @@ impl Node {
             self.parent = None;
             return;
         }
-        if view.ancestors != self.ancestors {
-            self.ancestors = view.ancestors;
+        // Our children's view holds our ancestors and our siblings (their uncles).
+        if view.ancestors != self.ancestors || view.members != self.members {
             self.mark_view_changed();
         }
+        self.ancestors = view.ancestors;
         self.members = view.members;
+        self.uncles = view.uncles;
     }
 
     fn on_report(&mut self, now: Time, from: NodeId, r: Report) {
@@ -926,10 +934,23 @@ impl Node {
         self.relays.retain(|r| r.deadline > now);
         // Detached, or a root that may be an island: retry contacts.
         let detached = self.parent.is_none() && !self.is_root && self.orphan.is_none();
-        if self.pending == Pending::None && (detached || self.is_root) && now >= self.retry_at {
+        let attaching = matches!(self.pending, Pending::Attach { .. });
+        if !attaching && (detached || self.is_root) && now >= self.retry_at {
             self.retry_at = now + self.config.retry_interval;
-            if let Some(contact) = self.pick_contact() {
-                self.send_join(now, contact);
+            // Several contacts at once: some may be unreachable (a partition); the first to accept wins and
+            // later accepts are declined.
+            let mut first = None;
+            for _ in 0..CONTACTS_PER_RETRY.min(self.contacts.len()) {
+                if let Some(contact) = self.pick_contact()
+                    && first != Some(contact)
+                {
+                    let req = self.join_request(contact);
+                    self.send(contact, Message::JoinRequest(req));
+                    first.get_or_insert(contact);
+                }
+            }
+            if let Some(contact) = first {
+                self.pending = Pending::Join { contact, deadline: now + self.config.join_timeout };
             }
         }
     }
@@ -966,7 +987,8 @@ impl Node {
         }
         ancestors.push(self.info.clone());
         let members = self.children.iter().map(|c| Member { info: c.info.clone(), rank: c.rank }).collect();
-        View { version: self.view_version, ancestors, members }
+        let uncles = if self.parent.is_some() { self.members.clone() } else { Vec::new() };
+        View { version: self.view_version, ancestors, members, uncles }
     }
 
     fn mark_view_changed(&mut self) {
@@ -1039,8 +1061,9 @@ impl Node {
         self.counters.parent_failures += 1;
         self.push_event(Event::ParentFailed(failed));
         let climb: Vec<NodeInfo> = self.ancestors.iter().filter(|a| a.id != failed).cloned().collect();
-        for a in &climb {
-            self.add_contact(a.id);
+        let uncles: Vec<NodeId> = std::mem::take(&mut self.uncles).iter().map(|u| u.info.id).collect();
+        for id in climb.iter().map(|a| a.id).chain(uncles) {
+            self.add_contact(id);
         }
         self.orphan = Some(Orphan {
             old_parent: failed,
@@ -1081,7 +1104,12 @@ impl Node {
                 self.send_attach(now, next.id, Some(replaces), AttachPurpose::Climb);
             }
             None => {
-                // No ancestor answers: we are an island's root until a contact answers again.
+                // No ancestor answers: we are an island's root until a contact answers again. Former siblings
+                // on our side of a partition may be island roots too: keep them as contacts to merge with.
+                let siblings: Vec<NodeId> = o.members.iter().map(|m| m.info.id).filter(|id| *id != replaces).collect();
+                for id in siblings {
+                    self.add_contact(id);
+                }
                 self.orphan = None;
                 self.pending = Pending::None;
                 self.become_root();
@@ -1094,6 +1122,7 @@ impl Node {
         self.parent = None;
         self.ancestors.clear();
         self.members.clear();
+        self.uncles.clear();
         self.mark_view_changed();
     }
 
@@ -1181,7 +1210,8 @@ impl Node {
     }
 
     fn root_claim(&self) -> RootClaim {
-        RootClaim { term: self.term, id: self.info.id }
+        let size = self.summary().size;
+        RootClaim { size_class: (u32::BITS - size.leading_zeros()) as u8, term: self.term, id: self.info.id }
     }
 
     pub fn summary(&self) -> Summary {
@@ -1198,6 +1228,7 @@ impl Node {
             .iter()
             .map(|c| &c.info)
             .chain(self.members.iter().map(|m| &m.info))
+            .chain(self.uncles.iter().map(|m| &m.info))
             .chain(self.ancestors.iter())
             .chain(self.orphan.iter().flat_map(|o| o.members.iter().map(|m| &m.info)))
             .find(|i| i.id == *id)

@@ -363,6 +363,18 @@ impl AddressPool {
         renewed
     }
 
+    /// Hands every grant of `from` to `to` with a fresh lease (a successor coordinator took `from`'s place, so
+    /// the block `from` held for the group is now `to`'s); returns how many moved.
+    pub fn transfer(&mut self, from: NodeId, to: NodeId, now: Time) -> usize {
+        let mut moved = 0;
+        for g in self.grants.values_mut().filter(|g| g.holder == from) {
+            g.holder = to;
+            g.expires_at = g.expires_at.max(now + self.lease);
+            moved += 1;
+        }
+        moved
+    }
+
     /// Reclaims every grant whose lease ran out at or before `now`; returns them sorted by block.
     pub fn expire(&mut self, now: Time) -> Vec<Grant> {
         let expired: Vec<Ipv4Net> = self.grants.values().filter(|g| g.expires_at <= now).map(|g| g.block).collect();
@@ -466,24 +478,63 @@ impl AddressPool {
 
     /// Recomputes the free blocks from scratch: owned minus excluded minus granted, as maximal aligned blocks.
     fn rebuild_free(&mut self) {
-        let mut holes = BlockSet::default();
-        let mut all_holes: Vec<Ipv4Net> = self.excluded.clone();
-        all_holes.extend(self.grants.keys().copied());
-        for hole in Ipv4Net::aggregate(&all_holes) {
-            holes.insert(hole);
-        }
+        let mut holes: Vec<Ipv4Net> = self.excluded.clone();
+        holes.extend(self.grants.keys().copied());
         self.free = vec![BTreeSet::new(); 33];
-        let mut stack: Vec<Ipv4Net> = self.owned.clone();
-        while let Some(block) = stack.pop() {
-            match holes.overlapping(block) {
-                None => {
-                    self.free[usize::from(block.prefix_len())].insert(span(block).0);
-                }
-                Some(hole) if hole.contains(&block) => {}
-                Some(_) => stack.extend(block.subnets(block.prefix_len() + 1).expect("a /32 cannot be split")),
-            }
+        for block in carve(&self.owned, &holes) {
+            self.free[usize::from(block.prefix_len())].insert(span(block).0);
         }
     }
+
+    /// Moves an owned block to `new` (same size), shifting every grant inside it by the same offset: used when
+    /// this coordinator's own block lost an overlap resolution at its parent and was renumbered. Grants keep
+    /// their holder, age and lease; the returned list says who moved where, sorted by old block.
+    pub fn move_block(&mut self, old: Ipv4Net, new: Ipv4Net) -> Result<Vec<Renumbered>, PoolError> {
+        let (old, new) = (old.trunc(), new.trunc());
+        if old.prefix_len() != new.prefix_len() {
+            return Err(PoolError::BadPrefix(new.prefix_len()));
+        }
+        if !self.owned.iter().any(|o| o.contains(&old)) {
+            return Err(PoolError::NotOwned(old));
+        }
+        let remaining = carve(&self.owned, &[old]);
+        if remaining.iter().any(|o| o.contains(&new) || new.contains(o)) {
+            return Err(PoolError::AlreadyOwned(new));
+        }
+        let shift = |b: Ipv4Net| block_at(span(b).0 - span(old).0 + span(new).0, b.prefix_len());
+        let inside: Vec<Ipv4Net> = self.grants.keys().copied().filter(|b| old.contains(b)).collect();
+        let mut moved = Vec::new();
+        for block in inside {
+            let grant = self.grants.remove(&block).expect("listed above");
+            let new_block = shift(block);
+            moved.push(Renumbered { holder: grant.holder, old: block, new: Some(new_block) });
+            self.grants.insert(new_block, Grant { block: new_block, ..grant });
+        }
+        let mut owned = remaining;
+        owned.push(new);
+        self.owned = Ipv4Net::aggregate(&owned);
+        self.rebuild_free();
+        Ok(moved)
+    }
+}
+
+/// `blocks` minus `holes`, as maximal aligned blocks.
+fn carve(blocks: &[Ipv4Net], holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
+    let mut hole_set = BlockSet::default();
+    for &hole in &Ipv4Net::aggregate(&holes.to_vec()) {
+        hole_set.insert(hole);
+    }
+    let mut out = Vec::new();
+    let mut stack: Vec<Ipv4Net> = blocks.to_vec();
+    while let Some(block) = stack.pop() {
+        match hole_set.overlapping(block) {
+            None => out.push(block),
+            Some(hole) if hole.contains(&block) => {}
+            Some(_) => stack.extend(block.subnets(block.prefix_len() + 1).expect("a /32 cannot be split")),
+        }
+    }
+    out.sort();
+    out
 }
 
 #[cfg(test)]
@@ -598,6 +649,36 @@ mod tests {
         let restored = AddressPool::from_state(&successor.state(secs(6)), LEASE, secs(0)).unwrap();
         assert_eq!(restored.free_blocks(), successor.free_blocks());
         assert_eq!(restored.grants().map(|g| g.info(secs(0))).collect::<Vec<_>>(), successor.state(secs(6)).grants);
+    }
+
+    #[test]
+    fn a_renumbered_coordinator_block_moves_its_grants_by_the_same_offset() {
+        let mut pool = AddressPool::new([net("10.16.0.0/22"), net("10.20.0.0/24")], [], LEASE);
+        let a = pool.alloc(node(1), 26, secs(0)).unwrap();
+        pool.claim(net("10.16.2.64/26"), node(2), secs(0)).unwrap();
+        pool.claim(net("10.20.0.0/26"), node(3), secs(0)).unwrap();
+        let moved = pool.move_block(net("10.16.0.0/22"), net("10.24.4.0/22")).unwrap();
+        let pairs: Vec<(NodeId, Ipv4Net, Ipv4Net)> = moved.iter().map(|r| (r.holder, r.old, r.new.unwrap())).collect();
+        assert_eq!(
+            pairs,
+            vec![(node(1), a, net("10.24.4.0/26")), (node(2), net("10.16.2.64/26"), net("10.24.6.64/26"))]
+        );
+        assert_eq!(pool.owned(), &[net("10.20.0.0/24"), net("10.24.4.0/22")]);
+        assert_eq!(pool.grant(net("10.20.0.0/26")).unwrap().holder, node(3));
+        assert_no_overlaps(&pool);
+        assert_eq!(pool.usable_addresses(), 1024 + 256);
+        assert_eq!(
+            pool.move_block(net("10.16.0.0/22"), net("10.28.0.0/22")),
+            Err(PoolError::NotOwned(net("10.16.0.0/22")))
+        );
+        assert_eq!(pool.move_block(net("10.24.4.0/22"), net("10.28.0.0/24")), Err(PoolError::BadPrefix(24)));
+        assert_eq!(
+            pool.move_block(net("10.24.4.0/22"), net("10.20.0.0/22")),
+            Err(PoolError::AlreadyOwned(net("10.20.0.0/22")))
+        );
+        // The grandparent hands the old coordinator's grants to its successor.
+        assert_eq!(pool.transfer(node(1), node(9), secs(40)), 1);
+        assert_eq!(pool.grant(net("10.24.4.0/26")).unwrap().expires_at, secs(40) + LEASE);
     }
 
     #[test]

@@ -205,7 +205,9 @@ impl ServiceIpAllocator {
 
     /// Number of assignable addresses.
     fn slots(&self) -> u64 {
-        (1u64 << (32 - u32::from(self.range.prefix_len()))).saturating_sub(2).max(1)
+        let size = 1u64 << (32 - u32::from(self.range.prefix_len()));
+        // /31 and /32 have no network or broadcast address to skip (RFC 3021).
+        if self.range.prefix_len() >= 31 { size } else { size - 2 }
     }
 
     fn slot_addr(&self, slot: u64) -> Ipv4Addr {

@@ -1,0 +1,213 @@
+//! Multi-node scenarios on the deterministic driver in `common`.
+
+mod common;
+
+use canopy_overlay::{Command, Config, Event, Role};
+use common::{MS, Net, depth_bound};
+use std::time::Duration;
+
+fn config(max_children: usize) -> Config {
+    Config { max_children, ..Config::default() }
+}
+
+fn built(n: usize, max_children: usize) -> Net {
+    let mut net = Net::new(n, config(max_children));
+    net.build(MS(100));
+    net.run_for(Duration::from_secs(5));
+    net
+}
+
+#[test]
+fn twenty_nodes_join_into_one_tree() {
+    let net = built(20, 4);
+    assert_eq!(net.roots(), vec![0]);
+    let depth = net.check_tree().unwrap();
+    assert!(depth <= depth_bound(20, 4), "depth {depth}");
+    assert!(!net.coordinators().is_empty(), "with 4 children per group there are coordinators");
+    for i in net.live() {
+        assert!(net.nodes[i].children().count() <= 4, "node {i} has too many children");
+        let joined = net.events.iter().any(|(_, n, e)| *n == i && matches!(e, Event::Joined { .. }));
+        assert!(joined, "node {i} reported no Joined event");
+    }
+    // Every node knows its whole ancestor chain up to the root.
+    for i in net.live() {
+        let st = net.nodes[i].status();
+        if st.role != Role::Root {
+            assert_eq!(st.ancestors.first(), Some(&net.id(0)), "node {i}: {:?}", st.ancestors);
+            assert_eq!(st.ancestors.last(), st.parent.as_ref());
+        }
+    }
+}
+
+#[test]
+fn join_bursts_stay_shallow_with_default_fanout() {
+    let mut net = Net::new(300, Config::default());
+    net.build(MS(5));
+    net.run_for(Duration::from_secs(6));
+    assert_eq!(net.roots().len(), 1);
+    let depth = net.check_tree().unwrap();
+    assert!(depth <= depth_bound(300, 16), "depth {depth} > {}", depth_bound(300, 16));
+}
+
+#[test]
+fn root_crash_leaves_one_new_root_and_everyone_attached() {
+    let mut net = built(20, 4);
+    let crash_at = net.now;
+    net.crash(0);
+    net.run_for(Duration::from_secs(4));
+    let roots = net.roots();
+    assert_eq!(roots.len(), 1, "roots {roots:?}");
+    net.check_tree().unwrap();
+    let root = roots[0];
+    assert!(net.nodes[root].term() >= 1, "the successor root raised the term");
+    let failover = net
+        .events
+        .iter()
+        .find(|(t, n, e)| *t >= crash_at && *n == root && matches!(e, Event::RoleChanged { role: Role::Root, .. }))
+        .map(|(t, ..)| *t - crash_at)
+        .unwrap();
+    assert!(failover <= Duration::from_secs(4), "root failover took {failover:?}");
+}
+
+#[test]
+fn coordinator_crash_orphans_reattach_within_three_seconds() {
+    let mut net = built(20, 4);
+    let victim = *net.coordinators().first().expect("a coordinator");
+    let orphans: Vec<usize> = net.nodes[victim].children().map(|c| net.idx(c)).collect();
+    assert!(!orphans.is_empty());
+    net.run_for(MS(370)); // crash at an arbitrary point of the heartbeat cycle
+    let crash_at = net.now;
+    net.crash(victim);
+    net.run_for(Duration::from_secs(5));
+    net.check_tree().unwrap();
+    assert_eq!(net.roots(), vec![0]);
+    for o in orphans {
+        let t = net.attached_at(o, crash_at).unwrap_or_else(|| panic!("orphan {o} never re-attached"));
+        assert!(t - crash_at <= Duration::from_secs(3), "orphan {o} took {:?}", t - crash_at);
+    }
+}
+
+#[test]
+fn lossy_parent_link_alone_does_not_trigger_takeover() {
+    let mut net = built(12, 4);
+    // Cut the link between one leaf and its parent only, for 2.5 s: the leaf suspects, but siblings vouch.
+    let leaf = net.live().find(|&i| net.nodes[i].role() == Role::Leaf && net.nodes[i].parent() != Some(net.id(0)));
+    let Some(leaf) = leaf else { panic!("no leaf under a coordinator") };
+    let parent = net.idx(net.nodes[leaf].parent().unwrap());
+    let siblings = net.nodes[parent].children().count();
+    assert!(siblings >= 2);
+    net.blocked.push((leaf, parent));
+    net.run_for(MS(2500));
+    net.blocked.clear();
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.nodes[leaf].counters().parent_failures, 0);
+    assert_eq!(net.nodes[leaf].parent(), Some(net.id(parent)));
+}
+
+#[test]
+fn graceful_leave_of_a_coordinator_hands_over() {
+    let mut net = built(20, 4);
+    let leaver = *net.coordinators().first().expect("a coordinator");
+    let children: Vec<usize> = net.nodes[leaver].children().map(|c| net.idx(c)).collect();
+    let leave_at = net.now;
+    net.command(leaver, Command::Leave);
+    net.run_for(MS(500));
+    // Handover is immediate: no failure detection needed.
+    for c in &children {
+        assert!(net.attached_at(*c, leave_at).is_some(), "child {c} not re-attached after 500 ms");
+    }
+    net.crash(leaver); // gone for good
+    net.run_for(Duration::from_secs(3));
+    net.check_tree().unwrap();
+    assert_eq!(net.roots(), vec![0]);
+    for c in children {
+        assert_eq!(net.nodes[c].counters().parent_failures, 0, "child {c} went through failure detection");
+    }
+}
+
+#[test]
+fn graceful_leave_of_the_root() {
+    let mut net = built(10, 4);
+    net.command(0, Command::Leave);
+    net.run_for(MS(500));
+    net.crash(0);
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.roots().len(), 1);
+    net.check_tree().unwrap();
+}
+
+#[test]
+fn partition_into_halves_gives_two_roots_and_heals_to_one() {
+    let mut net = built(20, 4);
+    for i in 0..20 {
+        net.group[i] = (i % 2) as u8;
+    }
+    net.run_for(Duration::from_secs(20));
+    assert_eq!(net.roots_in(0).len(), 1, "half 0 roots {:?}", net.roots_in(0));
+    assert_eq!(net.roots_in(1).len(), 1, "half 1 roots {:?}", net.roots_in(1));
+    net.check_tree().unwrap();
+    net.group.iter_mut().for_each(|g| *g = 0);
+    let healed_at = net.now;
+    net.run_for(Duration::from_secs(4));
+    assert_eq!(net.roots().len(), 1, "roots after heal {:?}", net.roots());
+    net.check_tree().unwrap();
+    let _ = healed_at;
+}
+
+#[test]
+fn replaced_coordinator_coming_back_steps_down_and_rejoins_as_leaf() {
+    let mut net = built(20, 4);
+    let victim = *net.coordinators().first().expect("a coordinator");
+    let children: Vec<usize> = net.nodes[victim].children().map(|c| net.idx(c)).collect();
+    net.group[victim] = 1;
+    net.run_for(Duration::from_secs(8));
+    for c in &children {
+        assert_ne!(net.nodes[*c].parent(), Some(net.id(victim)), "child {c} still under the isolated coordinator");
+    }
+    net.group[victim] = 0;
+    net.run_for(Duration::from_secs(5));
+    assert_eq!(net.roots(), vec![0]);
+    net.check_tree().unwrap();
+    assert_eq!(net.nodes[victim].role(), Role::Leaf, "the old coordinator rejoined as a leaf");
+}
+
+#[test]
+fn replaced_root_coming_back_rejoins_as_leaf() {
+    let mut net = built(20, 4);
+    net.group[0] = 1;
+    net.run_for(Duration::from_secs(8));
+    assert_eq!(net.roots_in(0).len(), 1);
+    net.group[0] = 0;
+    net.run_for(Duration::from_secs(5));
+    let roots = net.roots();
+    assert_eq!(roots.len(), 1, "roots {roots:?}");
+    assert_ne!(roots[0], 0);
+    net.check_tree().unwrap();
+    assert_eq!(net.nodes[0].role(), Role::Leaf);
+}
+
+#[test]
+fn garbage_and_duplicates_are_counted_not_fatal() {
+    let mut net = built(3, 4);
+    let now = net.now;
+    let from = net.id(1);
+    net.nodes[0].handle_bytes(now, from, &[0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(net.nodes[0].counters().malformed, 1);
+    // Replay the same envelope twice: the second copy is dropped.
+    let env = canopy_overlay::Envelope {
+        version: canopy_overlay::PROTOCOL_VERSION,
+        id: 42,
+        from,
+        body: canopy_overlay::Message::Probe { seq: 1 },
+    };
+    let bytes = env.encode();
+    net.nodes[0].handle_bytes(now, from, &bytes);
+    net.nodes[0].handle_bytes(now, from, &bytes);
+    assert_eq!(net.nodes[0].counters().duplicates, 1);
+    let mut wrong = env.clone();
+    wrong.version += 1;
+    net.nodes[0].handle_bytes(now, from, &wrong.encode());
+    assert_eq!(net.nodes[0].counters().bad_version, 1);
+    net.run_for(Duration::from_secs(2));
+    net.check_tree().unwrap();
+}
