@@ -5,6 +5,7 @@ mod cli;
 mod control;
 mod daemon;
 mod dataplane;
+mod dns;
 mod logging;
 mod netns;
 mod persist;
