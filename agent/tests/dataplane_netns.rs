@@ -1,0 +1,398 @@
+//! End-to-end data plane test (root only): two "machines" (network namespaces joined by a veth underlay), each
+//! running `agent dataplane` with the same static route table, services started with `agent run`.
+//!
+//! Shows: HTTP and a 1 MB transfer through a ServiceIP across machines; UDP echo whose reply comes from the
+//! ServiceIP; ICMP echo to a ServiceIP; round-robin alternation between instances on two machines; a stopped
+//! instance answered with route-not-found and later connections going to the remaining instance; and that
+//! stopping the agents removes everything they installed.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const CLIENT: &str = "demo.default.client.default";
+const WEB: &str = "demo.default.web.default";
+const FILES: &str = "demo.default.files.default";
+const ECHO: &str = "demo.default.echo.default";
+const WEB_SERVICE_IP: &str = "10.30.0.2";
+const FILES_SERVICE_IP: &str = "10.30.0.4";
+const ECHO_SERVICE_IP: &str = "10.30.0.5";
+const BIG_FILE_LEN: usize = 1 << 20;
+
+fn skip_reason() -> Option<&'static str> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (network namespaces, TUN, netlink)");
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("needs /dev/net/tun");
+    }
+    if Command::new("ip").arg("-V").output().is_err() || Command::new("python3").arg("-V").output().is_err() {
+        return Some("needs the ip tool and python3");
+    }
+    None
+}
+
+/// Runs a command to completion, killing it after `limit`. Output is read while it runs (large outputs would
+/// otherwise fill the pipe and stall the command).
+fn run_with_timeout(command: &mut Command, limit: Duration) -> Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a command");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while !done.load(Ordering::SeqCst) {
+                if Instant::now() > deadline {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let output = child.wait_with_output().expect("collecting output");
+    done.store(true, Ordering::SeqCst);
+    let _ = watchdog.join();
+    output
+}
+
+fn ip(args: &[&str]) {
+    let output = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
+    assert!(output.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+struct Machine {
+    netns: String,
+    prefix: String,
+    data_dir: PathBuf,
+    underlay_ip: &'static str,
+}
+
+/// Owns every namespace and process of the test; tears all down even when the test fails.
+struct Testbed {
+    dir: PathBuf,
+    machines: Vec<Machine>,
+    agents: Vec<Child>,
+    services: Vec<(String, Child)>,
+}
+
+impl Testbed {
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let dir = std::env::temp_dir().join(format!("canopy-dp-test-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let machines = [("a", "172.31.250.1"), ("b", "172.31.250.2")]
+            .into_iter()
+            .map(|(name, underlay_ip)| Machine {
+                netns: format!("cdt{id}{name}"),
+                prefix: format!("t{name}{}", id % 10_000),
+                data_dir: dir.join(name),
+                underlay_ip,
+            })
+            .collect();
+        Testbed { dir, machines, agents: Vec::new(), services: Vec::new() }
+    }
+
+    fn service_netns(&self, machine: usize, service: &str, instance: u32) -> String {
+        format!("{}-{service}-{instance}", self.machines[machine].prefix)
+    }
+
+    fn build_underlay(&self) {
+        let (a, b) = (&self.machines[0], &self.machines[1]);
+        ip(&["netns", "add", &a.netns]);
+        ip(&["netns", "add", &b.netns]);
+        let (veth_a, veth_b) = (format!("{}u", a.netns), format!("{}u", b.netns));
+        ip(&["link", "add", &veth_a, "netns", &a.netns, "type", "veth", "peer", "name", &veth_b, "netns", &b.netns]);
+        for (machine, veth) in [(a, &veth_a), (b, &veth_b)] {
+            ip(&["-n", &machine.netns, "addr", "add", &format!("{}/24", machine.underlay_ip), "dev", veth]);
+            ip(&["-n", &machine.netns, "link", "set", veth, "up"]);
+            ip(&["-n", &machine.netns, "link", "set", "lo", "up"]);
+        }
+    }
+
+    fn write_routes(&self) -> PathBuf {
+        let table = serde_json::json!({
+            "nodes": [
+                {"name": "a", "subnet": "10.16.0.0/26", "endpoint": "172.31.250.1:50103"},
+                {"name": "b", "subnet": "10.16.0.64/26", "endpoint": "172.31.250.2:50103"},
+            ],
+            "services": [
+                {"name": CLIENT, "service_ip": "10.30.0.1", "instances": [
+                    {"number": 0, "instance_ip": "10.30.1.1", "namespace_ip": "10.16.0.2", "node": "a"}]},
+                {"name": WEB, "service_ip": WEB_SERVICE_IP, "policy": "rr", "instances": [
+                    {"number": 0, "instance_ip": "10.30.2.1", "namespace_ip": "10.16.0.3", "node": "a"},
+                    {"number": 1, "instance_ip": "10.30.2.2", "namespace_ip": "10.16.0.66", "node": "b"}]},
+                {"name": FILES, "service_ip": FILES_SERVICE_IP, "instances": [
+                    {"number": 0, "instance_ip": "10.30.4.1", "namespace_ip": "10.16.0.67", "node": "b"}]},
+                {"name": ECHO, "service_ip": ECHO_SERVICE_IP, "instances": [
+                    {"number": 0, "instance_ip": "10.30.5.1", "namespace_ip": "10.16.0.68", "node": "b"}]},
+            ],
+        });
+        let path = self.dir.join("routes.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&table).unwrap()).unwrap();
+        path
+    }
+
+    fn start_agents(&mut self, routes: &Path) {
+        for (index, machine) in self.machines.iter().enumerate() {
+            let netns = std::fs::File::open(format!("/run/netns/{}", machine.netns)).unwrap();
+            let log = std::fs::File::create(self.dir.join(format!("agent-{index}.log"))).unwrap();
+            let mut command = Command::new(AGENT);
+            command
+                .arg("--data-dir")
+                .arg(&machine.data_dir)
+                .args(["dataplane", "--node", if index == 0 { "a" } else { "b" }])
+                .args(["--subnet", if index == 0 { "10.16.0.0/26" } else { "10.16.0.64/26" }])
+                .arg("--routes")
+                .arg(routes)
+                .args(["--listen", &format!("{}:50103", machine.underlay_ip), "--prefix", &machine.prefix])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            // Only the network namespace changes: the agent must share our mount namespace so the service
+            // namespaces it creates under /run/netns are visible to us.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                });
+            }
+            self.agents.push(command.spawn().expect("starting agent dataplane"));
+        }
+        for machine in &self.machines {
+            wait_for(Duration::from_secs(20), "the agent's API socket", || {
+                machine.data_dir.join("agent.sock").exists()
+            });
+        }
+    }
+
+    fn run_service(&mut self, machine: usize, service: &str, instance: u32, command: &[&str]) {
+        let log = std::fs::File::create(self.dir.join(format!("{service}-{instance}.log"))).unwrap();
+        let child = Command::new(AGENT)
+            .arg("--data-dir")
+            .arg(&self.machines[machine].data_dir)
+            .args(["run", "--service", service, "--instance", &instance.to_string(), "--"])
+            .args(command)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting agent run");
+        self.services.push((format!("{service}/{instance}"), child));
+    }
+
+    fn stop_service(&mut self, service: &str, instance: u32) {
+        let label = format!("{service}/{instance}");
+        let position = self.services.iter().position(|(l, _)| *l == label).expect("service was started");
+        let (_, mut child) = self.services.remove(position);
+        terminate(&mut child);
+    }
+
+    /// Runs a python snippet inside the client's namespace.
+    fn client_python(&self, script: &str, timeout: Duration) -> Output {
+        let netns = self.service_netns(0, CLIENT, 0);
+        run_with_timeout(Command::new("ip").args(["netns", "exec", &netns, "python3", "-c", script]), timeout)
+    }
+
+    fn http_get(&self, url: &str) -> Result<Vec<u8>, String> {
+        let script = format!(
+            "import sys, urllib.request\nsys.stdout.buffer.write(urllib.request.urlopen('{url}', timeout=5).read())"
+        );
+        let output = self.client_python(&script, Duration::from_secs(10));
+        if output.status.success() { Ok(output.stdout) } else { Err(String::from_utf8_lossy(&output.stderr).into()) }
+    }
+
+    fn status(&self, machine: usize) -> serde_json::Value {
+        let mut stream = UnixStream::connect(self.machines[machine].data_dir.join("agent.sock")).unwrap();
+        stream.write_all(b"GET /v1/dataplane HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        serde_json::from_str(body).expect("status JSON")
+    }
+
+    fn stop_everything(&mut self) {
+        for (_, mut child) in self.services.drain(..).rev() {
+            terminate(&mut child);
+        }
+        for mut agent in self.agents.drain(..) {
+            terminate(&mut agent);
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                all.push_str(&format!("==== {}\n{text}\n", entry.path().display()));
+            }
+        }
+        all
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.stop_everything();
+        for machine in &self.machines {
+            for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{}-", machine.prefix)) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &machine.netns]).stderr(Stdio::null()).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process has not exited after 5 s.
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn refs(strings: &[String]) -> Vec<&str> {
+    strings.iter().map(String::as_str).collect()
+}
+
+fn big_file() -> Vec<u8> {
+    (0..BIG_FILE_LEN).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn services_talk_through_service_ips_across_machines() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping dataplane_netns: {reason}");
+        return;
+    }
+    let mut bed = Testbed::new();
+    bed.build_underlay();
+    let routes = bed.write_routes();
+    bed.start_agents(&routes);
+
+    for (name, content) in [("w0", b"web0".to_vec()), ("w1", b"web1".to_vec()), ("files", b"files".to_vec())] {
+        let dir = bed.dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("id.txt"), content).unwrap();
+    }
+    std::fs::write(bed.dir.join("files").join("big.bin"), big_file()).unwrap();
+    let serve = |name: &str| -> Vec<String> {
+        let dir = bed.dir.join(name).to_string_lossy().into_owned();
+        ["python3", "-m", "http.server", "8000", "--directory", &dir].map(String::from).to_vec()
+    };
+    let (w0, w1, files) = (serve("w0"), serve("w1"), serve("files"));
+    let echo = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7))\n\
+                while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)";
+    bed.run_service(0, CLIENT, 0, &["sleep", "600"]);
+    bed.run_service(0, WEB, 0, &&refs(&w0));
+    bed.run_service(1, WEB, 1, &&refs(&w1));
+    bed.run_service(1, FILES, 0, &&refs(&files));
+    bed.run_service(1, ECHO, 0, &["python3", "-c", echo]);
+    let client_netns = format!("/run/netns/{}", bed.service_netns(0, CLIENT, 0));
+    wait_for(Duration::from_secs(20), "the client namespace", || Path::new(&client_netns).exists());
+    wait_for(Duration::from_secs(30), "the files service", || {
+        bed.http_get(&format!("http://{FILES_SERVICE_IP}:8000/id.txt")).is_ok()
+    });
+
+    // TCP across machines: an HTTP request and a 1 MB transfer through the ServiceIP.
+    assert_eq!(bed.http_get(&format!("http://{FILES_SERVICE_IP}:8000/id.txt")).unwrap(), b"files");
+    let big = bed.http_get(&format!("http://{FILES_SERVICE_IP}:8000/big.bin")).unwrap();
+    assert_eq!(big.len(), BIG_FILE_LEN);
+    assert!(big == big_file(), "the 1 MB transfer arrived intact");
+
+    // UDP echo across machines; the reply comes from the ServiceIP the client called.
+    let udp = bed.client_python(
+        &format!(
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+             for attempt in range(5):\n    s.sendto(b'canopy', ('{ECHO_SERVICE_IP}', 7))\n    try:\n        \
+             data, peer = s.recvfrom(100)\n        break\n    except socket.timeout:\n        pass\n\
+             print(data.decode(), peer[0], peer[1])"
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(udp.status.success(), "UDP echo failed: {}", String::from_utf8_lossy(&udp.stderr));
+    assert_eq!(String::from_utf8_lossy(&udp.stdout).trim(), format!("canopy {ECHO_SERVICE_IP} 7"));
+
+    // ICMP echo to a ServiceIP (on the other machine), answered from the ServiceIP.
+    let ping = run_with_timeout(
+        Command::new("ip")
+            .args(["netns", "exec", &bed.service_netns(0, CLIENT, 0), "ping", "-c", "2", "-W", "2"])
+            .arg(FILES_SERVICE_IP),
+        Duration::from_secs(10),
+    );
+    let ping_output = String::from_utf8_lossy(&ping.stdout);
+    assert!(ping.status.success(), "ping failed: {ping_output}");
+    assert!(ping_output.contains(&format!("from {FILES_SERVICE_IP}")), "{ping_output}");
+
+    // Two instances on two machines: successive new connections alternate.
+    wait_for(Duration::from_secs(30), "both web instances", || {
+        let answers: Vec<_> =
+            (0..2).filter_map(|_| bed.http_get(&format!("http://{WEB_SERVICE_IP}:8000/id.txt")).ok()).collect();
+        answers.len() == 2 && answers[0] != answers[1]
+    });
+    let answers: Vec<String> = (0..6)
+        .map(|_| String::from_utf8(bed.http_get(&format!("http://{WEB_SERVICE_IP}:8000/id.txt")).unwrap()).unwrap())
+        .collect();
+    for pair in answers.windows(2) {
+        assert_ne!(pair[0], pair[1], "round-robin alternates: {answers:?}");
+    }
+    assert!(answers.contains(&"web0".to_string()) && answers.contains(&"web1".to_string()));
+
+    // Stop web#1 on machine b: its machine answers route-not-found and every later connection goes to web#0.
+    bed.stop_service(WEB, 1);
+    let web1_netns = format!("/run/netns/{}", bed.service_netns(1, WEB, 1));
+    wait_for(Duration::from_secs(10), "web#1 to be detached", || !Path::new(&web1_netns).exists());
+    for _ in 0..4 {
+        let answer =
+            bed.http_get(&format!("http://{WEB_SERVICE_IP}:8000/id.txt")).expect("the remaining instance answers");
+        assert_eq!(answer, b"web0");
+    }
+    let a = bed.status(0);
+    assert!(a["counters"]["route_not_found_received"].as_u64().unwrap() >= 1, "{a}");
+    assert!(bed.status(1)["counters"]["route_not_found_sent"].as_u64().unwrap() >= 1);
+    assert_eq!(a["counters"]["drop_malformed"], 0, "{a}");
+
+    // Stopping the agents removes everything they installed.
+    bed.stop_everything();
+    for machine in &bed.machines {
+        let links =
+            run_with_timeout(Command::new("ip").args(["-n", &machine.netns, "-o", "link"]), Duration::from_secs(5));
+        let links = String::from_utf8_lossy(&links.stdout);
+        assert!(!links.contains(&machine.prefix), "links left behind: {links}");
+        let leftovers: Vec<_> = std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{}-", machine.prefix)))
+            .collect();
+        assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    }
+}
