@@ -654,7 +654,8 @@ mod tests {
     #[test]
     fn a_renumbered_coordinator_block_moves_its_grants_by_the_same_offset() {
         let mut pool = AddressPool::new([net("10.16.0.0/22"), net("10.20.0.0/24")], [], LEASE);
-        let a = pool.alloc(node(1), 26, secs(0)).unwrap();
+        let a = net("10.16.0.0/26");
+        pool.claim(a, node(1), secs(0)).unwrap();
         pool.claim(net("10.16.2.64/26"), node(2), secs(0)).unwrap();
         pool.claim(net("10.20.0.0/26"), node(3), secs(0)).unwrap();
         let moved = pool.move_block(net("10.16.0.0/22"), net("10.24.4.0/22")).unwrap();
