@@ -292,3 +292,34 @@ async fn never_forwards_to_itself() {
     assert_eq!((stats.queries, stats.forwarded), (1, 1), "{stats:?}");
     server.shutdown().await;
 }
+
+/// Sequential round trips for one of our names; a rough figure, not a benchmark
+/// (`cargo test -p canopy-agent --bin agent dns::tests::answer_latency -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore = "measurement: prints figures, asserts only that every answer is right"]
+async fn answer_latency() {
+    const QUERIES: usize = 2000;
+    let server = resolver_with(vec![]).await;
+    let mut client = udp_client(server.local_addr()).await;
+    let name = Name::from_ascii("test.tum.login.develop.any.rr.canopy.").unwrap();
+    let mut latencies = Vec::with_capacity(QUERIES);
+    let started = std::time::Instant::now();
+    for _ in 0..QUERIES {
+        let sent = std::time::Instant::now();
+        let response = client.query(name.clone(), DNSClass::IN, RecordType::A).await.unwrap();
+        latencies.push(sent.elapsed());
+        assert_eq!(addresses(&response), vec![SERVICE_IP]);
+    }
+    let total = started.elapsed();
+    latencies.sort();
+    let percentile = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+    println!(
+        "{QUERIES} sequential UDP queries in {total:?}: {:.0}/s, p50 {:?}, p99 {:?}, max {:?}",
+        QUERIES as f64 / total.as_secs_f64(),
+        percentile(50),
+        percentile(99),
+        latencies[latencies.len() - 1]
+    );
+    assert_eq!(server.stats().answered, QUERIES as u64);
+    server.shutdown().await;
+}
