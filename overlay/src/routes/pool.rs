@@ -63,7 +63,7 @@ pub struct Grant {
 
 impl Grant {
     pub fn age(&self, now: Time) -> Duration {
-        self.age_at_since + now.saturating_sub(self.since)
+        self.age_at_since.saturating_add(now.saturating_sub(self.since))
     }
 
     pub fn info(&self, now: Time) -> GrantInfo {
@@ -227,7 +227,7 @@ impl AddressPool {
             pool.claim(g.block, g.holder, now)?;
             let grant = pool.grants.get_mut(&g.block.trunc()).expect("just claimed");
             grant.age_at_since = g.age;
-            grant.expires_at = now + g.remaining;
+            grant.expires_at = now + g.remaining.min(lease);
         }
         Ok(pool)
     }
@@ -418,7 +418,7 @@ impl AddressPool {
     }
 
     /// A successor takes over its group's pool: it adds the predecessor's blocks and grants. Inherited leases
-    /// run at least one full lease from `now`, so holders have time to find their new coordinator. Grants that
+    /// run one full lease from `now`, so holders have time to find their new coordinator. Grants that
     /// overlap grants already here are resolved by [`resolve_overlaps`].
     pub fn inherit(&mut self, state: &PoolState, now: Time) -> Vec<Renumbered> {
         let mut owned = self.owned.clone();
@@ -428,7 +428,7 @@ impl AddressPool {
         excluded.extend(state.excluded.iter().map(|n| n.trunc()));
         self.excluded = Ipv4Net::aggregate(&excluded);
         let lease = self.lease;
-        let incoming = state.grants.iter().map(|g| GrantInfo { remaining: g.remaining.max(lease), ..*g });
+        let incoming = state.grants.iter().map(|g| GrantInfo { remaining: lease, ..*g });
         self.merge_grants(incoming.collect(), now)
     }
 
@@ -453,7 +453,8 @@ impl AddressPool {
                 holder: g.holder,
                 since: now,
                 age_at_since: g.age,
-                expires_at: now + g.remaining,
+                // Leases from elsewhere never run longer than ours: holders renew them anyway.
+                expires_at: now + g.remaining.min(self.lease),
             };
             self.grants.insert(g.block, grant);
         }
@@ -702,6 +703,20 @@ mod tests {
         assert_eq!(ours.grant(old).unwrap().holder, node(1));
         assert_eq!(ours.grant(net("10.16.1.0/24")).unwrap().holder, node(3));
         assert_no_overlaps(&ours);
+    }
+
+    #[test]
+    fn absurd_ages_and_leases_from_the_wire_do_not_panic() {
+        let mut pool = AddressPool::new([net("10.16.0.0/22")], [], LEASE);
+        let huge =
+            GrantInfo { block: net("10.16.0.0/26"), holder: node(1), age: Duration::MAX, remaining: Duration::MAX };
+        assert!(pool.absorb(&[huge], secs(5)).is_empty());
+        assert!(pool.inherit(&PoolState { grants: vec![huge], ..Default::default() }, secs(6)).is_empty());
+        assert_eq!(pool.grant(huge.block).unwrap().age(secs(100)), Duration::MAX);
+        assert_eq!(pool.grant(huge.block).unwrap().expires_at, secs(6) + LEASE, "leases are capped");
+        assert_eq!(pool.expire(secs(6) + LEASE).len(), 1);
+        pool.absorb(&[huge], secs(7));
+        assert!(AddressPool::from_state(&pool.state(secs(7)), LEASE, secs(8)).is_ok());
     }
 
     #[test]

@@ -117,12 +117,15 @@ impl Registry {
 
     /// Adds or updates a record learned `via` a child or hosted locally.
     pub fn upsert(&mut self, record: InstanceRecord, via: Via, now: Time) -> UpsertOutcome {
-        let tomb_key = (record.service.clone(), record.number);
-        if let Some(t) = self.tombstones.get(&tomb_key) {
-            if t.until > now && record.version <= t.version {
-                return UpsertOutcome::Stale;
+        // Most upserts meet no tombstone; skip building the key then.
+        if !self.tombstones.is_empty() {
+            let tomb_key = (record.service.clone(), record.number);
+            if let Some(t) = self.tombstones.get(&tomb_key) {
+                if t.until > now && record.version <= t.version {
+                    return UpsertOutcome::Stale;
+                }
+                self.tombstones.remove(&tomb_key);
             }
-            self.tombstones.remove(&tomb_key);
         }
         let service = self.services.entry(record.service.clone()).or_default();
         let outcome = match service.instances.get(&record.number) {
