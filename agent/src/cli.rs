@@ -52,7 +52,8 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.global.log_format, "info");
+    // Kademlia warns on every listen address of a lone root ("no known peers"): that is expected, not news.
+    logging::init(cli.global.log_format, "info,libp2p_kad=error");
     let global = &cli.global;
     let result: anyhow::Result<()> = match &cli.command {
         Command::Start(args) => crate::daemon::start(global, args),

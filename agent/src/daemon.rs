@@ -6,6 +6,8 @@
 
 use crate::api;
 use crate::cli::GlobalArgs;
+use crate::dataplane::routes::RouteTable;
+use crate::dataplane::{DataPlane, DataPlaneConfig};
 use crate::persist::{self, KeySource, StateStore};
 use crate::runtime::behaviour::{SwarmOptions, build_swarm};
 use crate::runtime::driver::{Driver, DriverConfig, Mode};
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 /// Default libp2p port (QUIC on UDP and TCP).
 pub const DEFAULT_P2P_PORT: u16 = 4001;
-pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
+pub use crate::dataplane::DEFAULT_TUNNEL_PORT;
 const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 
 /// Flags shared by `start` and `join`.
@@ -282,11 +284,15 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
         metrics::serve(addr, metrics.clone()).await?;
         tracing::info!(%addr, "serving metrics at /metrics");
     }
-    start_dataplane(&settings);
+    let dataplane = start_dataplane(&settings, &local.to_string()).await?;
 
     let handle = Handle::new(requests_tx);
+    let mut router = runtime::api::router(handle);
+    if let Some(dataplane) = &dataplane {
+        router = router.merge(dataplane.router());
+    }
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api_task = tokio::spawn(api::server::serve(api_listener, runtime::api::router(handle), async {
+    let api_task = tokio::spawn(api::server::serve(api_listener, router, async {
         let _ = api_stopped.await;
     }));
 
@@ -295,22 +301,37 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     if let Ok(Err(err)) = api_task.await {
         tracing::warn!("{err:#}");
     }
+    if let Some(dataplane) = dataplane
+        && let Err(err) = dataplane.shutdown().await
+    {
+        tracing::warn!("stopping the data plane: {err:#}");
+    }
     result
 }
 
-/// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet`.
-/// HOOK: `dataplane::DataPlane` does not exist yet; when it does, start it here with `settings.subnet`,
-/// `settings.routes` and `settings.tunnel_port`, and merge its `Router` into the API.
-fn start_dataplane(settings: &Settings) {
-    match settings.subnet {
-        Some(subnet) if settings.dataplane => tracing::warn!(
-            %subnet,
-            tunnel_port = settings.tunnel_port,
-            routes = ?settings.routes,
-            "the data plane is not wired into the daemon yet; running the control plane only"
-        ),
-        _ => tracing::info!("control plane only (no --subnet)"),
+/// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet` (and an optional
+/// static `--routes` table); without `--subnet`, or with `--no-dataplane`, the agent runs the control plane only.
+async fn start_dataplane(settings: &Settings, node_name: &str) -> anyhow::Result<Option<DataPlane>> {
+    let Some(subnet) = settings.subnet.filter(|_| settings.dataplane) else {
+        tracing::info!("control plane only (no --subnet)");
+        return Ok(None);
+    };
+    let table = match &settings.routes {
+        Some(path) => Some(RouteTable::load(path)?),
+        None => None,
+    };
+    let mut config = DataPlaneConfig::new(node_name, subnet);
+    config.listen = SocketAddr::from(([0, 0, 0, 0], settings.tunnel_port));
+    let dataplane =
+        DataPlane::start(config).await.context("starting the data plane (it needs root or CAP_NET_ADMIN)")?;
+    if let Some(table) = table
+        && let Err(err) = dataplane.set_routes(table).await
+    {
+        let _ = dataplane.shutdown().await;
+        return Err(err.context("installing the route table"));
     }
+    tracing::info!(%subnet, tunnel_port = settings.tunnel_port, "data plane running");
+    Ok(Some(dataplane))
 }
 
 fn print_join_hint(driver: &Driver, data_dir: &Path, key: &crate::runtime::admission::NetworkKey, source: &KeySource) {

@@ -11,6 +11,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+
+/// The binary under test: `CANOPY_AGENT_BIN` (e.g. a release build, for the footprint measurement) or this build's.
+fn agent_bin() -> String {
+    std::env::var("CANOPY_AGENT_BIN").unwrap_or_else(|_| AGENT.to_string())
+}
 const LISTEN: [&str; 4] = ["--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1"];
 
 fn unique_dir(tag: &str) -> PathBuf {
@@ -43,7 +48,7 @@ impl Agent {
         std::fs::create_dir_all(&self.data_dir).unwrap();
         self.starts += 1;
         let log = |kind: &str| std::fs::File::create(self.log_path(kind)).unwrap();
-        let child = Command::new(AGENT)
+        let child = Command::new(agent_bin())
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(args)
@@ -262,11 +267,26 @@ fn five_agents_form_one_tree_survive_root_crash_and_restart_as_leaf() {
     cluster.wait_for("the tree without the leaver", Duration::from_secs(15), |s| s.len() == 4 && one_tree(s, 4));
 }
 
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
 #[test]
 fn wrong_network_key_is_refused() {
     let mut cluster = Cluster::new("key");
     let root = cluster.add("a");
-    cluster.agents[root].spawn(&["start"]);
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    cluster.agents[root].spawn(&["start", "--metrics", &metrics]);
     cluster.wait_for("the root", Duration::from_secs(20), |s| roots(s) == 1);
     let via = dial_addr(&cluster.agents[root].status().unwrap());
 
@@ -289,6 +309,10 @@ fn wrong_network_key_is_refused() {
     let status = cluster.agents[root].status().unwrap();
     assert_eq!(status["children"].as_array().unwrap().len(), 0, "{}", short(&status));
     assert_eq!(status["counters"]["admitted_peers"], 0);
+    // ...and counted the refusal.
+    let text = http_get(&metrics, "/metrics");
+    assert!(text.contains("canopy_admissions_total{result=\"refused\"} 1"), "{text}");
+    assert!(text.contains("canopy_overlay_role 3"), "{text}");
 }
 
 #[test]
@@ -344,4 +368,60 @@ fn bad_input_gives_one_clear_error_line() {
     let out = cli(&cluster.base.join("nobody"), &["status"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no agent is running"));
+}
+
+/// Resident memory (kB) and CPU time (seconds) of a process, from /proc.
+fn rss_and_cpu(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at field 3; utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (rss_kb, ticks as f64 / hz)
+}
+
+/// Idle footprint of the root and a leaf in a 5-node overlay. Run on a release build:
+/// `cargo build --release -p canopy-agent && CANOPY_AGENT_BIN=target/release/agent \
+///  cargo test -p canopy-agent --test cluster_loopback -- --ignored idle_footprint --nocapture`
+#[test]
+#[ignore = "a measurement (about 90 s); run it on a release build"]
+fn idle_footprint() {
+    let settle = Duration::from_secs(20);
+    let window = Duration::from_secs(60);
+    let mut cluster = Cluster::new("footprint");
+    let root = cluster.add("a");
+    cluster.agents[root].spawn(&["start"]);
+    cluster.wait_for("the root", Duration::from_secs(20), |s| roots(s) == 1);
+    let via = dial_addr(&cluster.agents[root].status().unwrap());
+    let key = cluster.agents[root].data_dir.join("network.key");
+    for name in ["b", "c", "d", "e"] {
+        let idx = cluster.add(name);
+        cluster.agents[idx].spawn(&["join", &via, "--network-key-file", key.to_str().unwrap()]);
+    }
+    cluster.wait_for("five agents in one tree", Duration::from_secs(30), |s| s.len() == 5 && one_tree(s, 5));
+    std::thread::sleep(settle);
+    let leaf = 1;
+    let pids = [cluster.agents[root].child.as_ref().unwrap().id(), cluster.agents[leaf].child.as_ref().unwrap().id()];
+    let before: Vec<(u64, f64)> = pids.iter().map(|p| rss_and_cpu(*p)).collect();
+    std::thread::sleep(window);
+    let after: Vec<(u64, f64)> = pids.iter().map(|p| rss_and_cpu(*p)).collect();
+    let mut report = Vec::new();
+    for (i, name) in ["root", "leaf"].iter().enumerate() {
+        let cpu_percent = (after[i].1 - before[i].1) / window.as_secs_f64() * 100.0;
+        let rss_mb = after[i].0 as f64 / 1024.0;
+        eprintln!("{name}: RSS {rss_mb:.1} MB, CPU {cpu_percent:.3}% over {window:?} idle ({})", agent_bin());
+        report.push((rss_mb, cpu_percent));
+    }
+    // Still one tree after the idle minute.
+    cluster.wait_for("the same tree", Duration::from_secs(5), |s| s.len() == 5 && one_tree(s, 5));
+    for (rss_mb, cpu_percent) in report {
+        assert!(rss_mb <= 15.0, "RSS {rss_mb:.1} MB exceeds 15 MB");
+        assert!(cpu_percent <= 0.5, "idle CPU {cpu_percent:.3}% exceeds 0.5%");
+    }
 }

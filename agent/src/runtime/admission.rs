@@ -106,8 +106,8 @@ impl Admission {
         Self { key, local, peers: HashMap::new() }
     }
 
-    /// A connection to `peer` is up: the challenge to send, unless the peer is already admitted or challenged.
-    /// Admission lasts for the life of this process: the peer id is authenticated on every connection.
+    /// A connection to `peer` is up: the challenge to send, unless the peer is already admitted or challenged (a
+    /// second connection while the first is open).
     pub fn on_connected(&mut self, peer: PeerId, nonce: [u8; 32]) -> Option<Challenge> {
         match self.peers.get(&peer) {
             Some(PeerState::Admitted | PeerState::Challenged(_)) => None,
@@ -142,6 +142,17 @@ impl Admission {
         if let Some(PeerState::Challenged(_)) = self.peers.get(peer) {
             self.peers.remove(peer);
         }
+    }
+
+    /// The last connection to `peer` closed: it proves itself again on the next one (it may have been restarted
+    /// with another key under the same identity).
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+    }
+
+    /// Neither admitted, refused nor challenged: e.g. its challenge failed in transit and should be sent again.
+    pub fn is_unknown(&self, peer: &PeerId) -> bool {
+        !self.peers.contains_key(peer)
     }
 
     pub fn is_admitted(&self, peer: &PeerId) -> bool {
@@ -182,8 +193,14 @@ mod tests {
         let (mut a, mut b) = pair(&key, &key);
         assert_eq!(handshake(&mut a, &mut b), (Verdict::Admitted, Verdict::Admitted));
         assert!(a.is_admitted(&b.local) && b.is_admitted(&a.local));
-        // Already admitted: no new challenge on the next connection.
+        // Already admitted: no new challenge for a second connection...
         assert_eq!(a.on_connected(b.local, [0; 32]), None);
+        // ...but after all connections closed, the peer proves itself again.
+        a.forget(&b.local);
+        assert!(!a.is_admitted(&b.local));
+        assert!(a.on_connected(b.local, [0; 32]).is_some());
+        a.on_failure(&b.local);
+        assert!(a.is_unknown(&b.local));
     }
 
     #[test]

@@ -37,6 +37,8 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 const LEAVE_GRACE: Duration = Duration::from_millis(1500);
 /// A refused peer gets its answer before we close the connection, so it can tell the operator why.
 const REFUSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a failing agent keeps answering admission challenges before it exits.
+const LINGER: Duration = Duration::from_millis(500);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(2);
 /// Peers written to the state file for rejoining after a restart.
 const MAX_KNOWN_PEERS: usize = 16;
@@ -244,7 +246,12 @@ impl Driver {
             let overlay_deadline = self.node.poll_timeout().map(|t| self.epoch + t);
             let phase_deadline = self.phase_deadline();
             tokio::select! {
-                event = self.swarm.select_next_some() => self.on_swarm_event(event)?,
+                event = self.swarm.select_next_some() => {
+                    if let Err(err) = self.on_swarm_event(event) {
+                        self.linger().await;
+                        return Err(err);
+                    }
+                }
                 request = self.requests.recv() => match request {
                     Some(request) => self.on_request(request),
                     None => return Ok(()),
@@ -260,6 +267,16 @@ impl Driver {
                     tracing::info!("stopping (state saved; a restart rejoins the tree)");
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// Before a fatal exit: answer challenges for a moment more, so the peer that refused us learns why too.
+    async fn linger(&mut self) {
+        let until = Instant::now() + LINGER;
+        while let Ok(event) = tokio::time::timeout_at(until, self.swarm.select_next_some()).await {
+            if let SwarmEvent::Behaviour(BehaviourEvent::Admit(event)) = event {
+                let _ = self.on_admit_event(event);
             }
         }
     }
@@ -410,7 +427,6 @@ impl Driver {
             SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
                 self.metrics.connected_peers.set(self.swarm.connected_peers().count() as i64);
                 if num_established == 0 {
-                    self.admission.on_failure(&peer_id);
                     // An idle link closing is not a failure; a tree link never idles (heartbeats).
                     let lost = !matches!(cause, Some(ConnectionError::KeepAliveTimeout));
                     if lost && self.admission.is_admitted(&peer_id) {
@@ -418,6 +434,7 @@ impl Driver {
                         let now = self.now();
                         self.node.handle(now, Input::PeerLost(node_id(&peer_id)));
                     }
+                    self.admission.forget(&peer_id);
                     if let Some(entry) = self.peers.get_mut(&peer_id) {
                         entry.inbox.clear();
                     }
@@ -875,6 +892,12 @@ impl Driver {
             if !self.admission.is_admitted(&peer) {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+        }
+        // A challenge lost in transit (timeout, stream error) is sent again while the connection lasts.
+        let unchallenged: Vec<PeerId> =
+            self.swarm.connected_peers().filter(|p| self.admission.is_unknown(p)).copied().collect();
+        for peer in unchallenged {
+            self.begin_admission(peer);
         }
         self.save_state(false);
     }
