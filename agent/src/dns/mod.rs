@@ -27,6 +27,7 @@
 // The daemon and the standalone data plane wire this in; until then parts of the API have no caller.
 #![allow(dead_code, unused_imports)]
 
+mod api;
 mod counters;
 mod handler;
 mod lookup;
@@ -37,6 +38,7 @@ mod upstream;
 #[cfg(test)]
 mod tests;
 
+pub use api::DnsStatus;
 pub use counters::{DnsCounters, DnsStats};
 pub use lookup::{LookupError, ServiceLookup, StaticLookup};
 pub use server::RunningResolver;
@@ -108,7 +110,8 @@ pub async fn spawn(config: DnsConfig, lookup: Arc<dyn ServiceLookup>) -> anyhow:
         false => Some(upstream::forwarding_catalog(&upstreams, config.upstream_timeout)?),
     };
     let counters = Arc::new(DnsCounters::default());
+    let domain = config.domain.to_string();
     let handler =
         handler::DnsHandler::new(config.domain, config.ttl, config.lookup_timeout, lookup, forwarder, counters.clone());
-    Ok(server::start(udp, tcp, handler, counters)?)
+    Ok(server::start(udp, tcp, server::Serving { handler, counters, domain, upstreams })?)
 }

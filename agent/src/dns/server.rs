@@ -4,6 +4,7 @@
 //! ([`UdpStream`], [`Request::from_bytes`], [`ResponseHandle`]) because hickory's loop drops undecodable datagrams
 //! without telling anyone, and we count them; it also caps the requests in flight.
 
+use super::api::{DnsStatus, StatusSource};
 use super::counters::{DnsCounters, DnsStats};
 use super::handler::DnsHandler;
 use futures::StreamExt;
@@ -34,6 +35,7 @@ const BIND_ATTEMPTS: usize = 8;
 pub struct RunningResolver {
     local_addr: SocketAddr,
     counters: Arc<DnsCounters>,
+    status: StatusSource,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -46,6 +48,15 @@ impl RunningResolver {
 
     pub fn stats(&self) -> DnsStats {
         self.counters.snapshot()
+    }
+
+    pub fn status(&self) -> DnsStatus {
+        self.status.status()
+    }
+
+    /// `GET /v1/dns` for the local API; keeps answering (with frozen counters) after a shutdown.
+    pub fn router(&self) -> axum::Router {
+        self.status.router()
     }
 
     /// Stops serving, closes both sockets and waits until they are closed.
@@ -82,13 +93,18 @@ pub(super) async fn bind(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpL
     Err(last_error.unwrap_or_else(|| std::io::Error::other("cannot bind the DNS sockets")))
 }
 
-pub(super) fn start(
-    udp: UdpSocket,
-    tcp: TcpListener,
-    handler: DnsHandler,
-    counters: Arc<DnsCounters>,
-) -> std::io::Result<RunningResolver> {
+/// What [`start`] serves: the handler, and what the status route shows about it.
+pub(super) struct Serving {
+    pub(super) handler: DnsHandler,
+    pub(super) counters: Arc<DnsCounters>,
+    pub(super) domain: String,
+    pub(super) upstreams: Vec<SocketAddr>,
+}
+
+pub(super) fn start(udp: UdpSocket, tcp: TcpListener, serving: Serving) -> std::io::Result<RunningResolver> {
+    let Serving { handler, counters, domain, upstreams } = serving;
     let local_addr = udp.local_addr()?;
+    let status = StatusSource { listen: local_addr, domain, upstreams, counters: counters.clone() };
     let mut tcp_server = Server::new(handler.clone());
     tcp_server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -104,7 +120,7 @@ pub(super) fn start(
         info!(%local_addr, "DNS resolver stopped");
     });
     info!(%local_addr, "DNS resolver listening on UDP and TCP");
-    Ok(RunningResolver { local_addr, counters, stop: Some(stop), task: Some(task) })
+    Ok(RunningResolver { local_addr, counters, status, stop: Some(stop), task: Some(task) })
 }
 
 async fn serve_udp(socket: UdpSocket, handler: DnsHandler, counters: Arc<DnsCounters>) {

@@ -293,6 +293,29 @@ async fn never_forwards_to_itself() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn the_status_route_reports_the_configuration_and_counters() {
+    use tower::ServiceExt;
+    let own_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let own = SocketAddr::from(([127, 0, 0, 1], own_port));
+    let upstream: SocketAddr = "192.0.2.53:53".parse().unwrap();
+    let mut config = loopback_config(vec![own, upstream]);
+    config.listen = own;
+    let server = spawn(config, known_services()).await.unwrap();
+    query(own, "test.tum.login.develop.any.rr.canopy.", RecordType::A).await;
+    let request = axum::http::Request::get("/v1/dns").body(axum::body::Body::empty()).unwrap();
+    let response = server.router().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), axum::http::StatusCode::OK);
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["listen"], own.to_string());
+    assert_eq!(json["domain"], "canopy");
+    assert_eq!(json["upstreams"], serde_json::json!([upstream.to_string()]));
+    assert_eq!(json["stats"]["answered"], 1);
+    assert_eq!(server.status().stats, server.stats());
+    server.shutdown().await;
+}
+
 /// Sequential round trips for one of our names; a rough figure, not a benchmark
 /// (`cargo test -p canopy-agent --bin agent dns::tests::answer_latency -- --ignored --nocapture`).
 #[tokio::test]
