@@ -404,6 +404,51 @@ pub(crate) mod tests {
         assert_eq!(reg.service_of(Ipv4Addr::new(10, 30, 9, 9)), Some(&name("a.b.c.d")));
     }
 
+    proptest::proptest! {
+        /// Updates may arrive in any order (within the tombstone TTL): the index ends up the same, holding for
+        /// each instance the upsert with the highest (version, host) unless a removal at that version or later
+        /// came.
+        #[test]
+        fn updates_converge_whatever_their_order(
+            updates in proptest::collection::vec((0..3u32, 0..4u64, 1..3u64, proptest::bool::weighted(0.3)), 0..24),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let changes: Vec<RouteChange> = updates.iter().map(|&(number, version, host, removal)| if removal {
+                RouteChange::Removed { service: name("a.b.c.d"), number, version }
+            } else {
+                RouteChange::Upsert(record("a.b.c.d", number, host, version))
+            }).collect();
+            let mut shuffled = changes.clone();
+            // A deterministic shuffle from the seed (Fisher-Yates with a xorshift).
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let run = |changes: &[RouteChange]| {
+                let mut reg = Registry::new(TTL);
+                for c in changes {
+                    reg.apply(c.clone(), Via::Local, secs(0));
+                }
+                reg.instances(&name("a.b.c.d")).cloned().collect::<Vec<_>>()
+            };
+            let result = run(&changes);
+            proptest::prop_assert_eq!(&result, &run(&shuffled));
+            for number in 0..3u32 {
+                let best = changes.iter().filter_map(|c| match c {
+                    RouteChange::Upsert(r) if r.number == number => Some(r),
+                    _ => None,
+                }).max_by_key(|r| (r.version, r.host));
+                let removed_at = changes.iter().filter_map(|c| match c {
+                    RouteChange::Removed { number: n, version, .. } if *n == number => Some(*version),
+                    _ => None,
+                }).max();
+                let expected = best.filter(|r| removed_at.is_none_or(|v| r.version > v));
+                proptest::prop_assert_eq!(result.iter().find(|r| r.number == number), expected);
+            }
+        }
+    }
+
     #[test]
     fn records_round_trip_through_cbor() {
         let change = RouteChange::Upsert(record("a.b.c.d", 3, 1, 7));
