@@ -22,6 +22,11 @@
 //! | any other name                               | forwarded upstream; SERVFAIL if that fails    |
 //!
 //! Upstreams come from `/etc/resolv.conf` unless configured, and the resolver never forwards to itself.
+//! Counters and configuration are at `GET /v1/dns` ([`RunningResolver::router`]).
+//!
+//! Starting it (daemon or standalone data plane): `dns::spawn(DnsConfig::with_system_upstreams((gateway, 53).into(),
+//! domain)?, lookup).await?`, where `lookup` is the route cache or a [`StaticLookup`] filled from the static route
+//! table; keep the returned [`RunningResolver`] alive for as long as it should serve.
 //! Nothing here writes DNS wire format: hickory decodes requests, encodes responses and does the forwarding.
 
 // The daemon and the standalone data plane wire this in; until then parts of the API have no caller.
