@@ -241,13 +241,14 @@ impl ServiceIpAllocator {
         Ok(())
     }
 
-    /// The instance-range rule of another service covering `addr`, if any.
+    /// The service whose instance range reserves `addr` for someone other than `key`, if any: an address in a
+    /// range belongs to exactly one instance number of that range's service.
     fn reserved_for_other(&self, addr: Ipv4Addr, key: &AddressKey) -> Option<&ServiceName> {
         let a = u32::from(addr);
-        self.ranges
-            .values()
-            .find(|r| r.service != *key.service() && r.span().is_some_and(|(lo, hi)| (lo..=hi).contains(&a)))
-            .map(|r| &r.service)
+        let rule = self.ranges.values().find(|r| r.span().is_some_and(|(lo, hi)| (lo..=hi).contains(&a)))?;
+        let owner = matches!(key, AddressKey::Instance { name, number }
+            if *name == rule.service && rule.address_of(*number) == Some(addr));
+        (!owner).then_some(&rule.service)
     }
 
     /// Why `key` may not take `addr`, if it may not.
@@ -628,6 +629,12 @@ mod tests {
         assert_eq!(addrs, table.service_addresses(&svc));
         assert_eq!(table.instance_ip(&svc, 0).unwrap(), ip("10.30.25.5"));
         assert_eq!(table.instance_ip(&svc, 9).unwrap(), ip("10.30.25.14"));
+        // Inside its own range an instance gets only its own address.
+        let wrong_slot = AddressKey::Instance { name: svc.clone(), number: 3 };
+        assert_eq!(
+            table.assign(wrong_slot, ip("10.30.25.12")),
+            Err(AllocError::ReservedForRange { addr: ip("10.30.25.12"), service: svc.clone() })
+        );
         let outside = table.instance_ip(&svc, 10).unwrap();
         assert!(!(u32::from(ip("10.30.25.5"))..=u32::from(ip("10.30.25.14"))).contains(&u32::from(outside)));
 
@@ -732,8 +739,13 @@ mod tests {
     fn table_strategy() -> impl Strategy<Value = ServiceIpAllocator> {
         // A tiny range so collisions are common.
         let ops = proptest::collection::vec((key_strategy(), proptest::option::of(0..14u32)), 0..20);
-        ops.prop_map(|ops| {
+        let range = proptest::option::of((proptest::sample::select(vec!["a.a.a.a", "b.b.b.b"]), 0..12u32));
+        (range, ops).prop_map(|(range, ops)| {
             let mut table = ServiceIpAllocator::new("10.30.0.0/28".parse().unwrap());
+            if let Some((svc, offset)) = range {
+                let base = Ipv4Addr::from(u32::from(ip("10.30.0.1")) + offset);
+                table.set_instance_range(InstanceRange { service: name(svc), from: 1, to: 3, base }).unwrap();
+            }
             for (key, fixed) in ops {
                 match fixed {
                     Some(offset) => {
@@ -760,6 +772,10 @@ mod tests {
             let keys: BTreeSet<AddressKey> = left.assignments().map(|x| x.key).collect();
             prop_assert_eq!(keys.len(), left.len());
             prop_assert_eq!(left.by_key.len(), left.len());
+            // Kept instance ranges hold: an address inside one belongs to its instance.
+            for x in left.assignments() {
+                prop_assert!(left.reserved_for_other(x.addr, &x.key).is_none(), "{:?} breaks a range", x);
+            }
             // Every key of either side still has an address unless the range ran out, and every assignment that
             // changed is reported.
             for side in [&a, &b] {
