@@ -225,6 +225,8 @@ struct Child {
     last_heard: Time,
     /// The view version this child last reported holding.
     acked_version: u64,
+    /// The view version we last sent it in full (not resent until a report shows it missing).
+    sent_version: u64,
 }
 
 /// What we remember about a parent we lost, to find the successor and climb the ancestor chain.
@@ -731,7 +733,12 @@ impl Node {
             let failed = p.info.id;
             self.parent_failed(now, failed);
         }
-        let in_tree = self.parent.is_some() || self.is_root || self.orphan.is_some() || !self.children.is_empty();
+        // Orphans and nodes moving elsewhere (split, redirect) keep their subtree and accept new children too.
+        let in_tree = self.parent.is_some()
+            || self.is_root
+            || self.orphan.is_some()
+            || !self.children.is_empty()
+            || matches!(self.pending, Pending::Attach { .. });
         if !in_tree {
             self.send(from, Message::Refuse(Refuse::NotInTree));
             return;
@@ -780,7 +787,14 @@ impl Node {
                 c.last_heard = now;
             }
             None => {
-                self.children.push(Child { info: info.clone(), rank, summary, last_heard: now, acked_version: 0 });
+                self.children.push(Child {
+                    info: info.clone(),
+                    rank,
+                    summary,
+                    last_heard: now,
+                    acked_version: 0,
+                    sent_version: 0,
+                });
                 self.push_event(Event::MemberJoined(id));
             }
         }
@@ -788,12 +802,12 @@ impl Node {
         let view = self.view_for_children();
         if let Some(c) = self.children.iter_mut().find(|c| c.info.id == id) {
             c.acked_version = view.version;
+            c.sent_version = view.version;
         }
         let accept = Accept { parent: self.info.clone(), term: self.term, view };
         self.send(id, Message::Accept(accept));
-        if self.children.len() > self.config.max_children {
-            self.split();
-        }
+        // Over-full groups split on the next tick, so transient extra children (a joiner that also got another
+        // accept and will decline ours) do not cause a split.
     }
 
     fn split(&mut self) {
@@ -804,6 +818,14 @@ impl Node {
             return;
         };
         self.counters.splits += 1;
+        // Like a B-tree: the new group's coordinator moves up beside us (under our parent), so the depth of the
+        // moved half does not grow. A root keeps it as a child (the tree grows by one level at the top).
+        if let Some(p) = &self.parent {
+            let to = p.info.clone();
+            self.children.retain(|c| c.info.id != coordinator.id);
+            self.send(coordinator.id, Message::Redirect { to });
+            self.push_event(Event::MemberLeft(coordinator.id));
+        }
         for id in &s.members {
             self.children.retain(|c| c.info.id != *id);
             self.send(*id, Message::Redirect { to: coordinator.clone() });
@@ -867,6 +889,10 @@ impl Node {
         c.last_heard = now;
         c.summary = r.summary;
         c.acked_version = r.view_version;
+        if c.acked_version != self.view_version && c.sent_version == self.view_version {
+            // It reports an older view although we sent the current one: lost (or crossed); send it again.
+            c.sent_version = 0;
+        }
         if c.rank != r.rank {
             c.rank = r.rank;
             self.mark_view_changed();
@@ -925,6 +951,9 @@ impl Node {
             self.push_event(Event::MemberLeft(id));
             self.mark_view_changed();
         }
+        if self.children.len() > self.config.max_children {
+            self.split();
+        }
         self.send_heartbeats(false);
         if let Some(p) = &self.parent {
             let report = Report { view_version: p.view_version, rank: self.rank(), summary: self.summary() };
@@ -940,7 +969,10 @@ impl Node {
             // Several contacts at once: some may be unreachable (a partition); the first to accept wins and
             // later accepts are declined.
             let mut first = None;
-            for _ in 0..CONTACTS_PER_RETRY.min(self.contacts.len()) {
+            // A lone detached node asks one contact at a time: parallel accepts would make parents adopt and
+            // drop it again. A root brings a tree and merges are rare, so it asks several.
+            let fanout = if self.is_root { CONTACTS_PER_RETRY } else { 1 };
+            for _ in 0..fanout.min(self.contacts.len()) {
                 if let Some(contact) = self.pick_contact()
                     && first != Some(contact)
                 {
@@ -955,25 +987,30 @@ impl Node {
         }
     }
 
-    /// Heartbeats to all children; `changes_only` sends only to children whose view is stale.
+    /// Heartbeats to all children, with the full view for those whose copy is stale and who were not sent the
+    /// current one yet; `changes_only` sends only those.
     fn send_heartbeats(&mut self, changes_only: bool) {
         if self.children.is_empty() {
             return;
         }
         let version = self.view_version;
-        let needs_view = self.children.iter().any(|c| c.acked_version != version);
-        let view = needs_view.then(|| self.view_for_children());
-        let targets: Vec<(NodeId, bool)> = self
-            .children
-            .iter()
-            .filter(|c| !changes_only || c.acked_version != version)
-            .map(|c| (c.info.id, c.acked_version != version))
-            .collect();
-        for (id, stale) in targets {
+        let needs_view = |c: &Child| c.acked_version != version && c.sent_version != version;
+        let view = self.children.iter().any(needs_view).then(|| self.view_for_children());
+        let mut targets = Vec::with_capacity(self.children.len());
+        for c in self.children.iter_mut() {
+            let full = needs_view(c);
+            if full {
+                c.sent_version = version;
+            }
+            if full || !changes_only {
+                targets.push((c.info.id, full));
+            }
+        }
+        for (id, full) in targets {
             let hb = Heartbeat {
                 term: self.term,
                 view_version: version,
-                view: if stale { view.clone() } else { None },
+                view: if full { view.clone() } else { None },
                 address_block: self.address_block,
             };
             self.send(id, Message::Heartbeat(hb));

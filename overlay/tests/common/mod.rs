@@ -28,6 +28,8 @@ pub struct Net {
     index: HashMap<NodeId, usize>,
     /// (time, node, event) in order.
     pub events: Vec<(Duration, usize, Event)>,
+    /// Messages and bytes sent, by message kind.
+    pub traffic: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 pub fn info(i: usize) -> NodeInfo {
@@ -58,6 +60,7 @@ impl Net {
             seq: 0,
             index,
             events: Vec::new(),
+            traffic: Default::default(),
         }
     }
 
@@ -97,7 +100,13 @@ impl Net {
                     let jitter = MS((self.seq * 7 + i as u64 * 3) % 10);
                     self.seq += 1;
                     let at = self.now + self.latency + jitter;
-                    self.queue.push(Reverse((at, self.seq, j, envelope.encode(), self.nodes[i].id())));
+                    let bytes = envelope.encode();
+                    let kind: String =
+                        format!("{:?}", envelope.body).chars().take_while(|c| c.is_alphanumeric()).collect();
+                    let entry = self.traffic.entry(kind).or_default();
+                    entry.0 += 1;
+                    entry.1 += bytes.len() as u64;
+                    self.queue.push(Reverse((at, self.seq, j, bytes, self.nodes[i].id())));
                 }
                 Output::Event(e) => self.events.push((self.now, i, e)),
             }
