@@ -32,7 +32,7 @@ mod tests {
 
     #[test]
     fn picks_nearest_among_balanced() {
-        let kids = vec![(NodeId::from_u64(1), s(3, 0.0)), (NodeId::from_u64(2), s(3, 40.0))];
+        let kids = [(NodeId::from_u64(1), s(3, 0.0)), (NodeId::from_u64(2), s(3, 40.0))];
         assert_eq!(
             choose_descent(Position::new(35.0, 0.0), NodeId::from_u64(9), kids.iter().copied()),
             Some(NodeId::from_u64(2))
@@ -45,11 +45,8 @@ mod tests {
 
     #[test]
     fn skips_oversized_subtrees_and_the_joiner() {
-        let kids = vec![
-            (NodeId::from_u64(1), s(50, 0.0)),
-            (NodeId::from_u64(2), s(3, 40.0)),
-            (NodeId::from_u64(3), s(1, 1.0)),
-        ];
+        let kids =
+            [(NodeId::from_u64(1), s(50, 0.0)), (NodeId::from_u64(2), s(3, 40.0)), (NodeId::from_u64(3), s(1, 1.0))];
         // Nearest is 1 but it is far bigger than the smallest: go to 3 (size 1, limit 3) rather than 1.
         assert_eq!(
             choose_descent(Position::new(0.0, 0.0), NodeId::from_u64(9), kids.iter().copied()),

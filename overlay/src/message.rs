@@ -29,23 +29,23 @@ pub struct Envelope {
     pub body: Message,
 }
 
-/// The protocol's messages.
+/// The protocol's messages. Big payloads are boxed so that queued envelopes stay small.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     /// Find me a parent. Travels up to the root, then down towards the nearest subtree with room.
-    JoinRequest(JoinRequest),
+    JoinRequest(Box<JoinRequest>),
     /// You are my child now (answer to `JoinRequest` or `Attach`).
-    Accept(Accept),
+    Accept(Box<Accept>),
     /// Your join or attach was not taken.
     Refuse(Refuse),
     /// Make me your child directly (succession, split, handover, reconnect).
-    Attach(Attach),
+    Attach(Box<Attach>),
     /// Parent -> child, every heartbeat interval; carries the full view only when the child's copy is stale.
     Heartbeat(Heartbeat),
     /// Child -> parent, every heartbeat interval.
     Report(Report),
     /// Answer to a heartbeat or report from someone who is not my parent/child (any more).
-    NotYourChild(NotYourChild),
+    NotYourChild(Box<NotYourChild>),
     /// Direct liveness probe and its answer.
     Probe {
         seq: u64,
@@ -65,7 +65,7 @@ pub enum Message {
     },
     /// Attach to `to` instead of me (split, graceful leave, step-down).
     Redirect {
-        to: NodeInfo,
+        to: Box<NodeInfo>,
     },
     /// Graceful leave of a coordinator: you take my place with `term`; `ancestors` are mine (root first).
     Handover {
@@ -295,7 +295,7 @@ mod tests {
             uncles: vec![],
         };
         vec![
-            Message::JoinRequest(JoinRequest {
+            Message::JoinRequest(Box::new(JoinRequest {
                 joiner: info(2),
                 rank,
                 summary,
@@ -303,17 +303,17 @@ mod tests {
                 contact: NodeId::from_u64(3),
                 descending: true,
                 hops: 4,
-            }),
-            Message::Accept(Accept { parent: info(1), term: 1, view: view.clone() }),
+            })),
+            Message::Accept(Box::new(Accept { parent: info(1), term: 1, view: view.clone() })),
             Message::Refuse(Refuse::LowerRoot),
-            Message::Attach(Attach {
+            Message::Attach(Box::new(Attach {
                 info: info(2),
                 rank,
                 summary,
                 replaces: Some(NodeId::from_u64(9)),
                 orphaned_from: None,
                 term: 4,
-            }),
+            })),
             Message::Heartbeat(Heartbeat {
                 term: 1,
                 view_version: 3,
@@ -321,12 +321,12 @@ mod tests {
                 address_block: Some("10.17.0.0/20".parse().unwrap()),
             }),
             Message::Report(Report { view_version: 3, rank, summary }),
-            Message::NotYourChild(NotYourChild { replaced_by: Some(info(5)), term: 2 }),
+            Message::NotYourChild(Box::new(NotYourChild { replaced_by: Some(info(5)), term: 2 })),
             Message::Probe { seq: 1 },
             Message::ProbeAck { seq: 1 },
             Message::ProbeRequest { target: NodeId::from_u64(1), seq: 2 },
             Message::ProbeResult { target: NodeId::from_u64(1), seq: 2, alive: false },
-            Message::Redirect { to: info(4) },
+            Message::Redirect { to: Box::new(info(4)) },
             Message::Handover { term: 5, ancestors: vec![info(1)] },
             Message::Leaving,
         ]
@@ -338,6 +338,11 @@ mod tests {
             let e = env(body);
             assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
         }
+    }
+
+    #[test]
+    fn envelopes_stay_small_in_memory() {
+        assert!(std::mem::size_of::<Envelope>() <= 192, "{}", std::mem::size_of::<Envelope>());
     }
 
     #[test]
@@ -361,12 +366,12 @@ mod tests {
         let mut bad = info(3);
         bad.position.lat = f64::NAN;
         assert!(matches!(
-            Envelope::decode(&env(Message::Redirect { to: bad }).encode()),
+            Envelope::decode(&env(Message::Redirect { to: Box::new(bad) }).encode()),
             Err(DecodeError::Malformed(_))
         ));
         let mut many = info(3);
         many.addrs = vec!["x".into(); MAX_ADDRS + 1];
-        assert!(Envelope::decode(&env(Message::Redirect { to: many }).encode()).is_err());
+        assert!(Envelope::decode(&env(Message::Redirect { to: Box::new(many) }).encode()).is_err());
         // Deeply nested arrays must hit the recursion limit, not the stack.
         let nested = [vec![0x81u8; 10_000], vec![0x00]].concat();
         assert!(Envelope::decode(&nested).is_err());

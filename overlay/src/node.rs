@@ -58,7 +58,7 @@ pub struct Config {
     pub indirect_probes: usize,
     /// Silence from a child after which it is dropped. Default 3 intervals.
     pub child_timeout: Duration,
-    /// How long to wait for an `Accept` to a direct `Attach`. Default 1 interval.
+    /// How long to wait for an `Accept` to a direct `Attach`. Default half an interval.
     pub attach_timeout: Duration,
     /// How long to wait for an `Accept` to a `JoinRequest`. Default 2 intervals.
     pub join_timeout: Duration,
@@ -84,7 +84,7 @@ impl Config {
             probe_timeout: heartbeat_interval / 2,
             indirect_probes: 3,
             child_timeout: heartbeat_interval * 3,
-            attach_timeout: heartbeat_interval,
+            attach_timeout: heartbeat_interval / 2,
             join_timeout: heartbeat_interval * 2,
             retry_interval: heartbeat_interval,
             bootstrap: Vec::new(),
@@ -537,13 +537,13 @@ impl Node {
             return;
         }
         match env.body {
-            Message::JoinRequest(r) => self.on_join_request(now, r),
-            Message::Accept(a) => self.on_accept(now, from, a),
+            Message::JoinRequest(r) => self.on_join_request(now, *r),
+            Message::Accept(a) => self.on_accept(now, from, *a),
             Message::Refuse(r) => self.on_refuse(now, from, r),
-            Message::Attach(a) => self.on_attach(now, from, a),
+            Message::Attach(a) => self.on_attach(now, from, *a),
             Message::Heartbeat(h) => self.on_heartbeat(now, from, h),
             Message::Report(r) => self.on_report(now, from, r),
-            Message::NotYourChild(n) => self.on_not_your_child(now, from, n),
+            Message::NotYourChild(n) => self.on_not_your_child(now, from, *n),
             Message::Probe { seq } => self.send(from, Message::ProbeAck { seq }),
             Message::ProbeAck { seq } => self.on_probe_ack(now, from, seq),
             Message::ProbeRequest { target, seq } => self.on_probe_request(now, from, target, seq),
@@ -555,7 +555,7 @@ impl Node {
                     p.detector.probe_answered(now, seq);
                 }
             }
-            Message::Redirect { to } => self.on_redirect(now, from, to),
+            Message::Redirect { to } => self.on_redirect(now, from, *to),
             Message::Handover { term, ancestors } => self.on_handover(now, from, term, ancestors),
             Message::Leaving => self.on_leaving(from),
         }
@@ -577,7 +577,7 @@ impl Node {
 
     fn send_join(&mut self, now: Time, contact: NodeId) {
         let req = self.join_request(contact);
-        self.send(contact, Message::JoinRequest(req));
+        self.send(contact, Message::JoinRequest(Box::new(req)));
         self.pending = Pending::Join { contact, deadline: now + self.config.join_timeout };
     }
 
@@ -601,7 +601,7 @@ impl Node {
         if !r.descending {
             if let Some(p) = &self.parent {
                 let to = p.info.id;
-                self.send(to, Message::JoinRequest(r));
+                self.send(to, Message::JoinRequest(Box::new(r)));
                 return;
             }
             if !self.is_root {
@@ -641,7 +641,7 @@ impl Node {
                 if let Some(c) = self.children.iter_mut().find(|c| c.info.id == next) {
                     c.summary.size = c.summary.size.saturating_add(r.summary.size);
                 }
-                self.send(next, Message::JoinRequest(r));
+                self.send(next, Message::JoinRequest(Box::new(r)));
             }
             None => self.adopt(now, r.joiner, r.rank, r.summary),
         }
@@ -773,7 +773,7 @@ impl Node {
             orphaned_from,
             term,
         };
-        self.send(target, Message::Attach(attach));
+        self.send(target, Message::Attach(Box::new(attach)));
         self.pending = Pending::Attach { target, deadline: now + self.config.attach_timeout, purpose };
     }
 
@@ -805,7 +805,7 @@ impl Node {
             c.sent_version = view.version;
         }
         let accept = Accept { parent: self.info.clone(), term: self.term, view };
-        self.send(id, Message::Accept(accept));
+        self.send(id, Message::Accept(Box::new(accept)));
         // Over-full groups split on the next tick, so transient extra children (a joiner that also got another
         // accept and will decline ours) do not cause a split.
     }
@@ -823,12 +823,12 @@ impl Node {
         if let Some(p) = &self.parent {
             let to = p.info.clone();
             self.children.retain(|c| c.info.id != coordinator.id);
-            self.send(coordinator.id, Message::Redirect { to });
+            self.send(coordinator.id, Message::Redirect { to: Box::new(to) });
             self.push_event(Event::MemberLeft(coordinator.id));
         }
         for id in &s.members {
             self.children.retain(|c| c.info.id != *id);
-            self.send(*id, Message::Redirect { to: coordinator.clone() });
+            self.send(*id, Message::Redirect { to: Box::new(coordinator.clone()) });
             self.push_event(Event::MemberLeft(*id));
         }
         self.mark_view_changed();
@@ -850,7 +850,7 @@ impl Node {
     fn on_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
         let Some(p) = self.parent.as_mut().filter(|p| p.info.id == from) else {
             self.counters.from_non_members += 1;
-            self.send(from, Message::NotYourChild(NotYourChild { replaced_by: None, term: self.term }));
+            self.send(from, Message::NotYourChild(Box::new(NotYourChild { replaced_by: None, term: self.term })));
             return;
         };
         p.detector.heard(now);
@@ -883,7 +883,7 @@ impl Node {
                 Some((_, by, term)) => NotYourChild { replaced_by: Some(by.clone()), term: *term },
                 None => NotYourChild { replaced_by: None, term: self.term },
             };
-            self.send(from, Message::NotYourChild(reply));
+            self.send(from, Message::NotYourChild(Box::new(reply)));
             return;
         };
         c.last_heard = now;
@@ -925,7 +925,7 @@ impl Node {
     fn step_down(&mut self, now: Time, successor: NodeInfo) {
         self.counters.step_downs += 1;
         for c in std::mem::take(&mut self.children) {
-            self.send(c.info.id, Message::Redirect { to: successor.clone() });
+            self.send(c.info.id, Message::Redirect { to: Box::new(successor.clone()) });
             self.push_event(Event::MemberLeft(c.info.id));
         }
         self.parent = None;
@@ -977,7 +977,7 @@ impl Node {
                     && first != Some(contact)
                 {
                     let req = self.join_request(contact);
-                    self.send(contact, Message::JoinRequest(req));
+                    self.send(contact, Message::JoinRequest(Box::new(req)));
                     first.get_or_insert(contact);
                 }
             }
@@ -1228,7 +1228,7 @@ impl Node {
             self.send(heir.id, Message::Handover { term: self.term + 1, ancestors });
             let others: Vec<NodeId> = self.children.iter().map(|c| c.info.id).filter(|id| *id != heir.id).collect();
             for id in others {
-                self.send(id, Message::Redirect { to: heir.clone() });
+                self.send(id, Message::Redirect { to: Box::new(heir.clone()) });
             }
         }
         self.children.clear();

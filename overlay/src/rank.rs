@@ -12,7 +12,8 @@ pub struct Rank {
     pub reachable: bool,
     /// Quantised capacity score (see [`capacity_score`]); coarse so that measurement noise does not reorder nodes.
     pub capacity: u32,
-    /// `floor(log2(uptime seconds + 1))`: changes rarely, so member lists stay stable.
+    /// `floor(log2(uptime minutes + 1))`: changes rarely (after 1, 3, 7, 15... minutes), so member lists stay
+    /// stable and are not resent to every group whenever a clock ticks over.
     pub uptime_class: u8,
     pub id: NodeId,
 }
@@ -26,7 +27,7 @@ pub fn capacity_score(c: &Capacity) -> u32 {
 }
 
 pub fn uptime_class(uptime: Duration) -> u8 {
-    (u64::BITS - (uptime.as_secs() + 1).leading_zeros() - 1) as u8
+    (u64::BITS - (uptime.as_secs() / 60 + 1).leading_zeros() - 1) as u8
 }
 
 impl Rank {
@@ -69,8 +70,9 @@ mod tests {
     #[test]
     fn uptime_class_is_log2() {
         assert_eq!(uptime_class(Duration::ZERO), 0);
-        assert_eq!(uptime_class(Duration::from_secs(1)), 1);
-        assert_eq!(uptime_class(Duration::from_secs(3)), 2);
-        assert_eq!(uptime_class(Duration::from_secs(1023)), 10);
+        assert_eq!(uptime_class(Duration::from_secs(59)), 0);
+        assert_eq!(uptime_class(Duration::from_secs(60)), 1);
+        assert_eq!(uptime_class(Duration::from_secs(3 * 60)), 2);
+        assert_eq!(uptime_class(Duration::from_secs(1023 * 60)), 10);
     }
 }

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 pub const MS: fn(u64) -> Duration = Duration::from_millis;
 
+/// A message in flight: arrival time, sequence (tie-break), receiver index, encoded bytes, sender.
+type Flight = (Duration, u64, usize, Vec<u8>, NodeId);
+
 pub struct Net {
     pub nodes: Vec<Node>,
     pub alive: Vec<bool>,
@@ -23,7 +26,7 @@ pub struct Net {
     heard_from: Vec<std::collections::HashSet<NodeId>>,
     pub now: Duration,
     pub latency: Duration,
-    queue: BinaryHeap<Reverse<(Duration, u64, usize, Vec<u8>, NodeId)>>,
+    queue: BinaryHeap<Reverse<Flight>>,
     seq: u64,
     index: HashMap<NodeId, usize>,
     /// (time, node, event) in order.
@@ -234,7 +237,7 @@ impl Net {
             .iter()
             .filter(|(t, n, e)| *n == i && *t >= since && matches!(e, Event::ParentChanged { parent: Some(_) }))
             .map(|(t, ..)| *t)
-            .last()
+            .next_back()
     }
 }
 
