@@ -312,9 +312,9 @@ fn services_talk_through_service_ips_across_machines() {
     let echo = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7))\n\
                 while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)";
     bed.run_service(0, CLIENT, 0, &["sleep", "600"]);
-    bed.run_service(0, WEB, 0, &&refs(&w0));
-    bed.run_service(1, WEB, 1, &&refs(&w1));
-    bed.run_service(1, FILES, 0, &&refs(&files));
+    bed.run_service(0, WEB, 0, &refs(&w0));
+    bed.run_service(1, WEB, 1, &refs(&w1));
+    bed.run_service(1, FILES, 0, &refs(&files));
     bed.run_service(1, ECHO, 0, &["python3", "-c", echo]);
     let client_netns = format!("/run/netns/{}", bed.service_netns(0, CLIENT, 0));
     wait_for(Duration::from_secs(20), "the client namespace", || Path::new(&client_netns).exists());

@@ -4,6 +4,8 @@
 use anyhow::Context;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
+const TX_QUEUE_LEN: u32 = 4096;
+
 /// Creates the TUN device `name` (up, no address) with `mtu`. Must be called inside the tokio runtime that will
 /// poll it.
 pub fn create(name: &str, mtu: u16) -> anyhow::Result<AsyncDevice> {
@@ -11,6 +13,8 @@ pub fn create(name: &str, mtu: u16) -> anyhow::Result<AsyncDevice> {
         .name(name)
         .mtu(mtu)
         .packet_information(false)
+        // Bursts from fast senders wait here while the packet loop catches up instead of being dropped.
+        .tx_queue_len(TX_QUEUE_LEN)
         .build_async()
         .with_context(|| format!("creating TUN device {name} (needs root or CAP_NET_ADMIN)"))
 }

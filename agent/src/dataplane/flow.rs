@@ -178,8 +178,8 @@ impl FlowTable {
 
 #[cfg(test)]
 mod tests {
+    use super::super::packet::TCP_SYN;
     use super::*;
-    use crate::dataplane::packet::TCP_SYN;
 
     fn key(protocol: Protocol, port: u16) -> FlowKey {
         FlowKey {

@@ -315,6 +315,7 @@ impl DataPlane {
                         let socket = std::net::UdpSocket::bind(listen)
                             .with_context(|| format!("binding the tunnel socket {listen}"))?;
                         socket.set_nonblocking(true)?;
+                        enlarge_socket_buffers(&socket);
                         anyhow::Ok((tun, tokio::net::UdpSocket::from_std(socket)?))
                     }
                     .await;
@@ -596,6 +597,21 @@ impl DataPlane {
         }
         tracing::info!("data plane stopped and cleaned up");
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Socket buffer size for the tunnel: room for bursts while the packet loop is busy (the kernel default of about
+/// 200 KB drops packets at multi-gigabit rates).
+const TUNNEL_SOCKET_BUFFER: usize = 8 << 20;
+
+/// Raises the tunnel socket's buffers, beyond the sysctl limits when allowed (root), else up to them.
+fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &TUNNEL_SOCKET_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &TUNNEL_SOCKET_BUFFER);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &TUNNEL_SOCKET_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &TUNNEL_SOCKET_BUFFER);
     }
 }
 

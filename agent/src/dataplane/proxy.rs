@@ -258,10 +258,10 @@ impl Proxy {
 
 #[cfg(test)]
 mod tests {
+    use super::super::packet::parse;
+    use super::super::packet::tests::{icmp_echo, tcp_packet, udp_packet};
+    use super::super::routes::tests::two_machine_table;
     use super::*;
-    use crate::dataplane::packet::parse;
-    use crate::dataplane::packet::tests::{icmp_echo, tcp_packet, udp_packet};
-    use crate::dataplane::routes::tests::two_machine_table;
     use proptest::prelude::*;
 
     const CLIENT_NS: [u8; 4] = [10, 16, 0, 2];

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Data-plane benchmark: iperf3 single-stream TCP throughput and idle round-trip time between two "machines"
+# (network namespaces joined by a veth underlay, MTU 1500), over
+#   (1) the direct veth path, with the same MSS as the Canopy tunnel,
+#   (2) the Canopy tunnel (agent dataplane on each machine; client and server in service namespaces, traffic to
+#       the server's ServiceIP),
+#   (3) boringtun (userspace WireGuard; installed with `cargo install boringtun-cli` when missing),
+# and prints a table with ratios to (1). Needs root, iproute2, iperf3, ping, python3, openssl.
+#
+# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY]
+# Without -a the script builds the release agent (cargo build --release -p canopy-agent).
+set -euo pipefail
+
+DURATION=10
+AGENT=""
+while getopts "t:a:" opt; do
+    case "$opt" in
+        t) DURATION="$OPTARG" ;;
+        a) AGENT="$OPTARG" ;;
+        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY]" >&2; exit 2 ;;
+    esac
+done
+
+if [[ $EUID -ne 0 ]]; then echo "needs root" >&2; exit 1; fi
+for tool in ip iperf3 ping python3 openssl; do
+    command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
+done
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+if [[ -z "$AGENT" ]]; then
+    (cd "$ROOT" && cargo build --release -q -p canopy-agent)
+    AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/release/agent"
+fi
+if ! command -v boringtun-cli >/dev/null; then
+    echo "installing boringtun-cli (cargo install boringtun-cli)..." >&2
+    cargo install -q boringtun-cli
+fi
+BORINGTUN="$(command -v boringtun-cli || echo "$HOME/.cargo/bin/boringtun-cli")"
+
+ID=$$
+NS_A="cbenA$ID"; NS_B="cbenB$ID"
+PREFIX_A="ba$((ID % 10000))"; PREFIX_B="bb$((ID % 10000))"
+WG_A="wgA$((ID % 10000))"; WG_B="wgB$((ID % 10000))"
+WORK="$(mktemp -d /tmp/canopy-bench.XXXXXX)"
+PIDS=()
+
+cleanup() {
+    set +e
+    for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null
+    done
+    for ns in $(ip netns list | awk '{print $1}' | grep -E "^($PREFIX_A|$PREFIX_B)-"); do ip netns del "$ns"; done
+    ip netns del "$NS_A" 2>/dev/null; ip netns del "$NS_B" 2>/dev/null
+    rm -f "/var/run/wireguard/$WG_A.sock" "/var/run/wireguard/$WG_B.sock"
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ip netns add "$NS_A"; ip netns add "$NS_B"
+ip link add "u$ID" netns "$NS_A" type veth peer name "v$ID" netns "$NS_B"
+ip -n "$NS_A" addr add 172.31.251.1/24 dev "u$ID"; ip -n "$NS_A" link set "u$ID" up; ip -n "$NS_A" link set lo up
+ip -n "$NS_B" addr add 172.31.251.2/24 dev "v$ID"; ip -n "$NS_B" link set "v$ID" up; ip -n "$NS_B" link set lo up
+
+# throughput NETNS_OF_CLIENT NETNS_OF_SERVER ADDRESS_TO_CALL [IPERF ARGS...] -> bits per second
+throughput() {
+    local client_ns="$1" server_ns="$2" address="$3"; shift 3
+    ip netns exec "$server_ns" iperf3 -s -1 >/dev/null 2>&1 &
+    local server=$!
+    sleep 0.5
+    ip netns exec "$client_ns" iperf3 -c "$address" -t "$DURATION" -J "$@" > "$WORK/iperf.json"
+    wait "$server" || true
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])' "$WORK/iperf.json"
+}
+
+# rtt NETNS ADDRESS -> average idle round-trip time in microseconds (200 pings, 5 ms apart)
+rtt() {
+    ip netns exec "$1" ping -q -c 200 -i 0.005 "$2" | python3 -c '
+import re, sys
+m = re.search(r"= [\d.]+/([\d.]+)/", sys.stdin.read())
+print(float(m.group(1)) * 1000)'
+}
+
+declare -A GBPS RTT MSS
+
+# (1) Direct veth with the tunnel's MSS (underlay 1500 - 40 tunnel overhead - 40 IP/TCP headers).
+MSS[direct]=1420
+GBPS[direct]=$(throughput "$NS_A" "$NS_B" 172.31.251.2 -M "${MSS[direct]}")
+RTT[direct]=$(rtt "$NS_A" 172.31.251.2)
+
+# (2) Canopy tunnel.
+cat > "$WORK/routes.json" <<JSON
+{"nodes": [{"name": "a", "subnet": "10.16.0.0/26", "endpoint": "172.31.251.1:50103"},
+           {"name": "b", "subnet": "10.16.0.64/26", "endpoint": "172.31.251.2:50103"}],
+ "services": [
+   {"name": "bench.default.client.default", "service_ip": "10.30.0.1",
+    "instances": [{"number": 0, "instance_ip": "10.30.1.1", "namespace_ip": "10.16.0.2", "node": "a"}]},
+   {"name": "bench.default.server.default", "service_ip": "10.30.0.2",
+    "instances": [{"number": 0, "instance_ip": "10.30.2.1", "namespace_ip": "10.16.0.66", "node": "b"}]}]}
+JSON
+start_agent() { # NETNS NODE SUBNET ADDRESS PREFIX
+    ip netns exec "$1" true # fail early if the namespace is missing
+    nsenter --net="/run/netns/$1" "$AGENT" --data-dir "$WORK/$2" dataplane --node "$2" --subnet "$3" \
+        --routes "$WORK/routes.json" --listen "$4:50103" --prefix "$5" > "$WORK/agent-$2.log" 2>&1 &
+    PIDS+=($!)
+}
+start_agent "$NS_A" a 10.16.0.0/26 172.31.251.1 "$PREFIX_A"
+start_agent "$NS_B" b 10.16.0.64/26 172.31.251.2 "$PREFIX_B"
+for node in a b; do
+    for _ in $(seq 100); do [[ -S "$WORK/$node/agent.sock" ]] && break; sleep 0.1; done
+done
+"$AGENT" --data-dir "$WORK/a" run --service bench.default.client.default -- sleep infinity > "$WORK/client.log" 2>&1 &
+PIDS+=($!)
+"$AGENT" --data-dir "$WORK/b" run --service bench.default.server.default -- sleep infinity > "$WORK/server.log" 2>&1 &
+PIDS+=($!)
+CLIENT_NS="$PREFIX_A-bench.default.client.default-0"; SERVER_NS="$PREFIX_B-bench.default.server.default-0"
+for ns in "$CLIENT_NS" "$SERVER_NS"; do
+    for _ in $(seq 100); do ip netns exec "$ns" ip -4 addr show canopy0 2>/dev/null | grep -q inet && break; sleep 0.1; done
+done
+# The client calls the server's ServiceIP.
+ip netns exec "$CLIENT_NS" ping -q -c 1 -W 2 10.30.0.2 >/dev/null
+MSS[canopy]=1420
+GBPS[canopy]=$(throughput "$CLIENT_NS" "$SERVER_NS" 10.30.0.2)
+RTT[canopy]=$(rtt "$CLIENT_NS" 10.30.0.2)
+curl_status() { python3 - "$1" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b"GET /v1/dataplane HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+data = b""
+while chunk := s.recv(65536): data += chunk
+c = json.loads(data.split(b"\r\n\r\n", 1)[1])["counters"]
+print(" ".join(f"{k}={v}" for k, v in c.items() if v and k.startswith("drop")) or "no drops")
+PY
+}
+DROPS_A=$(curl_status "$WORK/a/agent.sock"); DROPS_B=$(curl_status "$WORK/b/agent.sock")
+udp_errors() { ip netns exec "$1" awk '/^Udp:/ { if (!seen) { split($0, names); seen = 1 } else { for (i = 2; i <= NF; i++) if (names[i] ~ /Errors/) printf "%s=%s ", names[i], $i } }' /proc/net/snmp; }
+UDP_A=$(udp_errors "$NS_A"); UDP_B=$(udp_errors "$NS_B")
+
+# (3) boringtun between the same namespaces.
+keypair() { # -> "private_hex public_hex"
+    openssl genpkey -algorithm X25519 -out "$WORK/key.pem" 2>/dev/null
+    local private public
+    private=$(openssl pkey -in "$WORK/key.pem" -outform DER | tail -c 32 | od -An -tx1 | tr -d ' \n')
+    public=$(openssl pkey -in "$WORK/key.pem" -pubout -outform DER | tail -c 32 | od -An -tx1 | tr -d ' \n')
+    echo "$private $public"
+}
+read -r PRIV_A PUB_A <<< "$(keypair)"
+read -r PRIV_B PUB_B <<< "$(keypair)"
+uapi() { # IFACE CONFIG
+    python3 - "/var/run/wireguard/$1.sock" "$2" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(("set=1\n" + sys.argv[2] + "\n").encode())
+answer = s.recv(4096).decode()
+assert "errno=0" in answer, answer
+PY
+}
+start_boringtun() { # NETNS IFACE
+    nsenter --net="/run/netns/$1" "$BORINGTUN" "$2" --foreground --disable-drop-privileges > "$WORK/$2.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do [[ -S "/var/run/wireguard/$2.sock" ]] && break; sleep 0.1; done
+}
+start_boringtun "$NS_A" "$WG_A"
+start_boringtun "$NS_B" "$WG_B"
+uapi "$WG_A" "private_key=$PRIV_A
+listen_port=51820
+public_key=$PUB_B
+endpoint=172.31.251.2:51820
+allowed_ip=192.168.251.2/32
+"
+uapi "$WG_B" "private_key=$PRIV_B
+listen_port=51820
+public_key=$PUB_A
+endpoint=172.31.251.1:51820
+allowed_ip=192.168.251.1/32
+"
+# WireGuard over IPv4 adds 60 bytes: MTU 1440, MSS 1400.
+for side in "$NS_A $WG_A 192.168.251.1" "$NS_B $WG_B 192.168.251.2"; do
+    read -r ns wg addr <<< "$side"
+    ip -n "$ns" addr add "$addr/24" dev "$wg"; ip -n "$ns" link set "$wg" mtu 1440 up
+done
+ip netns exec "$NS_A" ping -q -c 3 -W 2 192.168.251.2 >/dev/null
+MSS[boringtun]=1400
+GBPS[boringtun]=$(throughput "$NS_A" "$NS_B" 192.168.251.2)
+RTT[boringtun]=$(rtt "$NS_A" 192.168.251.2)
+
+python3 - "${GBPS[direct]}" "${RTT[direct]}" "${GBPS[canopy]}" "${RTT[canopy]}" "${GBPS[boringtun]}" "${RTT[boringtun]}" \
+    "${MSS[direct]}" "${MSS[canopy]}" "${MSS[boringtun]}" "$DURATION" <<'PY'
+import sys
+d_bps, d_rtt, c_bps, c_rtt, b_bps, b_rtt = map(float, sys.argv[1:7])
+mss = sys.argv[7:10]
+print(f"iperf3 single TCP stream, {sys.argv[10]} s; idle RTT = mean of 200 pings")
+print(f"| path              | MSS  | Gbit/s | x direct | RTT us | +RTT us |")
+print(f"|-------------------|------|--------|----------|--------|---------|")
+for (name, bps, rtt), m in zip([("(1) direct veth", d_bps, d_rtt), ("(2) canopy tunnel", c_bps, c_rtt),
+                                ("(3) boringtun", b_bps, b_rtt)], mss):
+    print(f"| {name:<17} | {m} | {bps/1e9:6.2f} | {bps/d_bps:8.2f} | {rtt:6.0f} | {rtt-d_rtt:7.0f} |")
+print(f"canopy / boringtun throughput: {c_bps/b_bps:.2f}x")
+PY
+echo "canopy drops: a: $DROPS_A; b: $DROPS_B"
+echo "underlay UDP errors after the canopy run: a: $UDP_A; b: $UDP_B"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
