@@ -10,6 +10,8 @@
 // Top-level modules: their `super::` paths then resolve to this crate root, as they do in the agent.
 #[path = "../src/dataplane/counters.rs"]
 mod counters;
+#[path = "../src/dataplane/crypto.rs"]
+mod crypto;
 #[path = "../src/dataplane/flow.rs"]
 mod flow;
 #[path = "../src/dataplane/packet.rs"]
@@ -110,9 +112,38 @@ fn bench(c: &mut Criterion) {
         )
     });
     let mut datagram = vec![0u8; tunnel::HEADER_LEN];
-    tunnel::write_header(&mut datagram, tunnel::MessageType::Data, NodeId(7));
+    tunnel::write_header(&mut datagram, tunnel::MessageType::Data, NodeId(7), false);
     datagram.extend_from_slice(&outgoing);
-    group.bench_function("tunnel_decode", |b| b.iter(|| tunnel::decode(black_box(&datagram)).is_ok()));
+    group.bench_function("tunnel_decode", |b| {
+        b.iter(|| {
+            let header = tunnel::decode_header(black_box(&datagram)).unwrap();
+            tunnel::decode_body(header.kind, &datagram[tunnel::HEADER_LEN..]).is_ok()
+        })
+    });
+    // Sealing and opening a full-size packet (ChaCha20-Poly1305, in place).
+    let (a, b_id) = (NodeId(1), NodeId(2));
+    let cipher = crypto::pair_cipher(&[9u8; 32], a, b_id);
+    let mut sealed = vec![0u8; crypto::PAYLOAD_OFFSET + outgoing.len() + crypto::TAG_LEN];
+    let mut counter = 0u64;
+    group.throughput(Throughput::Bytes(outgoing.len() as u64));
+    group.bench_function("seal_1420B", |b| {
+        b.iter(|| {
+            counter += 1;
+            tunnel::write_header(&mut sealed, tunnel::MessageType::Data, a, true);
+            crypto::seal(&cipher, black_box(&mut sealed), outgoing.len(), a, b_id, counter)
+        })
+    });
+    let mut message = sealed.clone();
+    tunnel::write_header(&mut message, tunnel::MessageType::Data, a, true);
+    message[crypto::PAYLOAD_OFFSET..crypto::PAYLOAD_OFFSET + outgoing.len()].copy_from_slice(&outgoing);
+    let len = crypto::seal(&cipher, &mut message, outgoing.len(), a, b_id, 1);
+    group.bench_function("open_1420B", |b| {
+        b.iter_batched_ref(
+            || message.clone(),
+            |m| assert!(crypto::open(&cipher, black_box(&mut m[..len]), a, b_id).is_some()),
+            BatchSize::SmallInput,
+        )
+    });
     group.finish();
 }
 

@@ -81,24 +81,27 @@ struct Testbed {
     machines: Vec<Machine>,
     agents: Vec<Child>,
     services: Vec<(String, Child)>,
+    /// Encrypt the tunnels (a `tunnel_key` in the route table).
+    sealed: bool,
 }
 
 impl Testbed {
-    fn new() -> Self {
+    /// `tag` keeps the names of tests running in parallel apart.
+    fn new(tag: char, sealed: bool) -> Self {
         let id = std::process::id() % 100_000;
-        let dir = std::env::temp_dir().join(format!("canopy-dp-test-{id}"));
+        let dir = std::env::temp_dir().join(format!("canopy-dp-test-{id}{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let machines = [("a", "172.31.250.1"), ("b", "172.31.250.2")]
             .into_iter()
             .map(|(name, underlay_ip)| Machine {
-                netns: format!("cdt{id}{name}"),
-                prefix: format!("t{name}{}", id % 10_000),
+                netns: format!("cdt{id}{tag}{name}"),
+                prefix: format!("t{tag}{name}{}", id % 1000),
                 data_dir: dir.join(name),
                 underlay_ip,
             })
             .collect();
-        Testbed { dir, machines, agents: Vec::new(), services: Vec::new() }
+        Testbed { dir, machines, agents: Vec::new(), services: Vec::new(), sealed }
     }
 
     fn service_netns(&self, machine: usize, service: &str, instance: u32) -> String {
@@ -119,7 +122,7 @@ impl Testbed {
     }
 
     fn write_routes(&self) -> PathBuf {
-        let table = serde_json::json!({
+        let mut table = serde_json::json!({
             "nodes": [
                 {"name": "a", "subnet": "10.16.0.0/26", "endpoint": "172.31.250.1:50103"},
                 {"name": "b", "subnet": "10.16.0.64/26", "endpoint": "172.31.250.2:50103"},
@@ -136,6 +139,9 @@ impl Testbed {
                     {"number": 0, "instance_ip": "10.30.5.1", "namespace_ip": "10.16.0.68", "node": "b"}]},
             ],
         });
+        if self.sealed {
+            table["tunnel_key"] = serde_json::Value::String("5a".repeat(32));
+        }
         let path = self.dir.join("routes.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&table).unwrap()).unwrap();
         path
@@ -289,11 +295,20 @@ fn big_file() -> Vec<u8> {
 
 #[test]
 fn services_talk_through_service_ips_across_machines() {
+    scenario('p', false);
+}
+
+#[test]
+fn services_talk_through_encrypted_tunnels() {
+    scenario('s', true);
+}
+
+fn scenario(tag: char, sealed: bool) {
     if let Some(reason) = skip_reason() {
         eprintln!("skipping dataplane_netns: {reason}");
         return;
     }
-    let mut bed = Testbed::new();
+    let mut bed = Testbed::new(tag, sealed);
     bed.build_underlay();
     let routes = bed.write_routes();
     bed.start_agents(&routes);
@@ -379,6 +394,8 @@ fn services_talk_through_service_ips_across_machines() {
     assert!(a["counters"]["route_not_found_received"].as_u64().unwrap() >= 1, "{a}");
     assert!(bed.status(1)["counters"]["route_not_found_sent"].as_u64().unwrap() >= 1);
     assert_eq!(a["counters"]["drop_malformed"], 0, "{a}");
+    assert_eq!(a["counters"]["drop_unauthenticated"], 0, "{a}");
+    assert_eq!(a["routes"]["tunnel_key"].is_string(), sealed);
 
     // Stopping the agents removes everything they installed.
     bed.stop_everything();

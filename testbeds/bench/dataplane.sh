@@ -84,8 +84,8 @@ print(float(m.group(1)) * 1000)'
 
 declare -A GBPS RTT MSS
 
-# (1) Direct veth with the tunnel's MSS (underlay 1500 - 40 tunnel overhead - 40 IP/TCP headers).
-MSS[direct]=1420
+# (1) Direct veth with the tunnel's MSS (underlay 1500 - 64 tunnel overhead - 40 IP/TCP headers).
+MSS[direct]=1396
 GBPS[direct]=$(throughput "$NS_A" "$NS_B" 172.31.251.2 -M "${MSS[direct]}")
 RTT[direct]=$(rtt "$NS_A" 172.31.251.2)
 
@@ -120,7 +120,7 @@ for ns in "$CLIENT_NS" "$SERVER_NS"; do
 done
 # The client calls the server's ServiceIP.
 ip netns exec "$CLIENT_NS" ping -q -c 1 -W 2 10.30.0.2 >/dev/null
-MSS[canopy]=1420
+MSS[canopy]=1396
 GBPS[canopy]=$(throughput "$CLIENT_NS" "$SERVER_NS" 10.30.0.2)
 RTT[canopy]=$(rtt "$CLIENT_NS" 10.30.0.2)
 curl_status() { python3 - "$1" <<'PY'
@@ -134,6 +134,25 @@ print(" ".join(f"{k}={v}" for k, v in c.items() if v and k.startswith("drop")) o
 PY
 }
 DROPS_A=$(curl_status "$WORK/a/agent.sock"); DROPS_B=$(curl_status "$WORK/b/agent.sock")
+
+# (2b) The same with encrypted tunnels: a tunnel_key in the route table, installed through the API.
+put_routes() { python3 - "$1" "$2" <<'PY'
+import json, socket, sys
+table = json.load(open(sys.argv[2])); table["tunnel_key"] = "5a" * 32
+body = json.dumps(table).encode()
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b"PUT /v1/dataplane/routes HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+          + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+answer = b""
+while chunk := s.recv(65536): answer += chunk
+assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+PY
+}
+put_routes "$WORK/a/agent.sock" "$WORK/routes.json"; put_routes "$WORK/b/agent.sock" "$WORK/routes.json"
+ip netns exec "$CLIENT_NS" ping -q -c 3 -W 2 10.30.0.2 >/dev/null
+MSS[sealed]=1396
+GBPS[sealed]=$(throughput "$CLIENT_NS" "$SERVER_NS" 10.30.0.2)
+RTT[sealed]=$(rtt "$CLIENT_NS" 10.30.0.2)
 udp_errors() { ip netns exec "$1" awk '/^Udp:/ { if (!seen) { split($0, names); seen = 1 } else { for (i = 2; i <= NF; i++) if (names[i] ~ /Errors/) printf "%s=%s ", names[i], $i } }' /proc/net/snmp; }
 UDP_A=$(udp_errors "$NS_A"); UDP_B=$(udp_errors "$NS_B")
 
@@ -185,18 +204,21 @@ MSS[boringtun]=1400
 GBPS[boringtun]=$(throughput "$NS_A" "$NS_B" 192.168.251.2)
 RTT[boringtun]=$(rtt "$NS_A" 192.168.251.2)
 
-python3 - "${GBPS[direct]}" "${RTT[direct]}" "${GBPS[canopy]}" "${RTT[canopy]}" "${GBPS[boringtun]}" "${RTT[boringtun]}" \
-    "${MSS[direct]}" "${MSS[canopy]}" "${MSS[boringtun]}" "$DURATION" <<'PY'
+python3 - "$DURATION" \
+    "(1) direct veth" "${MSS[direct]}" "${GBPS[direct]}" "${RTT[direct]}" \
+    "(2) canopy tunnel" "${MSS[canopy]}" "${GBPS[canopy]}" "${RTT[canopy]}" \
+    "(2b) canopy sealed" "${MSS[sealed]}" "${GBPS[sealed]}" "${RTT[sealed]}" \
+    "(3) boringtun" "${MSS[boringtun]}" "${GBPS[boringtun]}" "${RTT[boringtun]}" <<'PY'
 import sys
-d_bps, d_rtt, c_bps, c_rtt, b_bps, b_rtt = map(float, sys.argv[1:7])
-mss = sys.argv[7:10]
-print(f"iperf3 single TCP stream, {sys.argv[10]} s; idle RTT = mean of 200 pings")
-print(f"| path              | MSS  | Gbit/s | x direct | RTT us | +RTT us |")
-print(f"|-------------------|------|--------|----------|--------|---------|")
-for (name, bps, rtt), m in zip([("(1) direct veth", d_bps, d_rtt), ("(2) canopy tunnel", c_bps, c_rtt),
-                                ("(3) boringtun", b_bps, b_rtt)], mss):
-    print(f"| {name:<17} | {m} | {bps/1e9:6.2f} | {bps/d_bps:8.2f} | {rtt:6.0f} | {rtt-d_rtt:7.0f} |")
-print(f"canopy / boringtun throughput: {c_bps/b_bps:.2f}x")
+rows = [(sys.argv[i], sys.argv[i + 1], float(sys.argv[i + 2]), float(sys.argv[i + 3])) for i in range(2, 18, 4)]
+print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT = mean of 200 pings")
+print("| path               | MSS  | Gbit/s | x direct | RTT us | +RTT us |")
+print("|--------------------|------|--------|----------|--------|---------|")
+_, _, d_bps, d_rtt = rows[0]
+for name, mss, bps, rtt in rows:
+    print(f"| {name:<18} | {mss} | {bps/1e9:6.2f} | {bps/d_bps:8.2f} | {rtt:6.0f} | {rtt-d_rtt:7.0f} |")
+b_bps = rows[3][2]
+print(f"canopy / boringtun throughput: plain {rows[1][2]/b_bps:.2f}x, sealed {rows[2][2]/b_bps:.2f}x")
 PY
 echo "canopy drops: a: $DROPS_A; b: $DROPS_B"
 echo "underlay UDP errors after the canopy run: a: $UDP_A; b: $UDP_B"

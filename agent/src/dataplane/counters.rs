@@ -58,6 +58,10 @@ counters! {
     drop_tunnel_malformed,
     /// Tunnel datagrams from a node id or address not in the route table.
     drop_unknown_sender,
+    /// Sealed datagrams that fail authentication, or unsealed ones when tunnels are encrypted (and vice versa).
+    drop_unauthenticated,
+    /// Sealed datagrams whose counter was already seen or is too old.
+    drop_replayed,
     /// Tunnelled packets for an address this machine does not host (answered with route-not-found).
     route_not_found_sent,
     route_not_found_received,

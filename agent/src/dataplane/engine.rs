@@ -3,9 +3,12 @@
 //! channel hop or allocation; control commands (new routes, attach, detach, status) arrive on a channel.
 
 use super::counters::Counters;
+use super::crypto::{self, PAYLOAD_OFFSET, TAG_LEN};
 use super::proxy::{Proxy, Verdict};
 use super::routes::{NodeId, RouteTable};
 use super::tunnel::{self, HEADER_LEN, MAX_PACKET, Message, MessageType, PeerTable};
+use chacha20poly1305::ChaCha20Poly1305;
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -40,13 +43,28 @@ pub struct Engine {
     pub socket: UdpSocket,
     pub node_id: NodeId,
     pub keepalive_interval: Duration,
+    /// Per-peer ciphers when the route table has a tunnel key; then every datagram is sealed.
+    pub ciphers: HashMap<NodeId, ChaCha20Poly1305>,
+    pub sealing: bool,
+    /// Counter of the next sealed message (unique per message across all peers and restarts).
+    pub send_counter: u64,
+}
+
+/// Where an outgoing packet sits in the TUN buffer: after room for the header and the sealing counter, and
+/// before room for the tag, so sealing happens in place.
+const TUN_PAYLOAD: usize = PAYLOAD_OFFSET;
+
+/// Initial counter for sealed messages: the wall clock in nanoseconds, so a restarted agent continues above what
+/// its peers have seen (it sends far fewer than one message per nanosecond).
+pub fn initial_send_counter() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
 }
 
 impl Engine {
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let epoch = Instant::now();
-        let mut tun_buf = vec![0u8; HEADER_LEN + MAX_PACKET].into_boxed_slice();
-        let mut udp_buf = vec![0u8; HEADER_LEN + MAX_PACKET].into_boxed_slice();
+        let mut tun_buf = vec![0u8; TUN_PAYLOAD + MAX_PACKET + TAG_LEN].into_boxed_slice();
+        let mut udp_buf = vec![0u8; PAYLOAD_OFFSET + MAX_PACKET + TAG_LEN].into_boxed_slice();
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -62,7 +80,7 @@ impl Engine {
                     }
                     let now = epoch.elapsed();
                     for _ in 0..BATCH {
-                        match self.tun.try_recv(&mut tun_buf[HEADER_LEN..]) {
+                        match self.tun.try_recv(&mut tun_buf[TUN_PAYLOAD..TUN_PAYLOAD + MAX_PACKET]) {
                             Ok(len) => self.handle_tun_packet(&mut tun_buf, len, now).await,
                             Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                             Err(err) => {
@@ -98,7 +116,20 @@ impl Engine {
     fn command(&mut self, command: Command) {
         match command {
             Command::SetRoutes(table, reply) => {
-                let _ = reply.send(self.proxy.set_routes(&table));
+                let result = self.proxy.set_routes(&table);
+                if result.is_ok() {
+                    let routes = self.proxy.routes();
+                    self.sealing = routes.tunnel_key.is_some();
+                    self.ciphers = match &routes.tunnel_key {
+                        Some(master) => routes
+                            .nodes
+                            .iter()
+                            .map(|n| (n.id, crypto::pair_cipher(master, self.node_id, n.id)))
+                            .collect(),
+                        None => HashMap::new(),
+                    };
+                }
+                let _ = reply.send(result);
             }
             Command::Attach { namespace_ip, instance_ip } => self.proxy.attach(namespace_ip, instance_ip),
             Command::Detach { namespace_ip } => self.proxy.detach(namespace_ip),
@@ -109,20 +140,28 @@ impl Engine {
         }
     }
 
-    /// A packet from a local instance, in `buf[HEADER_LEN..HEADER_LEN + len]`.
+    /// A packet from a local instance, in `buf[TUN_PAYLOAD..TUN_PAYLOAD + len]`.
     async fn handle_tun_packet(&mut self, buf: &mut [u8], len: usize, now: Duration) {
-        let counters = &*self.counters;
+        let counters = self.counters.clone();
         Counters::inc(&counters.tun_rx_packets);
         Counters::add(&counters.tun_rx_bytes, len as u64);
-        match self.proxy.outgoing(&mut buf[HEADER_LEN..HEADER_LEN + len], now, counters) {
+        match self.proxy.outgoing(&mut buf[TUN_PAYLOAD..TUN_PAYLOAD + len], now, &counters) {
             Verdict::Drop => {}
-            Verdict::Local => self.write_tun(&buf[HEADER_LEN..HEADER_LEN + len]).await,
+            Verdict::Local => self.write_tun(&buf[TUN_PAYLOAD..TUN_PAYLOAD + len]).await,
             Verdict::Tunnel(node) => {
                 let node = &self.proxy.routes().nodes[node];
                 let (peer_id, endpoint) = (node.id, node.endpoint);
-                tunnel::write_header(&mut buf[..HEADER_LEN], MessageType::Data, self.node_id);
-                self.send(&buf[..HEADER_LEN + len], endpoint).await;
-                if self.peers.sent(peer_id, endpoint, now) {
+                let sent = if self.sealing {
+                    tunnel::write_header(buf, MessageType::Data, self.node_id, true);
+                    self.seal_and_send(buf, len, peer_id, endpoint).await
+                } else {
+                    // Unsealed: the header goes right before the packet.
+                    let start = TUN_PAYLOAD - HEADER_LEN;
+                    tunnel::write_header(&mut buf[start..], MessageType::Data, self.node_id, false);
+                    self.send(&buf[start..TUN_PAYLOAD + len], endpoint).await;
+                    true
+                };
+                if sent && self.peers.sent(peer_id, endpoint, now) {
                     Counters::inc(&counters.peers_evicted);
                 }
             }
@@ -131,54 +170,90 @@ impl Engine {
         }
     }
 
+    /// Seals `buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + len]` (header already written) for `peer` and sends it.
+    async fn seal_and_send(&mut self, buf: &mut [u8], len: usize, peer: NodeId, endpoint: SocketAddr) -> bool {
+        let Some(cipher) = self.ciphers.get(&peer) else {
+            Counters::inc(&self.counters.drop_unauthenticated);
+            return false;
+        };
+        let counter = self.send_counter;
+        self.send_counter += 1;
+        let total = crypto::seal(cipher, buf, len, self.node_id, peer, counter);
+        self.send(&buf[..total], endpoint).await;
+        true
+    }
+
+    /// Sends a control message (route-not-found, keepalive), sealed when tunnels are encrypted.
+    async fn send_control(&mut self, kind: MessageType, body: &[u8], peer: NodeId, endpoint: SocketAddr) {
+        let mut buf = [0u8; PAYLOAD_OFFSET + 4 + TAG_LEN];
+        if self.sealing {
+            tunnel::write_header(&mut buf, kind, self.node_id, true);
+            buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + body.len()].copy_from_slice(body);
+            self.seal_and_send(&mut buf, body.len(), peer, endpoint).await;
+        } else {
+            tunnel::write_header(&mut buf, kind, self.node_id, false);
+            buf[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(body);
+            self.send(&buf[..HEADER_LEN + body.len()], endpoint).await;
+        }
+    }
+
     async fn handle_tunnel_datagram(&mut self, buf: &mut [u8], len: usize, from: SocketAddr, now: Duration) {
         let counters = self.counters.clone();
         Counters::inc(&counters.tunnel_rx_packets);
         Counters::add(&counters.tunnel_rx_bytes, len as u64);
-        let (sender, route_not_found) = match tunnel::decode(&buf[..len]) {
-            Err(reason) => {
-                counters.tunnel_malformed(reason);
-                return;
-            }
-            Ok((sender, Message::Data(_))) => (sender, None),
-            Ok((sender, Message::RouteNotFound(missing))) => (sender, Some(Some(missing))),
-            Ok((sender, Message::Keepalive)) => (sender, Some(None)),
+        let header = match tunnel::decode_header(&buf[..len]) {
+            Ok(header) => header,
+            Err(reason) => return counters.tunnel_malformed(reason),
         };
-        let Some(node) = self.proxy.routes().node_by_id(sender) else {
-            Counters::inc(&counters.drop_unknown_sender);
-            return;
+        let Some(node) = self.proxy.routes().node_by_id(header.sender) else {
+            return Counters::inc(&counters.drop_unknown_sender);
         };
         if self.proxy.routes().nodes[node].endpoint != from {
-            Counters::inc(&counters.drop_unknown_sender);
-            return;
+            return Counters::inc(&counters.drop_unknown_sender);
         }
-        match route_not_found {
-            Some(Some(missing)) => {
+        if header.sealed != self.sealing {
+            return Counters::inc(&counters.drop_unauthenticated);
+        }
+        let body = if header.sealed {
+            let Some(cipher) = self.ciphers.get(&header.sender) else {
+                return Counters::inc(&counters.drop_unauthenticated);
+            };
+            let Some((counter, body)) = crypto::open(cipher, &mut buf[..len], header.sender, self.node_id) else {
+                return Counters::inc(&counters.drop_unauthenticated);
+            };
+            if self.peers.received(header.sender, from, now) {
+                Counters::inc(&counters.peers_evicted);
+            }
+            if !self.peers.accept_counter(header.sender, counter) {
+                return Counters::inc(&counters.drop_replayed);
+            }
+            body
+        } else {
+            HEADER_LEN..len
+        };
+        match tunnel::decode_body(header.kind, &buf[body.clone()]) {
+            Err(reason) => counters.tunnel_malformed(reason),
+            Ok(Message::RouteNotFound(missing)) => {
                 Counters::inc(&counters.route_not_found_received);
                 if self.proxy.route_not_found(node, missing) {
                     Counters::inc(&counters.instances_invalidated);
                     tracing::info!("{from} no longer hosts {missing}; its instance gets no new connections");
                 }
-                return;
             }
-            Some(None) => {
-                Counters::inc(&counters.keepalives_received);
-                return;
+            Ok(Message::Keepalive) => Counters::inc(&counters.keepalives_received),
+            Ok(Message::Data(_)) => {
+                if !header.sealed && self.peers.received(header.sender, from, now) {
+                    Counters::inc(&counters.peers_evicted);
+                }
+                match self.proxy.incoming(&mut buf[body.clone()], now, &counters) {
+                    Verdict::Local => self.write_tun(&buf[body]).await,
+                    Verdict::RouteNotFound(missing) => {
+                        Counters::inc(&counters.route_not_found_sent);
+                        self.send_control(MessageType::RouteNotFound, &missing.octets(), header.sender, from).await;
+                    }
+                    Verdict::Drop | Verdict::Tunnel(_) => {}
+                }
             }
-            None => {}
-        }
-        if self.peers.received(sender, from, now) {
-            Counters::inc(&counters.peers_evicted);
-        }
-        match self.proxy.incoming(&mut buf[HEADER_LEN..len], now, &counters) {
-            Verdict::Local => self.write_tun(&buf[HEADER_LEN..len]).await,
-            Verdict::RouteNotFound(missing) => {
-                Counters::inc(&counters.route_not_found_sent);
-                let mut answer = [0u8; HEADER_LEN + 4];
-                let answer_len = tunnel::encode_route_not_found(&mut answer, self.node_id, missing);
-                self.send(&answer[..answer_len], from).await;
-            }
-            Verdict::Drop | Verdict::Tunnel(_) => {}
         }
     }
 
@@ -212,10 +287,8 @@ impl Engine {
         let counters = self.counters.clone();
         Counters::add(&counters.flows_expired, self.proxy.expire(now) as u64);
         Counters::add(&counters.peers_expired, self.peers.expire(now) as u64);
-        for (_, endpoint) in self.peers.keepalives_due(now, self.keepalive_interval) {
-            let mut keepalive = [0u8; HEADER_LEN];
-            tunnel::encode_keepalive(&mut keepalive, self.node_id);
-            self.send(&keepalive, endpoint).await;
+        for (peer, endpoint) in self.peers.keepalives_due(now, self.keepalive_interval) {
+            self.send_control(MessageType::Keepalive, &[], peer, endpoint).await;
             Counters::inc(&counters.keepalives_sent);
         }
     }

@@ -22,6 +22,7 @@
 pub mod api;
 pub mod commands;
 pub mod counters;
+pub mod crypto;
 pub mod device;
 pub mod engine;
 pub mod flow;
@@ -327,8 +328,18 @@ impl DataPlane {
                         }
                     };
                     let _ = ready.send(Ok(()));
-                    let engine =
-                        Engine { proxy, peers, counters: engine_counters, tun, socket, node_id, keepalive_interval };
+                    let engine = Engine {
+                        proxy,
+                        peers,
+                        counters: engine_counters,
+                        tun,
+                        socket,
+                        node_id,
+                        keepalive_interval,
+                        ciphers: std::collections::HashMap::new(),
+                        sealing: false,
+                        send_counter: engine::initial_send_counter(),
+                    };
                     engine.run(receiver).await;
                 });
             })

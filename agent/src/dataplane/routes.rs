@@ -25,6 +25,10 @@ impl NodeId {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RouteTable {
+    /// 64 hex digits: when set, tunnels are encrypted with per-pair keys derived from it and unsealed datagrams
+    /// are refused. (The control plane will agree keys per peer instead.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_key: Option<String>,
     #[serde(default)]
     pub nodes: Vec<NodeRoute>,
     #[serde(default)]
@@ -116,6 +120,7 @@ pub enum Target {
 /// A validated route table indexed by every address the proxy looks up.
 #[derive(Debug, Clone, Default)]
 pub struct RouteIndex {
+    pub tunnel_key: Option<[u8; 32]>,
     pub nodes: Vec<Node>,
     pub services: Vec<Service>,
     pub instances: Vec<Instance>,
@@ -125,11 +130,26 @@ pub struct RouteIndex {
     by_namespace_ip: HashMap<Ipv4Addr, usize>,
 }
 
+fn parse_key(hex: &str) -> anyhow::Result<[u8; 32]> {
+    let digits = hex.trim().as_bytes();
+    if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        bail!("tunnel_key must be 64 hex digits (32 bytes)");
+    }
+    let mut key = [0u8; 32];
+    for (byte, pair) in key.iter_mut().zip(digits.chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).expect("ASCII"), 16).expect("hex checked");
+    }
+    Ok(key)
+}
+
 impl RouteIndex {
     /// Validates `table`: known nodes, unique names and addresses, namespace IPs inside their node's subnet,
     /// non-overlapping subnets.
     pub fn build(table: &RouteTable) -> anyhow::Result<Self> {
         let mut index = RouteIndex::default();
+        if let Some(key) = &table.tunnel_key {
+            index.tunnel_key = Some(parse_key(key)?);
+        }
         for node in &table.nodes {
             let id = NodeId::from_name(&node.name);
             if index.node_by_name.contains_key(&node.name) {
@@ -285,6 +305,11 @@ pub(crate) mod tests {
         let mut table = two_machine_table();
         table.services[1].service_ip = "10.30.1.1".parse().unwrap();
         assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("used twice"));
+        let mut table = two_machine_table();
+        table.tunnel_key = Some("abc".into());
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("64 hex digits"));
+        table.tunnel_key = Some("0f".repeat(32));
+        assert_eq!(RouteIndex::build(&table).unwrap().tunnel_key, Some([0x0f; 32]));
         let mut table = two_machine_table();
         table.nodes[1].subnet = "10.16.0.0/25".parse().unwrap();
         assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("overlap"));

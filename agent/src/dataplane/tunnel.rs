@@ -1,7 +1,8 @@
 //! The tunnel wire format and the bounded set of peers with live tunnel state.
 //!
 //! Every datagram starts with a 12-byte header:
-//! `version (1) | message type (1) | reserved, zero (2) | sender node id (8, big endian)`, then
+//! `version (1) | message type (1) | flags (1) | reserved, zero (1) | sender node id (8, big endian)`. With the
+//! `SEALED` flag the body is encrypted and authenticated (see `crypto`); the plaintext body is
 //! - data: one IPv4 packet, already translated;
 //! - route-not-found: the 4-byte IPv4 address the receiver does not host;
 //! - keepalive: nothing.
@@ -9,6 +10,7 @@
 //! Data is sent from one buffer: the packet is read into `buf[HEADER_LEN..]` and the header written in front, so
 //! nothing is copied or allocated per packet.
 
+use super::crypto::{ReplayWindow, SEAL_OVERHEAD};
 use super::routes::NodeId;
 use lru::LruCache;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,8 +19,11 @@ use std::time::Duration;
 
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 12;
-/// Underlay overhead per tunnelled packet: outer IPv4 + UDP + our header.
-pub const OVERHEAD: usize = 20 + 8 + HEADER_LEN;
+/// Underlay overhead per tunnelled packet: outer IPv4 + UDP + our header + sealing (reserved even when tunnels
+/// are not encrypted, so the MTU does not change with the keys).
+pub const OVERHEAD: usize = 20 + 8 + HEADER_LEN + SEAL_OVERHEAD;
+/// Header flag: the body is sealed.
+pub const FLAG_SEALED: u8 = 1;
 /// Largest IP packet the data plane handles (bounded buffers; jumbo underlays are not supported yet).
 pub const MAX_PACKET: usize = 9000;
 
@@ -45,58 +50,62 @@ pub enum DecodeError {
     BadLength,
 }
 
-pub fn write_header(buf: &mut [u8], kind: MessageType, sender: NodeId) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub sender: NodeId,
+    pub kind: MessageType,
+    pub sealed: bool,
+}
+
+/// Decodes and checks the fixed header.
+pub fn decode_header(datagram: &[u8]) -> Result<Header, DecodeError> {
+    if datagram.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort);
+    }
+    if datagram[0] != VERSION || datagram[2] & !FLAG_SEALED != 0 || datagram[3] != 0 {
+        return Err(DecodeError::UnknownVersion);
+    }
+    let kind = match datagram[1] {
+        t if t == MessageType::Data as u8 => MessageType::Data,
+        t if t == MessageType::RouteNotFound as u8 => MessageType::RouteNotFound,
+        t if t == MessageType::Keepalive as u8 => MessageType::Keepalive,
+        _ => return Err(DecodeError::UnknownType),
+    };
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&datagram[4..HEADER_LEN]);
+    Ok(Header { sender: NodeId(u64::from_be_bytes(id)), kind, sealed: datagram[2] & FLAG_SEALED != 0 })
+}
+
+/// Interprets a (plaintext or opened) body of a message of type `kind`.
+pub fn decode_body(kind: MessageType, body: &[u8]) -> Result<Message<'_>, DecodeError> {
+    match kind {
+        MessageType::Data if body.is_empty() || body.len() > MAX_PACKET => Err(DecodeError::BadLength),
+        MessageType::Data => Ok(Message::Data(body)),
+        MessageType::RouteNotFound => {
+            let octets: [u8; 4] = body.try_into().map_err(|_| DecodeError::BadLength)?;
+            Ok(Message::RouteNotFound(Ipv4Addr::from(octets)))
+        }
+        MessageType::Keepalive if body.is_empty() => Ok(Message::Keepalive),
+        MessageType::Keepalive => Err(DecodeError::BadLength),
+    }
+}
+
+pub fn write_header(buf: &mut [u8], kind: MessageType, sender: NodeId, sealed: bool) {
     buf[0] = VERSION;
     buf[1] = kind as u8;
-    buf[2] = 0;
+    buf[2] = if sealed { FLAG_SEALED } else { 0 };
     buf[3] = 0;
     buf[4..HEADER_LEN].copy_from_slice(&sender.0.to_be_bytes());
 }
 
-/// Encodes a route-not-found answer into `buf`, returning its length.
-pub fn encode_route_not_found(buf: &mut [u8; HEADER_LEN + 4], sender: NodeId, missing: Ipv4Addr) -> usize {
-    write_header(buf, MessageType::RouteNotFound, sender);
-    buf[HEADER_LEN..].copy_from_slice(&missing.octets());
-    buf.len()
-}
-
-pub fn encode_keepalive(buf: &mut [u8; HEADER_LEN], sender: NodeId) -> usize {
-    write_header(buf, MessageType::Keepalive, sender);
-    HEADER_LEN
-}
-
-/// Decodes a received datagram; `Data` borrows the packet in place.
+/// Decodes an unsealed datagram; `Data` borrows the packet in place.
+#[cfg(test)]
 pub fn decode(datagram: &[u8]) -> Result<(NodeId, Message<'_>), DecodeError> {
-    if datagram.len() < HEADER_LEN {
-        return Err(DecodeError::TooShort);
+    let header = decode_header(datagram)?;
+    if header.sealed {
+        return Err(DecodeError::BadLength);
     }
-    if datagram[0] != VERSION || datagram[2] != 0 || datagram[3] != 0 {
-        return Err(DecodeError::UnknownVersion);
-    }
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&datagram[4..HEADER_LEN]);
-    let sender = NodeId(u64::from_be_bytes(id));
-    let body = &datagram[HEADER_LEN..];
-    let message = match datagram[1] {
-        t if t == MessageType::Data as u8 => {
-            if body.is_empty() || body.len() > MAX_PACKET {
-                return Err(DecodeError::BadLength);
-            }
-            Message::Data(body)
-        }
-        t if t == MessageType::RouteNotFound as u8 => {
-            let octets: [u8; 4] = body.try_into().map_err(|_| DecodeError::BadLength)?;
-            Message::RouteNotFound(Ipv4Addr::from(octets))
-        }
-        t if t == MessageType::Keepalive as u8 => {
-            if !body.is_empty() {
-                return Err(DecodeError::BadLength);
-            }
-            Message::Keepalive
-        }
-        _ => return Err(DecodeError::UnknownType),
-    };
-    Ok((sender, message))
+    Ok((header.sender, decode_body(header.kind, &datagram[HEADER_LEN..])?))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +115,9 @@ pub struct Peer {
     pub last_data: Duration,
     /// Last datagram of any kind we sent.
     pub last_tx: Duration,
+    /// Counters of sealed messages seen from this peer. Lost when the peer is evicted or idles out; the sender's
+    /// counter keeps rising, so old messages stay useless only while they are older than the new window.
+    pub replay: ReplayWindow,
 }
 
 /// Peers we exchanged data with recently, bounded (LRU) so state cannot grow without limit.
@@ -131,7 +143,7 @@ impl PeerTable {
             peer.endpoint = endpoint;
             return false;
         }
-        self.peers.push(id, Peer { endpoint, last_data: now, last_tx: now }).is_some()
+        self.peers.push(id, Peer { endpoint, last_data: now, last_tx: now, replay: ReplayWindow::default() }).is_some()
     }
 
     /// Notes a data packet received from `id`; returns true when another peer was evicted to make room.
@@ -140,7 +152,14 @@ impl PeerTable {
             peer.last_data = now;
             return false;
         }
-        self.peers.push(id, Peer { endpoint, last_data: now, last_tx: Duration::ZERO }).is_some()
+        self.peers
+            .push(id, Peer { endpoint, last_data: now, last_tx: Duration::ZERO, replay: ReplayWindow::default() })
+            .is_some()
+    }
+
+    /// Whether a sealed message's counter from a known peer is new (not a replay).
+    pub fn accept_counter(&mut self, id: NodeId, counter: u64) -> bool {
+        self.peers.get_mut(&id).is_some_and(|peer| peer.replay.accept(counter))
     }
 
     /// Drops peers without data for longer than the idle timeout; returns how many.
@@ -174,22 +193,28 @@ mod tests {
     fn round_trips() {
         let me = NodeId(0x0102_0304_0506_0708);
         let mut buf = [0u8; HEADER_LEN + 3];
-        write_header(&mut buf, MessageType::Data, me);
+        write_header(&mut buf, MessageType::Data, me, false);
         buf[HEADER_LEN..].copy_from_slice(b"abc");
         assert_eq!(decode(&buf), Ok((me, Message::Data(b"abc"))));
         let mut rnf = [0u8; HEADER_LEN + 4];
-        let len = encode_route_not_found(&mut rnf, me, Ipv4Addr::new(10, 16, 0, 66));
-        assert_eq!(decode(&rnf[..len]), Ok((me, Message::RouteNotFound(Ipv4Addr::new(10, 16, 0, 66)))));
+        write_header(&mut rnf, MessageType::RouteNotFound, me, false);
+        rnf[HEADER_LEN..].copy_from_slice(&[10, 16, 0, 66]);
+        assert_eq!(decode(&rnf), Ok((me, Message::RouteNotFound(Ipv4Addr::new(10, 16, 0, 66)))));
         let mut keepalive = [0u8; HEADER_LEN];
-        encode_keepalive(&mut keepalive, me);
+        write_header(&mut keepalive, MessageType::Keepalive, me, true);
+        let header = decode_header(&keepalive).unwrap();
+        assert!(header.sealed && header.kind == MessageType::Keepalive && header.sender == me);
+        keepalive[2] = 0;
         assert_eq!(decode(&keepalive), Ok((me, Message::Keepalive)));
+        keepalive[2] = 4;
+        assert_eq!(decode(&keepalive), Err(DecodeError::UnknownVersion), "unknown flags");
     }
 
     #[test]
     fn rejects_garbage() {
         assert_eq!(decode(&[1, 1, 0]), Err(DecodeError::TooShort));
         let mut buf = [0u8; HEADER_LEN + 4];
-        write_header(&mut buf, MessageType::Data, NodeId(1));
+        write_header(&mut buf, MessageType::Data, NodeId(1), false);
         buf[0] = 2;
         assert_eq!(decode(&buf), Err(DecodeError::UnknownVersion));
         buf[0] = VERSION;
@@ -201,7 +226,7 @@ mod tests {
         assert_eq!(decode(&buf[..HEADER_LEN]), Err(DecodeError::BadLength));
         let oversized = vec![0u8; HEADER_LEN + MAX_PACKET + 1];
         let mut oversized = oversized;
-        write_header(&mut oversized, MessageType::Data, NodeId(1));
+        write_header(&mut oversized, MessageType::Data, NodeId(1), false);
         assert_eq!(decode(&oversized), Err(DecodeError::BadLength));
     }
 
