@@ -773,6 +773,11 @@ impl Node {
             orphaned_from,
             term,
         };
+        if purpose != AttachPurpose::Direct {
+            // Recovery is on the clock (re-attach within 3 s): send twice, so that one lost message does not
+            // cost an attach timeout and a detour to the next candidate. Attach is idempotent.
+            self.send(target, Message::Attach(Box::new(attach.clone())));
+        }
         self.send(target, Message::Attach(Box::new(attach)));
         self.pending = Pending::Attach { target, deadline: now + self.config.attach_timeout, purpose };
     }
