@@ -1,7 +1,6 @@
 //! Duplicate suppression: a sliding window of recently seen message ids per sender (as in IPsec anti-replay).
 
 use crate::id::NodeId;
-use std::collections::HashMap;
 
 /// Ids this far behind the newest one are taken as a restarted sender (new random id base), not a replay.
 const RESTART_GAP: u64 = 1 << 20;
@@ -14,27 +13,42 @@ struct Window {
     seen: u64,
 }
 
-/// Whether a message id is new. Bounded: remembers at most `max_senders` senders, forgetting arbitrary ones beyond.
+/// Whether a message id is new. Bounded: remembers at most `max_senders` senders, forgetting the least recently
+/// heard beyond. A node hears from few peers (parent, children, a few siblings), so a short list scanned linearly
+/// is faster than a hash map here.
 #[derive(Debug)]
 pub struct Dedup {
-    windows: HashMap<NodeId, Window>,
+    windows: Vec<(NodeId, Window, u64)>,
     max_senders: usize,
+    clock: u64,
 }
 
 impl Dedup {
     pub fn new(max_senders: usize) -> Self {
-        Dedup { windows: HashMap::new(), max_senders: max_senders.max(1) }
+        Dedup { windows: Vec::new(), max_senders: max_senders.max(1), clock: 0 }
     }
 
     /// `true` when `id` from `from` was not seen before (and records it).
     pub fn check(&mut self, from: NodeId, id: u64) -> bool {
-        if !self.windows.contains_key(&from) && self.windows.len() >= self.max_senders {
-            // Forget one sender; its next duplicate (rare, and harmless: handlers are idempotent) may slip through.
-            if let Some(victim) = self.windows.keys().next().copied() {
-                self.windows.remove(&victim);
+        self.clock += 1;
+        let slot = match self.windows.iter().position(|(sender, ..)| *sender == from) {
+            Some(i) => i,
+            None => {
+                let fresh = (from, Window { newest: id, seen: 0 }, 0);
+                if self.windows.len() < self.max_senders {
+                    self.windows.push(fresh);
+                    self.windows.len() - 1
+                } else {
+                    // Forget the least recently heard sender; its next duplicate (rare, and harmless: handlers are
+                    // idempotent) may slip through.
+                    let oldest = (0..self.windows.len()).min_by_key(|&i| self.windows[i].2).unwrap_or(0);
+                    self.windows[oldest] = fresh;
+                    oldest
+                }
             }
-        }
-        let w = self.windows.entry(from).or_insert(Window { newest: id, seen: 0 });
+        };
+        self.windows[slot].2 = self.clock;
+        let w = &mut self.windows[slot].1;
         if w.seen == 0 {
             w.newest = id;
             w.seen = 1;

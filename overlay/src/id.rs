@@ -9,7 +9,7 @@ pub const MAX_ID_LEN: usize = 48;
 /// A node's identity: the raw bytes of its libp2p `PeerId` in the agent, a short counter in the simulator.
 ///
 /// Stored inline (no heap) and `Copy`, because member lists and routes carry many of them.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy)]
 pub struct NodeId {
     len: u8,
     bytes: [u8; MAX_ID_LEN],
@@ -33,6 +33,35 @@ impl NodeId {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
+    }
+}
+
+// Compare and hash only the used bytes: ids are compared and hashed on every message, and most are far shorter
+// than the inline buffer.
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for NodeId {}
+
+impl std::hash::Hash for NodeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.as_bytes());
+    }
+}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Lexicographic on the bytes.
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 

@@ -345,7 +345,7 @@ impl Node {
             replaced: VecDeque::new(),
             relays: Vec::new(),
             probe_seq: 0,
-            dedup: Dedup::new(4096),
+            dedup: Dedup::new(64),
             next_tick: first_tick,
             counters: Counters::default(),
             last_role: (Role::Detached, 0),
