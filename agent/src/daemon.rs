@@ -7,7 +7,7 @@
 use crate::api;
 use crate::cli::GlobalArgs;
 use crate::dataplane::routes::RouteTable;
-use crate::dataplane::{DataPlane, DataPlaneConfig};
+use crate::dataplane::{AttachRequest, AttachTarget, Attachment, DataPlane, DataPlaneConfig};
 use crate::persist::{self, KeySource, StateStore};
 use crate::runtime::behaviour::{SwarmOptions, build_swarm};
 use crate::runtime::driver::{Driver, DriverConfig, Mode};
@@ -288,8 +288,10 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
 
     let handle = Handle::new(requests_tx);
     let mut router = runtime::api::router(handle);
+    let mut services_task = None;
     if let Some(dataplane) = &dataplane {
         router = router.merge(dataplane.router());
+        services_task = Some(tokio::spawn(keep_services(dataplane.clone(), StateStore::new(data_dir))));
     }
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(api::server::serve(api_listener, router, async {
@@ -298,6 +300,9 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
 
     let result = driver.run(shutdown_signal()).await;
     let _ = stop_api.send(());
+    if let Some(task) = services_task {
+        task.abort();
+    }
     if let Ok(Err(err)) = api_task.await {
         tracing::warn!("{err:#}");
     }
@@ -332,6 +337,77 @@ async fn start_dataplane(settings: &Settings, node_name: &str) -> anyhow::Result
     }
     tracing::info!(%subnet, tunnel_port = settings.tunnel_port, "data plane running");
     Ok(Some(dataplane))
+}
+
+/// What the state file keeps of an attached service: enough to attach it again.
+fn saved_services(attachments: &[Attachment]) -> Vec<serde_json::Value> {
+    attachments
+        .iter()
+        .filter_map(|a| {
+            let target = match (&a.target, &a.netns_name) {
+                // A namespace the agent created outlives a crash of the agent: find it again by name.
+                (AttachTarget::Create { owner_pid }, Some(name)) => {
+                    serde_json::json!({"create": {"owner_pid": owner_pid, "netns": name}})
+                }
+                (target, _) => serde_json::to_value(target).ok()?,
+            };
+            Some(serde_json::json!({"service": a.service, "instance": a.instance, "target": target}))
+        })
+        .collect()
+}
+
+/// The saved services that can still be attached: their process or namespace still exists.
+fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
+    let process_alive = |pid: u64| Path::new(&format!("/proc/{pid}")).exists();
+    let netns_exists = |name: &str| Path::new("/run/netns").join(name).exists();
+    saved
+        .iter()
+        .filter_map(|entry| {
+            let service = entry["service"].as_str()?.to_string();
+            let instance = u32::try_from(entry["instance"].as_u64()?).ok()?;
+            let target = &entry["target"];
+            let target = if let Some(created) = target.get("create") {
+                let name = created["netns"].as_str()?;
+                (process_alive(created["owner_pid"].as_u64()?) && netns_exists(name))
+                    .then(|| AttachTarget::Netns(name.to_string()))?
+            } else {
+                match serde_json::from_value::<AttachTarget>(target.clone()).ok()? {
+                    AttachTarget::Pid(pid) if process_alive(pid.into()) => AttachTarget::Pid(pid),
+                    AttachTarget::Netns(name) if netns_exists(&name) => AttachTarget::Netns(name),
+                    _ => return None,
+                }
+            };
+            Some(AttachRequest { service, instance, target })
+        })
+        .collect()
+}
+
+/// Re-attaches the services of the previous run, then keeps the state file's service list in step with the data
+/// plane (checked every few seconds), so a restart after a crash finds them again.
+async fn keep_services(dataplane: DataPlane, store: StateStore) {
+    let saved = store.load().map(|s| s.services).unwrap_or_default();
+    for request in restorable(&saved) {
+        let name = format!("{} instance {}", request.service, request.instance);
+        match dataplane.attach(request).await {
+            Ok(_) => tracing::info!("re-attached {name}"),
+            Err(err) => tracing::warn!("cannot re-attach {name}: {err:#}"),
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tick.tick().await;
+        let services = saved_services(&dataplane.attachments().await);
+        match store.load() {
+            Ok(mut state) if state.services != services => {
+                state.services = services;
+                if let Err(err) = store.save(&state) {
+                    tracing::warn!("cannot save attached services: {err:#}");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!("{err:#}"),
+        }
+    }
 }
 
 fn print_join_hint(driver: &Driver, data_dir: &Path, key: &crate::runtime::admission::NetworkKey, source: &KeySource) {
@@ -396,6 +472,39 @@ mod tests {
         assert!(err.to_string().contains("neither a multiaddr"), "{err}");
         let err = resolve_bootstrap("host:port").await.unwrap_err();
         assert!(err.to_string().contains("not a number"), "{err}");
+    }
+
+    #[test]
+    fn services_are_saved_and_restored_only_while_their_namespace_lives() {
+        let attachment = |target: AttachTarget, netns_name: Option<&str>| Attachment {
+            service: "app.ns.web.ns".into(),
+            instance: 1,
+            namespace_ip: [10, 16, 0, 2].into(),
+            instance_ip: [10, 30, 0, 9].into(),
+            gateway: [10, 16, 0, 1].into(),
+            mtu: 1400,
+            netns_path: "/proc/1/ns/net".into(),
+            netns_name: netns_name.map(str::to_string),
+            resolv_conf: None,
+            host_interface: "cnph0".into(),
+            target,
+        };
+        let me = std::process::id();
+        let saved = saved_services(&[
+            attachment(AttachTarget::Pid(me), None),
+            attachment(AttachTarget::Pid(u32::MAX - 1), None),
+            attachment(AttachTarget::Netns("canopy-test-no-such-ns".into()), None),
+            attachment(AttachTarget::Create { owner_pid: me }, Some("canopy-test-no-such-ns")),
+        ]);
+        assert_eq!(saved.len(), 4);
+        assert_eq!(saved[3]["target"]["create"]["netns"], "canopy-test-no-such-ns");
+        // Only the living process comes back; the dead one and the missing namespaces do not.
+        let back = restorable(&saved);
+        assert_eq!(
+            back,
+            vec![AttachRequest { service: "app.ns.web.ns".into(), instance: 1, target: AttachTarget::Pid(me) }]
+        );
+        assert!(restorable(&[serde_json::json!({"service": 3})]).is_empty());
     }
 
     #[test]

@@ -370,14 +370,18 @@ fn bad_input_gives_one_clear_error_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no agent is running"));
 }
 
+fn status_kb(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// Resident memory (kB) and CPU time (seconds) of a process, from /proc.
 fn rss_and_cpu(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let rss_kb = status_kb(&status, "VmRSS:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may hold spaces) start at field 3; utime and stime are 14 and 15.
     let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
@@ -415,7 +419,15 @@ fn idle_footprint() {
     for (i, name) in ["root", "leaf"].iter().enumerate() {
         let cpu_percent = (after[i].1 - before[i].1) / window.as_secs_f64() * 100.0;
         let rss_mb = after[i].0 as f64 / 1024.0;
-        eprintln!("{name}: RSS {rss_mb:.1} MB, CPU {cpu_percent:.3}% over {window:?} idle ({})", agent_bin());
+        // RSS splits into private memory (heap, stacks) and pages of the mapped binary (clean, shared, reclaimable).
+        let status = std::fs::read_to_string(format!("/proc/{}/status", pids[i])).unwrap();
+        let anon_mb = status_kb(&status, "RssAnon:") as f64 / 1024.0;
+        let file_mb = status_kb(&status, "RssFile:") as f64 / 1024.0;
+        eprintln!(
+            "{name}: RSS {rss_mb:.1} MB (anonymous {anon_mb:.1} MB, binary/file pages {file_mb:.1} MB), \
+             CPU {cpu_percent:.3}% over {window:?} idle ({})",
+            agent_bin()
+        );
         report.push((rss_mb, cpu_percent));
     }
     // Still one tree after the idle minute.
