@@ -15,6 +15,7 @@
 
 pub mod dedup;
 pub mod failure;
+pub mod grids;
 pub mod id;
 pub mod join;
 pub mod membership;

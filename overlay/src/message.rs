@@ -1,5 +1,6 @@
 //! Wire messages between overlay nodes: serde types encoded as CBOR (ciborium), versioned, size-limited.
 
+use crate::grids::{GroupGrids, PlacementCandidate, PlacementQuery, SubtreeGrid};
 use crate::id::NodeId;
 use crate::node::NodeInfo;
 use crate::rank::Rank;
@@ -74,6 +75,13 @@ pub enum Message {
     },
     /// I am leaving you (a child leaving its parent, or a parent dropping a child that attached elsewhere).
     Leaving,
+    /// A placement search walking the tree (see `grids`).
+    PlacementQuery(Box<PlacementQuery>),
+    /// A machine that fits a placement query, sent straight to the query's origin.
+    PlacementAnswer {
+        query: u64,
+        candidate: Box<PlacementCandidate>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +169,9 @@ pub struct Heartbeat {
     pub view: Option<View>,
     /// The group's address block (filled in by the routes issue).
     pub address_block: Option<Ipv4Net>,
+    /// The children's subtree grids and the grid of the rest of the tree, when one changed (see `grids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grids: Option<Box<GroupGrids>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,6 +180,9 @@ pub struct Report {
     pub view_version: u64,
     pub rank: Rank,
     pub summary: Summary,
+    /// The child's subtree grid, when it changed significantly or is due for a refresh (see `grids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<SubtreeGrid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +190,9 @@ pub struct NotYourChild {
     /// Set when the receiver was replaced by a successor: it must step down.
     pub replaced_by: Option<NodeInfo>,
     pub term: u64,
+    /// `false` when the sender is not in a tree at all (it restarted and lost its state): its old children
+    /// treat it as failed and run succession.
+    pub in_tree: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,8 +261,22 @@ impl Message {
                 check_info(&a.info)?;
                 summary_ok(&a.summary)
             }
-            Message::Heartbeat(h) => h.view.as_ref().map_or(Ok(()), check_view),
-            Message::Report(r) => summary_ok(&r.summary),
+            Message::Heartbeat(h) => {
+                if h.grids.as_ref().is_some_and(|g| !g.is_valid()) {
+                    return Err("invalid group grids");
+                }
+                h.view.as_ref().map_or(Ok(()), check_view)
+            }
+            Message::Report(r) => {
+                if r.grid.as_ref().is_some_and(|g| !g.is_valid()) {
+                    return Err("invalid subtree grid");
+                }
+                summary_ok(&r.summary)
+            }
+            Message::PlacementQuery(q) => q.is_valid().then_some(()).ok_or("invalid placement query"),
+            Message::PlacementAnswer { candidate, .. } => {
+                candidate.is_valid().then_some(()).ok_or("invalid placement candidate")
+            }
             Message::NotYourChild(n) => n.replaced_by.as_ref().map_or(Ok(()), check_info),
             Message::Redirect { to } => check_info(to),
             Message::Handover { ancestors, .. } => {
@@ -319,9 +350,10 @@ mod tests {
                 view_version: 3,
                 view: Some(view),
                 address_block: Some("10.17.0.0/20".parse().unwrap()),
+                grids: None,
             }),
-            Message::Report(Report { view_version: 3, rank, summary }),
-            Message::NotYourChild(Box::new(NotYourChild { replaced_by: Some(info(5)), term: 2 })),
+            Message::Report(Report { view_version: 3, rank, summary, grid: None }),
+            Message::NotYourChild(Box::new(NotYourChild { replaced_by: Some(info(5)), term: 2, in_tree: true })),
             Message::Probe { seq: 1 },
             Message::ProbeAck { seq: 1 },
             Message::ProbeRequest { target: NodeId::from_u64(1), seq: 2 },
@@ -329,6 +361,47 @@ mod tests {
             Message::Redirect { to: Box::new(info(4)) },
             Message::Handover { term: 5, ancestors: vec![info(1)] },
             Message::Leaving,
+            Message::Report(Report {
+                view_version: 3,
+                rank,
+                summary,
+                grid: Some(SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity }),
+            }),
+            Message::Heartbeat(Heartbeat {
+                term: 1,
+                view_version: 3,
+                view: None,
+                address_block: None,
+                grids: Some(Box::new(GroupGrids {
+                    members: vec![(
+                        NodeId::from_u64(2),
+                        SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity },
+                    )],
+                    outside: Some(Box::new(canopy_policies::CapacityGrid::merge(&[
+                        canopy_policies::GridInput::Node { position: Position::new(3.0, 4.0), free: info(3).capacity },
+                    ]))),
+                })),
+            }),
+            Message::PlacementQuery(Box::new(PlacementQuery {
+                id: 1,
+                origin: NodeId::from_u64(2),
+                origin_addrs: vec!["sim:2".into()],
+                near: Position::new(48.0, 11.0),
+                demand: Capacity::new(1.0, 512.0, 0.0),
+                want: 3,
+                descending: false,
+                hops: 0,
+            })),
+            Message::PlacementAnswer {
+                query: 1,
+                candidate: Box::new(PlacementCandidate {
+                    node: NodeId::from_u64(3),
+                    addrs: vec![],
+                    position: Position::new(48.0, 11.0),
+                    free: info(3).capacity,
+                    distance_km: 0.0,
+                }),
+            },
         ]
     }
 
@@ -347,11 +420,16 @@ mod tests {
 
     #[test]
     fn periodic_heartbeat_and_report_are_small() {
-        let hb = env(Message::Heartbeat(Heartbeat { term: 3, view_version: 9, view: None, address_block: None }));
+        let hb = env(Message::Heartbeat(Heartbeat { term: 3, view_version: 9, view: None, address_block: None, grids: None }));
         assert!(hb.encode().len() < 128, "{} bytes", hb.encode().len());
         let rank = Rank::new(NodeId::from_u64(2), true, &info(2).capacity, Duration::from_secs(5));
         let rep =
-            env(Message::Report(Report { view_version: 9, rank, summary: Summary::leaf(Position::new(1.0, 2.0)) }));
+            env(Message::Report(Report {
+            view_version: 9,
+            rank,
+            summary: Summary::leaf(Position::new(1.0, 2.0)),
+            grid: None,
+        }));
         assert!(rep.encode().len() < 256, "{} bytes", rep.encode().len());
     }
 
@@ -384,7 +462,7 @@ mod tests {
         }
 
         #[test]
-        fn corrupted_messages_never_panic(idx in 0usize..14, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        fn corrupted_messages_never_panic(idx in 0usize..18, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
             let mut bytes = env(samples()[idx].clone()).encode();
             for (pos, val) in flips {
                 let n = bytes.len();

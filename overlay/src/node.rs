@@ -381,6 +381,11 @@ impl Node {
         }
     }
 
+    /// Attached, root, or holding a subtree while recovering.
+    fn in_tree(&self) -> bool {
+        self.parent.is_some() || self.is_root || self.orphan.is_some() || !self.children.is_empty()
+    }
+
     pub fn parent(&self) -> Option<NodeId> {
         self.parent.as_ref().map(|p| p.info.id)
     }
@@ -855,7 +860,14 @@ impl Node {
     fn on_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
         let Some(p) = self.parent.as_mut().filter(|p| p.info.id == from) else {
             self.counters.from_non_members += 1;
-            self.send(from, Message::NotYourChild(Box::new(NotYourChild { replaced_by: None, term: self.term })));
+            self.send(
+                from,
+                Message::NotYourChild(Box::new(NotYourChild {
+                    replaced_by: None,
+                    term: self.term,
+                    in_tree: self.in_tree(),
+                })),
+            );
             return;
         };
         p.detector.heard(now);
@@ -885,8 +897,8 @@ impl Node {
             self.counters.from_non_members += 1;
             let replaced = self.replaced.iter().rev().find(|(old, _, _)| *old == from);
             let reply = match replaced {
-                Some((_, by, term)) => NotYourChild { replaced_by: Some(by.clone()), term: *term },
-                None => NotYourChild { replaced_by: None, term: self.term },
+                Some((_, by, term)) => NotYourChild { replaced_by: Some(by.clone()), term: *term, in_tree: true },
+                None => NotYourChild { replaced_by: None, term: self.term, in_tree: self.in_tree() },
             };
             self.send(from, Message::NotYourChild(Box::new(reply)));
             return;
@@ -918,6 +930,8 @@ impl Node {
         }
         match n.replaced_by {
             Some(successor) if successor.id != self.info.id => self.step_down(now, successor),
+            // Our parent restarted and lost its state: as good as crashed, so the group elects a successor.
+            _ if !n.in_tree => self.parent_failed(now, from),
             _ => {
                 // Our parent dropped us (missed reports): attach to it again directly.
                 self.parent = None;

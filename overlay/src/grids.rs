@@ -1,0 +1,692 @@
+//! Capacity grids carried on the tree (VineIO, section 3.1.2), and the placement walk that uses them.
+//!
+//! What a node holds:
+//! - its own free capacity (set by the agent from measurements, or by the simulator);
+//! - the last subtree grid each child reported;
+//! - from its parent: its siblings' subtree grids and one grid of everything outside the parent's subtree (the
+//!   parent itself included), so the grids a node holds cover the whole tree exactly once;
+//! - its merged subtree grid (children plus itself), which it reports up.
+//!
+//! Traffic stays bounded by the fanout, not by the tree size: a node reports its subtree grid only when it changed
+//! significantly or every `refresh_every` reports (so a lost report heals), and a parent sends its children the
+//! group's grids (one entry per child plus one outside grid) only when one of them changed or on the same refresh.
+//! A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
+//!
+//! Placement (VineIO's migration/replication target search) walks the tree: a query climbs while the outside grid
+//! holds a nearer region that can host the demand than the node's own subtree, then descends into the children
+//! whose grids have the nearest fitting regions; every machine that fits answers the origin directly.
+
+use crate::Time;
+use crate::id::NodeId;
+use canopy_policies::{Capacity, CapacityGrid, DEFAULT_GRID_SIZE, GridInput, MAX_GRID_SIZE, Position};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Children a placement query descends into at each coordinator (besides the coordinator itself).
+pub const PLACEMENT_FANOUT: usize = 3;
+/// Most candidates one placement query asks for.
+pub const MAX_PLACEMENT_WANT: u8 = 32;
+/// Placement queries travelling further than this are dropped.
+const MAX_PLACEMENT_HOPS: u8 = 64;
+/// Open placement queries a node keeps as origin; older ones are answered early.
+const MAX_OPEN_QUERIES: usize = 64;
+
+/// Tunables for grid exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GridConfig {
+    /// Cells per side of the grids this node builds.
+    pub size: u16,
+    /// Relative change that makes a grid worth resending (see `CapacityGrid::differs_significantly`).
+    pub threshold: f64,
+    /// Resend unchanged grids after this many reports/heartbeats, so a lost one heals.
+    pub refresh_every: u32,
+    /// How long the origin of a placement query collects answers.
+    pub placement_timeout: Duration,
+}
+
+impl Default for GridConfig {
+    fn default() -> Self {
+        Self { size: DEFAULT_GRID_SIZE, threshold: 0.1, refresh_every: 10, placement_timeout: Duration::from_secs(1) }
+    }
+}
+
+/// A subtree's capacity as it travels: a leaf sends only itself, a coordinator its merged grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SubtreeGrid {
+    Node { position: Position, free: Capacity },
+    Grid(Box<CapacityGrid>),
+}
+
+impl SubtreeGrid {
+    fn input(&self) -> GridInput<'_> {
+        match self {
+            SubtreeGrid::Node { position, free } => GridInput::Node { position: *position, free: *free },
+            SubtreeGrid::Grid(grid) => GridInput::Grid(grid),
+        }
+    }
+
+    /// As a grid (a single node becomes a one-node grid at the finest level).
+    pub fn to_grid(&self, size: u16) -> CapacityGrid {
+        match self {
+            SubtreeGrid::Node { .. } => CapacityGrid::merge_sized(size, &[self.input()]),
+            SubtreeGrid::Grid(grid) => (**grid).clone(),
+        }
+    }
+
+    /// Grids are validated when decoded; a single node needs a finite position and capacity.
+    pub fn is_valid(&self) -> bool {
+        match self {
+            SubtreeGrid::Node { position, free } => {
+                position.normalized().is_some() && free.to_array().iter().all(|v| v.is_finite() && *v >= 0.0)
+            }
+            SubtreeGrid::Grid(_) => true,
+        }
+    }
+
+    /// The nearest region (or the node itself) that may host `demand`, as a distance from `near`.
+    pub fn nearest_fit_km(&self, near: Position, demand: &Capacity) -> Option<f64> {
+        match self {
+            SubtreeGrid::Node { position, free } => free.fits(demand).then(|| near.distance_km(position)),
+            SubtreeGrid::Grid(grid) => grid.nearest_region_for(near, demand).map(|(_, d)| d),
+        }
+    }
+
+    /// Whether `other` is worth sending instead of `self`.
+    fn differs_significantly(&self, other: &SubtreeGrid, threshold: f64) -> bool {
+        match (self, other) {
+            (SubtreeGrid::Node { position: p1, free: a }, SubtreeGrid::Node { position: p2, free: b }) => {
+                p1 != p2
+                    || a.to_array().iter().zip(b.to_array()).any(|(x, y)| (x - y).abs() > threshold * x.max(y))
+                    // Crossing the "saturated" line always matters to the policies.
+                    || a.fits(&Capacity::MIN_USEFUL) != b.fits(&Capacity::MIN_USEFUL)
+            }
+            (SubtreeGrid::Grid(a), SubtreeGrid::Grid(b)) => a.differs_significantly(b, threshold),
+            _ => true,
+        }
+    }
+}
+
+/// What a parent sends its children: every child's subtree, and everything else.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupGrids {
+    /// Each child's subtree (the receiver's own among them).
+    pub members: Vec<(NodeId, SubtreeGrid)>,
+    /// The rest of the tree: the sender itself, its siblings' subtrees and what lies outside its parent.
+    pub outside: Option<Box<CapacityGrid>>,
+}
+
+impl GroupGrids {
+    pub fn is_valid(&self) -> bool {
+        self.members.len() <= crate::message::MAX_MEMBERS && self.members.iter().all(|(_, g)| g.is_valid())
+    }
+}
+
+/// A placement query as it walks the tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementQuery {
+    /// Unique per origin.
+    pub id: u64,
+    pub origin: NodeId,
+    /// The origin's addresses, so the answering machines can reach it.
+    pub origin_addrs: Vec<String>,
+    pub near: Position,
+    pub demand: Capacity,
+    /// How many candidates the origin wants.
+    pub want: u8,
+    pub descending: bool,
+    pub hops: u8,
+}
+
+impl PlacementQuery {
+    pub fn is_valid(&self) -> bool {
+        self.near.normalized().is_some()
+            && self.demand.to_array().iter().all(|v| v.is_finite() && *v >= 0.0)
+            && self.origin_addrs.len() <= crate::message::MAX_ADDRS
+            && self.origin_addrs.iter().all(|a| a.len() <= crate::message::MAX_ADDR_LEN)
+    }
+}
+
+/// One machine that can host the demand, as found by a placement query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementCandidate {
+    pub node: NodeId,
+    pub addrs: Vec<String>,
+    pub position: Position,
+    pub free: Capacity,
+    /// From the query's `near` position.
+    pub distance_km: f64,
+}
+
+impl PlacementCandidate {
+    pub fn is_valid(&self) -> bool {
+        self.position.normalized().is_some()
+            && self.distance_km.is_finite()
+            && self.free.to_array().iter().all(|v| v.is_finite())
+            && self.addrs.len() <= crate::message::MAX_ADDRS
+            && self.addrs.iter().all(|a| a.len() <= crate::message::MAX_ADDR_LEN)
+    }
+}
+
+/// Where a node sends a placement query it received (or started).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementStep {
+    /// Forward the query here (to the parent while climbing, to children while descending).
+    pub forward: Vec<(NodeId, PlacementQuery)>,
+    /// This node fits the demand: answer the origin with this.
+    pub answer: Option<PlacementCandidate>,
+}
+
+/// Counters for `agent status` and the simulator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GridCounters {
+    pub reports_with_grid: u64,
+    pub groups_sent: u64,
+    pub grids_received: u64,
+    pub rejected: u64,
+}
+
+struct OpenQuery {
+    id: u64,
+    deadline: Time,
+    want: usize,
+    found: Vec<PlacementCandidate>,
+}
+
+/// Grid state of one node. Pure: the node calls in on reports, heartbeats and ticks.
+pub struct Grids {
+    config: GridConfig,
+    position: Position,
+    own_free: Capacity,
+    children: Vec<(NodeId, SubtreeGrid)>,
+    siblings: Vec<(NodeId, SubtreeGrid)>,
+    outside: Option<CapacityGrid>,
+    subtree: Option<CapacityGrid>,
+    /// What we last reported, to whom, and how many reports ago.
+    sent_up: Option<(NodeId, SubtreeGrid)>,
+    reports_since_sent: u32,
+    /// What we last sent our children: member ids and the outside grid.
+    group_dirty: bool,
+    sent_members: Vec<NodeId>,
+    sent_outside: Option<CapacityGrid>,
+    heartbeats_since_group: u32,
+    held: Option<Vec<CapacityGrid>>,
+    open: Vec<OpenQuery>,
+    next_query: u64,
+    counters: GridCounters,
+}
+
+impl Grids {
+    pub fn new(config: GridConfig, position: Position, own_free: Capacity) -> Self {
+        let config = GridConfig { size: config.size.clamp(1, MAX_GRID_SIZE), ..config };
+        Self {
+            config,
+            position,
+            own_free: own_free.sanitized(),
+            children: Vec::new(),
+            siblings: Vec::new(),
+            outside: None,
+            subtree: None,
+            sent_up: None,
+            reports_since_sent: 0,
+            group_dirty: true,
+            sent_members: Vec::new(),
+            sent_outside: None,
+            heartbeats_since_group: 0,
+            held: None,
+            open: Vec::new(),
+            next_query: 1,
+            counters: GridCounters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &GridConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> &GridCounters {
+        &self.counters
+    }
+
+    pub fn own_free(&self) -> Capacity {
+        self.own_free
+    }
+
+    fn changed(&mut self) {
+        self.subtree = None;
+        self.held = None;
+    }
+
+    /// New measurement (or override) of this machine's free capacity.
+    pub fn set_own_free(&mut self, free: Capacity) {
+        self.own_free = free.sanitized();
+        self.changed();
+    }
+
+    pub fn set_position(&mut self, position: Position) {
+        if position.normalized().is_some() && position != self.position {
+            self.position = position;
+            self.changed();
+        }
+    }
+
+    fn own_input(&self) -> GridInput<'static> {
+        GridInput::Node { position: self.position, free: self.own_free }
+    }
+
+    /// This node's subtree: its own capacity merged with its children's grids.
+    pub fn subtree(&mut self) -> &CapacityGrid {
+        if self.subtree.is_none() {
+            let mut inputs = vec![self.own_input()];
+            inputs.extend(self.children.iter().map(|(_, g)| g.input()));
+            self.subtree = Some(CapacityGrid::merge_sized(self.config.size, &inputs));
+        }
+        self.subtree.as_ref().expect("just computed")
+    }
+
+    fn subtree_payload(&mut self) -> SubtreeGrid {
+        if self.children.is_empty() {
+            SubtreeGrid::Node { position: self.position, free: self.own_free }
+        } else {
+            SubtreeGrid::Grid(Box::new(self.subtree().clone()))
+        }
+    }
+
+    /// The grid to put in this tick's report to `parent`, when it is due: first report to this parent, a
+    /// significant change, or the periodic refresh.
+    pub fn report_grid(&mut self, parent: NodeId) -> Option<SubtreeGrid> {
+        let current = self.subtree_payload();
+        self.reports_since_sent += 1;
+        let due = match &self.sent_up {
+            None => true,
+            Some((to, sent)) => {
+                *to != parent
+                    || self.reports_since_sent >= self.config.refresh_every
+                    || sent.differs_significantly(&current, self.config.threshold)
+            }
+        };
+        if !due {
+            return None;
+        }
+        self.reports_since_sent = 0;
+        self.sent_up = Some((parent, current.clone()));
+        self.counters.reports_with_grid += 1;
+        Some(current)
+    }
+
+    /// A child's report carried its subtree grid.
+    pub fn on_child_grid(&mut self, child: NodeId, grid: SubtreeGrid) {
+        if !grid.is_valid() {
+            self.counters.rejected += 1;
+            return;
+        }
+        self.counters.grids_received += 1;
+        match self.children.iter_mut().find(|(id, _)| *id == child) {
+            Some(slot) => slot.1 = grid,
+            None => self.children.push((child, grid)),
+        }
+        self.group_dirty = true;
+        self.changed();
+    }
+
+    /// Forget grids of nodes that are no longer children.
+    pub fn retain_children(&mut self, is_child: impl Fn(&NodeId) -> bool) {
+        let before = self.children.len();
+        self.children.retain(|(id, _)| is_child(id));
+        if self.children.len() != before {
+            self.group_dirty = true;
+            self.changed();
+        }
+    }
+
+    /// The parent's group grids arrived (`me` is this node's id).
+    pub fn on_group(&mut self, me: NodeId, group: GroupGrids) {
+        if !group.is_valid() {
+            self.counters.rejected += 1;
+            return;
+        }
+        self.counters.grids_received += 1;
+        self.siblings = group.members.into_iter().filter(|(id, _)| *id != me).collect();
+        self.outside = group.outside.map(|g| *g);
+        self.changed();
+    }
+
+    /// No parent any more (a root, or detached): nothing lies outside our subtree that we know of.
+    pub fn clear_parent_grids(&mut self) {
+        if !self.siblings.is_empty() || self.outside.is_some() {
+            self.siblings.clear();
+            self.outside = None;
+            self.changed();
+        }
+    }
+
+    /// Everything outside a child's subtree except its siblings: this node, its siblings and its outside grid.
+    fn outside_for_children(&self) -> CapacityGrid {
+        let mut inputs = vec![self.own_input()];
+        inputs.extend(self.siblings.iter().map(|(_, g)| g.input()));
+        if let Some(outside) = &self.outside {
+            inputs.push(GridInput::Grid(outside));
+        }
+        CapacityGrid::merge_sized(self.config.size, &inputs)
+    }
+
+    /// The group grids to put on this round of heartbeats to `children`, when due.
+    pub fn group_for_children(&mut self, children: &[NodeId]) -> Option<Box<GroupGrids>> {
+        if children.is_empty() {
+            return None;
+        }
+        self.heartbeats_since_group += 1;
+        let outside = self.outside_for_children();
+        let members_changed = self.sent_members.len() != children.len()
+            || children.iter().any(|c| !self.sent_members.contains(c));
+        let outside_changed =
+            self.sent_outside.as_ref().is_none_or(|sent| sent.differs_significantly(&outside, self.config.threshold));
+        let due = self.group_dirty
+            || members_changed
+            || outside_changed
+            || self.heartbeats_since_group >= self.config.refresh_every;
+        if !due {
+            return None;
+        }
+        self.group_dirty = false;
+        self.heartbeats_since_group = 0;
+        self.sent_members = children.to_vec();
+        self.sent_outside = Some(outside.clone());
+        self.counters.groups_sent += 1;
+        let members = self.children.iter().filter(|(id, _)| children.contains(id)).cloned().collect();
+        Some(Box::new(GroupGrids { members, outside: Some(Box::new(outside)) }))
+    }
+
+    /// Every grid this node holds, finest knowledge included: its subtree, its children's, its siblings' and the
+    /// outside grid. This is what a routing policy gets as `PickContext::grids`.
+    pub fn held(&mut self) -> &[CapacityGrid] {
+        if self.held.is_none() {
+            let size = self.config.size;
+            let mut held = vec![self.subtree().clone()];
+            held.extend(self.children.iter().chain(&self.siblings).map(|(_, g)| g.to_grid(size)));
+            held.extend(self.outside.iter().cloned());
+            self.held = Some(held);
+        }
+        self.held.as_deref().expect("just computed")
+    }
+
+    // ----- placement --------------------------------------------------------------------------------------------
+
+    /// Start a placement query at this node; the returned step is applied like a received query's.
+    pub fn start_placement(
+        &mut self,
+        now: Time,
+        me: NodeId,
+        addrs: Vec<String>,
+        near: Position,
+        demand: Capacity,
+        want: u8,
+        parent: Option<NodeId>,
+    ) -> (u64, PlacementStep) {
+        let id = self.next_query;
+        self.next_query += 1;
+        let want = want.clamp(1, MAX_PLACEMENT_WANT);
+        if self.open.len() >= MAX_OPEN_QUERIES {
+            self.open.remove(0);
+        }
+        self.open.push(OpenQuery {
+            id,
+            deadline: now + self.config.placement_timeout,
+            want: usize::from(want),
+            found: Vec::new(),
+        });
+        let query = PlacementQuery {
+            id,
+            origin: me,
+            origin_addrs: addrs,
+            near,
+            demand: demand.sanitized(),
+            want,
+            descending: false,
+            hops: 0,
+        };
+        (id, self.route_placement(me, &[], query, parent))
+    }
+
+    /// Where a placement query goes next from this node, and whether this node answers it.
+    pub fn route_placement(
+        &mut self,
+        me: NodeId,
+        addrs: &[String],
+        mut query: PlacementQuery,
+        parent: Option<NodeId>,
+    ) -> PlacementStep {
+        let mut step = PlacementStep { forward: Vec::new(), answer: None };
+        if query.hops >= MAX_PLACEMENT_HOPS || !query.is_valid() {
+            self.counters.rejected += 1;
+            return step;
+        }
+        query.hops += 1;
+        if !query.descending {
+            // Climb while something outside our subtree is nearer than anything inside it.
+            let inside = self.subtree().nearest_region_for(query.near, &query.demand).map(|(_, d)| d);
+            let outside = self.outside.as_ref().and_then(|g| g.nearest_region_for(query.near, &query.demand));
+            let climb = match (inside, outside) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(i), Some((_, o))) => o < i,
+            };
+            if let (true, Some(parent)) = (climb, parent) {
+                step.forward.push((parent, query));
+                return step;
+            }
+            query.descending = true;
+        }
+        if self.own_free.fits(&query.demand) {
+            step.answer = Some(PlacementCandidate {
+                node: me,
+                addrs: addrs.to_vec(),
+                position: self.position,
+                free: self.own_free,
+                distance_km: query.near.distance_km(&self.position),
+            });
+        }
+        let mut ranked: Vec<(NodeId, f64)> = self
+            .children
+            .iter()
+            .filter_map(|(id, g)| g.nearest_fit_km(query.near, &query.demand).map(|d| (*id, d)))
+            .collect();
+        ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let fanout = PLACEMENT_FANOUT.min(usize::from(query.want));
+        for (child, _) in ranked.into_iter().take(fanout) {
+            step.forward.push((child, query.clone()));
+        }
+        step
+    }
+
+    /// An answer to one of our queries arrived.
+    pub fn on_placement_answer(&mut self, query: u64, candidate: PlacementCandidate) {
+        if !candidate.is_valid() {
+            self.counters.rejected += 1;
+            return;
+        }
+        if let Some(open) = self.open.iter_mut().find(|q| q.id == query)
+            && !open.found.iter().any(|c| c.node == candidate.node)
+        {
+            open.found.push(candidate);
+        }
+    }
+
+    /// The earliest deadline of an open query.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.open.iter().map(|q| q.deadline).min()
+    }
+
+    /// Queries whose collection time is over: their candidates, nearest first, at most `want` of them.
+    pub fn expire_placements(&mut self, now: Time) -> Vec<(u64, Vec<PlacementCandidate>)> {
+        let mut done = Vec::new();
+        self.open.retain_mut(|q| {
+            if q.deadline > now {
+                return true;
+            }
+            let mut found = std::mem::take(&mut q.found);
+            found.sort_by(|a, b| a.distance_km.total_cmp(&b.distance_km).then(a.node.cmp(&b.node)));
+            found.truncate(q.want);
+            done.push((q.id, found));
+            false
+        });
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u64) -> NodeId {
+        NodeId::from_u64(n)
+    }
+
+    fn cap(cpu: f64) -> Capacity {
+        Capacity::new(cpu, 4096.0, 100.0)
+    }
+
+    fn leaf(lat: f64, lon: f64, cpu: f64) -> SubtreeGrid {
+        SubtreeGrid::Node { position: Position::new(lat, lon), free: cap(cpu) }
+    }
+
+    fn config() -> GridConfig {
+        GridConfig { refresh_every: 5, ..GridConfig::default() }
+    }
+
+    #[test]
+    fn reports_only_on_significant_change_or_refresh() {
+        let mut g = Grids::new(config(), Position::new(48.0, 11.0), cap(4.0));
+        let parent = id(1);
+        assert!(matches!(g.report_grid(parent), Some(SubtreeGrid::Node { .. })), "first report carries the grid");
+        assert!(g.report_grid(parent).is_none(), "unchanged");
+        g.set_own_free(cap(3.9));
+        assert!(g.report_grid(parent).is_none(), "2.5% is noise");
+        g.set_own_free(cap(2.0));
+        assert!(g.report_grid(parent).is_some(), "50% less is significant");
+        let quiet = (0..10).filter(|_| g.report_grid(parent).is_some()).count();
+        assert_eq!(quiet, 2, "refresh every 5 reports");
+        assert!(g.report_grid(id(2)).is_some(), "a new parent gets the grid at once");
+        g.set_own_free(Capacity::ZERO);
+        assert!(g.report_grid(id(2)).is_some(), "saturation is always reported");
+    }
+
+    #[test]
+    fn subtree_merges_children_and_self() {
+        let mut g = Grids::new(config(), Position::new(48.0, 11.0), cap(1.0));
+        g.on_child_grid(id(2), leaf(48.1, 11.1, 2.0));
+        g.on_child_grid(id(3), leaf(52.5, 13.4, 4.0));
+        g.on_child_grid(id(3), leaf(52.5, 13.4, 8.0));
+        let total = g.subtree().total();
+        assert_eq!(total.nodes, 3);
+        assert_eq!(total.free.cpu, 11.0);
+        assert!(matches!(g.report_grid(id(1)), Some(SubtreeGrid::Grid(_))));
+        g.retain_children(|c| *c == id(2));
+        assert_eq!(g.subtree().total().nodes, 2);
+        g.on_child_grid(id(4), SubtreeGrid::Node { position: Position::new(f64::NAN, 0.0), free: cap(1.0) });
+        assert_eq!(g.counters().rejected, 1);
+        assert_eq!(g.subtree().total().nodes, 2);
+    }
+
+    #[test]
+    fn held_grids_cover_the_tree_once() {
+        // Parent P (48,11) with children A (us, 48.5,11.5) and B (40,2); P's outside holds one far node.
+        let mut parent = Grids::new(config(), Position::new(48.0, 11.0), cap(1.0));
+        parent.on_group(id(100), GroupGrids { members: vec![], outside: None });
+        parent.on_child_grid(id(1), leaf(48.5, 11.5, 2.0));
+        parent.on_child_grid(id(2), leaf(40.0, 2.0, 4.0));
+        let group = parent.group_for_children(&[id(1), id(2)]).expect("first group is due");
+        assert!(parent.group_for_children(&[id(1), id(2)]).is_none(), "unchanged group is not resent");
+        assert!(parent.group_for_children(&[id(1)]).is_some(), "membership change resends");
+
+        let mut me = Grids::new(config(), Position::new(48.5, 11.5), cap(2.0));
+        me.on_group(id(1), *group);
+        let nodes: u64 = {
+            let held = me.held();
+            // subtree (me) + sibling B + outside (P)
+            assert_eq!(held.len(), 3);
+            held.iter().map(|g| g.node_count()).sum()
+        };
+        assert_eq!(nodes, 3);
+    }
+
+    #[test]
+    fn group_refreshes_and_follows_outside_changes() {
+        let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        g.on_child_grid(id(1), leaf(1.0, 1.0, 1.0));
+        let kids = [id(1)];
+        assert!(g.group_for_children(&kids).is_some());
+        let sent = (0..10).filter(|_| g.group_for_children(&kids).is_some()).count();
+        assert_eq!(sent, 2, "refresh every 5 heartbeats");
+        g.set_own_free(Capacity::ZERO);
+        assert!(g.group_for_children(&kids).is_some(), "our own saturation changes the children's outside grid");
+        assert!(g.group_for_children(&[]).is_none());
+    }
+
+    #[test]
+    fn placement_climbs_then_descends_to_the_nearest_fit() {
+        // Leaf L near Munich has no room; its outside grid says Vienna has room: the query climbs to the parent.
+        let munich = Position::new(48.14, 11.58);
+        let demand = Capacity::new(2.0, 512.0, 0.0);
+        let mut l = Grids::new(config(), munich, cap(0.5));
+        let outside = CapacityGrid::merge(&[GridInput::Node { position: Position::new(48.2, 16.37), free: cap(4.0) }]);
+        l.on_group(id(7), GroupGrids { members: vec![], outside: Some(Box::new(outside)) });
+        let (qid, step) = l.start_placement(Time::ZERO, id(7), vec!["a".into()], munich, demand, 2, Some(id(1)));
+        assert!(step.answer.is_none());
+        assert_eq!(step.forward.len(), 1);
+        let (to, query) = step.forward[0].clone();
+        assert_eq!(to, id(1));
+
+        // The parent (Salzburg, full) has children Vienna (room), Berlin (room), Graz (full).
+        let mut p = Grids::new(config(), Position::new(47.8, 13.04), cap(0.0));
+        p.on_child_grid(id(7), leaf(48.14, 11.58, 0.5));
+        p.on_child_grid(id(2), leaf(48.2, 16.37, 4.0));
+        p.on_child_grid(id(3), leaf(52.52, 13.4, 8.0));
+        p.on_child_grid(id(4), leaf(47.07, 15.44, 0.0));
+        let step = p.route_placement(id(1), &[], query, None);
+        assert!(step.answer.is_none(), "the parent itself is full");
+        let targets: Vec<NodeId> = step.forward.iter().map(|(t, _)| *t).collect();
+        assert_eq!(targets, [id(2), id(3)], "nearest fitting children first, full ones skipped");
+
+        // Vienna and Berlin answer; the origin sorts by distance and keeps `want`.
+        for (t, q) in step.forward {
+            let pos = if t == id(2) { Position::new(48.2, 16.37) } else { Position::new(52.52, 13.4) };
+            let mut child = Grids::new(config(), pos, cap(4.0));
+            let answer = child.route_placement(t, &[], q, Some(id(1))).answer.expect("fits");
+            l.on_placement_answer(qid, answer);
+        }
+        assert_eq!(l.next_deadline(), Some(Time::from_secs(1)));
+        assert!(l.expire_placements(Time::from_millis(500)).is_empty());
+        let done = l.expire_placements(Time::from_secs(1));
+        assert_eq!(done.len(), 1);
+        let nodes: Vec<NodeId> = done[0].1.iter().map(|c| c.node).collect();
+        assert_eq!(nodes, [id(2), id(3)]);
+        assert!(l.next_deadline().is_none());
+    }
+
+    #[test]
+    fn bad_queries_and_answers_are_dropped() {
+        let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        let query = PlacementQuery {
+            id: 1,
+            origin: id(9),
+            origin_addrs: vec![],
+            near: Position::new(f64::NAN, 0.0),
+            demand: Capacity::ZERO,
+            want: 1,
+            descending: true,
+            hops: 0,
+        };
+        let step = g.route_placement(id(1), &[], query, None);
+        assert!(step.forward.is_empty() && step.answer.is_none());
+        let bad = PlacementCandidate {
+            node: id(2),
+            addrs: vec![],
+            position: Position::new(0.0, 0.0),
+            free: cap(1.0),
+            distance_km: f64::INFINITY,
+        };
+        g.on_placement_answer(1, bad);
+        assert_eq!(g.counters().rejected, 2);
+    }
+}
