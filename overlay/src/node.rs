@@ -13,6 +13,7 @@
 use crate::Time;
 use crate::dedup::Dedup;
 use crate::failure::{Detector, Verdict};
+use crate::grids::{GridConfig, Grids, PlacementCandidate, PlacementStep};
 use crate::id::NodeId;
 use crate::join::choose_descent;
 use crate::membership::choose_successor;
@@ -66,6 +67,8 @@ pub struct Config {
     pub retry_interval: Duration,
     /// Members to retry when detached or islanded, besides the `Join { via }` ones.
     pub bootstrap: Vec<NodeId>,
+    /// Capacity grid exchange and placement (see `grids`).
+    pub grids: GridConfig,
 }
 
 impl Default for Config {
@@ -88,6 +91,7 @@ impl Config {
             join_timeout: heartbeat_interval * 2,
             retry_interval: heartbeat_interval,
             bootstrap: Vec::new(),
+            grids: GridConfig { placement_timeout: heartbeat_interval, ..GridConfig::default() },
         }
     }
 
@@ -134,6 +138,11 @@ pub enum Command {
     Leave,
     /// Remember another member to retry when detached or islanded.
     AddContact(NodeId),
+    /// This machine's free capacity changed (measured, or overridden for experiments).
+    SetCapacity(Capacity),
+    /// Find up to `want` machines near `near` that can host `demand`; answered by `Event::PlacementResult`
+    /// with the same `tag` after the placement timeout.
+    Placement { tag: u64, near: Position, demand: Capacity, want: u8 },
 }
 
 /// What the driver drains.
@@ -171,6 +180,8 @@ pub enum Event {
     MemberLeft(NodeId),
     /// The parent was declared dead after missed heartbeats and failed probes.
     ParentFailed(NodeId),
+    /// Machines that can host a placement's demand, nearest first.
+    PlacementResult { tag: u64, candidates: Vec<PlacementCandidate> },
 }
 
 /// Protocol health counters (dropped input and notable events).
@@ -308,6 +319,7 @@ pub struct Node {
 
     last_role: (Role, u64),
     last_parent: Option<NodeId>,
+    grids: Grids,
 }
 
 impl Node {
@@ -317,6 +329,8 @@ impl Node {
         let next_msg_id = rng.random::<u32>() as u64 * (1 << 24);
         let first_tick = now + config.heartbeat_interval.mul_f64(rng.random::<f64>());
         let contacts = config.bootstrap.iter().copied().filter(|c| *c != info.id).collect();
+        // Until the driver measures it, all of the machine's capacity counts as free.
+        let grids = Grids::new(config.grids.clone(), info.position, info.capacity);
         Self {
             info,
             config,
@@ -350,6 +364,7 @@ impl Node {
             counters: Counters::default(),
             last_role: (Role::Detached, 0),
             last_parent: None,
+            grids,
         }
     }
 
@@ -367,6 +382,11 @@ impl Node {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The capacity grids this node holds (see `grids`); `held()` is what routing policies use.
+    pub fn grids(&mut self) -> &mut Grids {
+        &mut self.grids
     }
 
     pub fn role(&self) -> Role {
@@ -411,6 +431,7 @@ impl Node {
     /// Update what this node says about itself (new addresses, measured capacity); sent with the next report.
     pub fn set_info(&mut self, info: NodeInfo) {
         if info.id == self.info.id {
+            self.grids.set_position(info.position);
             self.info = info;
         }
     }
@@ -454,6 +475,9 @@ impl Node {
             Pending::None => {}
             Pending::Join { deadline, .. } | Pending::Attach { deadline, .. } => t = t.min(deadline),
         }
+        if let Some(deadline) = self.grids.next_deadline() {
+            t = t.min(deadline);
+        }
         Some(t)
     }
 
@@ -463,6 +487,9 @@ impl Node {
         }
         self.check_parent(now);
         self.check_pending(now);
+        for (tag, candidates) in self.grids.expire_placements(now) {
+            self.push_event(Event::PlacementResult { tag, candidates });
+        }
         if now >= self.next_tick {
             self.next_tick = (self.next_tick + self.config.heartbeat_interval).max(now);
             self.tick(now);
@@ -508,6 +535,12 @@ impl Node {
             }
             Command::AddContact(id) => self.add_contact(id),
             Command::Leave => self.leave(),
+            Command::SetCapacity(free) => self.grids.set_own_free(free),
+            Command::Placement { tag, near, demand, want } => {
+                let (me, addrs, parent) = (self.info.id, self.info.addrs.clone(), self.parent());
+                let (query, step) = self.grids.start_placement(now, tag, me, addrs, near, demand, want, parent);
+                self.apply_placement(me, query, step);
+            }
         }
     }
 
@@ -563,6 +596,33 @@ impl Node {
             Message::Redirect { to } => self.on_redirect(now, from, *to),
             Message::Handover { term, ancestors } => self.on_handover(now, from, term, ancestors),
             Message::Leaving => self.on_leaving(from),
+            Message::PlacementQuery(q) => {
+                // The answer goes straight to the origin, which may be far away in the tree.
+                let (origin, query) = (q.origin, q.id);
+                if origin != self.info.id && !q.origin_addrs.is_empty() {
+                    let mut origin_info = self.info.clone();
+                    origin_info.id = origin;
+                    origin_info.addrs = q.origin_addrs.clone();
+                    self.remember_peer(origin_info);
+                }
+                let (me, parent) = (self.info.id, self.parent());
+                let step = self.grids.route_placement(me, &self.info.addrs, *q, parent);
+                self.apply_placement(origin, query, step);
+            }
+            Message::PlacementAnswer { query, candidate } => self.grids.on_placement_answer(query, *candidate),
+        }
+    }
+
+    fn apply_placement(&mut self, origin: NodeId, query: u64, step: PlacementStep) {
+        for (to, q) in step.forward {
+            self.send(to, Message::PlacementQuery(Box::new(q)));
+        }
+        if let Some(candidate) = step.answer {
+            if origin == self.info.id {
+                self.grids.on_placement_answer(query, candidate);
+            } else {
+                self.send(origin, Message::PlacementAnswer { query, candidate: Box::new(candidate) });
+            }
         }
     }
 
@@ -872,6 +932,9 @@ impl Node {
         };
         p.detector.heard(now);
         p.term = h.term;
+        if let Some(group) = h.grids {
+            self.grids.on_group(self.info.id, *group);
+        }
         self.address_block = h.address_block;
         let Some(view) = h.view else { return };
         p.view_version = view.version;
@@ -905,6 +968,9 @@ impl Node {
         };
         c.last_heard = now;
         c.summary = r.summary;
+        if let Some(grid) = r.grid {
+            self.grids.on_child_grid(from, grid);
+        }
         c.acked_version = r.view_version;
         if c.acked_version != self.view_version && c.sent_version == self.view_version {
             // It reports an older view although we sent the current one: lost (or crossed); send it again.
@@ -975,7 +1041,8 @@ impl Node {
         }
         self.send_heartbeats(false);
         if let Some(p) = &self.parent {
-            let report = Report { view_version: p.view_version, rank: self.rank(), summary: self.summary() };
+            let report =
+                Report { view_version: p.view_version, rank: self.rank(), summary: self.summary(), grid: None };
             let to = p.info.id;
             self.send(to, Message::Report(report));
         }
@@ -1031,6 +1098,7 @@ impl Node {
                 view_version: version,
                 view: if full { view.clone() } else { None },
                 address_block: self.address_block,
+                grids: None,
             };
             self.send(id, Message::Heartbeat(hb));
         }
