@@ -188,6 +188,8 @@ pub struct GridCounters {
 
 struct OpenQuery {
     id: u64,
+    /// The caller's label for the query, echoed in the result.
+    tag: u64,
     deadline: Time,
     want: usize,
     found: Vec<PlacementCandidate>,
@@ -377,8 +379,8 @@ impl Grids {
         }
         self.heartbeats_since_group += 1;
         let outside = self.outside_for_children();
-        let members_changed = self.sent_members.len() != children.len()
-            || children.iter().any(|c| !self.sent_members.contains(c));
+        let members_changed =
+            self.sent_members.len() != children.len() || children.iter().any(|c| !self.sent_members.contains(c));
         let outside_changed =
             self.sent_outside.as_ref().is_none_or(|sent| sent.differs_significantly(&outside, self.config.threshold));
         let due = self.group_dirty
@@ -412,10 +414,13 @@ impl Grids {
 
     // ----- placement --------------------------------------------------------------------------------------------
 
-    /// Start a placement query at this node; the returned step is applied like a received query's.
+    /// Start a placement query at this node (`tag` labels its result); the returned step is applied like a
+    /// received query's.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_placement(
         &mut self,
         now: Time,
+        tag: u64,
         me: NodeId,
         addrs: Vec<String>,
         near: Position,
@@ -431,6 +436,7 @@ impl Grids {
         }
         self.open.push(OpenQuery {
             id,
+            tag,
             deadline: now + self.config.placement_timeout,
             want: usize::from(want),
             found: Vec::new(),
@@ -445,7 +451,8 @@ impl Grids {
             descending: false,
             hops: 0,
         };
-        (id, self.route_placement(me, &[], query, parent))
+        let own_addrs = query.origin_addrs.clone();
+        (id, self.route_placement(me, &own_addrs, query, parent))
     }
 
     /// Where a placement query goes next from this node, and whether this node answers it.
@@ -517,7 +524,7 @@ impl Grids {
         self.open.iter().map(|q| q.deadline).min()
     }
 
-    /// Queries whose collection time is over: their candidates, nearest first, at most `want` of them.
+    /// Queries whose collection time is over: their tags and candidates, nearest first, at most `want` of them.
     pub fn expire_placements(&mut self, now: Time) -> Vec<(u64, Vec<PlacementCandidate>)> {
         let mut done = Vec::new();
         self.open.retain_mut(|q| {
@@ -527,7 +534,7 @@ impl Grids {
             let mut found = std::mem::take(&mut q.found);
             found.sort_by(|a, b| a.distance_km.total_cmp(&b.distance_km).then(a.node.cmp(&b.node)));
             found.truncate(q.want);
-            done.push((q.id, found));
+            done.push((q.tag, found));
             false
         });
         done
@@ -631,7 +638,7 @@ mod tests {
         let mut l = Grids::new(config(), munich, cap(0.5));
         let outside = CapacityGrid::merge(&[GridInput::Node { position: Position::new(48.2, 16.37), free: cap(4.0) }]);
         l.on_group(id(7), GroupGrids { members: vec![], outside: Some(Box::new(outside)) });
-        let (qid, step) = l.start_placement(Time::ZERO, id(7), vec!["a".into()], munich, demand, 2, Some(id(1)));
+        let (qid, step) = l.start_placement(Time::ZERO, 42, id(7), vec!["a".into()], munich, demand, 2, Some(id(1)));
         assert!(step.answer.is_none());
         assert_eq!(step.forward.len(), 1);
         let (to, query) = step.forward[0].clone();
@@ -659,6 +666,7 @@ mod tests {
         assert!(l.expire_placements(Time::from_millis(500)).is_empty());
         let done = l.expire_placements(Time::from_secs(1));
         assert_eq!(done.len(), 1);
+        assert_eq!(done[0].0, 42, "the caller's tag comes back");
         let nodes: Vec<NodeId> = done[0].1.iter().map(|c| c.node).collect();
         assert_eq!(nodes, [id(2), id(3)]);
         assert!(l.next_deadline().is_none());
