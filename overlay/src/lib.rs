@@ -23,6 +23,7 @@ pub mod message;
 pub mod node;
 pub mod rank;
 pub mod routes;
+pub mod routing;
 pub mod split;
 pub mod summary;
 

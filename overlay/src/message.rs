@@ -75,6 +75,8 @@ pub enum Message {
     },
     /// I am leaving you (a child leaving its parent, or a parent dropping a child that attached elsewhere).
     Leaving,
+    /// Routes and addresses: grants, registry, queries (see `routing`).
+    Routes(Box<crate::routing::RoutesMessage>),
     /// A placement search walking the tree (see `grids`).
     PlacementQuery(Box<PlacementQuery>),
     /// A machine that fits a placement query, sent straight to the query's origin.
@@ -285,6 +287,7 @@ impl Message {
                 }
                 ancestors.iter().try_for_each(check_info)
             }
+            Message::Routes(m) => m.validate(),
             Message::Refuse(_)
             | Message::Probe { .. }
             | Message::ProbeAck { .. }
@@ -420,11 +423,16 @@ mod tests {
 
     #[test]
     fn periodic_heartbeat_and_report_are_small() {
-        let hb = env(Message::Heartbeat(Heartbeat { term: 3, view_version: 9, view: None, address_block: None, grids: None }));
+        let hb = env(Message::Heartbeat(Heartbeat {
+            term: 3,
+            view_version: 9,
+            view: None,
+            address_block: None,
+            grids: None,
+        }));
         assert!(hb.encode().len() < 128, "{} bytes", hb.encode().len());
         let rank = Rank::new(NodeId::from_u64(2), true, &info(2).capacity, Duration::from_secs(5));
-        let rep =
-            env(Message::Report(Report {
+        let rep = env(Message::Report(Report {
             view_version: 9,
             rank,
             summary: Summary::leaf(Position::new(1.0, 2.0)),

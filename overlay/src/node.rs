@@ -22,6 +22,7 @@ use crate::message::{
     RootClaim, View,
 };
 use crate::rank::Rank;
+use crate::routing::{RouteCommand, RouteEvent, Routing, RoutingConfig, TreeCtx};
 use crate::split::split_group;
 use crate::summary::Summary;
 use canopy_policies::{Capacity, Position};
@@ -69,6 +70,8 @@ pub struct Config {
     pub bootstrap: Vec<NodeId>,
     /// Capacity grid exchange and placement (see `grids`).
     pub grids: GridConfig,
+    /// Subnet grants, route queries and interests (see `routing`).
+    pub routes: RoutingConfig,
 }
 
 impl Default for Config {
@@ -92,6 +95,7 @@ impl Config {
             retry_interval: heartbeat_interval,
             bootstrap: Vec::new(),
             grids: GridConfig { placement_timeout: heartbeat_interval, ..GridConfig::default() },
+            routes: RoutingConfig::default(),
         }
     }
 
@@ -143,6 +147,8 @@ pub enum Command {
     /// Find up to `want` machines near `near` that can host `demand`; answered by `Event::PlacementResult`
     /// with the same `tag` after the placement timeout.
     Placement { tag: u64, near: Position, demand: Capacity, want: u8 },
+    /// Routes and addresses (see `routing`).
+    Route(RouteCommand),
 }
 
 /// What the driver drains.
@@ -181,7 +187,12 @@ pub enum Event {
     /// The parent was declared dead after missed heartbeats and failed probes.
     ParentFailed(NodeId),
     /// Machines that can host a placement's demand, nearest first.
-    PlacementResult { tag: u64, candidates: Vec<PlacementCandidate> },
+    PlacementResult {
+        tag: u64,
+        candidates: Vec<PlacementCandidate>,
+    },
+    /// Routes and addresses (see `routing`).
+    Route(RouteEvent),
 }
 
 /// Protocol health counters (dropped input and notable events).
@@ -320,6 +331,9 @@ pub struct Node {
     last_role: (Role, u64),
     last_parent: Option<NodeId>,
     grids: Grids,
+    routing: Routing,
+    /// Scratch for the routing context (children and their positions), reused to avoid allocating per input.
+    routing_children: Vec<(NodeId, Position)>,
 }
 
 impl Node {
@@ -331,6 +345,7 @@ impl Node {
         let contacts = config.bootstrap.iter().copied().filter(|c| *c != info.id).collect();
         // Until the driver measures it, all of the machine's capacity counts as free.
         let grids = Grids::new(config.grids.clone(), info.position, info.capacity);
+        let routing = Routing::new(config.routes.clone());
         Self {
             info,
             config,
@@ -365,6 +380,8 @@ impl Node {
             last_role: (Role::Detached, 0),
             last_parent: None,
             grids,
+            routing,
+            routing_children: Vec::new(),
         }
     }
 
@@ -378,6 +395,35 @@ impl Node {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Routes and addresses held by this node.
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
+    /// Runs a routing step with the node's place in the tree, then sends its messages and reports its events.
+    fn with_routing(&mut self, f: impl FnOnce(&mut Routing, &TreeCtx)) {
+        let mut children = std::mem::take(&mut self.routing_children);
+        children.clear();
+        children.extend(self.children.iter().map(|c| (c.info.id, c.info.position)));
+        let ctx = TreeCtx {
+            me: self.info.id,
+            position: self.info.position,
+            parent: self.parent.as_ref().map(|p| p.info.id),
+            is_root: self.is_root,
+            children: &children,
+        };
+        f(&mut self.routing, &ctx);
+        self.routing_children = children;
+        let (sends, events) = self.routing.drain();
+        for (to, m) in sends {
+            self.send(to, Message::Routes(Box::new(m)));
+        }
+        for e in events {
+            self.push_event(Event::Route(e));
+        }
+        self.address_block = self.routing.heartbeat_block();
     }
 
     pub fn counters(&self) -> &Counters {
@@ -535,6 +581,7 @@ impl Node {
             }
             Command::AddContact(id) => self.add_contact(id),
             Command::Leave => self.leave(),
+            Command::Route(cmd) => self.with_routing(|r, ctx| r.on_command(now, ctx, cmd)),
             Command::SetCapacity(free) => self.grids.set_own_free(free),
             Command::Placement { tag, near, demand, want } => {
                 let (me, addrs, parent) = (self.info.id, self.info.addrs.clone(), self.parent());
@@ -596,6 +643,7 @@ impl Node {
             Message::Redirect { to } => self.on_redirect(now, from, *to),
             Message::Handover { term, ancestors } => self.on_handover(now, from, term, ancestors),
             Message::Leaving => self.on_leaving(from),
+            Message::Routes(m) => self.with_routing(|r, ctx| r.on_message(now, ctx, from, *m)),
             Message::PlacementQuery(q) => {
                 // The answer goes straight to the origin, which may be far away in the tree.
                 let (origin, query) = (q.origin, q.id);
@@ -1039,6 +1087,7 @@ impl Node {
         if self.children.len() > self.config.max_children {
             self.split();
         }
+        self.with_routing(|r, ctx| r.tick(now, ctx));
         self.send_heartbeats(false);
         if let Some(p) = &self.parent {
             let report =
@@ -1216,6 +1265,8 @@ impl Node {
         let Some(o) = &self.orphan else { return };
         self.term = self.term.max(o.old_term) + 1;
         self.counters.takeovers += 1;
+        // The group's address blocks come with the role.
+        self.routing.took_over(now, self.info.id);
         self.climb(now);
     }
 
@@ -1418,7 +1469,8 @@ impl Node {
     }
 
     /// After every input: push changed views to children and report role/parent changes.
-    fn finish(&mut self, _now: Time) {
+    fn finish(&mut self, now: Time) {
+        self.with_routing(|r, ctx| r.poll(now, ctx));
         if self.view_dirty {
             self.view_dirty = false;
             self.send_heartbeats(true);

@@ -164,6 +164,21 @@ impl Registry {
         removed
     }
 
+    /// Removes an instance only if it was learned `via` that path, without a tombstone: a lost subtree's records
+    /// may be on their way up again through another path (the subtree re-attached elsewhere).
+    pub fn remove_if_via(&mut self, service: &ServiceName, number: u32, via: Via) -> Option<InstanceRecord> {
+        let entry = self.services.get_mut(service)?;
+        if entry.instances.get(&number)?.via != via {
+            return None;
+        }
+        let removed = entry.instances.remove(&number).map(|e| e.record);
+        if let Some(r) = &removed {
+            self.by_ip.remove(&r.instance_ip);
+        }
+        self.drop_if_empty(service);
+        removed
+    }
+
     /// Applies a change from a child (or from this node) and returns what to pass on, if anything changed.
     pub fn apply(&mut self, change: RouteChange, via: Via, now: Time) -> Option<RouteChange> {
         match change {

@@ -1,0 +1,1185 @@
+//! Routes and addresses inside a node: subnet grants down the tree, the instance registry up the tree, route
+//! queries with interests, and the root's ServiceIP/InstanceIP allocation. A sub-state-machine owned by
+//! [`crate::Node`]; it composes the blocks in [`crate::routes`].
+//!
+//! # API for the agent
+//!
+//! Commands go in as `Command::Route(RouteCommand::..)`, events come out as `Event::Route(RouteEvent::..)`:
+//!
+//! | command | effect |
+//! |---|---|
+//! | [`RouteCommand::DeployService`] | asks the root for the service's ServiceIPs (one per policy) and InstanceIPs; answer [`RouteEvent::ServiceDeployed`] or [`RouteEvent::AllocationFailed`] (e.g. a fixed address is taken) |
+//! | [`RouteCommand::RegisterInstance`] | an instance runs here: its record goes up the tree; the service is pinned (this node receives updates of its other instances) |
+//! | [`RouteCommand::UnregisterInstance`] | it stopped: removal goes up |
+//! | [`RouteCommand::QueryRoute`] | by name or by ServiceIP/InstanceIP: [`RouteEvent::RouteAnswer`] or [`RouteEvent::RouteNotFound`]; registers an interest, so later changes arrive as [`RouteEvent::RouteChanged`] |
+//! | [`RouteCommand::RouteUsed`] | keeps the interest alive (call while connections use the route) |
+//! | [`RouteCommand::InstanceUnreachable`] | a tunnel said "route not found": forgets that instance and queries again |
+//! | [`RouteCommand::RequestSubnet`] | this machine's subnet is full: asks for another one ([`RouteEvent::SubnetGranted`]) |
+//!
+//! Subnets: every node gets a machine subnet (`/26` by default) from its parent ([`RouteEvent::SubnetGranted`]);
+//! when it has to be renumbered (moved to another parent, overlap after a partition) it gets
+//! [`RouteEvent::SubnetChanged`]. [`Routing::machine_subnets`] lists the current ones.
+//!
+//! # Protocol
+//!
+//! - Grants: a child sends [`RoutesMessage::SubnetSync`] (what it holds, what it wants) to its parent whenever its
+//!   parent changes and every `resync_interval`. The parent keeps what it can (its pool holds or can claim the
+//!   block), grants the wants and replaces what it cannot keep (same size, [`RoutesMessage::SubnetReply`]). A
+//!   coordinator without room asks its own parent for another block first. Leases of current children are renewed
+//!   on every tick and reclaimed after expiry; a dropped child's grants are released at once. A coordinator's
+//!   block that moves shifts every grant inside it ([`RoutesMessage::Moved`] to the holders, recursively).
+//!   A successor inherits the blocks of the group it takes over ([`RoutesMessage::GroupBlocks`] told it which),
+//!   so its siblings keep their subnets when they sync with it.
+//! - Registry: records go up ([`RoutesMessage::Up`]); a lost child's records go up as
+//!   [`RoutesMessage::Lost`], removed only where they were learned through that path (they may be on their way up
+//!   through a new parent), without tombstones. Every change is pushed down to interested children
+//!   ([`RoutesMessage::Down`]).
+//! - Queries: [`RoutesMessage::Query`] to the parent on a miss; the parent answers from its index or cache (pruned
+//!   to `k` instances per policy for the asker), registers the asker's interest, and asks further up when it knows
+//!   nothing; the root answers or says [`RoutesMessage::NotFound`]. Interests are renewed upwards with
+//!   [`RoutesMessage::Renew`] every `renew_interval` while wanted.
+//! - ServiceIPs: [`RoutesMessage::Deploy`] travels up to the root, the answer travels back down along the recorded
+//!   path. A root that joins another tree sends its allocator table up ([`RoutesMessage::MergeAllocator`]); the
+//!   surviving root merges it and pushes moved ServiceIPs down as address changes.
+
+use crate::id::NodeId;
+use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE};
+use crate::routes::{
+    AddressPool, AddressRequest, AllocatorState, CacheLookup, InstanceRecord, InterestTable, QueryAnswer,
+    QueryDecision, QueryKey, Registry, RouteCache, RouteChange, ServiceAddresses, ServiceIpAllocator, ServiceName, Via,
+    decide,
+};
+use crate::{Position, Time};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// Longest path a deployment request records on its way up (deeper trees are a bug).
+pub const MAX_PATH: usize = 64;
+/// Bounds on lists in routes messages.
+pub const MAX_LIST: usize = 4096;
+
+/// Tunables for routes and addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoutingConfig {
+    /// Prefix length of a machine subnet.
+    pub machine_prefix: u8,
+    /// Prefix length of the blocks a coordinator asks its parent for (more when it runs out).
+    pub block_prefix: u8,
+    /// Lease of a grant; renewed every tick while the holder is a child.
+    pub lease: Duration,
+    /// How often a child repeats its subnet sync (lost messages, reclaimed grants).
+    pub resync_interval: Duration,
+    /// Interests lapse after this unless renewed.
+    pub interest_ttl: Duration,
+    /// How often wanted interests are renewed with the parent.
+    pub renew_interval: Duration,
+    /// "Not found" answers are cached this long.
+    pub not_found_ttl: Duration,
+    /// Instances per policy in an answer to a child.
+    pub k_per_policy: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            machine_prefix: DEFAULT_MACHINE_PREFIX,
+            block_prefix: 24,
+            lease: Duration::from_secs(30),
+            resync_interval: Duration::from_secs(10),
+            interest_ttl: Duration::from_secs(60),
+            renew_interval: Duration::from_secs(20),
+            not_found_ttl: Duration::from_secs(5),
+            k_per_policy: 4,
+        }
+    }
+}
+
+/// Local commands for routes and addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteCommand {
+    DeployService { name: ServiceName, request: AddressRequest, instances: u32 },
+    RegisterInstance(InstanceRecord),
+    UnregisterInstance { service: ServiceName, number: u32, version: u64 },
+    QueryRoute(QueryKey),
+    RouteUsed(ServiceName),
+    InstanceUnreachable { service: ServiceName, number: u32 },
+    RequestSubnet,
+}
+
+/// Events for the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RouteEvent {
+    SubnetGranted {
+        block: Ipv4Net,
+    },
+    SubnetChanged {
+        old: Ipv4Net,
+        new: Ipv4Net,
+    },
+    /// A subnet was taken away without replacement (no room left).
+    SubnetRevoked {
+        block: Ipv4Net,
+    },
+    ServiceDeployed {
+        addresses: ServiceAddresses,
+        instance_ips: Vec<(u32, Ipv4Addr)>,
+    },
+    RouteAnswer {
+        key: QueryKey,
+        answer: QueryAnswer,
+    },
+    RouteNotFound {
+        key: QueryKey,
+    },
+    /// A route this node is interested in changed.
+    RouteChanged {
+        change: RouteChange,
+    },
+    AllocationFailed {
+        reason: String,
+    },
+}
+
+/// What a grant is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// The holder's own machine subnet.
+    Machine,
+    /// A block the holder grants from to its children.
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub purpose: Purpose,
+    pub block: Ipv4Net,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Want {
+    pub purpose: Purpose,
+    pub prefix: u8,
+    /// The block this one replaces (renumbering).
+    pub replaces: Option<Ipv4Net>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    pub purpose: Purpose,
+    pub block: Ipv4Net,
+    pub replaces: Option<Ipv4Net>,
+}
+
+/// Messages of the routes protocol (inside `Message::Routes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RoutesMessage {
+    SubnetSync {
+        held: Vec<Held>,
+        want: Vec<Want>,
+    },
+    SubnetReply {
+        granted: Vec<Granted>,
+        refused: Vec<(Want, String)>,
+    },
+    /// Parent -> child: your grant `old` now is `new` (`None`: revoked).
+    Moved {
+        old: Ipv4Net,
+        new: Option<Ipv4Net>,
+    },
+    /// Parent -> children: the blocks of the group's pool, for a successor to inherit.
+    GroupBlocks(Vec<Ipv4Net>),
+    Up(RouteChange),
+    /// Child -> parent: instances of a lost subtree, as (service, number).
+    Lost(Vec<(ServiceName, u32)>),
+    Down(RouteChange),
+    Query {
+        key: QueryKey,
+        position: Position,
+    },
+    Answer {
+        key: QueryKey,
+        answer: QueryAnswer,
+    },
+    NotFound(QueryKey),
+    Renew(Vec<ServiceName>),
+    Deploy {
+        name: ServiceName,
+        request: AddressRequest,
+        instances: u32,
+        path: Vec<NodeId>,
+    },
+    Deployed {
+        result: Result<(ServiceAddresses, Vec<(u32, Ipv4Addr)>), String>,
+        path: Vec<NodeId>,
+    },
+    MergeAllocator(AllocatorState),
+}
+
+impl RoutesMessage {
+    /// Bounds checks after decoding.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let ok = |n: usize| if n <= MAX_LIST { Ok(()) } else { Err("routes list too long") };
+        let path_ok = |p: &Vec<NodeId>| if p.len() <= MAX_PATH { Ok(()) } else { Err("deploy path too long") };
+        let prefix_ok = |p: u8| if p <= 32 { Ok(()) } else { Err("prefix longer than /32") };
+        match self {
+            RoutesMessage::SubnetSync { held, want } => {
+                ok(held.len() + want.len())?;
+                want.iter().try_for_each(|w| prefix_ok(w.prefix))
+            }
+            RoutesMessage::SubnetReply { granted, refused } => ok(granted.len() + refused.len()),
+            RoutesMessage::GroupBlocks(b) => ok(b.len()),
+            RoutesMessage::Lost(l) => ok(l.len()),
+            RoutesMessage::Renew(s) => ok(s.len()),
+            RoutesMessage::Answer { answer, .. } => ok(answer.instances.len()),
+            RoutesMessage::Deploy { path, .. } | RoutesMessage::Deployed { path, .. } => path_ok(path),
+            RoutesMessage::MergeAllocator(s) => ok(s.assignments.len() / 16 + s.ranges.len()),
+            RoutesMessage::Moved { .. }
+            | RoutesMessage::Up(_)
+            | RoutesMessage::Down(_)
+            | RoutesMessage::Query { .. }
+            | RoutesMessage::NotFound(_) => Ok(()),
+        }
+    }
+}
+
+/// The node's place in the tree, as the routes protocol needs it.
+pub struct TreeCtx<'a> {
+    pub me: NodeId,
+    pub position: Position,
+    pub parent: Option<NodeId>,
+    pub is_root: bool,
+    pub children: &'a [(NodeId, Position)],
+}
+
+impl TreeCtx<'_> {
+    fn child_position(&self, id: NodeId) -> Option<Position> {
+        self.children.iter().find(|(c, _)| *c == id).map(|(_, p)| *p)
+    }
+}
+
+/// Who waits for the answer to a query this node sent up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    Local,
+    Child(NodeId),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingCounters {
+    pub grants_made: u64,
+    pub renumbered: u64,
+    pub queries_up: u64,
+    pub answers: u64,
+    pub not_found: u64,
+    pub updates_down: u64,
+    pub rejected: u64,
+}
+
+pub struct Routing {
+    cfg: RoutingConfig,
+    /// This machine's subnets.
+    machine: Vec<Ipv4Net>,
+    /// Blocks the parent granted this node for its group (exact grants, as the parent knows them).
+    parent_blocks: Vec<Ipv4Net>,
+    /// Grants to children (and, at the root, to itself). The root's owns the platform range.
+    pool: AddressPool,
+    pool_is_platform: bool,
+    /// Children's wants waiting for a block from the parent.
+    waiting: Vec<(NodeId, Want)>,
+    block_asked_at: Option<Time>,
+    extra_machine_wanted: bool,
+    /// The group blocks of our parent (what we inherit when we take its place).
+    parent_group: Vec<Ipv4Net>,
+    synced_parent: Option<NodeId>,
+    next_sync: Time,
+    was_root: bool,
+    known_children: Vec<NodeId>,
+    sent_group: Vec<Ipv4Net>,
+
+    registry: Registry,
+    cache: RouteCache,
+    interests: InterestTable,
+    pending: HashMap<QueryKey, Vec<Asker>>,
+    allocator: Option<ServiceIpAllocator>,
+    next_renew: Time,
+
+    out: Vec<(NodeId, RoutesMessage)>,
+    events: Vec<RouteEvent>,
+    counters: RoutingCounters,
+}
+
+impl Routing {
+    pub fn new(cfg: RoutingConfig) -> Self {
+        let lease = cfg.lease;
+        Routing {
+            registry: Registry::new(lease * 2),
+            cache: RouteCache::new(cfg.interest_ttl, cfg.not_found_ttl),
+            interests: InterestTable::new(cfg.interest_ttl),
+            pool: AddressPool::new([], [], lease),
+            cfg,
+            machine: Vec::new(),
+            parent_blocks: Vec::new(),
+            pool_is_platform: false,
+            waiting: Vec::new(),
+            block_asked_at: None,
+            extra_machine_wanted: false,
+            parent_group: Vec::new(),
+            synced_parent: None,
+            next_sync: Time::ZERO,
+            was_root: false,
+            known_children: Vec::new(),
+            sent_group: Vec::new(),
+            pending: HashMap::new(),
+            allocator: None,
+            next_renew: Time::ZERO,
+            out: Vec::new(),
+            events: Vec::new(),
+            counters: RoutingCounters::default(),
+        }
+    }
+
+    // ----- read access --------------------------------------------------------------------------------------
+
+    pub fn machine_subnets(&self) -> &[Ipv4Net] {
+        &self.machine
+    }
+
+    /// Blocks this node grants from (its group's blocks; the platform range at the root).
+    pub fn group_blocks(&self) -> &[Ipv4Net] {
+        self.pool.owned()
+    }
+
+    pub fn pool(&self) -> &AddressPool {
+        &self.pool
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn cache(&self) -> &RouteCache {
+        &self.cache
+    }
+
+    pub fn interests(&self) -> &InterestTable {
+        &self.interests
+    }
+
+    /// The root's allocator (None elsewhere).
+    pub fn allocator(&self) -> Option<&ServiceIpAllocator> {
+        self.allocator.as_ref()
+    }
+
+    pub fn counters(&self) -> &RoutingCounters {
+        &self.counters
+    }
+
+    /// The group block announced on heartbeats.
+    pub fn heartbeat_block(&self) -> Option<Ipv4Net> {
+        self.pool.owned().first().copied()
+    }
+
+    /// Messages to send and events to report since the last call.
+    pub fn drain(&mut self) -> (Vec<(NodeId, RoutesMessage)>, Vec<RouteEvent>) {
+        (std::mem::take(&mut self.out), std::mem::take(&mut self.events))
+    }
+
+    fn send(&mut self, to: NodeId, m: RoutesMessage) {
+        self.out.push((to, m));
+    }
+
+    // ----- tree changes -------------------------------------------------------------------------------------
+
+    /// After every input: react to changes of parent, role and children.
+    pub fn poll(&mut self, now: Time, ctx: &TreeCtx) {
+        if ctx.is_root != self.was_root {
+            if ctx.is_root {
+                self.become_root(now, ctx);
+            } else {
+                self.stop_being_root(now, ctx);
+            }
+            self.was_root = ctx.is_root;
+        }
+        if ctx.is_root && self.machine.is_empty() {
+            self.grant_own_machine(now, ctx);
+        }
+        // Children that went away: release their grants, forget their interests and records.
+        if self.known_children.iter().any(|k| !ctx.children.iter().any(|(c, _)| c == k)) {
+            let gone: Vec<NodeId> =
+                self.known_children.iter().copied().filter(|k| !ctx.children.iter().any(|(c, _)| c == k)).collect();
+            for child in gone {
+                self.child_lost(now, ctx, child);
+            }
+        }
+        if self.sent_group.as_slice() != self.pool.owned() {
+            let blocks = self.pool.owned().to_vec();
+            for (c, _) in ctx.children {
+                self.send(*c, RoutesMessage::GroupBlocks(blocks.clone()));
+            }
+            self.sent_group = blocks;
+        }
+        self.known_children = ctx.children.iter().map(|(c, _)| *c).collect();
+        if ctx.parent != self.synced_parent {
+            self.synced_parent = ctx.parent;
+            if let Some(parent) = ctx.parent {
+                self.parent_changed(now, ctx, parent);
+            }
+        } else if ctx.parent.is_some() && now >= self.next_sync {
+            self.sync(now, ctx);
+        }
+        // A coordinator needs a block to grant from.
+        if !ctx.is_root && !ctx.children.is_empty() && self.pool.owned().is_empty() && self.block_asked_at.is_none() {
+            self.ask_block(now, ctx, self.cfg.block_prefix);
+        }
+    }
+
+    /// Every heartbeat interval: renew children's leases, expire what lapsed, renew interests upwards.
+    pub fn tick(&mut self, now: Time, ctx: &TreeCtx) {
+        for (c, _) in ctx.children {
+            self.pool.renew(*c, now);
+        }
+        self.pool.renew(ctx.me, now);
+        let expired = self.pool.expire(now);
+        self.counters.renumbered += expired.len() as u64;
+        let lapsed = self.interests.expire(now);
+        for service in &lapsed.unwanted {
+            self.cache.remove(service);
+        }
+        self.cache.expire(now);
+        self.registry.expire(now);
+        if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > self.cfg.resync_interval) {
+            self.block_asked_at = None;
+        }
+        if let Some(parent) = ctx.parent
+            && now >= self.next_renew
+        {
+            self.next_renew = now + self.cfg.renew_interval;
+            let wanted: Vec<ServiceName> = self.interests.wanted(now).into_iter().cloned().collect();
+            if !wanted.is_empty() {
+                for s in &wanted {
+                    self.cache.refresh(s, now);
+                }
+                self.send(parent, RoutesMessage::Renew(wanted));
+            }
+        }
+    }
+
+    /// We took the place of our failed (or leaving) parent: its group blocks become ours.
+    pub fn took_over(&mut self, now: Time, me: NodeId) {
+        let inherited = std::mem::take(&mut self.parent_group);
+        if inherited.is_empty() {
+            return;
+        }
+        // Our own grants from the old parent lie inside its blocks: we now hold those blocks instead.
+        let mut state = self.pool.state(now);
+        state.owned = inherited.clone();
+        let mut pool = AddressPool::new(inherited.iter().copied(), [], self.cfg.lease);
+        for g in &state.grants {
+            let _ = pool.claim(g.block, g.holder, now);
+        }
+        // Our machine subnet lies inside the inherited blocks: it becomes a grant to ourselves.
+        for m in &self.machine {
+            let _ = pool.claim(*m, me, now);
+        }
+        self.parent_blocks = inherited;
+        self.pool = pool;
+        self.next_sync = now;
+    }
+
+    fn become_root(&mut self, now: Time, ctx: &TreeCtx) {
+        let mut pool = AddressPool::platform_root(self.cfg.lease);
+        for g in self.pool.grants() {
+            let _ = pool.claim(g.block, g.holder, now);
+        }
+        for m in &self.machine {
+            let _ = pool.claim(*m, ctx.me, now);
+        }
+        self.pool = pool;
+        self.pool_is_platform = true;
+        self.parent_blocks.clear();
+        self.parent_group.clear();
+        self.block_asked_at = None;
+        if self.allocator.is_none() {
+            self.allocator = Some(ServiceIpAllocator::default());
+        }
+        self.serve_waiting(now, ctx);
+    }
+
+    fn stop_being_root(&mut self, now: Time, ctx: &TreeCtx) {
+        // Keep only what we granted: those blocks are what we hold from our new parent.
+        let grants: Vec<(Ipv4Net, NodeId)> =
+            self.pool.grants().filter(|g| g.holder != ctx.me).map(|g| (g.block, g.holder)).collect();
+        let mut pool = AddressPool::new(grants.iter().map(|(b, _)| *b), [], self.cfg.lease);
+        for (b, h) in &grants {
+            let _ = pool.claim(*b, *h, now);
+        }
+        self.pool = pool;
+        self.pool_is_platform = false;
+        self.parent_blocks = grants.iter().map(|(b, _)| *b).collect();
+        if let (Some(table), Some(parent)) = (self.allocator.take(), ctx.parent)
+            && !table.is_empty()
+        {
+            self.send(parent, RoutesMessage::MergeAllocator(table.state()));
+        }
+    }
+
+    fn grant_own_machine(&mut self, now: Time, ctx: &TreeCtx) {
+        match self.pool.alloc(ctx.me, self.cfg.machine_prefix, now) {
+            Ok(block) => {
+                self.machine.push(block);
+                self.events.push(RouteEvent::SubnetGranted { block });
+            }
+            Err(e) => self.events.push(RouteEvent::AllocationFailed { reason: e.to_string() }),
+        }
+    }
+
+    fn parent_changed(&mut self, now: Time, ctx: &TreeCtx, parent: NodeId) {
+        self.sync(now, ctx);
+        // Our subtree's records go up the new path; our interests are re-registered there.
+        let records: Vec<InstanceRecord> = self
+            .registry
+            .services()
+            .into_iter()
+            .flat_map(|s| self.registry.instances(s).cloned().collect::<Vec<_>>())
+            .collect();
+        for r in records {
+            self.send(parent, RoutesMessage::Up(RouteChange::Upsert(r)));
+        }
+        let wanted: Vec<ServiceName> = self.interests.wanted(now).into_iter().cloned().collect();
+        for service in wanted {
+            let key = QueryKey::Name(service);
+            self.pending.entry(key.clone()).or_default();
+            self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+        }
+        self.next_renew = now + self.cfg.renew_interval;
+    }
+
+    /// What we hold from the parent: machine subnets (except those inside our own blocks, granted to ourselves
+    /// after a takeover) and our group's blocks.
+    fn held(&self) -> Vec<Held> {
+        let own = |m: &Ipv4Net| self.parent_blocks.iter().any(|b| b.contains(m));
+        let mut held: Vec<Held> =
+            self.machine.iter().filter(|m| !own(m)).map(|&block| Held { purpose: Purpose::Machine, block }).collect();
+        held.extend(self.parent_blocks.iter().map(|&block| Held { purpose: Purpose::Block, block }));
+        held
+    }
+
+    fn sync(&mut self, now: Time, ctx: &TreeCtx) {
+        let Some(parent) = ctx.parent else { return };
+        self.next_sync = now + self.cfg.resync_interval;
+        let held = self.held();
+        let mut want = Vec::new();
+        if self.machine.is_empty() || self.extra_machine_wanted {
+            want.push(Want { purpose: Purpose::Machine, prefix: self.cfg.machine_prefix, replaces: None });
+        }
+        self.send(parent, RoutesMessage::SubnetSync { held, want });
+    }
+
+    fn ask_block(&mut self, now: Time, ctx: &TreeCtx, prefix: u8) {
+        let Some(parent) = ctx.parent else { return };
+        self.block_asked_at = Some(now);
+        let prefix = prefix.min(self.cfg.block_prefix);
+        let held = self.held();
+        let want = vec![Want { purpose: Purpose::Block, prefix, replaces: None }];
+        self.send(parent, RoutesMessage::SubnetSync { held, want });
+    }
+
+    fn child_lost(&mut self, now: Time, ctx: &TreeCtx, child: NodeId) {
+        self.pool.release_holder(child);
+        self.waiting.retain(|(c, _)| *c != child);
+        self.interests.remove_child(child);
+        let removals = self.registry.remove_via(child);
+        if removals.is_empty() {
+            return;
+        }
+        let mut lost = Vec::with_capacity(removals.len());
+        for change in removals {
+            if let RouteChange::Removed { service, number, .. } = &change {
+                lost.push((service.clone(), *number));
+            }
+            self.push_down(now, ctx, &change, None);
+        }
+        if let Some(parent) = ctx.parent {
+            self.send(parent, RoutesMessage::Lost(lost));
+        }
+    }
+
+    // ----- commands -----------------------------------------------------------------------------------------
+
+    pub fn on_command(&mut self, now: Time, ctx: &TreeCtx, cmd: RouteCommand) {
+        match cmd {
+            RouteCommand::DeployService { name, request, instances } => {
+                self.on_deploy(now, ctx, ctx.me, name, request, instances, Vec::new())
+            }
+            RouteCommand::RegisterInstance(record) => {
+                if record.host != ctx.me {
+                    self.counters.rejected += 1;
+                    self.events.push(RouteEvent::AllocationFailed {
+                        reason: format!("instance {} {} is not hosted here", record.service, record.number),
+                    });
+                    return;
+                }
+                let service = record.service.clone();
+                let fresh = self.registry.instance(&service, record.number).is_none();
+                if let Some(change) = self.registry.apply(RouteChange::Upsert(record), Via::Local, now) {
+                    if fresh {
+                        self.interests.pin(&service);
+                    }
+                    self.publish(now, ctx, change, None);
+                    // Deployment interest: the host learns the service's addresses and other instances.
+                    if matches!(self.cache.lookup(&service, now), CacheLookup::Miss)
+                        && let Some(parent) = ctx.parent
+                    {
+                        let key = QueryKey::Name(service);
+                        self.pending.entry(key.clone()).or_default();
+                        self.counters.queries_up += 1;
+                        self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+                    }
+                }
+            }
+            RouteCommand::UnregisterInstance { service, number, version } => {
+                let hosted = self.registry.instance(&service, number).is_some();
+                let change = RouteChange::Removed { service: service.clone(), number, version };
+                if let Some(change) = self.registry.apply(change, Via::Local, now) {
+                    if hosted {
+                        self.interests.unpin(&service);
+                    }
+                    self.publish(now, ctx, change, None);
+                }
+            }
+            RouteCommand::QueryRoute(key) => self.query_local(now, ctx, key),
+            RouteCommand::RouteUsed(service) => {
+                self.interests.use_locally(&service, now);
+                self.cache.refresh(&service, now);
+            }
+            RouteCommand::InstanceUnreachable { service, number } => {
+                self.cache.forget_instance(&service, number);
+                match ctx.parent {
+                    Some(parent) => {
+                        let key = QueryKey::Name(service);
+                        self.pending.entry(key.clone()).or_default().push(Asker::Local);
+                        self.counters.queries_up += 1;
+                        self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+                    }
+                    None => self.query_local(now, ctx, QueryKey::Name(service)),
+                }
+            }
+            RouteCommand::RequestSubnet => {
+                if ctx.is_root {
+                    self.grant_own_machine(now, ctx);
+                } else {
+                    self.extra_machine_wanted = true;
+                    self.sync(now, ctx);
+                }
+            }
+        }
+    }
+
+    /// A change of this node's registry: up to the parent, down to interested children, and to the agent.
+    fn publish(&mut self, now: Time, ctx: &TreeCtx, change: RouteChange, from_child: Option<NodeId>) {
+        self.push_down(now, ctx, &change, from_child);
+        if let Some(parent) = ctx.parent {
+            self.send(parent, RoutesMessage::Up(change));
+        }
+    }
+
+    fn push_down(&mut self, now: Time, _ctx: &TreeCtx, change: &RouteChange, except: Option<NodeId>) {
+        for child in self.interests.recipients(change.service(), now) {
+            if Some(child) != except {
+                self.counters.updates_down += 1;
+                self.send(child, RoutesMessage::Down(change.clone()));
+            }
+        }
+        if self.interests.is_wanted(change.service(), now) {
+            self.events.push(RouteEvent::RouteChanged { change: change.clone() });
+        }
+    }
+
+    fn query_local(&mut self, now: Time, ctx: &TreeCtx, key: QueryKey) {
+        let k = self.cfg.k_per_policy;
+        let decision = decide(
+            &self.registry,
+            &self.cache,
+            &mut self.interests,
+            Via::Local,
+            &key,
+            ctx.position,
+            k,
+            ctx.is_root,
+            now,
+        );
+        match decision {
+            QueryDecision::Answer { answer, ask_parent } => {
+                self.counters.answers += 1;
+                self.events.push(RouteEvent::RouteAnswer { key: key.clone(), answer });
+                if ask_parent && let Some(parent) = ctx.parent {
+                    self.pending.entry(key.clone()).or_default();
+                    self.counters.queries_up += 1;
+                    self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+                }
+            }
+            QueryDecision::AskParent => match ctx.parent {
+                Some(parent) => {
+                    let askers = self.pending.entry(key.clone()).or_default();
+                    let first = askers.is_empty();
+                    askers.push(Asker::Local);
+                    if first {
+                        self.counters.queries_up += 1;
+                        self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+                    }
+                }
+                None => self.events.push(RouteEvent::RouteNotFound { key }),
+            },
+            QueryDecision::NotFound => {
+                self.counters.not_found += 1;
+                self.events.push(RouteEvent::RouteNotFound { key });
+            }
+        }
+    }
+
+    // ----- messages -----------------------------------------------------------------------------------------
+
+    pub fn on_message(&mut self, now: Time, ctx: &TreeCtx, from: NodeId, m: RoutesMessage) {
+        let from_parent = ctx.parent == Some(from);
+        let from_child = ctx.children.iter().any(|(c, _)| *c == from);
+        match m {
+            RoutesMessage::SubnetSync { held, want } if from_child => self.on_sync(now, ctx, from, held, want),
+            RoutesMessage::SubnetReply { granted, refused } if from_parent => {
+                self.block_asked_at = None;
+                for g in granted {
+                    self.apply_granted(now, ctx, g);
+                }
+                for (want, reason) in refused {
+                    if let Some(old) = want.replaces {
+                        self.revoke(now, old);
+                    }
+                    self.events.push(RouteEvent::AllocationFailed { reason });
+                }
+                self.serve_waiting(now, ctx);
+            }
+            RoutesMessage::Moved { old, new } if from_parent => match new {
+                Some(new) => {
+                    let purpose = if self.machine.contains(&old) { Purpose::Machine } else { Purpose::Block };
+                    self.apply_granted(now, ctx, Granted { purpose, block: new, replaces: Some(old) });
+                }
+                None => self.revoke(now, old),
+            },
+            RoutesMessage::GroupBlocks(blocks) if from_parent => self.parent_group = blocks,
+            RoutesMessage::Up(change) if from_child => {
+                if let Some(out) = self.registry.apply(change, Via::Child(from), now) {
+                    self.publish(now, ctx, out, Some(from));
+                }
+            }
+            RoutesMessage::Lost(list) if from_child => {
+                let mut passed = Vec::new();
+                for (service, number) in list {
+                    if let Some(r) = self.registry.remove_if_via(&service, number, Via::Child(from)) {
+                        let change = RouteChange::Removed { service: service.clone(), number, version: r.version };
+                        self.push_down(now, ctx, &change, Some(from));
+                        passed.push((service, number));
+                    }
+                }
+                if !passed.is_empty()
+                    && let Some(parent) = ctx.parent
+                {
+                    self.send(parent, RoutesMessage::Lost(passed));
+                }
+            }
+            RoutesMessage::Down(change) if from_parent => {
+                if self.cache.apply(&change, now) {
+                    self.push_down(now, ctx, &change, None);
+                } else if let RouteChange::Addresses(a) = &change
+                    && self.registry.addresses(&a.name).is_some_and(|known| known != a)
+                {
+                    self.registry.set_addresses(a.clone());
+                    self.push_down(now, ctx, &change, None);
+                }
+            }
+            RoutesMessage::Query { key, position } if from_child => self.on_query(now, ctx, from, key, position),
+            RoutesMessage::Answer { key, answer } if from_parent => self.on_answer(now, ctx, key, answer),
+            RoutesMessage::NotFound(key) if from_parent => {
+                if let QueryKey::Name(s) = &key {
+                    self.cache.store_not_found(s, now);
+                }
+                for asker in self.pending.remove(&key).unwrap_or_default() {
+                    match asker {
+                        Asker::Local => {
+                            self.counters.not_found += 1;
+                            self.events.push(RouteEvent::RouteNotFound { key: key.clone() });
+                        }
+                        Asker::Child(c) => self.send(c, RoutesMessage::NotFound(key.clone())),
+                    }
+                }
+            }
+            RoutesMessage::Renew(services) if from_child => {
+                for s in services {
+                    self.interests.register(&s, from, now);
+                }
+            }
+            RoutesMessage::Deploy { name, request, instances, path } if from_child => {
+                self.on_deploy(now, ctx, from, name, request, instances, path)
+            }
+            RoutesMessage::Deployed { result, mut path } if from_parent => match path.pop() {
+                Some(next) if ctx.children.iter().any(|(c, _)| *c == next) => {
+                    self.send(next, RoutesMessage::Deployed { result, path })
+                }
+                Some(_) => self.counters.rejected += 1,
+                None => self.events.push(match result {
+                    Ok((addresses, instance_ips)) => RouteEvent::ServiceDeployed { addresses, instance_ips },
+                    Err(reason) => RouteEvent::AllocationFailed { reason },
+                }),
+            },
+            RoutesMessage::MergeAllocator(state) if from_child => {
+                if ctx.is_root {
+                    self.merge_allocator(now, ctx, &state);
+                } else if let Some(parent) = ctx.parent {
+                    self.send(parent, RoutesMessage::MergeAllocator(state));
+                }
+            }
+            _ => self.counters.rejected += 1,
+        }
+    }
+
+    /// The surviving root merges a joining root's ServiceIP table; services whose addresses changed are pushed
+    /// down as address changes.
+    fn merge_allocator(&mut self, now: Time, ctx: &TreeCtx, state: &AllocatorState) {
+        let table = self.allocator.get_or_insert_with(ServiceIpAllocator::default);
+        let report = table.merge(state);
+        let mut services: Vec<ServiceName> = state.assignments.iter().map(|a| a.key.service().clone()).collect();
+        services.extend(report.moved.iter().map(|m| m.key.service().clone()));
+        services.sort();
+        services.dedup();
+        let updates: Vec<ServiceAddresses> = services.iter().map(|s| table.service_addresses(s)).collect();
+        for addresses in updates {
+            if self.registry.set_addresses(addresses.clone()) {
+                self.push_down(now, ctx, &RouteChange::Addresses(addresses), None);
+            }
+        }
+    }
+
+    // ----- grants -------------------------------------------------------------------------------------------
+
+    fn on_sync(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, held: Vec<Held>, mut want: Vec<Want>) {
+        // Grants of this child it no longer lists (handed to it by a transfer, or replaced) are freed once they
+        // are old enough not to be in flight.
+        let stale: Vec<Ipv4Net> = self
+            .pool
+            .grants_of(child)
+            .filter(|g| !held.iter().any(|h| h.block == g.block) && g.age(now) > self.cfg.resync_interval)
+            .map(|g| g.block)
+            .collect();
+        for b in stale {
+            let _ = self.pool.free(b);
+        }
+        for h in &held {
+            let ours = self.pool.grant(h.block).is_some_and(|g| g.holder == child);
+            if ours {
+                self.pool.renew(child, now);
+            } else if self.pool.claim(h.block, child, now).is_err() {
+                want.push(Want { purpose: h.purpose, prefix: h.block.prefix_len(), replaces: Some(h.block) });
+            }
+        }
+        // A want repeated by a resync while it waits counts once.
+        want.retain(|w| !self.waiting.iter().any(|(c, x)| *c == child && x == w));
+        self.grant_wants(now, ctx, child, want);
+        // Every sync learns the group's blocks, so any child can take this node's place.
+        self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));
+    }
+
+    fn grant_wants(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, want: Vec<Want>) {
+        let mut granted = Vec::new();
+        let mut refused = Vec::new();
+        for w in want {
+            if w.prefix > 32 || w.prefix < self.cfg.block_prefix.min(self.cfg.machine_prefix).saturating_sub(8) {
+                refused.push((w, format!("prefix /{} is not allowed", w.prefix)));
+                continue;
+            }
+            match self.pool.alloc(child, w.prefix, now) {
+                Ok(block) => {
+                    self.counters.grants_made += 1;
+                    granted.push(Granted { purpose: w.purpose, block, replaces: w.replaces });
+                }
+                Err(e) if ctx.is_root => refused.push((w, e.to_string())),
+                Err(_) => {
+                    self.waiting.push((child, w));
+                    if self.block_asked_at.is_none() {
+                        self.ask_block(now, ctx, w.prefix);
+                    }
+                }
+            }
+        }
+        if !granted.is_empty() || !refused.is_empty() {
+            self.send(child, RoutesMessage::SubnetReply { granted, refused });
+        }
+    }
+
+    fn serve_waiting(&mut self, now: Time, ctx: &TreeCtx) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        let mut by_child: Vec<(NodeId, Vec<Want>)> = Vec::new();
+        for (c, w) in waiting {
+            match by_child.iter_mut().find(|(x, _)| *x == c) {
+                Some((_, v)) => v.push(w),
+                None => by_child.push((c, vec![w])),
+            }
+        }
+        for (c, wants) in by_child {
+            if ctx.children.iter().any(|(x, _)| *x == c) {
+                self.grant_wants(now, ctx, c, wants);
+            }
+        }
+    }
+
+    fn apply_granted(&mut self, now: Time, ctx: &TreeCtx, g: Granted) {
+        match g.purpose {
+            Purpose::Machine => match g.replaces {
+                Some(old) if self.machine.contains(&old) => {
+                    self.counters.renumbered += 1;
+                    self.machine.retain(|m| *m != old);
+                    self.machine.push(g.block);
+                    self.events.push(RouteEvent::SubnetChanged { old, new: g.block });
+                }
+                Some(_) => {}
+                None => {
+                    if self.machine.contains(&g.block) {
+                        return;
+                    }
+                    if !self.machine.is_empty() && !self.extra_machine_wanted {
+                        // A duplicate answer to a repeated sync: give it back at the next sync (not listed).
+                        return;
+                    }
+                    self.extra_machine_wanted = false;
+                    self.machine.push(g.block);
+                    self.events.push(RouteEvent::SubnetGranted { block: g.block });
+                }
+            },
+            Purpose::Block => {
+                match g.replaces {
+                    Some(old) if self.parent_blocks.contains(&old) => {
+                        self.counters.renumbered += 1;
+                        self.parent_blocks.retain(|b| *b != old);
+                        self.parent_blocks.push(g.block);
+                        match self.pool.move_block(old, g.block) {
+                            Ok(moved) => {
+                                for r in moved {
+                                    if r.holder == ctx.me {
+                                        continue;
+                                    }
+                                    self.send(r.holder, RoutesMessage::Moved { old: r.old, new: r.new });
+                                }
+                            }
+                            Err(_) => self.rebuild_pool(now, ctx),
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        if self.parent_blocks.contains(&g.block) {
+                            return;
+                        }
+                        self.parent_blocks.push(g.block);
+                        if self.pool.add_owned(g.block).is_err() {
+                            self.rebuild_pool(now, ctx);
+                        }
+                    }
+                }
+                self.serve_waiting(now, ctx);
+            }
+        }
+    }
+
+    /// Rebuilds the pool from the parent's blocks, revoking grants that no longer fit.
+    fn rebuild_pool(&mut self, now: Time, _ctx: &TreeCtx) {
+        let grants: Vec<(Ipv4Net, NodeId)> = self.pool.grants().map(|g| (g.block, g.holder)).collect();
+        let mut pool = AddressPool::new(self.parent_blocks.iter().copied(), [], self.cfg.lease);
+        for (b, h) in grants {
+            if pool.claim(b, h, now).is_err() {
+                self.send(h, RoutesMessage::Moved { old: b, new: None });
+            }
+        }
+        self.pool = pool;
+    }
+
+    fn revoke(&mut self, now: Time, old: Ipv4Net) {
+        if self.machine.contains(&old) {
+            self.machine.retain(|m| *m != old);
+            self.events.push(RouteEvent::SubnetRevoked { block: old });
+            self.next_sync = now;
+        } else if self.parent_blocks.contains(&old) {
+            self.parent_blocks.retain(|b| *b != old);
+            let grants: Vec<(Ipv4Net, NodeId)> = self.pool.grants().map(|g| (g.block, g.holder)).collect();
+            let mut pool = AddressPool::new(self.parent_blocks.iter().copied(), [], self.cfg.lease);
+            for (b, h) in grants {
+                if pool.claim(b, h, now).is_err() {
+                    self.send(h, RoutesMessage::Moved { old: b, new: None });
+                }
+            }
+            self.pool = pool;
+        }
+    }
+
+    // ----- queries ------------------------------------------------------------------------------------------
+
+    fn on_query(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, key: QueryKey, position: Position) {
+        let k = self.cfg.k_per_policy;
+        let decision = decide(
+            &self.registry,
+            &self.cache,
+            &mut self.interests,
+            Via::Child(child),
+            &key,
+            position,
+            k,
+            ctx.is_root,
+            now,
+        );
+        match decision {
+            QueryDecision::Answer { answer, ask_parent } => {
+                self.counters.answers += 1;
+                self.send(child, RoutesMessage::Answer { key: key.clone(), answer });
+                if ask_parent && let Some(parent) = ctx.parent {
+                    self.pending.entry(key.clone()).or_default();
+                    self.counters.queries_up += 1;
+                    self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+                }
+            }
+            QueryDecision::AskParent => match ctx.parent {
+                Some(parent) => {
+                    let askers = self.pending.entry(key.clone()).or_default();
+                    let first = askers.is_empty();
+                    if !askers.contains(&Asker::Child(child)) {
+                        askers.push(Asker::Child(child));
+                    }
+                    if first {
+                        self.counters.queries_up += 1;
+                        self.send(parent, RoutesMessage::Query { key, position: ctx.position });
+                    }
+                }
+                None => self.send(child, RoutesMessage::NotFound(key)),
+            },
+            QueryDecision::NotFound => {
+                self.counters.not_found += 1;
+                self.send(child, RoutesMessage::NotFound(key));
+            }
+        }
+    }
+
+    fn on_answer(&mut self, now: Time, ctx: &TreeCtx, key: QueryKey, answer: QueryAnswer) {
+        let service = answer.service.clone();
+        self.cache.store(&service, answer.addresses, answer.instances, now);
+        let mut askers = self.pending.remove(&key).unwrap_or_default();
+        let name_key = QueryKey::Name(service.clone());
+        if key != name_key {
+            askers.extend(self.pending.remove(&name_key).unwrap_or_default());
+        }
+        // Everyone interested gets the fuller answer (it now includes instances outside this subtree).
+        for child in self.interests.recipients(&service, now) {
+            if !askers.contains(&Asker::Child(child)) {
+                askers.push(Asker::Child(child));
+            }
+        }
+        let k = self.cfg.k_per_policy;
+        for asker in askers {
+            let (via, position) = match asker {
+                Asker::Local => (Via::Local, ctx.position),
+                Asker::Child(c) => match ctx.child_position(c) {
+                    Some(p) => (Via::Child(c), p),
+                    None => continue,
+                },
+            };
+            let decision =
+                decide(&self.registry, &self.cache, &mut self.interests, via, &name_key, position, k, ctx.is_root, now);
+            let QueryDecision::Answer { answer, .. } = decision else { continue };
+            match asker {
+                Asker::Local => self.events.push(RouteEvent::RouteAnswer { key: key.clone(), answer }),
+                Asker::Child(c) => self.send(c, RoutesMessage::Answer { key: key.clone(), answer }),
+            }
+        }
+    }
+
+    // ----- ServiceIPs ---------------------------------------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_deploy(
+        &mut self,
+        now: Time,
+        ctx: &TreeCtx,
+        from: NodeId,
+        name: ServiceName,
+        request: AddressRequest,
+        instances: u32,
+        mut path: Vec<NodeId>,
+    ) {
+        if from != ctx.me {
+            path.push(from);
+        }
+        if !ctx.is_root {
+            match ctx.parent {
+                Some(parent) if path.len() < MAX_PATH => {
+                    self.send(parent, RoutesMessage::Deploy { name, request, instances, path })
+                }
+                _ => self.deployed(ctx, Err("not attached to a tree".to_string()), path),
+            }
+            return;
+        }
+        let table = self.allocator.get_or_insert_with(ServiceIpAllocator::default);
+        let result = table.deploy(&name, &request).map_err(|e| e.to_string()).and_then(|addresses| {
+            let mut ips = Vec::new();
+            for n in 0..instances.min(MAX_LIST as u32) {
+                let ip = table.instance_ip(&name, n).map_err(|e| e.to_string())?;
+                ips.push((n, ip));
+            }
+            Ok((addresses, ips))
+        });
+        if let Ok((addresses, _)) = &result
+            && self.registry.set_addresses(addresses.clone())
+        {
+            let change = RouteChange::Addresses(addresses.clone());
+            self.push_down(now, ctx, &change, None);
+        }
+        self.deployed(ctx, result, path);
+    }
+
+    fn deployed(
+        &mut self,
+        _ctx: &TreeCtx,
+        result: Result<(ServiceAddresses, Vec<(u32, Ipv4Addr)>), String>,
+        mut path: Vec<NodeId>,
+    ) {
+        match path.pop() {
+            Some(next) => self.send(next, RoutesMessage::Deployed { result, path }),
+            None => self.events.push(match result {
+                Ok((addresses, instance_ips)) => RouteEvent::ServiceDeployed { addresses, instance_ips },
+                Err(reason) => RouteEvent::AllocationFailed { reason },
+            }),
+        }
+    }
+}
+
+/// Whether an address may be a machine subnet at all (inside the platform range, outside the ServiceIP range).
+pub fn is_machine_block(block: &Ipv4Net) -> bool {
+    PLATFORM_RANGE.contains(block) && !SERVICE_IP_RANGE.contains(block) && !block.contains(&SERVICE_IP_RANGE)
+}
+
+/// Which two services claim the same ServiceIP or InstanceIP in `tables` (for checks).
+pub fn address_conflicts<'a>(tables: impl IntoIterator<Item = &'a ServiceAddresses>) -> usize {
+    let mut seen: HashMap<Ipv4Addr, &ServiceName> = HashMap::new();
+    let mut conflicts = 0;
+    for t in tables {
+        for ip in t.service_ips.values() {
+            match seen.get(ip) {
+                Some(other) if *other != &t.name => conflicts += 1,
+                Some(_) => {}
+                None => {
+                    seen.insert(*ip, &t.name);
+                }
+            }
+        }
+    }
+    conflicts
+}

@@ -1,0 +1,283 @@
+//! Routes and addresses across a tree of nodes on the deterministic driver in `common`: subnet grants, the
+//! instance registry, route queries with interests, ServiceIP allocation, failures and partitions.
+
+mod common;
+
+use canopy_overlay::routes::{AddressRequest, InstanceRecord, PolicyKind, QueryKey, RouteChange, ServiceName};
+use canopy_overlay::routing::{RouteCommand, RouteEvent};
+use canopy_overlay::{Capacity, Command, Config, Event};
+use common::{MS, Net};
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+fn built(n: usize, max_children: usize) -> Net {
+    let mut net = Net::new(n, Config { max_children, ..Config::default() });
+    net.build(MS(100));
+    net.run_for(Duration::from_secs(8));
+    net
+}
+
+fn route(net: &mut Net, i: usize, cmd: RouteCommand) {
+    net.command(i, Command::Route(cmd));
+}
+
+/// Route events of node `i` since event index `from`.
+fn route_events(net: &Net, i: usize, from: usize) -> Vec<RouteEvent> {
+    net.events[from..]
+        .iter()
+        .filter(|(_, n, _)| *n == i)
+        .filter_map(|(_, _, e)| match e {
+            Event::Route(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every pair of live nodes' machine subnets that overlap.
+fn overlaps(net: &Net) -> Vec<(usize, usize, Ipv4Net, Ipv4Net)> {
+    let all: Vec<(usize, Ipv4Net)> =
+        net.live().flat_map(|i| net.nodes[i].routing().machine_subnets().iter().map(move |b| (i, *b))).collect();
+    let mut out = Vec::new();
+    for (x, (i, a)) in all.iter().enumerate() {
+        for (j, b) in &all[x + 1..] {
+            if a.contains(b) || b.contains(a) {
+                out.push((*i, *j, *a, *b));
+            }
+        }
+    }
+    out
+}
+
+fn subnets(net: &Net) -> Vec<Vec<Ipv4Net>> {
+    (0..net.nodes.len()).map(|i| net.nodes[i].routing().machine_subnets().to_vec()).collect()
+}
+
+fn record(net: &Net, i: usize, service: &ServiceName, number: u32, ip: Ipv4Addr) -> InstanceRecord {
+    let subnet = net.nodes[i].routing().machine_subnets()[0];
+    InstanceRecord {
+        service: service.clone(),
+        number,
+        instance_ip: ip,
+        namespace_ip: subnet.hosts().nth(1).unwrap(),
+        host: net.id(i),
+        tunnel: vec!["192.0.2.1:50103".parse().unwrap()],
+        position: net.nodes[i].info().position,
+        free: Capacity::new(1.0, 512.0, 50.0),
+        version: 1,
+    }
+}
+
+fn deploy(net: &mut Net, from: usize, service: &ServiceName, request: AddressRequest, n: u32) -> RouteEvent {
+    let mark = net.events.len();
+    route(net, from, RouteCommand::DeployService { name: service.clone(), request, instances: n });
+    net.run_for(Duration::from_secs(1));
+    route_events(net, from, mark)
+        .into_iter()
+        .find(|e| matches!(e, RouteEvent::ServiceDeployed { .. } | RouteEvent::AllocationFailed { .. }))
+        .expect("the root answers a deployment")
+}
+
+#[test]
+fn every_node_gets_a_disjoint_machine_subnet() {
+    let net = built(40, 4);
+    net.check_tree().unwrap();
+    for i in net.live() {
+        let s = net.nodes[i].routing().machine_subnets();
+        assert_eq!(s.len(), 1, "node {i} has subnets {s:?}");
+        assert_eq!(s[0].prefix_len(), 26);
+        assert!(canopy_overlay::routing::is_machine_block(&s[0]), "{}", s[0]);
+        let granted = route_events(&net, i, 0).iter().any(|e| matches!(e, RouteEvent::SubnetGranted { .. }));
+        assert!(granted, "node {i} was never told its subnet");
+    }
+    assert_eq!(overlaps(&net), vec![]);
+    // Coordinators grant from blocks their parent gave them, and say so on heartbeats.
+    for c in net.coordinators() {
+        assert!(!net.nodes[c].routing().group_blocks().is_empty(), "coordinator {c} has no block");
+        assert!(net.nodes[c].status().address_block.is_some());
+    }
+}
+
+#[test]
+fn a_full_machine_asks_for_another_subnet() {
+    let mut net = built(10, 4);
+    let leaf = net.live().find(|&i| net.nodes[i].children().count() == 0).unwrap();
+    let mark = net.events.len();
+    route(&mut net, leaf, RouteCommand::RequestSubnet);
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.nodes[leaf].routing().machine_subnets().len(), 2);
+    let events = route_events(&net, leaf, mark);
+    assert!(events.iter().any(|e| matches!(e, RouteEvent::SubnetGranted { .. })), "{events:?}");
+    assert_eq!(overlaps(&net), vec![]);
+}
+
+#[test]
+fn a_crashed_machine_gives_its_subnet_back_and_a_successor_keeps_the_group_s_subnets() {
+    let mut net = built(40, 4);
+    let victim = *net
+        .coordinators()
+        .iter()
+        .find(|&&c| net.nodes[c].parent().is_some() && net.nodes[c].children().count() >= 3)
+        .expect("a coordinator below the root");
+    let orphans: Vec<usize> = net.nodes[victim].children().map(|id| net.idx(id)).collect();
+    let before = subnets(&net);
+    let parent = net.idx(net.nodes[victim].parent().unwrap());
+    let victim_subnet = before[victim][0];
+    net.crash(victim);
+    net.run_for(Duration::from_secs(10));
+    net.check_tree().unwrap();
+    assert_eq!(overlaps(&net), vec![]);
+    for i in net.live() {
+        assert!(!net.nodes[i].routing().machine_subnets().is_empty(), "node {i} lost its subnet");
+    }
+    let kept = orphans.iter().filter(|&&o| subnets(&net)[o] == before[o]).count();
+    assert_eq!(kept, orphans.len(), "orphans kept their subnets: {kept} of {}", orphans.len());
+    // The crashed machine's own subnet is free again in its parent's pool (or the successor's).
+    let holder = net.nodes[parent].routing().pool().grants().find(|g| g.block == victim_subnet).map(|g| g.holder);
+    assert_ne!(holder, Some(net.id(victim)));
+}
+
+#[test]
+fn deploy_register_query_update_and_failure() {
+    let mut net = built(40, 4);
+    let svc: ServiceName = "shop.acme.cart.prod".parse().unwrap();
+    let RouteEvent::ServiceDeployed { addresses, instance_ips } = deploy(&mut net, 7, &svc, Default::default(), 3)
+    else {
+        panic!("deployed")
+    };
+    assert_eq!(addresses.service_ips.len(), PolicyKind::ALL.len());
+    assert_eq!(instance_ips.len(), 3);
+
+    // Instance 0 runs on node 5; node 33 asks for the service by name.
+    let rec0 = record(&net, 5, &svc, 0, instance_ips[0].1);
+    route(&mut net, 5, RouteCommand::RegisterInstance(rec0.clone()));
+    net.run_for(Duration::from_secs(1));
+    let mark = net.events.len();
+    let asked_at = net.now;
+    route(&mut net, 33, RouteCommand::QueryRoute(QueryKey::Name(svc.clone())));
+    net.run_for(Duration::from_secs(1));
+    let answer = route_events(&net, 33, mark)
+        .into_iter()
+        .rev()
+        .find_map(|e| match e {
+            RouteEvent::RouteAnswer { answer, .. } => Some(answer),
+            _ => None,
+        })
+        .expect("an answer");
+    assert_eq!(answer.instances, vec![rec0.clone()]);
+    assert_eq!(answer.addresses.as_ref(), Some(&addresses));
+    let answered_at = net.events[mark..].iter().find(|(_, n, e)| *n == 33 && matches!(e, Event::Route(_))).unwrap().0;
+    assert!(answered_at - asked_at <= MS(20) * 2 * 8, "cold query took {:?}", answered_at - asked_at);
+
+    // By address, from another node: the ServiceIP of the closest policy names the service.
+    let mark = net.events.len();
+    let ip = addresses.service_ips[&PolicyKind::Closest];
+    route(&mut net, 21, RouteCommand::QueryRoute(QueryKey::Address(ip)));
+    net.run_for(Duration::from_secs(1));
+    let by_addr = route_events(&net, 21, mark);
+    assert!(
+        by_addr.iter().any(|e| matches!(e, RouteEvent::RouteAnswer { answer, .. } if answer.service == svc)),
+        "{by_addr:?}"
+    );
+
+    // A second instance on node 12 reaches the interested node 33 as a change.
+    let mark = net.events.len();
+    let rec1 = record(&net, 12, &svc, 1, instance_ips[1].1);
+    route(&mut net, 12, RouteCommand::RegisterInstance(rec1.clone()));
+    net.run_for(Duration::from_secs(1));
+    let changes = route_events(&net, 33, mark);
+    assert!(changes.contains(&RouteEvent::RouteChanged { change: RouteChange::Upsert(rec1.clone()) }), "{changes:?}");
+
+    // Node 12 crashes: its instance disappears for node 33 once the failure is detected.
+    let mark = net.events.len();
+    net.crash(12);
+    net.run_for(Duration::from_secs(6));
+    let changes = route_events(&net, 33, mark);
+    assert!(
+        changes
+            .iter()
+            .any(|e| matches!(e, RouteEvent::RouteChanged { change: RouteChange::Removed { number: 1, .. } })),
+        "{changes:?}"
+    );
+    // The root's index holds only instance 0 now.
+    let root = net.roots()[0];
+    let left: Vec<u32> = net.nodes[root].routing().registry().instances(&svc).map(|r| r.number).collect();
+    assert_eq!(left, vec![0]);
+}
+
+#[test]
+fn unknown_service_is_not_found_and_a_taken_address_fails_clearly() {
+    let mut net = built(20, 4);
+    let mark = net.events.len();
+    let ghost: ServiceName = "no.such.svc.here".parse().unwrap();
+    route(&mut net, 15, RouteCommand::QueryRoute(QueryKey::Name(ghost.clone())));
+    net.run_for(Duration::from_secs(1));
+    assert!(route_events(&net, 15, mark).contains(&RouteEvent::RouteNotFound { key: QueryKey::Name(ghost) }));
+
+    let a: ServiceName = "a.x.svc.prod".parse().unwrap();
+    let b: ServiceName = "b.x.svc.prod".parse().unwrap();
+    let fixed = Ipv4Addr::new(10, 30, 7, 7);
+    let request = AddressRequest { service_ips: [(PolicyKind::Rr, fixed)].into(), instances: None };
+    let RouteEvent::ServiceDeployed { addresses, .. } = deploy(&mut net, 3, &a, request.clone(), 0) else {
+        panic!("first deployment gets its fixed address")
+    };
+    assert_eq!(addresses.service_ips[&PolicyKind::Rr], fixed);
+    match deploy(&mut net, 11, &b, request, 0) {
+        RouteEvent::AllocationFailed { reason } => {
+            assert!(reason.contains("10.30.7.7") && reason.contains("a.x.svc.prod"), "{reason}")
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn interests_lapse_unless_the_route_is_used() {
+    let mut net = built(20, 4);
+    let svc: ServiceName = "shop.acme.cart.prod".parse().unwrap();
+    let RouteEvent::ServiceDeployed { instance_ips, .. } = deploy(&mut net, 2, &svc, Default::default(), 1) else {
+        panic!("deployed")
+    };
+    let rec = record(&net, 4, &svc, 0, instance_ips[0].1);
+    route(&mut net, 4, RouteCommand::RegisterInstance(rec));
+    route(&mut net, 17, RouteCommand::QueryRoute(QueryKey::Name(svc.clone())));
+    route(&mut net, 18, RouteCommand::QueryRoute(QueryKey::Name(svc.clone())));
+    net.run_for(Duration::from_secs(1));
+    // Node 17 keeps using the route, node 18 does not.
+    for _ in 0..9 {
+        route(&mut net, 17, RouteCommand::RouteUsed(svc.clone()));
+        net.run_for(Duration::from_secs(10));
+    }
+    let now = net.now;
+    assert!(net.nodes[17].routing().interests().is_wanted(&svc, now));
+    assert!(!net.nodes[18].routing().interests().is_wanted(&svc, now));
+    // The host keeps its pinned interest without using it.
+    assert!(net.nodes[4].routing().interests().is_wanted(&svc, now));
+}
+
+#[test]
+fn partition_and_heal_leave_no_overlapping_subnets_or_service_ips() {
+    let mut net = built(30, 4);
+    for i in 0..30 {
+        net.group[i] = (i % 2) as u8;
+    }
+    net.run_for(Duration::from_secs(20));
+    // Each side deploys a service and new subnets are granted on both sides.
+    let one: ServiceName = "one.x.svc.prod".parse().unwrap();
+    let two: ServiceName = "two.x.svc.prod".parse().unwrap();
+    let a = net.roots_in(0)[0];
+    let b = net.roots_in(1)[0];
+    assert!(matches!(deploy(&mut net, a, &one, Default::default(), 1), RouteEvent::ServiceDeployed { .. }));
+    assert!(matches!(deploy(&mut net, b, &two, Default::default(), 1), RouteEvent::ServiceDeployed { .. }));
+    net.group.iter_mut().for_each(|g| *g = 0);
+    net.run_for(Duration::from_secs(30));
+    assert_eq!(net.roots().len(), 1);
+    net.check_tree().unwrap();
+    assert_eq!(overlaps(&net), vec![]);
+    for i in net.live() {
+        assert!(!net.nodes[i].routing().machine_subnets().is_empty(), "node {i} has no subnet");
+    }
+    let root = net.roots()[0];
+    let table = net.nodes[root].routing().allocator().expect("the root allocates");
+    let services: Vec<ServiceName> = table.assignments().map(|a| a.key.service().clone()).collect();
+    assert!(services.contains(&one) && services.contains(&two), "{services:?}");
+}
