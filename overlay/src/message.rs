@@ -184,7 +184,7 @@ pub struct Report {
     pub summary: Summary,
     /// The child's subtree grid, when it changed significantly or is due for a refresh (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grid: Option<SubtreeGrid>,
+    pub grid: Option<Box<SubtreeGrid>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,7 +368,7 @@ mod tests {
                 view_version: 3,
                 rank,
                 summary,
-                grid: Some(SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity }),
+                grid: Some(Box::new(SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity })),
             }),
             Message::Heartbeat(Heartbeat {
                 term: 1,

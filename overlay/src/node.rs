@@ -1017,7 +1017,7 @@ impl Node {
         c.last_heard = now;
         c.summary = r.summary;
         if let Some(grid) = r.grid {
-            self.grids.on_child_grid(from, grid);
+            self.grids.on_child_grid(from, *grid);
         }
         c.acked_version = r.view_version;
         if c.acked_version != self.view_version && c.sent_version == self.view_version {
@@ -1087,13 +1087,17 @@ impl Node {
         if self.children.len() > self.config.max_children {
             self.split();
         }
+        let children = &self.children;
+        self.grids.retain_children(|id| children.iter().any(|c| c.info.id == *id));
         self.with_routing(|r, ctx| r.tick(now, ctx));
         self.send_heartbeats(false);
         if let Some(p) = &self.parent {
-            let report =
-                Report { view_version: p.view_version, rank: self.rank(), summary: self.summary(), grid: None };
             let to = p.info.id;
+            let grid = self.grids.report_grid(to).map(Box::new);
+            let report = Report { view_version: p.view_version, rank: self.rank(), summary: self.summary(), grid };
             self.send(to, Message::Report(report));
+        } else {
+            self.grids.clear_parent_grids();
         }
         self.relays.retain(|r| r.deadline > now);
         // Detached, or a root that may be an island: retry contacts.
@@ -1131,6 +1135,13 @@ impl Node {
         let version = self.view_version;
         let needs_view = |c: &Child| c.acked_version != version && c.sent_version != version;
         let view = self.children.iter().any(needs_view).then(|| self.view_for_children());
+        // Grids ride on the periodic round only, when due (see `grids`).
+        let grids = if changes_only {
+            None
+        } else {
+            let ids: Vec<NodeId> = self.children.iter().map(|c| c.info.id).collect();
+            self.grids.group_for_children(&ids)
+        };
         let mut targets = Vec::with_capacity(self.children.len());
         for c in self.children.iter_mut() {
             let full = needs_view(c);
@@ -1147,7 +1158,7 @@ impl Node {
                 view_version: version,
                 view: if full { view.clone() } else { None },
                 address_block: self.address_block,
-                grids: None,
+                grids: grids.clone(),
             };
             self.send(id, Message::Heartbeat(hb));
         }
