@@ -81,6 +81,8 @@ enum What {
     ScenarioEvent(u32),
     LeaveDone(u32),
     Check,
+    /// The routes workload's next step.
+    Routes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +173,7 @@ pub struct Simulation {
     applied: Vec<AppliedEvent>,
     depth_max: usize,
     fanout_max: usize,
+    route_load: Option<crate::route_load::RouteLoad>,
 }
 
 fn bucket(role: Role) -> usize {
@@ -286,6 +289,7 @@ impl Simulation {
             applied: Vec::new(),
             depth_max: 0,
             fanout_max: 0,
+            route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
         };
         let join_over_ns = scenario.nodes.join_over_s * 1e9;
         for i in 0..count {
@@ -296,6 +300,9 @@ impl Simulation {
             sim.schedule((event.at_s * 1e9) as u64, What::ScenarioEvent(i as u32));
         }
         sim.schedule(CHECK_INTERVAL_NS, What::Check);
+        if let Some(start) = sim.route_load.as_ref().map(|l| l.start_ns()) {
+            sim.schedule(start, What::Routes);
+        }
         sim
     }
 
@@ -317,6 +324,7 @@ impl Simulation {
                 What::Boot(i) => self.boot(i),
                 What::ScenarioEvent(e) => self.apply_event(e as usize),
                 What::LeaveDone(i) => self.leave_done(i),
+                What::Routes => self.routes_step(),
                 What::Check => {
                     self.periodic_check();
                     self.schedule(self.now + CHECK_INTERVAL_NS, What::Check);
@@ -612,6 +620,7 @@ impl Simulation {
                 }
                 self.settle_pending();
             }
+            Event::Route(e) => self.route_event(i, &e),
             _ => {}
         }
     }
@@ -753,6 +762,52 @@ impl Simulation {
         self.fanout_max = self.fanout_max.max(check.fanout_max);
     }
 
+    /// The routes workload acts: deployments, instances, queries, churn.
+    fn routes_step(&mut self) {
+        let Some(mut load) = self.route_load.take() else { return };
+        let live: Vec<u32> = (0..self.nodes.len() as u32).filter(|&i| self.nodes[i as usize].alive()).collect();
+        let nodes = &self.nodes;
+        let node = |i: u32| nodes.get(i as usize).filter(|n| n.alive()).and_then(|n| n.node.as_ref());
+        let (commands, next) = load.step(self.now, &live, &node);
+        self.route_load = Some(load);
+        for (i, cmd) in commands {
+            self.feed(i, Some(Input::Command(Command::Route(cmd))));
+        }
+        if let Some(next) = next {
+            self.schedule(next, What::Routes);
+        }
+    }
+
+    fn route_event(&mut self, i: u32, event: &canopy_overlay::routing::RouteEvent) {
+        let Some(mut load) = self.route_load.take() else { return };
+        let commands = {
+            let live: Vec<u32> = match event {
+                canopy_overlay::routing::RouteEvent::ServiceDeployed { .. } => {
+                    (0..self.nodes.len() as u32).filter(|&i| self.nodes[i as usize].alive()).collect()
+                }
+                _ => Vec::new(),
+            };
+            let nodes = &self.nodes;
+            let node = |i: u32| nodes.get(i as usize).filter(|n| n.alive()).and_then(|n| n.node.as_ref());
+            load.on_event(self.now, i, event, &live, &node)
+        };
+        self.route_load = Some(load);
+        for (host, cmd) in commands {
+            self.feed(host, Some(Input::Command(Command::Route(cmd))));
+        }
+    }
+
+    /// Subnet and ServiceIP conflicts among the live nodes of each tree, and the routes workload's report.
+    fn route_report(&mut self, state: &mut FinalState) -> Option<crate::route_load::RoutesReport> {
+        let parents: Vec<Option<usize>> = self.views().iter().map(|v| v.and_then(|v| v.parent)).collect();
+        let nodes: Vec<Option<&Node>> =
+            self.nodes.iter().map(|n| if n.alive() { n.node.as_ref() } else { None }).collect();
+        let (subnets, service_ips) = crate::route_load::conflicts(&nodes, &parents, self.now);
+        state.subnet_conflicts = subnets;
+        state.serviceip_conflicts = service_ips;
+        self.route_load.take().map(|l| l.report())
+    }
+
     fn final_check(&mut self) -> (FinalState, TreeCheck) {
         let views = self.views();
         let check = check_tree(&views);
@@ -818,6 +873,8 @@ impl Simulation {
             tree_depth: check.depth_max,
             depth_bound: bound,
             fanout_max: check.fanout_max,
+            subnet_conflicts: 0,
+            serviceip_conflicts: 0,
         };
         (state, check)
     }
@@ -826,7 +883,8 @@ impl Simulation {
         for i in 0..self.nodes.len() as u32 {
             self.close_bucket(i);
         }
-        let (final_state, check) = self.final_check();
+        let (mut final_state, check) = self.final_check();
+        let routes = self.route_report(&mut final_state);
         let sim_seconds = self.end as f64 / 1e9;
         let per_node_s = |t: &Traffic, v: u64| if t.node_ns == 0 { 0.0 } else { v as f64 / (t.node_ns as f64 / 1e9) };
         let all = Traffic {
@@ -865,6 +923,7 @@ impl Simulation {
             applied_events: std::mem::take(&mut self.applied),
             violations_total: self.violations_total,
             violations: std::mem::take(&mut self.violations),
+            routes,
         };
         let views = self.views();
         let final_tree = views

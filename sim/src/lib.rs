@@ -10,6 +10,7 @@ pub mod engine;
 pub mod network;
 pub mod plot;
 pub mod report;
+pub mod route_load;
 pub mod scenario;
 
 pub use engine::{Outcome, run};

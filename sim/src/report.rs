@@ -38,6 +38,9 @@ pub struct Report {
     pub violations_total: usize,
     /// The first violations (capped), each with time and node.
     pub violations: Vec<Violation>,
+    /// The routes workload (see `route_load`), when the scenario runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<crate::route_load::RoutesReport>,
 }
 
 /// Percentiles by nearest rank; `None` when there were no samples.
@@ -109,6 +112,12 @@ pub struct FinalState {
     /// `2 * ceil(ln(N) / ln(max_children / 2)) + 1` for the largest component.
     pub depth_bound: Option<usize>,
     pub fanout_max: usize,
+    /// Pairs of live nodes of one tree whose machine subnets overlap (must be 0).
+    #[serde(default)]
+    pub subnet_conflicts: usize,
+    /// Addresses two services hold in the view of one tree's nodes (must be 0).
+    #[serde(default)]
+    pub serviceip_conflicts: usize,
 }
 
 impl FinalState {

@@ -23,6 +23,9 @@ pub struct Scenario {
     pub topology: Option<Topology>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<ScenarioEvent>,
+    /// Services, instances, queries and churn (see `route_load`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<crate::route_load::RoutesScenario>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,6 +274,9 @@ impl Scenario {
         }
         if self.nodes.count == 0 {
             return bad("nodes.count", "must be at least 1");
+        }
+        if let Some(r) = &self.routes {
+            r.validate()?;
         }
         let [lat_min, lon_min, lat_max, lon_max] = self.nodes.region;
         let lat_ok = (-90.0..=90.0).contains(&lat_min) && (-90.0..=90.0).contains(&lat_max) && lat_min <= lat_max;

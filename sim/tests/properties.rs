@@ -88,6 +88,7 @@ prop_compose! {
             overlay: OverlayTuning { heartbeat_ms: Some(HEARTBEAT_MS), max_children: Some(max_children) },
             topology: None,
             events,
+            routes: None,
         }
     }
 }
