@@ -5,11 +5,12 @@
 //! 24 bytes. Each message is CBOR-encoded exactly once, into a counting sink, to measure its wire size.
 
 use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
+use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::network::{Attachment, NetworkModel};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
 use canopy_overlay::{
-    Capacity, Command, Config, Envelope, Event, Input, Node, NodeId, NodeInfo, Output, Position, Role,
+    Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
 };
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -32,6 +33,8 @@ pub struct Outcome {
     pub failover_samples_ms: Vec<f64>,
     /// The final tree: every live node with its position, parent index and role.
     pub final_tree: Vec<TreeNode>,
+    /// The capacity grid the (first) root holds for its whole tree at the end.
+    pub root_grid: Option<canopy_policies::CapacityGrid>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +64,12 @@ pub fn overlay_config(scenario: &Scenario) -> Config {
     if let Some(m) = scenario.overlay.max_children {
         config.max_children = m;
     }
+    if let Some(size) = scenario.overlay.grid_size {
+        config.grids.size = size;
+    }
+    if let Some(every) = scenario.overlay.grid_refresh {
+        config.grids.refresh_every = every;
+    }
     config
 }
 
@@ -83,6 +92,8 @@ enum What {
     Check,
     /// The routes workload's next step.
     Routes,
+    /// The closest experiment: every node learns its free capacity.
+    SetCapacity,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +149,8 @@ struct PendingReattach {
 struct Traffic {
     msgs: u64,
     bytes: u64,
+    /// Bytes of capacity grids in sent messages (counted for the sender only).
+    grid_bytes: u64,
     node_ns: u128,
 }
 
@@ -173,6 +186,7 @@ pub struct Simulation {
     applied: Vec<AppliedEvent>,
     depth_max: usize,
     fanout_max: usize,
+    experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
 }
 
@@ -214,9 +228,22 @@ impl std::io::Write for ByteCounter {
 
 /// The exact length of `envelope.encode()`, computed by running the same CBOR serialiser into a counter.
 pub fn encoded_len(envelope: &Envelope) -> usize {
+    cbor_len(envelope)
+}
+
+fn cbor_len(value: &impl serde::Serialize) -> usize {
     let mut counter = ByteCounter(0);
-    ciborium::into_writer(envelope, &mut counter).expect("counting bytes cannot fail");
+    ciborium::into_writer(value, &mut counter).expect("counting bytes cannot fail");
     counter.0
+}
+
+/// CBOR bytes of the capacity grids a message carries.
+fn grid_len(envelope: &Envelope) -> usize {
+    match &envelope.body {
+        Message::Report(r) => r.grid.as_ref().map_or(0, cbor_len),
+        Message::Heartbeat(h) => h.grids.as_ref().map_or(0, cbor_len),
+        _ => 0,
+    }
 }
 
 impl Simulation {
@@ -248,7 +275,7 @@ impl Simulation {
                 SimNode {
                     node: None,
                     info,
-                    at: Attachment { position, switch: switches[i] },
+                    at: Attachment { position, switch: switches[i], access_ns: 0 },
                     life: Life::NotStarted,
                     incarnation: 0,
                     armed: None,
@@ -260,6 +287,16 @@ impl Simulation {
                 }
             })
             .collect();
+        let experiment = scenario.experiment.as_ref().map(|e| {
+            let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, 4));
+            Setup::new(e, count, &mut rng)
+        });
+        let mut nodes: Vec<SimNode> = nodes;
+        if let Some(setup) = &experiment {
+            for (node, &access_ns) in nodes.iter_mut().zip(&setup.access_ns) {
+                node.at.access_ns = access_ns;
+            }
+        }
         let mut sim = Simulation {
             scenario: scenario.clone(),
             config: overlay_config(scenario),
@@ -290,7 +327,11 @@ impl Simulation {
             depth_max: 0,
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
+            experiment,
         };
+        if let Some(e) = &scenario.experiment {
+            sim.schedule((e.set_capacity_at_s * 1e9) as u64, What::SetCapacity);
+        }
         let join_over_ns = scenario.nodes.join_over_s * 1e9;
         for i in 0..count {
             let at = (join_over_ns * i as f64 / count as f64) as u64;
@@ -324,6 +365,7 @@ impl Simulation {
                 What::Boot(i) => self.boot(i),
                 What::ScenarioEvent(e) => self.apply_event(e as usize),
                 What::LeaveDone(i) => self.leave_done(i),
+                What::SetCapacity => self.set_capacities(),
                 What::Routes => self.routes_step(),
                 What::Check => {
                     self.periodic_check();
@@ -407,6 +449,7 @@ impl Simulation {
         let b = bucket(self.nodes[from as usize].role);
         self.traffic[b].msgs += 1;
         self.traffic[b].bytes += u64::from(bytes);
+        self.traffic[b].grid_bytes += grid_len(&envelope) as u64;
         let Some(to) = self.index_of(&to) else {
             self.counts.dropped_unknown += 1;
             return;
@@ -879,6 +922,43 @@ impl Simulation {
         (state, check)
     }
 
+    /// Every live node learns its free capacity: saturated instances none, the others a random share of theirs.
+    fn set_capacities(&mut self) {
+        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(self.scenario.seed, 5));
+        for i in 0..self.nodes.len() as u32 {
+            let saturated = self.experiment.as_ref().is_some_and(|e| e.is_saturated_instance(i as usize));
+            let total = self.nodes[i as usize].info.capacity;
+            let share = 0.2 + 0.8 * rng.random::<f64>();
+            let free = if saturated {
+                Capacity::ZERO
+            } else {
+                Capacity::new(total.cpu * share, total.mem_mb * share, total.bandwidth_mbps * share)
+            };
+            if self.nodes[i as usize].alive() {
+                self.feed(i, Some(Input::Command(Command::SetCapacity(free))));
+            }
+        }
+    }
+
+    /// Scores the routing policies on what the nodes hold at the end of the run.
+    fn run_experiment(&mut self) -> Option<ExperimentReport> {
+        let setup = self.experiment.clone()?;
+        let live: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].alive()).collect();
+        let positions: Vec<Position> = self.nodes.iter().map(|n| n.at.position).collect();
+        let attachments: Vec<Attachment> = self.nodes.iter().map(|n| n.at).collect();
+        let net = self.net.clone();
+        let rtt = move |a: usize, b: usize| net.rtt_ms(&attachments[a], &attachments[b]);
+        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(self.scenario.seed, 6));
+        let nodes = &mut self.nodes;
+        let mut client = |i: usize| -> Option<Client> {
+            let sim_node = nodes.get_mut(i)?;
+            let position = sim_node.at.position;
+            let node = sim_node.node.as_mut()?;
+            Some(Client { position, grids: node.grids().held().to_vec() })
+        };
+        Some(crate::experiment::evaluate(&setup, &mut client, &live, &positions, &rtt, &mut rng))
+    }
+
     pub fn finish(mut self, name: &str, wall_seconds: f64) -> Outcome {
         for i in 0..self.nodes.len() as u32 {
             self.close_bucket(i);
@@ -890,6 +970,7 @@ impl Simulation {
         let all = Traffic {
             msgs: self.traffic[0].msgs + self.traffic[1].msgs,
             bytes: self.traffic[0].bytes + self.traffic[1].bytes,
+            grid_bytes: self.traffic[0].grid_bytes + self.traffic[1].grid_bytes,
             node_ns: self.traffic[0].node_ns + self.traffic[1].node_ns,
         };
         let by_role = |f: &dyn Fn(&Traffic) -> u64| ByRole {
@@ -899,6 +980,8 @@ impl Simulation {
         };
         let msgs = by_role(&|t| t.msgs);
         let bytes = by_role(&|t| t.bytes);
+        let grid_bytes = by_role(&|t| t.grid_bytes);
+        let closest_experiment = self.run_experiment();
         let joins_incomplete = self.nodes.iter().filter(|n| n.joining_since.is_some_and(|(_, r)| !r)).count();
         let rejoins_incomplete = self.nodes.iter().filter(|n| n.joining_since.is_some_and(|(_, r)| r)).count();
         let reattach_incomplete = self.pending.iter().filter(|p| !p.orphans.is_empty()).count();
@@ -919,6 +1002,8 @@ impl Simulation {
             fanout_max: self.fanout_max,
             msgs_per_node_per_s: msgs,
             bytes_per_node_per_s: bytes,
+            grid_bytes_per_node_per_s: grid_bytes,
+            closest_experiment,
             messages: self.counts.clone(),
             applied_events: std::mem::take(&mut self.applied),
             violations_total: self.violations_total,
@@ -940,7 +1025,12 @@ impl Simulation {
                 })
             })
             .collect();
+        let root_grid = self.roots.iter().next().and_then(|&r| {
+            let node = self.nodes[r as usize].node.as_mut()?;
+            Some(node.grids().subtree().clone())
+        });
         Outcome {
+            root_grid,
             report,
             join_samples_ms: self.join_samples,
             reattach_samples_ms: self.reattach_samples,

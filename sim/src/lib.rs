@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod check;
 pub mod engine;
+pub mod experiment;
 pub mod network;
 pub mod plot;
 pub mod report;

@@ -13,6 +13,9 @@ use rand::seq::SliceRandom;
 pub struct Attachment {
     pub position: Position,
     pub switch: u32,
+    /// Extra one-way delay of this node's access link (a slow last mile), added to every message it sends or
+    /// receives, so latency need not follow geography.
+    pub access_ns: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -52,7 +55,16 @@ impl NetworkModel {
             None => self.base_ns + from.position.distance_km(&to.position) * self.ns_per_km,
         };
         let jitter = if self.jitter_ns > 0.0 { rng.random::<f64>() * self.jitter_ns } else { 0.0 };
-        (fixed + jitter).round() as u64
+        (fixed + jitter).round() as u64 + from.access_ns + to.access_ns
+    }
+
+    /// Round-trip time without jitter, in milliseconds (the truth the closest experiment scores against).
+    pub fn rtt_ms(&self, a: &Attachment, b: &Attachment) -> f64 {
+        let fixed = match &self.switch_tree {
+            Some(tree) => tree.hop_ns * f64::from(tree.host_hops(a.switch, b.switch)),
+            None => self.base_ns + a.position.distance_km(&b.position) * self.ns_per_km,
+        };
+        2.0 * (fixed + (a.access_ns + b.access_ns) as f64) / 1e6
     }
 
     /// Draws whether a message is lost. Consumes randomness only when loss is configured, so a loss-free
@@ -140,7 +152,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn at(lat: f64, lon: f64) -> Attachment {
-        Attachment { position: Position::new(lat, lon), switch: 0 }
+        Attachment { position: Position::new(lat, lon), switch: 0, access_ns: 0 }
     }
 
     #[test]
@@ -183,8 +195,8 @@ mod tests {
         };
         let net = NetworkModel::new(&Network { jitter_ms: 0.0, ..Network::default() }, Some(&topo));
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let a = Attachment { position: Position::new(48.1, 11.5), switch: 3 };
-        let b = Attachment { position: Position::new(48.1, 11.6), switch: 6 };
+        let a = Attachment { position: Position::new(48.1, 11.5), switch: 3, access_ns: 0 };
+        let b = Attachment { position: Position::new(48.1, 11.6), switch: 6, access_ns: 0 };
         // 2 access links + 4 switch hops, 5 ms each.
         assert_eq!(net.latency_ns(&a, &b, &mut rng), 30_000_000);
         let switches = net.assign_switches(8, &mut rng);

@@ -1,11 +1,13 @@
-//! PNG plots of a run: CDFs of join, re-attach and failover times, and the final tree over the map.
+//! PNG plots of a run: CDFs of join, re-attach and failover times, the final tree over the map, and the root's
+//! capacity grid as a heatmap.
 
 use crate::engine::{Outcome, TreeNode};
 use canopy_overlay::Role;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
-/// Writes `cdf.png` and `tree.png` into `dir` (created if missing) and returns their paths.
+/// Writes `cdf.png`, `tree.png` and (when the root holds one) `grid.png` into `dir` (created if missing) and
+/// returns their paths.
 pub fn write_plots(outcome: &Outcome, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create plot directory {}: {e}", dir.display()))?;
     let cdf = dir.join("cdf.png");
@@ -20,7 +22,44 @@ pub fn write_plots(outcome: &Outcome, dir: &Path) -> anyhow::Result<Vec<PathBuf>
     )
     .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", cdf.display()))?;
     plot_tree(&tree, &outcome.final_tree).map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", tree.display()))?;
-    Ok(vec![cdf, tree])
+    let mut written = vec![cdf, tree];
+    if let Some(grid) = &outcome.root_grid {
+        let path = dir.join("grid.png");
+        plot_grid(&path, grid).map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The root's capacity grid as a heatmap of free CPU per cell (white: no nodes), with node counts.
+pub fn plot_grid(path: &Path, grid: &canopy_policies::CapacityGrid) -> DrawResult {
+    let root = BitMapBackend::new(path, (1000, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let b = grid.bounds();
+    let most = grid.cells().map(|c| c.region.free.cpu).fold(0.0f64, f64::max).max(1e-9);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Root capacity grid: free CPU per cell ({} nodes, max {most:.0} cores)", grid.node_count()),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(b.west..b.east, b.south..b.north)?;
+    chart.configure_mesh().x_desc("longitude").y_desc("latitude").draw()?;
+    chart.draw_series(grid.cells().filter(|c| c.region.nodes > 0).map(|c| {
+        // Light yellow (little free) to dark green (most free).
+        let t = (c.region.free.cpu / most).clamp(0.0, 1.0);
+        let color = RGBColor((250.0 - 230.0 * t) as u8, (240.0 - 110.0 * t) as u8, (150.0 - 110.0 * t) as u8);
+        let cb = c.bounds;
+        Rectangle::new([(cb.west, cb.south), (cb.east, cb.north)], color.filled())
+    }))?;
+    chart.draw_series(grid.cells().filter(|c| c.region.nodes > 0).map(|c| {
+        let cb = c.bounds;
+        Text::new(c.region.nodes.to_string(), (cb.west, cb.north), ("sans-serif", 11).into_font())
+    }))?;
+    root.present()?;
+    Ok(())
 }
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;

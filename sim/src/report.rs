@@ -32,6 +32,11 @@ pub struct Report {
     /// Messages sent plus received per live node per second, by the role the node had at the time.
     pub msgs_per_node_per_s: ByRole,
     pub bytes_per_node_per_s: ByRole,
+    /// Bytes of capacity grids (in reports and heartbeats) sent per node per second, by role.
+    pub grid_bytes_per_node_per_s: ByRole,
+    /// The closest-instance experiment, when the scenario runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closest_experiment: Option<crate::experiment::ExperimentReport>,
     pub messages: MessageCounts,
     /// The scenario events as applied, with the nodes they hit (for replay and diagnosis).
     pub applied_events: Vec<AppliedEvent>,
@@ -201,6 +206,37 @@ impl Report {
             self.msgs_per_node_per_s.all,
             self.bytes_per_node_per_s.all
         );
+        let _ = writeln!(
+            s,
+            "  grid bytes per node per s: leaf {:.0} B, coordinator {:.0} B, all {:.0} B",
+            self.grid_bytes_per_node_per_s.leaf,
+            self.grid_bytes_per_node_per_s.coordinator,
+            self.grid_bytes_per_node_per_s.all
+        );
+        if let Some(e) = &self.closest_experiment {
+            let _ = writeln!(
+                s,
+                "  closest experiment: {} instances ({} saturated), {} slow-access nodes, vivaldi error {:.1}%",
+                e.instances,
+                e.saturated,
+                e.slow_access_nodes,
+                e.vivaldi_relative_error * 100.0
+            );
+            let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+            for (name, p) in [("closest", &e.closest), ("latency", &e.latency)] {
+                let _ = writeln!(
+                    s,
+                    "    {name:<8} n={} oracle-optimal {:.1}%, saturated {:.1}%, stretch km p50 {} p99 {}, rtt p50 {} p99 {}",
+                    p.queries,
+                    p.oracle_optimal * 100.0,
+                    p.chose_saturated * 100.0,
+                    x(p.stretch_distance.p50),
+                    x(p.stretch_distance.p99),
+                    x(p.stretch_rtt.p50),
+                    x(p.stretch_rtt.p99)
+                );
+            }
+        }
         let m = &self.messages;
         let _ = writeln!(
             s,

@@ -26,6 +26,9 @@ pub struct Scenario {
     /// Services, instances, queries and churn (see `route_load`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<crate::route_load::RoutesScenario>,
+    /// The closest-instance experiment (see `experiment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<crate::experiment::ClosestExperiment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +84,12 @@ pub struct OverlayTuning {
     pub heartbeat_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_children: Option<usize>,
+    /// Cells per side of the capacity grids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_size: Option<u16>,
+    /// Resend unchanged grids every this many heartbeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_refresh: Option<u32>,
 }
 
 /// A binary tree of switches, `levels` deep (level 0 is one switch), every link `hop_latency_ms` long,
@@ -274,6 +283,15 @@ impl Scenario {
         }
         if self.nodes.count == 0 {
             return bad("nodes.count", "must be at least 1");
+        }
+        if self.overlay.grid_size.is_some_and(|g| g == 0 || g > canopy_policies::MAX_GRID_SIZE) {
+            return bad("overlay.grid_size", "must be between 1 and 64");
+        }
+        if self.overlay.grid_refresh == Some(0) {
+            return bad("overlay.grid_refresh", "must be at least 1");
+        }
+        if let Some(e) = &self.experiment {
+            e.validate(self.nodes.count)?;
         }
         if let Some(r) = &self.routes {
             r.validate()?;

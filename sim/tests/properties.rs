@@ -85,10 +85,15 @@ prop_compose! {
             duration_s: (last + 2.0 * detection_timeout_s() + LATENCY_SLACK_S).ceil(),
             network: Network { base_latency_ms: 2.0, km_per_ms: 100.0, jitter_ms: 1.0, loss },
             nodes: Nodes { count, region: REGION, join_over_s: JOIN_OVER_S, leave_grace_s, bootstrap: 3 },
-            overlay: OverlayTuning { heartbeat_ms: Some(HEARTBEAT_MS), max_children: Some(max_children) },
+            overlay: OverlayTuning {
+                heartbeat_ms: Some(HEARTBEAT_MS),
+                max_children: Some(max_children),
+                ..OverlayTuning::default()
+            },
             topology: None,
             events,
             routes: None,
+            experiment: None,
         }
     }
 }
