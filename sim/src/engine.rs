@@ -2,13 +2,14 @@
 //!
 //! Nodes are indexed by a dense `u32`; node `i` has `NodeId::from_u64(i)`. A node's wakeup is scheduled lazily
 //! from `poll_timeout` and stale heap entries are skipped. Messages in flight live in a slab so heap entries stay
-//! 24 bytes. Each message is CBOR-encoded exactly once, into a counting sink, to measure its wire size.
+//! 24 bytes. Each message's exact CBOR size is summed by [`crate::wire_size`] without encoding it.
 
 use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::network::{Attachment, NetworkModel};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
+use crate::wire_size;
 use canopy_overlay::{
     Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
 };
@@ -213,28 +214,16 @@ fn derive_seed(seed: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Counts the bytes of a serialisation without storing them.
-struct ByteCounter(usize);
-
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The exact length of `envelope.encode()`, computed by running the same CBOR serialiser into a counter.
+/// The exact length of `envelope.encode()`, summed by [`wire_size`] without encoding. Debug builds (the tests)
+/// check it against a real encode of every message.
 pub fn encoded_len(envelope: &Envelope) -> usize {
-    cbor_len(envelope)
+    let len = wire_size::cbor_len(envelope);
+    debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
+    len
 }
 
 fn cbor_len(value: &impl serde::Serialize) -> usize {
-    let mut counter = ByteCounter(0);
-    ciborium::into_writer(value, &mut counter).expect("counting bytes cannot fail");
-    counter.0
+    wire_size::cbor_len(value)
 }
 
 /// CBOR bytes of the capacity grids a message carries.

@@ -13,6 +13,7 @@ pub mod plot;
 pub mod report;
 pub mod route_load;
 pub mod scenario;
+pub mod wire_size;
 
 pub use engine::{Outcome, run};
 pub use report::Report;

@@ -1,0 +1,487 @@
+//! Exact CBOR sizes without encoding: a serde `Serializer` that adds up the bytes `ciborium` 0.2 would write.
+//!
+//! The simulator counts the wire bytes of every message. Encoding each one (even into a counting sink) spent most
+//! of a run in ciborium's header and float-narrowing code; this walks the same serde calls and only sums lengths.
+//! It mirrors `ciborium::ser` rule for rule (shortest integer headers, floats narrowed to f16/f32 when lossless,
+//! structs as maps keyed by field name, enums as one-entry maps). The rare cases it does not mirror (ciborium's
+//! tag wrapper, NaN payloads) fall back to a real encode, so the result is always exact.
+
+use serde::Serialize;
+use serde::ser;
+use std::fmt;
+
+/// The exact length of `ciborium::into_writer(value, ..)`'s output.
+pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut size = SizeCounter(0);
+    match value.serialize(&mut size) {
+        Ok(()) => size.0,
+        Err(Fallback) => encoded_len(value),
+    }
+}
+
+/// The length by a real encode into a counting sink (the reference `cbor_len` must agree with).
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct ByteCounter(usize);
+    impl std::io::Write for ByteCounter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = ByteCounter(0);
+    // A value whose `Serialize` fails cannot be sent at all; it counts as nothing.
+    match ciborium::into_writer(value, &mut counter) {
+        Ok(()) => counter.0,
+        Err(_) => 0,
+    }
+}
+
+/// Bytes of a CBOR item header carrying `value` (an integer, a length or a tag).
+fn header_len(value: u64) -> usize {
+    match value {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+fn text_len(len: usize) -> usize {
+    header_len(len as u64) + len
+}
+
+/// ciborium writes a float as the shortest of f16, f32 and f64 that gives back the same bits.
+fn float_len(v: f64) -> Option<usize> {
+    if v.is_nan() {
+        return None; // whether a NaN narrows depends on its payload bits; leave it to the real encoder
+    }
+    if f64::from(v as f32).to_bits() != v.to_bits() {
+        return Some(9);
+    }
+    Some(if exact_in_f16(v) { 3 } else { 5 })
+}
+
+/// Whether a (non-NaN) f64 has an exact IEEE half-precision representation.
+fn exact_in_f16(v: f64) -> bool {
+    if v == 0.0 || v.is_infinite() {
+        return true;
+    }
+    let bits = v.to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let mantissa = bits & ((1 << 52) - 1);
+    if !(-24..=15).contains(&exponent) {
+        return false;
+    }
+    // f16 keeps 10 fraction bits for normals (exponent >= -14); subnormals lose one per step below that.
+    let kept = if exponent >= -14 { 10 } else { 24 + exponent } as u32;
+    mantissa & ((1u64 << (52 - kept)) - 1) == 0
+}
+
+/// Running byte total.
+struct SizeCounter(usize);
+
+/// This value needs the real encoder to size it.
+#[derive(Debug)]
+struct Fallback;
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("value needs a real CBOR encode to be sized")
+    }
+}
+
+impl std::error::Error for Fallback {}
+
+impl ser::Error for Fallback {
+    fn custom<T: fmt::Display>(_msg: T) -> Self {
+        Fallback
+    }
+}
+
+/// ciborium's marker names for its `Captured`/tagged values.
+const TAG_NAME: &str = "@@TAG@@";
+const UNTAGGED: &str = "@@UNTAGGED@@";
+
+impl SizeCounter {
+    fn add(&mut self, n: usize) {
+        self.0 += n;
+    }
+
+    /// Big integers: ciborium writes a tag, then the big-endian bytes without leading zeros.
+    fn add_bignum(&mut self, raw: u128) {
+        let len = 16 - (raw.leading_zeros() / 8) as usize;
+        self.add(1 + text_len(len));
+    }
+
+    /// Definite length: one header. Indefinite: a start byte now and a break byte at the end.
+    fn add_collection(&mut self, len: Option<usize>) {
+        self.add(len.map_or(2, |n| header_len(n as u64)));
+    }
+}
+
+impl<'a> ser::Serializer for &'a mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    type SerializeSeq = &'a mut SizeCounter;
+    type SerializeTuple = &'a mut SizeCounter;
+    type SerializeTupleStruct = &'a mut SizeCounter;
+    type SerializeTupleVariant = &'a mut SizeCounter;
+    type SerializeMap = &'a mut SizeCounter;
+    type SerializeStruct = &'a mut SizeCounter;
+    type SerializeStructVariant = &'a mut SizeCounter;
+
+    fn serialize_bool(self, _v: bool) -> Result<(), Fallback> {
+        self.add(1);
+        Ok(())
+    }
+    fn serialize_i8(self, v: i8) -> Result<(), Fallback> {
+        self.serialize_i64(v.into())
+    }
+    fn serialize_i16(self, v: i16) -> Result<(), Fallback> {
+        self.serialize_i64(v.into())
+    }
+    fn serialize_i32(self, v: i32) -> Result<(), Fallback> {
+        self.serialize_i64(v.into())
+    }
+    fn serialize_i64(self, v: i64) -> Result<(), Fallback> {
+        // Negative n is written as -1 - n, i.e. all bits inverted.
+        self.add(header_len(if v < 0 { !(v as u64) } else { v as u64 }));
+        Ok(())
+    }
+    fn serialize_i128(self, v: i128) -> Result<(), Fallback> {
+        let raw = if v < 0 { !(v as u128) } else { v as u128 };
+        match u64::try_from(raw) {
+            Ok(small) => self.add(header_len(small)),
+            Err(_) => self.add_bignum(raw),
+        }
+        Ok(())
+    }
+    fn serialize_u8(self, v: u8) -> Result<(), Fallback> {
+        self.serialize_u64(v.into())
+    }
+    fn serialize_u16(self, v: u16) -> Result<(), Fallback> {
+        self.serialize_u64(v.into())
+    }
+    fn serialize_u32(self, v: u32) -> Result<(), Fallback> {
+        self.serialize_u64(v.into())
+    }
+    fn serialize_u64(self, v: u64) -> Result<(), Fallback> {
+        self.add(header_len(v));
+        Ok(())
+    }
+    fn serialize_u128(self, v: u128) -> Result<(), Fallback> {
+        match u64::try_from(v) {
+            Ok(small) => self.add(header_len(small)),
+            Err(_) => self.add_bignum(v),
+        }
+        Ok(())
+    }
+    fn serialize_f32(self, v: f32) -> Result<(), Fallback> {
+        self.serialize_f64(v.into())
+    }
+    fn serialize_f64(self, v: f64) -> Result<(), Fallback> {
+        self.add(float_len(v).ok_or(Fallback)?);
+        Ok(())
+    }
+    fn serialize_char(self, v: char) -> Result<(), Fallback> {
+        self.add(text_len(v.len_utf8()));
+        Ok(())
+    }
+    fn serialize_str(self, v: &str) -> Result<(), Fallback> {
+        self.add(text_len(v.len()));
+        Ok(())
+    }
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), Fallback> {
+        self.add(text_len(v.len()));
+        Ok(())
+    }
+    fn serialize_none(self) -> Result<(), Fallback> {
+        self.add(1);
+        Ok(())
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), Fallback> {
+        value.serialize(self)
+    }
+    fn serialize_unit(self) -> Result<(), Fallback> {
+        self.serialize_none()
+    }
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), Fallback> {
+        self.serialize_none()
+    }
+    fn serialize_unit_variant(self, _name: &'static str, _index: u32, variant: &'static str) -> Result<(), Fallback> {
+        self.serialize_str(variant)
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _name: &'static str, value: &T) -> Result<(), Fallback> {
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), Fallback> {
+        if name != TAG_NAME || variant != UNTAGGED {
+            self.add(1 + text_len(variant.len()));
+        }
+        value.serialize(self)
+    }
+    fn serialize_seq(self, len: Option<usize>) -> Result<Self, Fallback> {
+        self.add_collection(len);
+        Ok(self)
+    }
+    fn serialize_tuple(self, len: usize) -> Result<Self, Fallback> {
+        self.serialize_seq(Some(len))
+    }
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Self, Fallback> {
+        self.serialize_seq(Some(len))
+    }
+    fn serialize_tuple_variant(
+        self,
+        name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Self, Fallback> {
+        if name == TAG_NAME {
+            return Err(Fallback); // a CBOR tag; its header size depends on the tag value
+        }
+        self.add(1 + text_len(variant.len()) + header_len(len as u64));
+        Ok(self)
+    }
+    fn serialize_map(self, len: Option<usize>) -> Result<Self, Fallback> {
+        self.add_collection(len);
+        Ok(self)
+    }
+    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Self, Fallback> {
+        self.add(header_len(len as u64));
+        Ok(self)
+    }
+    fn serialize_struct_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Self, Fallback> {
+        self.add(1 + text_len(variant.len()) + header_len(len as u64));
+        Ok(self)
+    }
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+}
+
+impl ser::SerializeSeq for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(()) // an indefinite length's break byte was counted up front
+    }
+}
+
+impl ser::SerializeTuple for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeTupleStruct for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeTupleVariant for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeMap for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Fallback> {
+        key.serialize(&mut **self)
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeStruct for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
+        self.add(text_len(key.len()));
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeStructVariant for &mut SizeCounter {
+    type Ok = ();
+    type Error = Fallback;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
+        self.add(text_len(key.len()));
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), Fallback> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::Serialize;
+    use std::collections::BTreeMap;
+
+    #[derive(Serialize)]
+    enum Shape {
+        Unit,
+        New(u32),
+        Pair(i8, String),
+        Named { a: Option<u64>, b: Vec<f32> },
+    }
+
+    #[derive(Serialize)]
+    struct Everything {
+        flag: bool,
+        small: i64,
+        wide: i128,
+        unsigned: u128,
+        ch: char,
+        text: String,
+        #[serde(with = "serde_bytes_like")]
+        blob: Vec<u8>,
+        floats: Vec<f64>,
+        shapes: Vec<Shape>,
+        map: BTreeMap<String, (u16, f32)>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        maybe: Option<u8>,
+        unit: (),
+    }
+
+    mod serde_bytes_like {
+        pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(v)
+        }
+    }
+
+    /// A sequence of unknown length (ciborium writes it indefinite, with a break).
+    struct Unsized(Vec<u8>);
+    impl Serialize for Unsized {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().filter(|_| true))
+        }
+    }
+
+    #[test]
+    fn floats_narrow_like_ciborium() {
+        let specials = [
+            0.0,
+            -0.0,
+            1.0,
+            -2.5,
+            65504.0,
+            65505.0,
+            65520.0,
+            1e-8,
+            5.960464477539063e-8, // smallest f16 subnormal
+            6.103515625e-5,       // smallest f16 normal
+            3.0517578125e-5,      // an f16 subnormal
+            0.1,
+            1.0 / 3.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f32::MAX as f64,
+            f32::MIN_POSITIVE as f64,
+        ];
+        for v in specials {
+            assert_eq!(cbor_len(&v), encoded_len(&v), "{v:e}");
+        }
+    }
+
+    #[test]
+    fn everything_sizes_like_ciborium() {
+        let value = Everything {
+            flag: true,
+            small: -300,
+            wide: -(1i128 << 100),
+            unsigned: 1u128 << 70,
+            ch: 'é',
+            text: "x".repeat(300),
+            blob: vec![7; 70_000],
+            floats: vec![0.5, 0.1, 1e300, -0.0, 1024.0],
+            shapes: vec![
+                Shape::Unit,
+                Shape::New(1 << 20),
+                Shape::Pair(-1, "hi".into()),
+                Shape::Named { a: None, b: vec![1.5, 0.3] },
+            ],
+            map: [("k".to_string(), (300, 0.25)), ("long key".to_string(), (7, 1e30))].into_iter().collect(),
+            maybe: None,
+            unit: (),
+        };
+        assert_eq!(cbor_len(&value), encoded_len(&value));
+        let no_len = Unsized((0..40).collect());
+        assert_eq!(cbor_len(&no_len), encoded_len(&no_len));
+    }
+
+    proptest! {
+        #[test]
+        fn any_f64_bits_size_like_ciborium(bits in any::<u64>()) {
+            let v = f64::from_bits(bits);
+            prop_assert_eq!(cbor_len(&v), encoded_len(&v));
+        }
+
+        #[test]
+        fn any_f32_widened_sizes_like_ciborium(bits in any::<u32>()) {
+            let v = f64::from(f32::from_bits(bits));
+            prop_assert_eq!(cbor_len(&v), encoded_len(&v));
+        }
+
+        #[test]
+        fn near_f16_values_size_like_ciborium(mantissa in 0u64..4096, exponent in -40i32..12, negative in any::<bool>()) {
+            let v = mantissa as f64 * 2f64.powi(exponent) * if negative { -1.0 } else { 1.0 };
+            prop_assert_eq!(cbor_len(&v), encoded_len(&v));
+        }
+
+        #[test]
+        fn integers_size_like_ciborium(a in any::<i64>(), b in any::<u64>(), c in any::<i128>(), d in any::<u128>()) {
+            prop_assert_eq!(cbor_len(&(a, b, c, d)), encoded_len(&(a, b, c, d)));
+        }
+    }
+}
