@@ -1183,3 +1183,151 @@ pub fn address_conflicts<'a>(tables: impl IntoIterator<Item = &'a ServiceAddress
     }
     conflicts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Envelope, Message};
+    use crate::routes::PolicyKind;
+    use canopy_policies::Capacity;
+
+    fn svc() -> ServiceName {
+        "shop.acme.cart.prod".parse().unwrap()
+    }
+
+    fn record() -> InstanceRecord {
+        InstanceRecord {
+            service: svc(),
+            number: 0,
+            instance_ip: Ipv4Addr::new(10, 30, 0, 9),
+            namespace_ip: Ipv4Addr::new(10, 16, 0, 2),
+            host: NodeId::from_u64(4),
+            tunnel: vec!["192.0.2.1:50103".parse().unwrap()],
+            position: Position::new(48.0, 11.0),
+            free: Capacity::new(1.0, 512.0, 50.0),
+            version: 1,
+        }
+    }
+
+    fn envelope(m: RoutesMessage) -> Envelope {
+        Envelope {
+            version: crate::PROTOCOL_VERSION,
+            id: 1,
+            from: NodeId::from_u64(1),
+            body: Message::Routes(Box::new(m)),
+        }
+    }
+
+    #[test]
+    fn routes_messages_round_trip() {
+        let block: Ipv4Net = "10.16.0.0/26".parse().unwrap();
+        let addresses =
+            ServiceAddresses { name: svc(), service_ips: [(PolicyKind::Rr, Ipv4Addr::new(10, 30, 1, 1))].into() };
+        let samples = vec![
+            RoutesMessage::SubnetSync {
+                held: vec![Held { purpose: Purpose::Machine, block }],
+                want: vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None }],
+            },
+            RoutesMessage::SubnetReply {
+                granted: vec![Granted { purpose: Purpose::Machine, block, replaces: Some(block) }],
+                refused: vec![(Want { purpose: Purpose::Block, prefix: 20, replaces: None }, "full".into())],
+            },
+            RoutesMessage::Moved { old: block, new: None },
+            RoutesMessage::GroupBlocks(vec![block]),
+            RoutesMessage::Up(RouteChange::Upsert(record())),
+            RoutesMessage::Lost(vec![(svc(), 3)]),
+            RoutesMessage::Down(RouteChange::Removed { service: svc(), number: 0, version: 2 }),
+            RoutesMessage::Query {
+                key: QueryKey::Address(Ipv4Addr::new(10, 30, 1, 1)),
+                position: Position::new(1.0, 2.0),
+            },
+            RoutesMessage::Answer {
+                key: QueryKey::Name(svc()),
+                answer: QueryAnswer { service: svc(), addresses: Some(addresses.clone()), instances: vec![record()] },
+            },
+            RoutesMessage::NotFound(QueryKey::Name(svc())),
+            RoutesMessage::Renew(vec![svc()]),
+            RoutesMessage::Deploy { name: svc(), request: AddressRequest::default(), instances: 2, path: vec![] },
+            RoutesMessage::Deployed { result: Ok((addresses, vec![(0, Ipv4Addr::new(10, 30, 2, 2))])), path: vec![] },
+            RoutesMessage::Deployed { result: Err("10.30.7.7 is taken".into()), path: vec![NodeId::from_u64(3)] },
+            RoutesMessage::MergeAllocator(AllocatorState::default()),
+        ];
+        for m in samples {
+            let e = envelope(m);
+            assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn oversized_routes_messages_are_rejected() {
+        let too_long = RoutesMessage::Renew(vec![svc(); MAX_LIST + 1]);
+        assert!(Envelope::decode(&envelope(too_long).encode()).is_err());
+        let path = RoutesMessage::Deploy {
+            name: svc(),
+            request: AddressRequest::default(),
+            instances: 1,
+            path: vec![NodeId::from_u64(1); MAX_PATH + 1],
+        };
+        assert!(Envelope::decode(&envelope(path).encode()).is_err());
+        let bad_prefix = RoutesMessage::SubnetSync {
+            held: vec![],
+            want: vec![Want { purpose: Purpose::Machine, prefix: 40, replaces: None }],
+        };
+        assert!(Envelope::decode(&envelope(bad_prefix).encode()).is_err());
+    }
+
+    fn ctx<'a>(me: u64, parent: Option<u64>, is_root: bool, children: &'a [(NodeId, Position)]) -> TreeCtx<'a> {
+        TreeCtx {
+            me: NodeId::from_u64(me),
+            position: Position::new(48.0, 11.0),
+            parent: parent.map(NodeId::from_u64),
+            is_root,
+            children,
+        }
+    }
+
+    #[test]
+    fn the_root_grants_disjoint_subnets_releases_a_dropped_child_s_and_renews_the_others() {
+        let mut root = Routing::new(RoutingConfig::default());
+        let kids: Vec<(NodeId, Position)> = (2..5).map(|n| (NodeId::from_u64(n), Position::new(1.0, 1.0))).collect();
+        let t0 = Time::ZERO;
+        root.poll(t0, &ctx(1, None, true, &kids));
+        assert_eq!(root.machine_subnets().len(), 1, "the root grants itself a subnet");
+        let mut granted = vec![root.machine_subnets()[0]];
+        for (kid, _) in &kids {
+            let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None }];
+            root.on_message(t0, &ctx(1, None, true, &kids), *kid, RoutesMessage::SubnetSync { held: vec![], want });
+        }
+        for (_, m) in root.drain().0 {
+            if let RoutesMessage::SubnetReply { granted: g, .. } = m {
+                granted.extend(g.iter().map(|g| g.block));
+            }
+        }
+        assert_eq!(granted.len(), 4);
+        for (i, a) in granted.iter().enumerate() {
+            for b in &granted[i + 1..] {
+                assert!(!a.contains(b) && !b.contains(a), "{a} overlaps {b}");
+            }
+        }
+        // Child 4 is dropped by the tree: its grant is released at once; 2 and 3 stay children, and ticks renew
+        // their leases beyond the original expiry.
+        let staying = &kids[..2];
+        let lease = RoutingConfig::default().lease;
+        root.poll(t0, &ctx(1, None, true, staying));
+        let later = t0 + lease * 2;
+        root.tick(later, &ctx(1, None, true, staying));
+        let holders: Vec<NodeId> = root.pool().grants().map(|g| g.holder).collect();
+        assert!(!holders.contains(&NodeId::from_u64(4)));
+        assert!(holders.contains(&NodeId::from_u64(2)) && holders.contains(&NodeId::from_u64(3)));
+    }
+
+    #[test]
+    fn messages_from_strangers_are_counted_and_dropped() {
+        let mut node = Routing::new(RoutingConfig::default());
+        let c = ctx(1, Some(9), false, &[]);
+        node.on_message(Time::ZERO, &c, NodeId::from_u64(5), RoutesMessage::Up(RouteChange::Upsert(record())));
+        node.on_message(Time::ZERO, &c, NodeId::from_u64(5), RoutesMessage::GroupBlocks(vec![]));
+        assert_eq!(node.counters().rejected, 2);
+        assert!(node.registry().is_empty());
+    }
+}
