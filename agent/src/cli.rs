@@ -38,6 +38,8 @@ pub enum Command {
     Tree(crate::control::OutputArgs),
     /// List the peers this node is connected to or has admitted.
     Peers(crate::control::OutputArgs),
+    /// Print the address the local agent's resolver gives a service or instance name (ServiceIP / InstanceIP).
+    Resolve(crate::dns::command::ResolveArgs),
     /// Leave the overlay gracefully (a coordinator hands its role over first) and stop the agent.
     Leave,
     /// Run the data plane alone with a static route table (no control plane); serves the local API.
@@ -61,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => crate::control::status(global, args),
         Command::Tree(args) => crate::control::tree(global, args),
         Command::Peers(args) => crate::control::peers(global, args),
+        Command::Resolve(args) => crate::dns::command::resolve(global, args),
         Command::Leave => crate::control::leave(global),
         Command::Dataplane(args) => crate::dataplane::commands::dataplane(global, args),
         Command::Run(args) => crate::dataplane::commands::run(global, args),

@@ -289,9 +289,18 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     let handle = Handle::new(requests_tx);
     let mut router = runtime::api::router(handle);
     let mut services_task = None;
+    let mut resolver = None;
     if let Some(dataplane) = &dataplane {
         router = router.merge(dataplane.router());
         services_task = Some(tokio::spawn(keep_services(dataplane.clone(), StateStore::new(data_dir))));
+        // Instances' resolv.conf points at the bridge gateway: serve names there (from the static route table).
+        match crate::dns::serve_for(dataplane).await {
+            Ok((running, dns_router)) => {
+                router = router.merge(dns_router);
+                resolver = Some(running);
+            }
+            Err(err) => tracing::warn!("no DNS resolver for the instances: {err:#}"),
+        }
     }
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = tokio::spawn(api::server::serve(api_listener, router, async {
@@ -305,6 +314,9 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     }
     if let Ok(Err(err)) = api_task.await {
         tracing::warn!("{err:#}");
+    }
+    if let Some(resolver) = resolver {
+        resolver.shutdown().await;
     }
     if let Some(dataplane) = dataplane
         && let Err(err) = dataplane.shutdown().await

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import http.client
 import ipaddress
 import itertools
 import json
@@ -38,6 +39,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -641,6 +643,23 @@ table ip canopy_nat {{
         """Run an agent client command (status, tree, resolve, ...) against the agent of `host`."""
         return self.exec(host, [str(self.find_agent_binary()), *args, "--data-dir", str(self.data_dir(host))], check=check, timeout=timeout)
 
+    def api(self, host: Node, method: str, path: str, body: object = None, timeout: float = 30) -> object:
+        """One call to a host's agent API (HTTP with JSON over the Unix socket in its data dir); the parsed reply.
+        The socket is a file, so this works from outside the host's namespace."""
+        connection = _UnixHTTPConnection(str(self.data_dir(host) / "agent.sock"), timeout=timeout)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            connection.request(method, path, body=payload, headers={"content-type": "application/json"})
+            response = connection.getresponse()
+            text = response.read().decode(errors="replace")
+        except OSError as err:
+            raise TestbedError(f"{method} {path} on {host.name}'s agent: {err}") from err
+        finally:
+            connection.close()
+        if response.status >= 300:
+            raise TestbedError(f"{method} {path} on {host.name}'s agent: HTTP {response.status}: {text.strip()}")
+        return json.loads(text) if text else None
+
     def status(self, host: Node) -> dict:
         """`agent status --json` of a host, parsed."""
         return json.loads(self.agent_cli(host, "status", "--json").stdout)
@@ -652,18 +671,28 @@ table ip canopy_nat {{
             raise TestbedError(f"no agent on {host.name}")
         terminate(agent.process, 0 if kill else GRACEFUL_STOP_SECONDS)
 
+    def _in_agent_mounts(self, host: Node, argv: list[str]) -> list[str]:
+        """`argv` run in the mount namespace of the host's agent. `ip netns exec` gives every process its own mount
+        namespace, so the named service namespaces the agent mounts under /run/netns are visible only in its own;
+        `agent run` must see them to enter one. (On a real machine everything shares one mount namespace.)"""
+        agent = self.agents.get(host.name)
+        if agent is None or agent.process.poll() is not None:
+            return argv
+        return ["nsenter", "--target", str(agent.process.pid), "--mount", "--", *argv]
+
     def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None) -> subprocess.Popen:
         """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] -- CMD...` in the background on a host."""
         argv = [str(self.find_agent_binary()), "run", "--data-dir", str(self.data_dir(host)), "--service", service]
         if instance is not None:
             argv += ["--instance", str(instance)]
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service)
-        return self.spawn(host, [*argv, "--", *cmd], log_name=f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}")
+        log_name = f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}"
+        return self.spawn(host, self._in_agent_mounts(host, [*argv, "--", *cmd]), log_name=log_name)
 
     def run_client(self, host: Node, service: str, cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
         """`agent run --service ... -- CMD` in the foreground: CMD runs in a service namespace and is waited for."""
-        argv = ["run", "--service", service, "--", *cmd]
-        return self.exec(host, [str(self.find_agent_binary()), "--data-dir", str(self.data_dir(host)), *argv], check=False, timeout=timeout)
+        argv = [str(self.find_agent_binary()), "--data-dir", str(self.data_dir(host)), "run", "--service", service, "--", *cmd]
+        return self.exec(host, self._in_agent_mounts(host, argv), check=False, timeout=timeout)
 
     def resolve(self, host: Node, name: str) -> str:
         """The first IPv4 address that `agent resolve NAME` prints on a host."""
@@ -686,6 +715,20 @@ table ip canopy_nat {{
     def _require_started(self) -> None:
         if not self._started or self._torn_down:
             raise TestbedError("the testbed is not running (use it as a context manager or call start())")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (the agent's local API)."""
+
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__("agent", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
 
 
 def terminate(proc: subprocess.Popen, grace: float) -> None:

@@ -123,11 +123,25 @@ pub fn dataplane(global: &GlobalArgs, args: &DataplaneArgs) -> anyhow::Result<()
             }
             let _ = stop.send(());
         });
+        let mut router = dataplane.router();
+        let resolver = match crate::dns::serve_for(&dataplane).await {
+            Ok((running, dns_router)) => {
+                router = router.merge(dns_router);
+                Some(running)
+            }
+            Err(err) => {
+                tracing::warn!("no DNS resolver for the instances: {err:#}");
+                None
+            }
+        };
         tracing::info!("data plane ready; API on {}", api::socket_path(&global.data_dir).display());
-        let served = api::server::serve(listener, dataplane.router(), async {
+        let served = api::server::serve(listener, router, async {
             let _ = stopped.await;
         })
         .await;
+        if let Some(resolver) = resolver {
+            resolver.shutdown().await;
+        }
         let stopped = dataplane.shutdown().await;
         served.and(stopped)
     })

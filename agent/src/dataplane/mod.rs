@@ -9,6 +9,7 @@
 //! ```ignore
 //! let dp = DataPlane::start(DataPlaneConfig::new(node_name, subnet)).await?; // needs root
 //! dp.set_routes(table).await?;            // RouteTable: nodes, services, instances (routes issue feeds it)
+//! let mut rx = dp.watch_routes();         // watch::Receiver<RouteTable>: the table in force, on every change
 //! let a = dp.attach(AttachRequest { .. }).await?;   // veth + namespace IP into a service namespace
 //! dp.detach("app.appns.svc.svcns", 0).await?;
 //! dp.counters();                          // CounterSnapshot (drops by reason, packets, bytes)
@@ -47,7 +48,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tunnel::PeerTable;
 
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -212,6 +213,8 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     state: Mutex<State>,
+    /// The route table in force, for those who derive something from it (the DNS resolver's names).
+    routes_watch: watch::Sender<RouteTable>,
 }
 
 /// Handle to a running data plane; cheap to clone.
@@ -255,6 +258,7 @@ impl DataPlane {
                     old_ip_forward: None,
                     stopped: false,
                 }),
+                routes_watch: watch::Sender::new(RouteTable::default()),
             }),
         };
         if let Err(err) = dataplane.configure_kernel().await {
@@ -396,8 +400,14 @@ impl DataPlane {
             setup::add_route(&self.inner.netlink, net, self.inner.tun_index).await?;
             state.installed.insert(net);
         }
-        state.routes = table;
+        state.routes = table.clone();
+        self.inner.routes_watch.send_replace(table);
         Ok(())
+    }
+
+    /// The route table in force now and whenever it is replaced.
+    pub fn watch_routes(&self) -> watch::Receiver<RouteTable> {
+        self.inner.routes_watch.subscribe()
     }
 
     /// Attaches an instance's namespace: a veth on the bridge, its namespace IP, routes, and (for namespaces the

@@ -6,7 +6,7 @@
 use anyhow::{Context, bail};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
@@ -51,6 +51,10 @@ pub struct ServiceRoute {
     pub service_ip: Ipv4Addr,
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// Further ServiceIPs of the same service, one per other policy (e.g. `closest = "10.30.0.3"`): each address
+    /// reaches the same instances, chosen by its own policy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policy_ips: BTreeMap<String, Ipv4Addr>,
     #[serde(default)]
     pub instances: Vec<InstanceRoute>,
 }
@@ -209,8 +213,21 @@ impl RouteIndex {
                 name: service.name.clone(),
                 service_ip: service.service_ip,
                 policy: service.policy.clone(),
-                instances: members,
+                instances: members.clone(),
             });
+            for (policy, &service_ip) in &service.policy_ips {
+                if *policy == service.policy {
+                    bail!("{}: policy {policy} is given twice", service.name);
+                }
+                let label = format!("{} ({policy})", service.name);
+                index.claim_overlay_ip(service_ip, Target::Service(index.services.len()), &label)?;
+                index.services.push(Service {
+                    name: service.name.clone(),
+                    service_ip,
+                    policy: policy.clone(),
+                    instances: members.clone(),
+                });
+            }
         }
         Ok(index)
     }
@@ -292,6 +309,23 @@ pub(crate) mod tests {
         assert_eq!(index.instance_by_namespace_ip("10.16.0.66".parse().unwrap()), Some(web1));
         assert_eq!(index.nodes[index.instances[web1].node].name, "b");
         assert_eq!(index.node_for_subnet_address("10.16.0.70".parse().unwrap()), index.node_by_name("b"));
+    }
+
+    #[test]
+    fn further_policies_get_their_own_service_ip_over_the_same_instances() {
+        let mut table = two_machine_table();
+        table.services[1].policy_ips.insert("closest".into(), "10.30.0.3".parse().unwrap());
+        let index = RouteIndex::build(&table).unwrap();
+        let Some(Target::Service(closest)) = index.overlay_target("10.30.0.3".parse().unwrap()) else {
+            panic!("closest ServiceIP not indexed")
+        };
+        assert_eq!(index.services[closest].policy, "closest");
+        assert_eq!(index.services[closest].instances, index.services[1].instances);
+        table.services[1].policy_ips.insert("rr".into(), "10.30.0.4".parse().unwrap());
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("given twice"));
+        table.services[1].policy_ips.remove("rr");
+        table.services[1].policy_ips.insert("closest".into(), "10.30.0.2".parse().unwrap());
+        assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("used twice"));
     }
 
     #[test]

@@ -33,19 +33,22 @@
 #![allow(dead_code, unused_imports)]
 
 mod api;
+pub mod command;
 mod counters;
 mod handler;
 mod lookup;
 mod names;
+mod route_table;
 mod server;
 mod upstream;
 
 #[cfg(test)]
 mod tests;
 
-pub use api::DnsStatus;
+pub use api::{DnsStatus, Resolved};
 pub use counters::{DnsCounters, DnsStats};
 pub use lookup::{LookupError, ServiceLookup, StaticLookup};
+pub use route_table::serve_for;
 pub use server::RunningResolver;
 pub use upstream::{DEFAULT_RESOLV_CONF, upstreams_from_resolv_conf};
 
