@@ -43,6 +43,13 @@ def distance_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     return 2 * 6371 * asin(sqrt(h))
 
 
+def show_tree(text: str, node_names: dict[str, str]) -> None:
+    """`agent tree` output with each peer id followed by its machine name."""
+    for machine, peer_id in node_names.items():
+        text = text.replace(peer_id, f"{peer_id[:16]}… = {machine}")
+    print(text.rstrip())
+
+
 def show_fetches(results: list[dict]) -> dict[str, collections.Counter]:
     by_label: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in results:
@@ -81,14 +88,16 @@ def main() -> int:
                 tb.join_agent(h, join_args, extra_args=["--subnet", SUBNETS[h.name]])
             tb.wait_one_tree(machines, timeout=args.timeout)
             say(f"tree formed: {len(machines)} agents, one root, in {time.monotonic() - started:.1f} s")
-            print(tb.agent_cli(hosts["m1"], "tree").stdout.rstrip())
+            # The data plane is named after the agent's peer id: use it to put machine names into `agent tree`.
+            node_names = {h.name: tb.api(h, "GET", "/v1/dataplane")["node"] for h in machines}
+            show_tree(tb.agent_cli(hosts["m1"], "tree").stdout, node_names)
 
             say()
-            node_names = {h.name: tb.api(h, "GET", "/v1/dataplane")["node"] for h in machines}
             # m5's tunnel traffic leaves through the NAT, which keeps the port: the others know it by the NAT's address.
             endpoints = {h.name: h.ip for h in machines}
             endpoints["m5"] = str(nat.ip)
-            table = demo_route_table(node_names, endpoints, WEB_ON, CLIENT_ON)
+            positions = {h.name: h.position for h in machines}
+            table = demo_route_table(node_names, endpoints, positions, WEB_ON, CLIENT_ON)
             for h in machines:
                 tb.api(h, "PUT", "/v1/dataplane/routes", table)
             say("routes: static table given to every agent; the tree will distribute them in a later release")
@@ -128,9 +137,11 @@ def main() -> int:
             if len(rr_answers) < len(WEB_ON):
                 raise TestbedError(f"round-robin reached only {sorted(rr_answers)}")
             nearest = min(WEB_ON, key=lambda m: distance_km(client.position, hosts[m].position))
-            say(f"closest: the nearest instance to {client.name} is on {nearest} "
-                f"({distance_km(client.position, hosts[nearest].position):.0f} km); the data plane does not apply "
-                "the closest policy yet, it spreads these connections round-robin too")
+            distances = ", ".join(f"{m} {distance_km(client.position, hosts[m].position):.0f} km" for m in WEB_ON)
+            say(f"closest: every fetch went to {', '.join(sorted(counts['closest']))}; "
+                f"the nearest instance to {client.name} is on {nearest} ({distances})")
+            if set(counts["closest"]) != {f"hello from {nearest}"}:
+                raise TestbedError(f"closest should always reach {nearest}, got {dict(counts['closest'])}")
             say(f"(all fetches took {time.monotonic() - fetch_started:.1f} s including the client namespace setup)")
 
             say()
@@ -143,7 +154,7 @@ def main() -> int:
             check_one_tree(statuses)
             say(f"failover: the {len(survivors)} survivors formed one tree with a new root in "
                 f"{time.monotonic() - killed:.1f} s")
-            print(tb.agent_cli(hosts["m2"], "tree").stdout.rstrip())
+            show_tree(tb.agent_cli(hosts["m2"], "tree").stdout, node_names)
             after = fetch_many(tb, client, [("after", f"http://{SERVICE}.any.rr:{HTTP_PORT}/", 3)], warmup=args.timeout)
             show_fetches(after)
             say("the data plane kept serving while the control plane re-formed (it has its own static routes)")

@@ -130,13 +130,26 @@ def namespace_ip(machine: str, offset: int) -> str:
     return str(net.network_address + offset)
 
 
-def demo_route_table(node_names: dict[str, str], endpoints: dict[str, str], web_on: list[str], client_on: str) -> dict:
-    """The static route table every agent gets: machines (by their data-plane node name), SERVICE with one instance
-    on each of `web_on` and ServiceIPs for rr and closest, and a client service on `client_on`."""
+def demo_route_table(
+    node_names: dict[str, str],
+    endpoints: dict[str, str],
+    positions: dict[str, tuple[float, float]],
+    web_on: list[str],
+    client_on: str,
+) -> dict:
+    """The static route table every agent gets: machines (by their data-plane node name, with their positions for
+    the closest policy), SERVICE with one instance on each of `web_on` and ServiceIPs for rr and closest, and a
+    client service on `client_on`."""
     return {
         "tunnel_key": secrets.token_hex(32),
         "nodes": [
-            {"name": node_names[m], "subnet": SUBNETS[m], "endpoint": f"{endpoints[m]}:{TUNNEL_PORT}"} for m in node_names
+            {
+                "name": node_names[m],
+                "subnet": SUBNETS[m],
+                "endpoint": f"{endpoints[m]}:{TUNNEL_PORT}",
+                "position": {"lat": positions[m][0], "lon": positions[m][1]},
+            }
+            for m in node_names
         ],
         "services": [
             {

@@ -1,7 +1,7 @@
 //! The data plane: Oakestra's NetManager/ProxyTUN done right (seed 002 §3.4–3.6, DESIGN.md "Data plane").
 //!
 //! Pure parts (no I/O, unit-tested and fuzzed): `packet` (parse, in-place rewrite, RFC 1624 checksums, MSS clamp),
-//! `flow` (bounded connection table), `proxy` (the translation decision), `tunnel` (wire format, peer table),
+//! `flow` (bounded connection table), `proxy` (the translation decision), `policy` (which instance), `tunnel` (wire format, peer table),
 //! `routes` (route table types and index). I/O shell: `device` (TUN), `setup` (netlink), `engine` (packet loop),
 //! this module (the `DataPlane` handle) and `api` (HTTP routes). `commands` holds the CLI.
 //!
@@ -28,6 +28,7 @@ pub mod device;
 pub mod engine;
 pub mod flow;
 pub mod packet;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod setup;
@@ -39,7 +40,7 @@ use counters::{CounterSnapshot, Counters};
 use engine::{Command, Engine, LoopStatus};
 use flow::FlowTimeouts;
 use ipnet::Ipv4Net;
-use proxy::{Proxy, ProxyConfig, RoundRobin};
+use proxy::{Proxy, ProxyConfig};
 use routes::{NodeId, RouteIndex, RouteTable};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -298,7 +299,7 @@ impl DataPlane {
             flow_capacity: config.flow_capacity,
             timeouts: config.flow_timeouts,
         };
-        let proxy = Proxy::new(config.node_name.clone(), proxy_config, Box::new(RoundRobin::default()));
+        let proxy = Proxy::new(config.node_name.clone(), proxy_config, Box::new(policy::PolicyChooser::default()));
         let peers = PeerTable::new(config.peer_capacity, config.peer_idle_timeout);
         let (tun_name, mtu, listen) = (config.tun_name(), config.mtu(), config.listen);
         let node_id = NodeId::from_name(&config.node_name);

@@ -21,8 +21,9 @@ use std::time::Duration;
 
 /// Picks an instance for a new connection. Swappable so the policies crate can plug in.
 pub trait Chooser: Send {
-    /// `candidates` are route-index positions of the service's available instances (never empty).
-    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize]) -> usize;
+    /// `candidates` are route-index positions of the service's available instances (never empty); `local` is this
+    /// machine's route-index position, if the table lists it.
+    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize], local: Option<usize>) -> usize;
 }
 
 /// Real round-robin: each new connection goes to the next available instance of the service.
@@ -32,7 +33,7 @@ pub struct RoundRobin {
 }
 
 impl Chooser for RoundRobin {
-    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize]) -> usize {
+    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize], _local: Option<usize>) -> usize {
         let counter = self.next.entry(routes.services[service].service_ip).or_default();
         let pick = candidates[*counter % candidates.len()];
         *counter = counter.wrapping_add(1);
@@ -219,7 +220,7 @@ impl Proxy {
         if self.candidates.is_empty() {
             return None;
         }
-        let instance = self.chooser.choose(&self.routes, service, &self.candidates);
+        let instance = self.chooser.choose(&self.routes, service, &self.candidates, self.local_node);
         let instance_ip = self.routes.instances[instance].instance_ip;
         // The reply comes from the instance's InstanceIP (translated on its machine) to our namespace IP.
         let reply_key = FlowKey {

@@ -4,6 +4,7 @@
 //! looks addresses up in.
 
 use anyhow::{Context, bail};
+use canopy_policies::Position;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -42,6 +43,9 @@ pub struct NodeRoute {
     pub subnet: Ipv4Net,
     /// Where its tunnel socket listens.
     pub endpoint: SocketAddr,
+    /// Where the machine is (`{ lat = .., lon = .. }`): the `closest` policy picks the instance nearest the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +95,7 @@ pub struct Node {
     pub id: NodeId,
     pub subnet: Ipv4Net,
     pub endpoint: SocketAddr,
+    pub position: Option<Position>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,8 +113,7 @@ pub struct Instance {
 pub struct Service {
     pub name: String,
     pub service_ip: Ipv4Addr,
-    /// Policy name from the table; the proxy's `Chooser` interprets it (round-robin until the policies land).
-    #[allow(dead_code)]
+    /// Policy name from the table; the proxy's `Chooser` interprets it.
     pub policy: String,
     pub instances: Vec<usize>,
 }
@@ -168,7 +172,13 @@ impl RouteIndex {
             }
             index.node_by_name.insert(node.name.clone(), index.nodes.len());
             index.node_by_id.insert(id, index.nodes.len());
-            index.nodes.push(Node { name: node.name.clone(), id, subnet: node.subnet, endpoint: node.endpoint });
+            index.nodes.push(Node {
+                name: node.name.clone(),
+                id,
+                subnet: node.subnet,
+                endpoint: node.endpoint,
+                position: node.position.and_then(|p| p.normalized()),
+            });
         }
         let mut names = HashSet::new();
         for service in &table.services {
