@@ -222,17 +222,26 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
     len
 }
 
-fn cbor_len(value: &impl serde::Serialize) -> usize {
-    wire_size::cbor_len(value)
-}
-
-/// CBOR bytes of the capacity grids a message carries.
-fn grid_len(envelope: &Envelope) -> usize {
-    match &envelope.body {
-        Message::Report(r) => r.grid.as_ref().map_or(0, cbor_len),
-        Message::Heartbeat(h) => h.grids.as_ref().map_or(0, cbor_len),
+/// The exact encoded length of a message and the CBOR bytes of the capacity grids it carries, in one walk: the
+/// grids are the `grid`/`grids` field of the message struct (depth 2: inside the envelope).
+fn sized(envelope: &Envelope) -> (usize, usize) {
+    let (len, grid_field) = wire_size::cbor_len_with_fields(envelope, 2, &["grid", "grids"]);
+    let grids = match &envelope.body {
+        Message::Report(r) if r.grid.is_some() => grid_field,
+        Message::Heartbeat(h) if h.grids.is_some() => grid_field,
         _ => 0,
-    }
+    };
+    debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
+    debug_assert_eq!(
+        grids,
+        match &envelope.body {
+            Message::Report(r) => r.grid.as_ref().map_or(0, wire_size::encoded_len),
+            Message::Heartbeat(h) => h.grids.as_ref().map_or(0, wire_size::encoded_len),
+            _ => 0,
+        },
+        "grid bytes"
+    );
+    (len, grids)
 }
 
 impl Simulation {
@@ -432,13 +441,14 @@ impl Simulation {
     }
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
-        let bytes = encoded_len(&envelope) as u32;
+        let (bytes, grid_bytes) = sized(&envelope);
+        let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);
         let b = bucket(self.nodes[from as usize].role);
         self.traffic[b].msgs += 1;
         self.traffic[b].bytes += u64::from(bytes);
-        self.traffic[b].grid_bytes += grid_len(&envelope) as u64;
+        self.traffic[b].grid_bytes += grid_bytes as u64;
         let Some(to) = self.index_of(&to) else {
             self.counts.dropped_unknown += 1;
             return;

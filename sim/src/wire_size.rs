@@ -12,10 +12,22 @@ use std::fmt;
 
 /// The exact length of `ciborium::into_writer(value, ..)`'s output.
 pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
-    let mut size = SizeCounter(0);
+    cbor_len_with_fields(value, 0, &[]).0
+}
+
+/// The exact CBOR length of `value`, and how many of those bytes are the values of the struct fields called one of
+/// `names` in structs nested `depth` deep (1: `value` itself). One walk sizes a message and a part of it.
+pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
+    let mut size = SizeCounter { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0 };
     match value.serialize(&mut size) {
-        Ok(()) => size.0,
-        Err(Fallback) => encoded_len(value),
+        Ok(()) => (size.total, size.tracked),
+        Err(Fallback) => {
+            let mut size = SizeCounter { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0 };
+            let total = encoded_len(value);
+            // Only a NaN or a CBOR tag inside a tracked field makes its own walk fail too; then it counts as zero.
+            let _ = value.serialize(&mut size);
+            (total, size.tracked)
+        }
     }
 }
 
@@ -65,6 +77,21 @@ fn float_len(v: f64) -> Option<usize> {
     Some(if exact_in_f16(v) { 3 } else { 5 })
 }
 
+/// Whether a (non-NaN) f32 has an exact IEEE half-precision representation (as [`exact_in_f16`], on f32 bits).
+fn f32_exact_in_f16(v: f32) -> bool {
+    if v == 0.0 || v.is_infinite() {
+        return true;
+    }
+    let bits = v.to_bits();
+    let exponent = ((bits >> 23) & 0xff) as i32 - 127;
+    let mantissa = bits & ((1 << 23) - 1);
+    if !(-24..=15).contains(&exponent) {
+        return false;
+    }
+    let kept = if exponent >= -14 { 10 } else { 24 + exponent } as u32;
+    mantissa & ((1u32 << (23 - kept)) - 1) == 0
+}
+
 /// Whether a (non-NaN) f64 has an exact IEEE half-precision representation.
 fn exact_in_f16(v: f64) -> bool {
     if v == 0.0 || v.is_infinite() {
@@ -81,8 +108,15 @@ fn exact_in_f16(v: f64) -> bool {
     mantissa & ((1u64 << (52 - kept)) - 1) == 0
 }
 
-/// Running byte total.
-struct SizeCounter(usize);
+/// Running byte total, and the part of it that is tracked fields.
+struct SizeCounter<'n> {
+    total: usize,
+    /// How many structs the walk is inside.
+    depth: u32,
+    tracked_depth: u32,
+    tracked_names: &'n [&'n str],
+    tracked: usize,
+}
 
 /// This value needs the real encoder to size it.
 #[derive(Debug)]
@@ -106,9 +140,21 @@ impl ser::Error for Fallback {
 const TAG_NAME: &str = "@@TAG@@";
 const UNTAGGED: &str = "@@UNTAGGED@@";
 
-impl SizeCounter {
+impl SizeCounter<'_> {
     fn add(&mut self, n: usize) {
-        self.0 += n;
+        self.total += n;
+    }
+
+    fn field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
+        self.add(text_len(key.len()));
+        if self.depth == self.tracked_depth && self.tracked_names.contains(&key) {
+            let before = self.total;
+            value.serialize(&mut *self)?;
+            self.tracked += self.total - before;
+            Ok(())
+        } else {
+            value.serialize(&mut *self)
+        }
     }
 
     /// Big integers: ciborium writes a tag, then the big-endian bytes without leading zeros.
@@ -123,16 +169,16 @@ impl SizeCounter {
     }
 }
 
-impl<'a> ser::Serializer for &'a mut SizeCounter {
+impl<'a, 'n> ser::Serializer for &'a mut SizeCounter<'n> {
     type Ok = ();
     type Error = Fallback;
-    type SerializeSeq = &'a mut SizeCounter;
-    type SerializeTuple = &'a mut SizeCounter;
-    type SerializeTupleStruct = &'a mut SizeCounter;
-    type SerializeTupleVariant = &'a mut SizeCounter;
-    type SerializeMap = &'a mut SizeCounter;
-    type SerializeStruct = &'a mut SizeCounter;
-    type SerializeStructVariant = &'a mut SizeCounter;
+    type SerializeSeq = &'a mut SizeCounter<'n>;
+    type SerializeTuple = &'a mut SizeCounter<'n>;
+    type SerializeTupleStruct = &'a mut SizeCounter<'n>;
+    type SerializeTupleVariant = &'a mut SizeCounter<'n>;
+    type SerializeMap = &'a mut SizeCounter<'n>;
+    type SerializeStruct = &'a mut SizeCounter<'n>;
+    type SerializeStructVariant = &'a mut SizeCounter<'n>;
 
     fn serialize_bool(self, _v: bool) -> Result<(), Fallback> {
         self.add(1);
@@ -181,7 +227,12 @@ impl<'a> ser::Serializer for &'a mut SizeCounter {
         Ok(())
     }
     fn serialize_f32(self, v: f32) -> Result<(), Fallback> {
-        self.serialize_f64(v.into())
+        // A widened f32 always narrows back to f32; only f16 is in question (NaN: see `float_len`).
+        if v.is_nan() {
+            return Err(Fallback);
+        }
+        self.add(if f32_exact_in_f16(v) { 3 } else { 5 });
+        Ok(())
     }
     fn serialize_f64(self, v: f64) -> Result<(), Fallback> {
         self.add(float_len(v).ok_or(Fallback)?);
@@ -259,6 +310,7 @@ impl<'a> ser::Serializer for &'a mut SizeCounter {
     }
     fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Self, Fallback> {
         self.add(header_len(len as u64));
+        self.depth += 1;
         Ok(self)
     }
     fn serialize_struct_variant(
@@ -269,6 +321,7 @@ impl<'a> ser::Serializer for &'a mut SizeCounter {
         len: usize,
     ) -> Result<Self, Fallback> {
         self.add(1 + text_len(variant.len()) + header_len(len as u64));
+        self.depth += 1;
         Ok(self)
     }
     fn is_human_readable(&self) -> bool {
@@ -276,7 +329,7 @@ impl<'a> ser::Serializer for &'a mut SizeCounter {
     }
 }
 
-impl ser::SerializeSeq for &mut SizeCounter {
+impl ser::SerializeSeq for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
@@ -287,7 +340,7 @@ impl ser::SerializeSeq for &mut SizeCounter {
     }
 }
 
-impl ser::SerializeTuple for &mut SizeCounter {
+impl ser::SerializeTuple for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
@@ -298,7 +351,7 @@ impl ser::SerializeTuple for &mut SizeCounter {
     }
 }
 
-impl ser::SerializeTupleStruct for &mut SizeCounter {
+impl ser::SerializeTupleStruct for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
@@ -309,7 +362,7 @@ impl ser::SerializeTupleStruct for &mut SizeCounter {
     }
 }
 
-impl ser::SerializeTupleVariant for &mut SizeCounter {
+impl ser::SerializeTupleVariant for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
@@ -320,7 +373,7 @@ impl ser::SerializeTupleVariant for &mut SizeCounter {
     }
 }
 
-impl ser::SerializeMap for &mut SizeCounter {
+impl ser::SerializeMap for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Fallback> {
@@ -334,26 +387,26 @@ impl ser::SerializeMap for &mut SizeCounter {
     }
 }
 
-impl ser::SerializeStruct for &mut SizeCounter {
+impl ser::SerializeStruct for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
-        self.add(text_len(key.len()));
-        value.serialize(&mut **self)
+        self.field(key, value)
     }
     fn end(self) -> Result<(), Fallback> {
+        self.depth -= 1;
         Ok(())
     }
 }
 
-impl ser::SerializeStructVariant for &mut SizeCounter {
+impl ser::SerializeStructVariant for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
-        self.add(text_len(key.len()));
-        value.serialize(&mut **self)
+        self.field(key, value)
     }
     fn end(self) -> Result<(), Fallback> {
+        self.depth -= 1;
         Ok(())
     }
 }
@@ -460,7 +513,47 @@ mod tests {
         assert_eq!(cbor_len(&no_len), encoded_len(&no_len));
     }
 
+    #[derive(Serialize)]
+    struct Outer {
+        a: u8,
+        grid: Option<Vec<f32>>,
+        inner: Inner,
+    }
+
+    #[derive(Serialize)]
+    struct Inner {
+        grid: Vec<f32>,
+    }
+
+    #[test]
+    fn tracked_fields_at_their_depth_only() {
+        let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
+        let (total, tracked) = cbor_len_with_fields(&value, 1, &["grid"]);
+        assert_eq!(total, encoded_len(&value));
+        assert_eq!(tracked, encoded_len(&vec![0.5f32, 0.1]));
+        let (_, inner) = cbor_len_with_fields(&value, 2, &["grid"]);
+        assert_eq!(inner, encoded_len(&vec![0.3f32; 30]));
+    }
+
+    #[test]
+    fn a_nan_falls_back_to_the_encoder() {
+        let value = Outer { a: 1, grid: Some(vec![f32::NAN, 1.0]), inner: Inner { grid: vec![f32::NAN] } };
+        assert_eq!(cbor_len(&value), encoded_len(&value));
+    }
+
     proptest! {
+        #[test]
+        fn any_f32_bits_size_like_ciborium(bits in any::<u32>()) {
+            let v = f32::from_bits(bits);
+            prop_assert_eq!(cbor_len(&v), encoded_len(&v));
+        }
+
+        #[test]
+        fn near_f16_f32_values_size_like_ciborium(mantissa in 0u32..4096, exponent in -40i32..12, negative in any::<bool>()) {
+            let v = mantissa as f32 * 2f32.powi(exponent) * if negative { -1.0 } else { 1.0 };
+            prop_assert_eq!(cbor_len(&v), encoded_len(&v));
+        }
+
         #[test]
         fn any_f64_bits_size_like_ciborium(bits in any::<u64>()) {
             let v = f64::from_bits(bits);
