@@ -196,6 +196,8 @@ pub struct AddressPool {
     excluded: Vec<Ipv4Net>,
     lease: Duration,
     grants: BTreeMap<Ipv4Net, Grant>,
+    /// The blocks of each holder: renewals run every heartbeat for every child, so they must not scan all grants.
+    by_holder: BTreeMap<NodeId, BTreeSet<Ipv4Net>>,
     /// `free[p]` holds the first addresses of the free /p blocks.
     free: Vec<BTreeSet<u32>>,
 }
@@ -210,7 +212,8 @@ impl AddressPool {
     ) -> Self {
         let owned = Ipv4Net::aggregate(&owned.into_iter().map(|n| n.trunc()).collect());
         let excluded = Ipv4Net::aggregate(&excluded.into_iter().map(|n| n.trunc()).collect());
-        let mut pool = AddressPool { owned, excluded, lease, grants: BTreeMap::new(), free: vec![] };
+        let mut pool =
+            AddressPool { owned, excluded, lease, grants: BTreeMap::new(), by_holder: BTreeMap::new(), free: vec![] };
         pool.rebuild_free();
         pool
     }
@@ -322,12 +325,41 @@ impl AddressPool {
 
     fn insert_grant(&mut self, block: Ipv4Net, holder: NodeId, now: Time) {
         let grant = Grant { block, holder, since: now, age_at_since: Duration::ZERO, expires_at: now + self.lease };
-        self.grants.insert(block, grant);
+        self.put_grant(grant);
+    }
+
+    /// Records a grant in both indexes (replacing any grant of the same block).
+    fn put_grant(&mut self, grant: Grant) {
+        let (block, holder) = (grant.block, grant.holder);
+        if let Some(old) = self.grants.insert(block, grant) {
+            self.unindex(old.holder, old.block);
+        }
+        self.by_holder.entry(holder).or_default().insert(block);
+    }
+
+    /// Removes a grant from both indexes.
+    fn take_grant(&mut self, block: Ipv4Net) -> Option<Grant> {
+        let grant = self.grants.remove(&block)?;
+        self.unindex(grant.holder, grant.block);
+        Some(grant)
+    }
+
+    fn unindex(&mut self, holder: NodeId, block: Ipv4Net) {
+        if let Some(blocks) = self.by_holder.get_mut(&holder) {
+            blocks.remove(&block);
+            if blocks.is_empty() {
+                self.by_holder.remove(&holder);
+            }
+        }
+    }
+
+    fn blocks_of(&self, holder: NodeId) -> Vec<Ipv4Net> {
+        self.by_holder.get(&holder).map(|b| b.iter().copied().collect()).unwrap_or_default()
     }
 
     /// Returns a grant's block to the free space.
     pub fn free(&mut self, block: Ipv4Net) -> Result<Grant, PoolError> {
-        let grant = self.grants.remove(&block.trunc()).ok_or(PoolError::UnknownGrant(block))?;
+        let grant = self.take_grant(block.trunc()).ok_or(PoolError::UnknownGrant(block))?;
         self.release_block(grant.block);
         Ok(grant)
     }
@@ -349,30 +381,30 @@ impl AddressPool {
 
     /// Frees every grant of `holder` (it left or was declared dead); returns them sorted by block.
     pub fn release_holder(&mut self, holder: NodeId) -> Vec<Grant> {
-        let blocks: Vec<Ipv4Net> = self.grants.values().filter(|g| g.holder == holder).map(|g| g.block).collect();
-        blocks.into_iter().map(|b| self.free(b).expect("listed above")).collect()
+        self.blocks_of(holder).into_iter().map(|b| self.free(b).expect("indexed")).collect()
     }
 
     /// Extends every lease of `holder` to `now + lease`; returns how many it holds.
     pub fn renew(&mut self, holder: NodeId, now: Time) -> usize {
-        let mut renewed = 0;
-        for g in self.grants.values_mut().filter(|g| g.holder == holder) {
+        let Some(blocks) = self.by_holder.get(&holder) else { return 0 };
+        for block in blocks {
+            let g = self.grants.get_mut(block).expect("indexed grants exist");
             g.expires_at = g.expires_at.max(now + self.lease);
-            renewed += 1;
         }
-        renewed
+        blocks.len()
     }
 
     /// Hands every grant of `from` to `to` with a fresh lease (a successor coordinator took `from`'s place, so
     /// the block `from` held for the group is now `to`'s); returns how many moved.
     pub fn transfer(&mut self, from: NodeId, to: NodeId, now: Time) -> usize {
-        let mut moved = 0;
-        for g in self.grants.values_mut().filter(|g| g.holder == from) {
+        let blocks = self.blocks_of(from);
+        for &block in &blocks {
+            let mut g = self.take_grant(block).expect("indexed grants exist");
             g.holder = to;
             g.expires_at = g.expires_at.max(now + self.lease);
-            moved += 1;
+            self.put_grant(g);
         }
-        moved
+        blocks.len()
     }
 
     /// Reclaims every grant whose lease ran out at or before `now`; returns them sorted by block.
@@ -447,6 +479,7 @@ impl AddressPool {
         let current = self.grants.values().map(|g| g.info(now));
         let resolution = resolve_overlaps(current.chain(inside));
         self.grants.clear();
+        self.by_holder.clear();
         for g in &resolution.keep {
             let grant = Grant {
                 block: g.block,
@@ -456,7 +489,7 @@ impl AddressPool {
                 // Leases from elsewhere never run longer than ours: holders renew them anyway.
                 expires_at: now + g.remaining.min(self.lease),
             };
-            self.grants.insert(g.block, grant);
+            self.put_grant(grant);
         }
         self.rebuild_free();
         let mut losers: Vec<GrantInfo> = resolution.renumber.into_iter().chain(outside).collect();
@@ -506,10 +539,10 @@ impl AddressPool {
         let inside: Vec<Ipv4Net> = self.grants.keys().copied().filter(|b| old.contains(b)).collect();
         let mut moved = Vec::new();
         for block in inside {
-            let grant = self.grants.remove(&block).expect("listed above");
+            let grant = self.take_grant(block).expect("listed above");
             let new_block = shift(block);
             moved.push(Renumbered { holder: grant.holder, old: block, new: Some(new_block) });
-            self.grants.insert(new_block, Grant { block: new_block, ..grant });
+            self.put_grant(Grant { block: new_block, ..grant });
         }
         let mut owned = remaining;
         owned.push(new);
@@ -747,6 +780,13 @@ mod tests {
                 assert!(!x.contains(y) && !y.contains(x), "{x} overlaps {y}");
             }
         }
+        // The holder index lists exactly the grants.
+        let mut indexed: Vec<(NodeId, Ipv4Net)> =
+            pool.by_holder.iter().flat_map(|(h, blocks)| blocks.iter().map(move |b| (*h, *b))).collect();
+        let mut granted: Vec<(NodeId, Ipv4Net)> = pool.grants().map(|g| (g.holder, g.block)).collect();
+        indexed.sort();
+        granted.sort();
+        assert_eq!(indexed, granted, "holder index out of step with the grants");
     }
 
     #[derive(Debug, Clone)]
