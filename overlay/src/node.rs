@@ -317,6 +317,8 @@ pub struct Node {
     contacts: VecDeque<NodeId>,
     next_contact: usize,
     retry_at: Time,
+    /// Since when we have had no parent without being root (reset on attaching or becoming root).
+    detached_since: Option<Time>,
     leaving: bool,
 
     peers: HashMap<NodeId, NodeInfo>,
@@ -368,6 +370,7 @@ impl Node {
             contacts,
             next_contact: 0,
             retry_at: now,
+            detached_since: None,
             leaving: false,
             peers: HashMap::new(),
             peer_order: VecDeque::new(),
@@ -719,6 +722,13 @@ impl Node {
             }
             if !self.is_root {
                 self.send(joiner, Message::Refuse(Refuse::NotInTree));
+                // A root looking for other trees is a live tree for us to join (with our subtree, if any).
+                if r.root_claim.is_some() && self.orphan.is_none() {
+                    self.add_contact_front(joiner);
+                    if self.pending == Pending::None {
+                        self.send_join(now, joiner);
+                    }
+                }
                 return;
             }
             if let Some(claim) = r.root_claim
@@ -958,6 +968,8 @@ impl Node {
             return;
         }
         self.remember_peer(to.clone());
+        // If the new parent is gone too (it may be leaving as well), we rejoin through the tree we knew.
+        self.remember_tree_contacts(from);
         self.add_contact(from);
         self.parent = None;
         self.send_attach(now, to.id, None, AttachPurpose::Direct);
@@ -1100,6 +1112,19 @@ impl Node {
             self.grids.clear_parent_grids();
         }
         self.relays.retain(|r| r.deadline > now);
+        // Detached with a subtree and no contact took us in: we are an island's root (like a successor with no
+        // ancestor left). As a root we keep retrying our contacts, and roots that reach each other merge; a
+        // detached node only refuses joins, so islands of detached nodes would otherwise wait on each other.
+        let island_after = self.config.join_timeout + self.config.retry_interval;
+        if self.parent.is_none()
+            && !self.is_root
+            && self.orphan.is_none()
+            && self.pending == Pending::None
+            && !self.children.is_empty()
+            && self.detached_since.is_some_and(|t| now.saturating_sub(t) >= island_after)
+        {
+            self.become_root();
+        }
         // Detached, or a root that may be an island: retry contacts.
         let detached = self.parent.is_none() && !self.is_root && self.orphan.is_none();
         let attaching = matches!(self.pending, Pending::Attach { .. });
@@ -1351,8 +1376,10 @@ impl Node {
         self.parent = None;
         self.term = self.term.max(term.saturating_sub(1));
         let old_term = term.saturating_sub(1);
-        self.orphan =
-            Some(Orphan { old_parent: from, old_term, members: Vec::new(), climb: ancestors, tried: Vec::new() });
+        // The ancestors may be leaving too: keep the rest of the tree we knew as contacts to rejoin or merge with.
+        self.remember_tree_contacts(from);
+        let members = std::mem::take(&mut self.members);
+        self.orphan = Some(Orphan { old_parent: from, old_term, members, climb: ancestors, tried: Vec::new() });
         self.take_over(now);
     }
 
@@ -1363,6 +1390,7 @@ impl Node {
             self.mark_view_changed();
         } else if self.parent() == Some(from) {
             self.parent = None;
+            self.remember_tree_contacts(from);
             self.add_contact(from);
         }
     }
@@ -1435,6 +1463,19 @@ impl Node {
         }
     }
 
+    /// Keep the ancestors, uncles and siblings we knew (but not `leaving`) as contacts to rejoin through.
+    fn remember_tree_contacts(&mut self, leaving: NodeId) {
+        let known: Vec<NodeId> = (self.ancestors.iter().rev())
+            .chain(self.uncles.iter().map(|m| &m.info))
+            .chain(self.members.iter().map(|m| &m.info))
+            .map(|i| i.id)
+            .filter(|id| *id != leaving)
+            .collect();
+        for id in known {
+            self.add_contact(id);
+        }
+    }
+
     fn add_contact(&mut self, id: NodeId) {
         if id == self.info.id || self.contacts.contains(&id) {
             return;
@@ -1488,6 +1529,11 @@ impl Node {
         }
         let role = (self.role(), self.term);
         let parent = self.parent();
+        if role.0 != Role::Detached {
+            self.detached_since = None;
+        } else if self.detached_since.is_none() {
+            self.detached_since = Some(now);
+        }
         if parent != self.last_parent {
             self.last_parent = parent;
             self.push_event(Event::ParentChanged { parent });

@@ -136,6 +136,30 @@ fn graceful_leave_of_the_root() {
     net.check_tree().unwrap();
 }
 
+/// The root leaves together with the child it hands over to and one more of its children, all at once: its other
+/// children are redirected to the heir and find it gone, and the leavers' heirs climb to the departed root and
+/// become island roots. Nobody may stay detached, and the islands (which know of each other only through the
+/// views they held) must merge into one tree.
+#[test]
+fn root_leaving_with_its_heir_still_converges() {
+    let mut net = built(20, 4);
+    let root_children: Vec<usize> = net.nodes[0].children().map(|c| net.idx(c)).collect();
+    assert!(root_children.len() >= 3, "root children {root_children:?}");
+    let heir = *root_children.iter().max_by_key(|&&c| net.nodes[c].rank()).unwrap();
+    let other = *root_children.iter().find(|&&c| c != heir).unwrap();
+    let leavers = [0, heir, other];
+    for l in leavers {
+        net.command(l, Command::Leave);
+    }
+    net.run_for(Duration::from_secs(3));
+    for l in leavers {
+        net.crash(l);
+    }
+    net.run_for(Duration::from_secs(20));
+    assert_eq!(net.roots().len(), 1, "roots {:?} after {leavers:?} left", net.roots());
+    net.check_tree().unwrap();
+}
+
 #[test]
 fn partition_into_halves_gives_two_roots_and_heals_to_one() {
     let mut net = built(20, 4);
