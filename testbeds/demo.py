@@ -126,6 +126,7 @@ def main() -> int:
                     ("ServiceIP", f"http://{SERVICE_IPS['rr']}:{HTTP_PORT}/", 3),
                 ],
                 warmup=args.timeout,
+                instances=len(WEB_ON),
             )
             counts = show_fetches(results)
             failed = [r for r in results if r["ms"] is None]

@@ -103,15 +103,16 @@ def get(url):
     with urllib.request.urlopen(url, timeout=5) as reply:
         return reply.read().decode().strip(), round((time.monotonic() - start) * 1000, 1)
 deadline = time.monotonic() + plan["warmup"]
-while True:
-    try:
-        get(plan["warm_url"])
-        break
-    except Exception as err:
-        if time.monotonic() > deadline:
-            print(json.dumps({"error": plan["warm_url"] + ": " + str(err)}))
-            sys.exit(1)
-        time.sleep(0.5)
+for warm_url in plan["warm_urls"]:
+    while True:
+        try:
+            get(warm_url)
+            break
+        except Exception as err:
+            if time.monotonic() > deadline:
+                print(json.dumps({"error": warm_url + ": " + str(err)}))
+                sys.exit(1)
+            time.sleep(0.5)
 results = []
 for label, url, count in plan["fetches"]:
     for _ in range(count):
@@ -178,10 +179,18 @@ def start_named_web_server(tb: Testbed, host: Node, instance: int):
     return tb.run_service(host, SERVICE, ["python3", "-c", WEB_SERVER, host.name], instance=instance)
 
 
-def fetch_many(tb: Testbed, client: Node, fetches: list[tuple[str, str, int]], warmup: float = 30) -> list[dict]:
-    """Run WEB_CLIENT once as the client service on `client`: waits until the first URL answers, then fetches each
-    URL `count` times (a new connection each time). Returns one dict per fetch: label, url, answer, ms."""
-    plan = {"warm_url": fetches[0][1], "warmup": warmup, "fetches": [list(f) for f in fetches]}
+def fetch_many(
+    tb: Testbed,
+    client: Node,
+    fetches: list[tuple[str, str, int]],
+    warmup: float = 30,
+    instances: int = 0,
+) -> list[dict]:
+    """Run WEB_CLIENT once as the client service on `client`: waits until each of the first `instances` instances
+    answers at its InstanceIP name (so no server is still starting) and the first URL answers, then fetches each URL
+    `count` times (a new connection each time). Returns one dict per fetch: label, url, answer, ms."""
+    warm_urls = [f"http://{SERVICE}.{n}.none:{HTTP_PORT}/" for n in range(instances)] + [fetches[0][1]]
+    plan = {"warm_urls": warm_urls, "warmup": warmup, "fetches": [list(f) for f in fetches]}
     result = tb.run_client(client, CLIENT_SERVICE, ["python3", "-c", WEB_CLIENT, json.dumps(plan)], timeout=warmup + 60)
     try:
         reply = json.loads(result.stdout.strip().splitlines()[-1])
