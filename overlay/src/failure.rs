@@ -24,6 +24,9 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct Detector {
     last_heard: Time,
+    /// Last first-hand sign of life (heartbeat or our own probe answered), never a sibling's vouch: siblings
+    /// vouch for the parent from this alone, so vouches cannot circulate among them and keep a dead parent alive.
+    last_heard_directly: Time,
     phase: Phase,
     suspect_after: Duration,
     probe_timeout: Duration,
@@ -31,28 +34,48 @@ pub struct Detector {
 
 impl Detector {
     pub fn new(now: Time, suspect_after: Duration, probe_timeout: Duration) -> Self {
-        Detector { last_heard: now, phase: Phase::Healthy, suspect_after, probe_timeout }
+        Detector { last_heard: now, last_heard_directly: now, phase: Phase::Healthy, suspect_after, probe_timeout }
     }
 
     pub fn last_heard(&self) -> Time {
         self.last_heard
     }
 
+    pub fn last_heard_directly(&self) -> Time {
+        self.last_heard_directly
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
 
-    /// Any sign of life (heartbeat, probe answer, a sibling vouching).
+    /// A first-hand sign of life (heartbeat, an answer to our own probe).
     pub fn heard(&mut self, now: Time) {
-        self.last_heard = self.last_heard.max(now);
-        self.phase = Phase::Healthy;
+        self.last_heard_directly = self.last_heard_directly.max(now);
+        self.clear(now);
     }
 
-    /// A sign of life for probe `seq` (ignored when it answers an older probe round).
+    /// Our own probe `seq` answered (ignored when it answers an older probe round).
     pub fn probe_answered(&mut self, now: Time, seq: u64) {
-        if matches!(self.phase, Phase::Probing { seq: s, .. } if s == seq) {
+        if self.is_probing(seq) {
             self.heard(now);
         }
+    }
+
+    /// A sibling vouched for the parent in probe round `seq`: clears suspicion, but is not first-hand.
+    pub fn vouched(&mut self, now: Time, seq: u64) {
+        if self.is_probing(seq) {
+            self.clear(now);
+        }
+    }
+
+    fn is_probing(&self, seq: u64) -> bool {
+        matches!(self.phase, Phase::Probing { seq: s, .. } if s == seq)
+    }
+
+    fn clear(&mut self, now: Time) {
+        self.last_heard = self.last_heard.max(now);
+        self.phase = Phase::Healthy;
     }
 
     /// Suspect at once (the driver lost the connection).
@@ -108,6 +131,20 @@ mod tests {
         d.probe_answered(MS(1600), 7);
         assert_eq!(d.phase(), Phase::Healthy);
         assert_eq!(d.deadline(), MS(3100));
+    }
+
+    #[test]
+    fn a_vouch_clears_suspicion_without_counting_as_first_hand() {
+        let mut d = Detector::new(MS(0), MS(1500), MS(500));
+        d.vouched(MS(100), 1);
+        assert_eq!(d.deadline(), MS(1500), "a vouch outside a probe round is ignored");
+        assert_eq!(d.poll(MS(1500), 1), Verdict::Probe(1));
+        d.vouched(MS(1600), 1);
+        assert_eq!(d.phase(), Phase::Healthy);
+        assert_eq!(d.deadline(), MS(3100));
+        assert_eq!(d.last_heard_directly(), MS(0));
+        d.heard(MS(1700));
+        assert_eq!(d.last_heard_directly(), MS(1700));
     }
 
     #[test]

@@ -640,7 +640,7 @@ impl Node {
                     && p.info.id == target
                     && alive
                 {
-                    p.detector.probe_answered(now, seq);
+                    p.detector.vouched(now, seq);
                 }
             }
             Message::Redirect { to } => self.on_redirect(now, from, *to),
@@ -1244,7 +1244,7 @@ impl Node {
 
     fn on_probe_request(&mut self, now: Time, from: NodeId, target: NodeId, seq: u64) {
         let heard_recently = self.parent.as_ref().is_some_and(|p| {
-            p.info.id == target && now.saturating_sub(p.detector.last_heard()) < self.config.heartbeat_interval
+            p.info.id == target && now.saturating_sub(p.detector.last_heard_directly()) < self.config.heartbeat_interval
         });
         if heard_recently {
             self.send(from, Message::ProbeResult { target, seq, alive: true });

@@ -105,6 +105,35 @@ fn lossy_parent_link_alone_does_not_trigger_takeover() {
 }
 
 #[test]
+fn vouches_do_not_keep_a_crashed_parent_alive() {
+    // A leaf cut off from its parent gets vouched for by siblings; if that second-hand news counted as having
+    // heard the parent, the leaf would vouch back once the parent really crashed, and the siblings would keep
+    // each other believing in a dead parent forever (seed 9050266835929872200 in the simulator).
+    for crash_after_ms in (200..1500).step_by(100) {
+        let mut net = built(12, 4);
+        let leaf = net.live().find(|&i| net.nodes[i].role() == Role::Leaf && net.nodes[i].parent() != Some(net.id(0)));
+        let Some(leaf) = leaf else { panic!("no leaf under a coordinator") };
+        let parent = net.idx(net.nodes[leaf].parent().unwrap());
+        let orphans: Vec<usize> = net.nodes[parent].children().map(|c| net.idx(c)).collect();
+        assert!(orphans.len() >= 3);
+        net.blocked.push((leaf, parent));
+        net.run_for(MS(crash_after_ms));
+        let crash_at = net.now;
+        net.crash(parent);
+        net.run_for(Duration::from_secs(6));
+        for o in orphans {
+            let t = net.attached_at(o, crash_at);
+            assert!(
+                t.is_some_and(|t| t - crash_at <= Duration::from_secs(4)),
+                "crash after {crash_after_ms} ms: orphan {o} re-attached at {t:?}, still under {:?}",
+                net.nodes[o].parent()
+            );
+        }
+        net.check_tree().unwrap();
+    }
+}
+
+#[test]
 fn graceful_leave_of_a_coordinator_hands_over() {
     let mut net = built(20, 4);
     let leaver = *net.coordinators().first().expect("a coordinator");
