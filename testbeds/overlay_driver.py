@@ -147,3 +147,50 @@ class OverlayDriver:
             tail = log.read_text(errors="replace").splitlines()[-lines:]
             print(f"----- {log.name} -----", file=sys.stderr)
             print("\n".join(tail), file=sys.stderr)
+
+
+def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_only: bool = False) -> int:
+    """The steps Mininet and containernet runs share: start the network, ping all, start agents on every host, wait
+    for one tree, fetch a service through the overlay; stop agents and network and remove `workdir` whatever
+    happens. SIGTERM/SIGHUP unwind like Ctrl-C so the cleanup runs. Returns the process exit code."""
+    import shutil
+    import signal
+
+    def unwind(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, unwind)
+
+    driver = None
+    ok = False
+    try:
+        net.start()
+        loss = net.pingAll(timeout=2)
+        if loss > 0:
+            raise TestbedError(f"underlay ping loss {loss}%")
+        print(f"underlay: all {len(topo.hosts)} hosts reach each other", flush=True)
+        if ping_only:
+            ok = True
+            return 0
+        hosts = [EmulatedHost(h.name, net.get(h.name), net.get(h.name).IP(), h.position) for h in topo.hosts]
+        driver = OverlayDriver(agent, data_dir, workdir / "logs")
+        driver.start_overlay(hosts)
+        driver.wait_one_tree(hosts, args.timeout)
+        print("overlay: one tree", flush=True)
+        resolve_name = args.resolve_name or f"{args.service}.any.rr"
+        reply = driver.check_http_through_overlay(hosts[-1], hosts[0], args.service, resolve_name, args.timeout)
+        print(f"service: {hosts[0].name} reached {args.service} on {hosts[-1].name}: {reply.strip()}", flush=True)
+        ok = True
+        return 0
+    except TestbedError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        if driver:
+            driver.dump_logs()
+        return 1
+    finally:
+        if driver:
+            driver.stop_all()
+        net.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("PASS" if ok else "FAIL", flush=True)

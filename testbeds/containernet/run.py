@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(TESTBEDS))
 sys.path.insert(0, str(TESTBEDS / "mininet"))
 
 import topologies  # noqa: E402
-from overlay_driver import EmulatedHost, OverlayDriver, TestbedError  # noqa: E402
+from overlay_driver import run_checks  # noqa: E402
 from run import netem_available, ovs_available  # noqa: E402  (the Mininet runner's probes)
 
 AGENT_IN_CONTAINER = "/usr/local/bin/agent"
@@ -88,42 +87,9 @@ def main() -> int:
     if not with_delays:
         print("notice: no netem qdisc on this kernel: link delays are skipped", flush=True)
 
-    def unwind(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, unwind)
-
     net = build_containernet(topo, args.image, switch_kind, with_delays)
     workdir = Path(tempfile.mkdtemp(prefix="canopy-containernet-"))
-    driver = None
-    ok = False
-    try:
-        net.start()
-        loss = net.pingAll(timeout=2)
-        if loss > 0:
-            raise TestbedError(f"underlay ping loss {loss}%")
-        hosts = [EmulatedHost(h.name, net.get(h.name), net.get(h.name).IP(), h.position) for h in topo.hosts]
-        driver = OverlayDriver(AGENT_IN_CONTAINER, DATA_IN_CONTAINER, workdir / "logs")
-        driver.start_overlay(hosts)
-        driver.wait_one_tree(hosts, args.timeout)
-        print("overlay: one tree", flush=True)
-        resolve_name = args.resolve_name or f"{args.service}.any.rr"
-        reply = driver.check_http_through_overlay(hosts[-1], hosts[0], args.service, resolve_name, args.timeout)
-        print(f"service: {hosts[0].name} reached {args.service} on {hosts[-1].name}: {reply.strip()}", flush=True)
-        ok = True
-        return 0
-    except TestbedError as err:
-        print(f"FAILED: {err}", file=sys.stderr)
-        if driver:
-            driver.dump_logs()
-        return 1
-    finally:
-        if driver:
-            driver.stop_all()
-        net.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-        print("PASS" if ok else "FAIL", flush=True)
+    return run_checks(net, topo, workdir, AGENT_IN_CONTAINER, DATA_IN_CONTAINER, args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ TESTBEDS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTBEDS))
 
 import topologies  # noqa: E402
-from overlay_driver import EmulatedHost, OverlayDriver, TestbedError  # noqa: E402
+from overlay_driver import run_checks  # noqa: E402
 
 
 def netem_available() -> bool:
@@ -109,47 +108,9 @@ def main() -> int:
         print("notice: no netem qdisc on this kernel: link delays are skipped", flush=True)
     print(f"topology {topo.name}: {len(topo.hosts)} hosts, {len(topo.switches)} switches ({switch_kind})", flush=True)
 
-    # SIGTERM/SIGHUP unwind like Ctrl-C so `finally` stops the agents and the network.
-    def unwind(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, unwind)
-
     net = build_mininet(topo, switch_kind, with_delays)
     workdir = Path(tempfile.mkdtemp(prefix="canopy-mininet-"))
-    driver = None
-    ok = False
-    try:
-        net.start()
-        loss = net.pingAll(timeout=2)
-        if loss > 0:
-            raise TestbedError(f"underlay ping loss {loss}%")
-        print(f"underlay: all {len(topo.hosts)} hosts reach each other", flush=True)
-        if args.ping_only:
-            ok = True
-            return 0
-        hosts = [EmulatedHost(h.name, net.get(h.name), net.get(h.name).IP(), h.position) for h in topo.hosts]
-        driver = OverlayDriver(args.agent, str(workdir / "data"), workdir / "logs")
-        driver.start_overlay(hosts)
-        driver.wait_one_tree(hosts, args.timeout)
-        print("overlay: one tree", flush=True)
-        resolve_name = args.resolve_name or f"{args.service}.any.rr"
-        reply = driver.check_http_through_overlay(hosts[-1], hosts[0], args.service, resolve_name, args.timeout)
-        print(f"service: {hosts[0].name} reached {args.service} on {hosts[-1].name}: {reply.strip()}", flush=True)
-        ok = True
-        return 0
-    except TestbedError as err:
-        print(f"FAILED: {err}", file=sys.stderr)
-        if driver:
-            driver.dump_logs()
-        return 1
-    finally:
-        if driver:
-            driver.stop_all()
-        net.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-        print("PASS" if ok else "FAIL", flush=True)
+    return run_checks(net, topo, workdir, args.agent, str(workdir / "data"), args, ping_only=args.ping_only)
 
 
 if __name__ == "__main__":
