@@ -1,6 +1,6 @@
 //! The data plane's local API routes (merged into the daemon's router).
 //!
-//! - `GET /v1/dataplane`: status and counters (`DataPlaneStatus`)
+//! - `GET /v1/dataplane`: status and counters (`DataPlaneStatus`) (alone: [`DataPlane::status_router`])
 //! - `GET|PUT /v1/dataplane/routes`: the route table (`RouteTable`)
 //! - `GET|POST /v1/instances`: attached instances / attach one (`AttachRequest` -> `Attachment`)
 //! - `DELETE /v1/instances/{service}/{instance}`: detach
@@ -13,13 +13,21 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 
 impl DataPlane {
+    /// Every route: the standalone data plane, with a static route table.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/v1/dataplane", get(status))
-            .route("/v1/dataplane/routes", get(routes).put(set_routes))
-            .route("/v1/instances", get(instances).post(attach))
-            .route("/v1/instances/{service}/{instance}", delete(detach))
-            .with_state(self.clone())
+        self.status_router()
+            .merge(
+                Router::new()
+                    .route("/v1/dataplane/routes", get(routes).put(set_routes))
+                    .route("/v1/instances", get(instances).post(attach))
+                    .route("/v1/instances/{service}/{instance}", delete(detach))
+                    .with_state(self.clone()),
+            )
+    }
+
+    /// Status only: when the tree feeds the routes, the agent serves the route table and instances itself.
+    pub fn status_router(&self) -> Router {
+        Router::new().route("/v1/dataplane", get(status)).with_state(self.clone())
     }
 }
 
