@@ -8,7 +8,7 @@
 //!
 //! | command | effect |
 //! |---|---|
-//! | [`RouteCommand::DeployService`] | asks the root for the service's ServiceIPs (one per policy) and InstanceIPs; answer [`RouteEvent::ServiceDeployed`] or [`RouteEvent::AllocationFailed`] (e.g. a fixed address is taken) |
+//! | [`RouteCommand::DeployService`] | asks the root for the service's ServiceIPs (one per policy) and InstanceIPs; answer [`RouteEvent::ServiceDeployed`] or [`RouteEvent::DeployFailed`] naming the service (e.g. a fixed address is taken) |
 //! | [`RouteCommand::RegisterInstance`] | an instance runs here: its record goes up the tree; the service is pinned (this node receives updates of its other instances) |
 //! | [`RouteCommand::UnregisterInstance`] | it stopped: removal goes up |
 //! | [`RouteCommand::QueryRoute`] | by name or by ServiceIP/InstanceIP: [`RouteEvent::RouteAnswer`] or [`RouteEvent::RouteNotFound`]; registers an interest, so later changes arrive as [`RouteEvent::RouteChanged`] |
@@ -139,7 +139,13 @@ pub enum RouteEvent {
     RouteChanged {
         change: RouteChange,
     },
+    /// A subnet could not be granted or a record was refused (deployments fail with [`RouteEvent::DeployFailed`]).
     AllocationFailed {
+        reason: String,
+    },
+    /// A [`RouteCommand::DeployService`] failed (e.g. a fixed address is taken, or no tree to ask).
+    DeployFailed {
+        name: ServiceName,
         reason: String,
     },
 }
@@ -213,7 +219,8 @@ pub enum RoutesMessage {
         path: Vec<NodeId>,
     },
     Deployed {
-        result: Result<(ServiceAddresses, Vec<(u32, Ipv4Addr)>), String>,
+        name: ServiceName,
+        result: DeployResult,
         path: Vec<NodeId>,
     },
     MergeAllocator(AllocatorState),
@@ -823,15 +830,12 @@ impl Routing {
             RoutesMessage::Deploy { name, request, instances, path } if from_child => {
                 self.on_deploy(now, ctx, from, name, request, instances, path)
             }
-            RoutesMessage::Deployed { result, mut path } if from_parent => match path.pop() {
+            RoutesMessage::Deployed { name, result, mut path } if from_parent => match path.pop() {
                 Some(next) if ctx.children.iter().any(|(c, _)| *c == next) => {
-                    self.send(next, RoutesMessage::Deployed { result, path })
+                    self.send(next, RoutesMessage::Deployed { name, result, path })
                 }
                 Some(_) => self.counters.rejected += 1,
-                None => self.events.push(match result {
-                    Ok((addresses, instance_ips)) => RouteEvent::ServiceDeployed { addresses, instance_ips },
-                    Err(reason) => RouteEvent::AllocationFailed { reason },
-                }),
+                None => self.events.push(deploy_event(name, result)),
             },
             RoutesMessage::MergeAllocator(state) if from_child => {
                 if ctx.is_root {
@@ -1123,7 +1127,7 @@ impl Routing {
                 Some(parent) if path.len() < MAX_PATH => {
                     self.send(parent, RoutesMessage::Deploy { name, request, instances, path })
                 }
-                _ => self.deployed(ctx, Err("not attached to a tree".to_string()), path),
+                _ => self.deployed(name, Err("not attached to a tree".to_string()), path),
             }
             return;
         }
@@ -1142,22 +1146,24 @@ impl Routing {
             let change = RouteChange::Addresses(addresses.clone());
             self.push_down(now, ctx, &change, None);
         }
-        self.deployed(ctx, result, path);
+        self.deployed(name, result, path);
     }
 
-    fn deployed(
-        &mut self,
-        _ctx: &TreeCtx,
-        result: Result<(ServiceAddresses, Vec<(u32, Ipv4Addr)>), String>,
-        mut path: Vec<NodeId>,
-    ) {
+    fn deployed(&mut self, name: ServiceName, result: DeployResult, mut path: Vec<NodeId>) {
         match path.pop() {
-            Some(next) => self.send(next, RoutesMessage::Deployed { result, path }),
-            None => self.events.push(match result {
-                Ok((addresses, instance_ips)) => RouteEvent::ServiceDeployed { addresses, instance_ips },
-                Err(reason) => RouteEvent::AllocationFailed { reason },
-            }),
+            Some(next) => self.send(next, RoutesMessage::Deployed { name, result, path }),
+            None => self.events.push(deploy_event(name, result)),
         }
+    }
+}
+
+/// The root's answer to a deployment: the addresses and InstanceIPs, or why not.
+pub type DeployResult = Result<(ServiceAddresses, Vec<(u32, Ipv4Addr)>), String>;
+
+fn deploy_event(name: ServiceName, result: DeployResult) -> RouteEvent {
+    match result {
+        Ok((addresses, instance_ips)) => RouteEvent::ServiceDeployed { addresses, instance_ips },
+        Err(reason) => RouteEvent::DeployFailed { name, reason },
     }
 }
 
@@ -1248,8 +1254,16 @@ mod tests {
             RoutesMessage::NotFound(QueryKey::Name(svc())),
             RoutesMessage::Renew(vec![svc()]),
             RoutesMessage::Deploy { name: svc(), request: AddressRequest::default(), instances: 2, path: vec![] },
-            RoutesMessage::Deployed { result: Ok((addresses, vec![(0, Ipv4Addr::new(10, 30, 2, 2))])), path: vec![] },
-            RoutesMessage::Deployed { result: Err("10.30.7.7 is taken".into()), path: vec![NodeId::from_u64(3)] },
+            RoutesMessage::Deployed {
+                name: svc(),
+                result: Ok((addresses, vec![(0, Ipv4Addr::new(10, 30, 2, 2))])),
+                path: vec![],
+            },
+            RoutesMessage::Deployed {
+                name: svc(),
+                result: Err("10.30.7.7 is taken".into()),
+                path: vec![NodeId::from_u64(3)],
+            },
             RoutesMessage::MergeAllocator(AllocatorState::default()),
         ];
         for m in samples {
@@ -1319,6 +1333,15 @@ mod tests {
         let holders: Vec<NodeId> = root.pool().grants().map(|g| g.holder).collect();
         assert!(!holders.contains(&NodeId::from_u64(4)));
         assert!(holders.contains(&NodeId::from_u64(2)) && holders.contains(&NodeId::from_u64(3)));
+    }
+
+    #[test]
+    fn a_deployment_without_a_tree_fails_naming_its_service() {
+        let mut node = Routing::new(RoutingConfig::default());
+        let cmd = RouteCommand::DeployService { name: svc(), request: AddressRequest::default(), instances: 1 };
+        node.on_command(Time::ZERO, &ctx(1, None, false, &[]), cmd);
+        let events = node.drain().1;
+        assert_eq!(events, vec![RouteEvent::DeployFailed { name: svc(), reason: "not attached to a tree".into() }]);
     }
 
     #[test]

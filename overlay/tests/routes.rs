@@ -74,7 +74,7 @@ fn deploy(net: &mut Net, from: usize, service: &ServiceName, request: AddressReq
     net.run_for(Duration::from_secs(1));
     route_events(net, from, mark)
         .into_iter()
-        .find(|e| matches!(e, RouteEvent::ServiceDeployed { .. } | RouteEvent::AllocationFailed { .. }))
+        .find(|e| matches!(e, RouteEvent::ServiceDeployed { .. } | RouteEvent::DeployFailed { .. }))
         .expect("the root answers a deployment")
 }
 
@@ -223,7 +223,8 @@ fn unknown_service_is_not_found_and_a_taken_address_fails_clearly() {
     };
     assert_eq!(addresses.service_ips[&PolicyKind::Rr], fixed);
     match deploy(&mut net, 11, &b, request, 0) {
-        RouteEvent::AllocationFailed { reason } => {
+        RouteEvent::DeployFailed { name, reason } => {
+            assert_eq!(name, b, "the failure names the service that asked");
             assert!(reason.contains("10.30.7.7") && reason.contains("a.x.svc.prod"), "{reason}")
         }
         other => panic!("expected a failure, got {other:?}"),

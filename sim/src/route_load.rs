@@ -340,7 +340,7 @@ impl RouteLoad {
                     self.add_instance(now, s, host, node, &mut out);
                 }
             }
-            RouteEvent::AllocationFailed { .. } => self.report.deploy_failures += 1,
+            RouteEvent::DeployFailed { .. } => self.report.deploy_failures += 1,
             RouteEvent::RouteAnswer { answer, .. } => {
                 if let Some(asked) = self.cold.remove(&(i, answer.service.clone())) {
                     self.cold_samples.push((now - asked) as f64 / 1e6);
