@@ -61,7 +61,6 @@ fn run(seed: u64, rounds: usize) -> Outcome {
 }
 
 #[test]
-#[ignore = "converges when built with `-p` (testbeds/test runs it so) but not in a `cargo test --workspace` build: an unexplained build-dependent difference in Vivaldi updates, open in issue 6"]
 fn coordinates_converge_on_a_plane_with_access_delays() {
     let early = run(7, 5).median_error;
     println!("median relative RTT error after 5 rounds (seed 7): {early:.3}");

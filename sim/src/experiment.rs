@@ -306,7 +306,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "converges when built with `-p` (testbeds/test runs it so) but not in a `cargo test --workspace` build: an unexplained build-dependent difference in Vivaldi updates, open in issue 6"]
     fn vivaldi_learns_a_metric_with_heights() {
         let positions: Vec<Position> = (0..60).map(|i| Position::new(f64::from(i % 6), f64::from(i / 6))).collect();
         let slow = |i: usize| if i.is_multiple_of(7) { 20.0 } else { 0.0 };
