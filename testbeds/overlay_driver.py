@@ -8,6 +8,7 @@ The namespace testbed (`netns/canopy_netns.py`) has the same steps built in; the
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,8 +18,11 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "netns"))
 
-from canopy_netns import DEFAULT_P2P_PORT, GiveUp, TestbedError, check_one_tree, parse_join_command, terminate  # noqa: E402
-from canopy_netns import Testbed  # noqa: E402
+from canopy_netns import DEFAULT_P2P_PORT, GiveUp, TestbedError, check_disjoint_subnets, check_one_tree, parse_join_command, terminate  # noqa: E402
+from canopy_netns import Testbed, tree_view  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from web_programs import HTTP_PORT, WEB_CLIENT, WEB_SERVER, client_plan, parse_client_output  # noqa: E402
 
 wait_for = Testbed.wait_for
 
@@ -34,8 +38,11 @@ class EmulatedHost:
 class OverlayDriver:
     """Agents on a set of hosts. `agent` and `data_root` are paths as seen from inside the hosts."""
 
-    def __init__(self, agent: str, data_root: str, log_dir: Path):
+    def __init__(self, agent: str, data_root: str, log_dir: Path, daemon_env: dict[str, str] | None = None):
         self.agent = agent
+        # Extra environment for the agent daemons (Mininet: CANOPY_NETNS_PREFIX per host, as the hosts share the
+        # mount namespace and so the names of the service namespaces the agents create).
+        self.daemon_env = daemon_env
         self.data_root = data_root.rstrip("/")
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -45,10 +52,11 @@ class OverlayDriver:
     def data_dir(self, host: EmulatedHost) -> str:
         return f"{self.data_root}/{host.name}"
 
-    def _popen(self, host: EmulatedHost, argv: Sequence[str], log_name: str) -> tuple[subprocess.Popen, Path]:
+    def _popen(self, host: EmulatedHost, argv: Sequence[str], log_name: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
         log_path = self.log_dir / f"{log_name}.log"
+        extra = {"env": {**os.environ, **env}} if env else {}
         with open(log_path, "ab") as log:
-            proc = host.handle.popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = host.handle.popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **extra)
         return proc, log_path
 
     def call(self, host: EmulatedHost, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -70,10 +78,15 @@ class OverlayDriver:
             argv += ["--position", f"{host.position[0]},{host.position[1]}"]
         return argv + ["--listen", f"/ip4/{host.ip}/udp/{DEFAULT_P2P_PORT}/quic-v1", "--listen", f"/ip4/{host.ip}/tcp/{DEFAULT_P2P_PORT}"]
 
+    def _env(self, host: EmulatedHost) -> dict[str, str] | None:
+        if not self.daemon_env:
+            return None
+        return {key: value.replace("{host}", host.name) for key, value in self.daemon_env.items()}
+
     def start_overlay(self, hosts: Sequence[EmulatedHost], join_timeout: float = 30) -> None:
         """`agent start` on the first host, `agent join` with its printed join command on the rest."""
         first = hosts[0]
-        self.daemons[first.name] = self._popen(first, self._daemon_argv(first, ["start"]), f"agent-{first.name}")
+        self.daemons[first.name] = self._popen(first, self._daemon_argv(first, ["start"]), f"agent-{first.name}", self._env(first))
         proc, log_path = self.daemons[first.name]
 
         def join_args():
@@ -83,7 +96,7 @@ class OverlayDriver:
 
         args = wait_for(join_args, join_timeout, f"the join command in {log_path}")
         for host in hosts[1:]:
-            self.daemons[host.name] = self._popen(host, self._daemon_argv(host, ["join", *args]), f"agent-{host.name}")
+            self.daemons[host.name] = self._popen(host, self._daemon_argv(host, ["join", *args]), f"agent-{host.name}", self._env(host))
 
     def wait_one_tree(self, hosts: Sequence[EmulatedHost], timeout: float) -> dict[str, dict]:
         def check():
@@ -98,9 +111,29 @@ class OverlayDriver:
 
         return wait_for(check, timeout, f"one tree over {len(hosts)} agents", interval=1.0)
 
-    def run_service(self, host: EmulatedHost, service: str, cmd: Sequence[str]) -> subprocess.Popen:
-        argv = [self.agent, "run", "--data-dir", self.data_dir(host), "--service", service, "--", *cmd]
-        proc, _ = self._popen(host, argv, f"service-{host.name}-{service}")
+    def wait_subnets(self, hosts: Sequence[EmulatedHost], timeout: float) -> dict[str, str]:
+        """Wait until every agent reports the machine subnet the tree granted it, no two overlapping; the subnets by
+        host name."""
+
+        def check():
+            subnets = {}
+            for host in hosts:
+                result = self.call(host, "status", "--json")
+                subnet = json.loads(result.stdout).get("subnet") if result.returncode == 0 else None
+                if not subnet:
+                    raise TestbedError(f"{host.name} has no subnet yet")
+                subnets[host.name] = subnet
+            check_disjoint_subnets(subnets)
+            return subnets
+
+        return wait_for(check, timeout, f"subnet grants on {len(hosts)} agents", interval=1.0)
+
+    def run_service(self, host: EmulatedHost, service: str, cmd: Sequence[str], instance: int | None = None) -> subprocess.Popen:
+        """`agent run --service SERVICE [--instance N] -- CMD` in the background on a host."""
+        argv = [self.agent, "run", "--data-dir", self.data_dir(host), "--service", service]
+        if instance is not None:
+            argv += ["--instance", str(instance)]
+        proc, _ = self._popen(host, [*argv, "--", *cmd], f"service-{host.name}-{service}-{instance}")
         self.background.append(proc)
         return proc
 
@@ -112,28 +145,36 @@ class OverlayDriver:
             raise TestbedError(f"resolve {name} on {host.name}: {result.stderr.strip() or result.stdout.strip()}")
         return match.group(1)
 
-    def check_http_through_overlay(self, server: EmulatedHost, client: EmulatedHost, service: str, resolve_name: str, timeout: float = 60) -> str:
-        """Run a web server as `service` on `server`, then fetch it from a client service on `client` through the
-        ServiceIP; returns what the client printed. Raises TestbedError when no reply arrives within `timeout`."""
-        self.run_service(server, service, ["python3", "-m", "http.server", "8080"])
-        service_ip = wait_for(lambda: self.resolve(client, resolve_name), timeout, f"{resolve_name} to resolve")
-        fetch = (
-            "import urllib.request; "
-            f"print('HTTP', urllib.request.urlopen('http://{service_ip}:8080/', timeout=5).status)"
-        )
-        app, appns, _svc, svcns = service.split(".")
-        client_service = f"{app}.{appns}.client.{svcns}"
+    def fetch(self, client: EmulatedHost, client_service: str, warm_urls: list[str], fetches: list[tuple[str, str, int]], timeout: float) -> dict:
+        """Run WEB_CLIENT as `client_service` on `client` (names resolve through the agent's DNS); its parsed reply."""
+        plan = client_plan(warm_urls, fetches, warmup=timeout)
+        argv = [self.agent, "run", "--data-dir", self.data_dir(client), "--service", client_service, "--", "python3", "-c", WEB_CLIENT, plan]
+        proc = client.handle.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            out, _ = proc.communicate(timeout=timeout + 60)
+        except subprocess.TimeoutExpired:
+            terminate(proc, 0)
+            raise TestbedError(f"the client on {client.name} did not finish within {timeout + 60}s")
+        text = out.decode(errors="replace") if isinstance(out, bytes) else out
+        try:
+            reply = parse_client_output(text)
+        except ValueError as err:
+            raise TestbedError(f"the client on {client.name}: {err}") from err
+        if "error" in reply:
+            raise TestbedError(f"the client on {client.name} could not fetch: {reply['error']}")
+        return reply
 
-        def fetched():
-            argv = [self.agent, "run", "--data-dir", self.data_dir(client), "--service", client_service, "--", "python3", "-c", fetch]
-            proc = client.handle.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            out, _ = proc.communicate(timeout=30)
-            text = out.decode(errors="replace") if isinstance(out, bytes) else out
-            if "HTTP 200" not in text:
-                raise TestbedError(f"client output: {text.strip()[-300:]}")
-            return text
-
-        return wait_for(fetched, timeout, f"an HTTP reply from {service} ({service_ip}) to {client.name}", interval=2.0)
+    def total_rss_kib(self) -> tuple[int, int]:
+        """Sum and maximum of VmRSS (KiB) over the running agent daemons (Mininet's popen execs the agent in
+        place, so the process id is the agent's)."""
+        sizes = []
+        for proc, _ in self.daemons.values():
+            rss = process_rss_kib(proc.pid)
+            if rss is not None:
+                sizes.append(rss)
+        if len(sizes) != len(self.daemons):
+            raise TestbedError(f"only {len(sizes)} of {len(self.daemons)} agents are running")
+        return sum(sizes), max(sizes)
 
     def stop_all(self) -> None:
         """Stop services, then agents (SIGTERM, then SIGKILL)."""
@@ -149,12 +190,34 @@ class OverlayDriver:
             print("\n".join(tail), file=sys.stderr)
 
 
-def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_only: bool = False) -> int:
+def process_rss_kib(pid: int) -> int | None:
+    """VmRSS of a process in KiB, or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def far_apart(hosts: Sequence[EmulatedHost]) -> tuple[list[EmulatedHost], EmulatedHost]:
+    """Two servers and a client spread over the host list (topologies list hosts root-side first, leaves last):
+    the last host, the one in the middle, and the first as client. With fewer than 3 hosts one server."""
+    if len(hosts) < 3:
+        return [hosts[-1]], hosts[0]
+    return [hosts[-1], hosts[len(hosts) // 2]], hosts[0]
+
+
+def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_only: bool = False, daemon_env: dict[str, str] | None = None) -> int:
     """The steps Mininet and containernet runs share: start the network, ping all, start agents on every host, wait
-    for one tree, fetch a service through the overlay; stop agents and network and remove `workdir` whatever
-    happens. SIGTERM/SIGHUP unwind like Ctrl-C so the cleanup runs. Returns the process exit code."""
+    for one tree (timed) and for every machine's subnet grant, measure the agents' memory, run a web service with
+    instances on two far-apart hosts and fetch it from a third by name (rr, each instance) and by ServiceIP. Stops
+    agents and network and removes `workdir` whatever happens. SIGTERM/SIGHUP unwind like Ctrl-C so the cleanup
+    runs. Prints a `figures {json}` line with what it measured. Returns the process exit code."""
     import shutil
     import signal
+    import time
 
     def unwind(signum, _frame):
         raise SystemExit(128 + signum)
@@ -164,6 +227,7 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
 
     driver = None
     ok = False
+    figures: dict[str, object] = {"topology": topo.name, "agents": len(topo.hosts)}
     try:
         net.start()
         loss = net.pingAll(timeout=2)
@@ -174,13 +238,63 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
             ok = True
             return 0
         hosts = [EmulatedHost(h.name, net.get(h.name), net.get(h.name).IP(), h.position) for h in topo.hosts]
-        driver = OverlayDriver(agent, data_dir, workdir / "logs")
+        driver = OverlayDriver(agent, data_dir, workdir / "logs", daemon_env=daemon_env)
+        started = time.monotonic()
         driver.start_overlay(hosts)
         driver.wait_one_tree(hosts, args.timeout)
-        print("overlay: one tree", flush=True)
-        resolve_name = args.resolve_name or f"{args.service}.any.rr"
-        reply = driver.check_http_through_overlay(hosts[-1], hosts[0], args.service, resolve_name, args.timeout)
-        print(f"service: {hosts[0].name} reached {args.service} on {hosts[-1].name}: {reply.strip()}", flush=True)
+        figures["tree_formed_s"] = round(time.monotonic() - started, 1)
+        print(f"overlay: one tree over {len(hosts)} agents {figures['tree_formed_s']} s after the first agent started", flush=True)
+        # A snapshot could catch a tree that is still rearranging: it must still be one tree a little later.
+        time.sleep(5)
+        statuses = driver.wait_one_tree(hosts, args.timeout)
+        figures["tree_stable_s"] = round(time.monotonic() - started, 1)
+        roles = [tree_view(s)["role"] for s in statuses.values()]
+        figures["coordinators"] = roles.count("coordinator")
+        print(f"overlay: still one tree 5 s later (root, {figures['coordinators']} coordinators, {roles.count('leaf')} leaves)", flush=True)
+        total, biggest = driver.total_rss_kib()
+        figures["rss_total_mib"] = round(total / 1024, 1)
+        figures["rss_max_mib"] = round(biggest / 1024, 1)
+        print(f"memory: the {len(hosts)} agents use {figures['rss_total_mib']} MiB RSS in total (largest {figures['rss_max_mib']} MiB)", flush=True)
+
+        driver.wait_subnets(hosts, args.timeout)
+        figures["subnets_granted_s"] = round(time.monotonic() - started, 1)
+        print(f"addresses: every machine holds a subnet from the tree {figures['subnets_granted_s']} s after the start", flush=True)
+
+        servers, client = far_apart(hosts)
+        service = args.service
+        app, appns, _svc, svcns = service.split(".")
+        client_service = f"{app}.{appns}.client.{svcns}"
+        for number, server in enumerate(servers):
+            driver.run_service(server, service, ["python3", "-c", WEB_SERVER, server.name], instance=number)
+        print(f"service: {service} instances on {', '.join(s.name for s in servers)}; client on {client.name}", flush=True)
+        traffic_started = time.monotonic()
+        service_ip = wait_for(lambda: driver.resolve(client, f"{service}.any.rr"), args.timeout, f"{service}.any.rr to resolve on {client.name}")
+        rr_url = f"http://{service}.any.rr:{HTTP_PORT}/"
+        reply = driver.fetch(
+            client,
+            client_service,
+            [f"http://{service}.{n}.none:{HTTP_PORT}/" for n in range(len(servers))] + [rr_url],
+            [("rr", rr_url, 2 * len(servers)), ("ServiceIP", f"http://{service_ip}:{HTTP_PORT}/", len(servers))],
+            args.timeout,
+        )
+        figures["service_reachable_s"] = round(time.monotonic() - traffic_started, 1)
+        results = reply["results"]
+        for r in results:
+            print(f"  {client.name} {r['label']:<9} {r['url']:<46} -> {r['answer']} ({r['ms']} ms)", flush=True)
+        failed = [r for r in results if r["ms"] is None]
+        if failed:
+            raise TestbedError(f"{len(failed)} of {len(results)} fetches failed: {failed[0]['answer']}")
+        answered = {r["answer"] for r in results if r["label"] == "rr"}
+        expected = {f"hello from {s.name}" for s in servers}
+        if answered != expected:
+            raise TestbedError(f"rr reached {sorted(answered)}, expected every instance {sorted(expected)}")
+        latencies = sorted(r["ms"] for r in results)
+        figures["fetch_ms_median"] = latencies[len(latencies) // 2]
+        print(f"service: rr reached every instance; by name and by ServiceIP {service_ip}; reachable "
+              f"{figures['service_reachable_s']} s after the instances started", flush=True)
+        total, biggest = driver.total_rss_kib()
+        figures["rss_total_after_traffic_mib"] = round(total / 1024, 1)
+        print(f"memory after traffic: {figures['rss_total_after_traffic_mib']} MiB RSS in total", flush=True)
         ok = True
         return 0
     except TestbedError as err:
@@ -189,6 +303,7 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
             driver.dump_logs()
         return 1
     finally:
+        print(f"figures {json.dumps(figures)}", flush=True)
         if driver:
             driver.stop_all()
         net.stop()

@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Run Canopy on a Mininet topology (as root): build it, ping all, start agents, wait for one tree, run a service
-and fetch it through its ServiceIP.
+with instances on two far-apart hosts and fetch it from a third by name and by ServiceIP; prints what it measured
+(tree formation time, the agents' total RSS, ...) and a final `figures {json}` line.
 
     sudo testbeds/mininet/run.py --topology vineio-a                 # the whole scenario
     sudo testbeds/mininet/run.py --topology linear --size 4 --ping-only
@@ -13,6 +14,7 @@ Uses the system Python (`/usr/bin/python3`), where `apt-get install mininet` put
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -110,7 +112,10 @@ def main() -> int:
 
     net = build_mininet(topo, switch_kind, with_delays)
     workdir = Path(tempfile.mkdtemp(prefix="canopy-mininet-"))
-    return run_checks(net, topo, workdir, args.agent, str(workdir / "data"), args, ping_only=args.ping_only)
+    # Mininet hosts share the mount namespace, so the service namespaces the agents mount under /run/netns share
+    # one list of names: give each agent its own prefix, unique to this run.
+    daemon_env = {"CANOPY_NETNS_PREFIX": f"cnm{os.getpid()}-{{host}}-"}
+    return run_checks(net, topo, workdir, args.agent, str(workdir / "data"), args, ping_only=args.ping_only, daemon_env=daemon_env)
 
 
 if __name__ == "__main__":

@@ -712,6 +712,22 @@ table ip canopy_nat {{
 
         return self.wait_for(check, timeout, f"one tree over {len(hosts)} agents", interval=1.0)
 
+    def wait_subnets(self, hosts: Sequence[Node], timeout: float = 60) -> dict[str, str]:
+        """Wait until every host's agent reports the machine subnet the tree granted it, no two overlapping; the
+        subnets by host name."""
+
+        def check():
+            subnets = {}
+            for host in hosts:
+                subnet = self.status(host).get("subnet")
+                if not subnet:
+                    raise TestbedError(f"{host.name} has no subnet yet")
+                subnets[host.name] = subnet
+            check_disjoint_subnets(subnets)
+            return subnets
+
+        return self.wait_for(check, timeout, f"subnet grants on {len(hosts)} agents", interval=1.0)
+
     def _require_started(self) -> None:
         if not self._started or self._torn_down:
             raise TestbedError("the testbed is not running (use it as a context manager or call start())")
@@ -797,6 +813,19 @@ def check_one_tree(statuses: dict[str, dict]) -> None:
             continue
         if view["role"] in ("detached", "") or (root_id not in view["ancestors"] and view["parent"] != root_id):
             raise TestbedError(f"{name} is not below the root (role {view['role']!r}, parent {view['parent']!r})")
+
+
+def check_disjoint_subnets(subnets: dict[str, str]) -> None:
+    """Raise TestbedError when two machines (by name) hold overlapping subnets or one is not a valid network."""
+    parsed = {}
+    for name, text in subnets.items():
+        try:
+            parsed[name] = ipaddress.ip_network(text)
+        except ValueError as err:
+            raise TestbedError(f"{name} reports a bad subnet {text!r}: {err}") from err
+    for (a, net_a), (b, net_b) in itertools.combinations(parsed.items(), 2):
+        if net_a.overlaps(net_b):
+            raise TestbedError(f"{a} ({net_a}) and {b} ({net_b}) hold overlapping subnets")
 
 
 def _drop_per_host_flags(args: list[str]) -> list[str]:
