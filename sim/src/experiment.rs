@@ -4,14 +4,22 @@
 //!
 //! Each client decides with what its overlay node actually holds: its position, the capacity grids it received over
 //! the tree (`Node::grids().held()`), and, for the `latency` policy, Vivaldi coordinates learned from simulated RTT
-//! samples. Candidates carry the machines' total capacity (what a route answer announces), not their free capacity,
-//! so saturation is only known through the grids.
+//! samples. Candidates are the route answer the client's node would get: the instance records (each carrying its
+//! host's free capacity as the host last announced it, `InstanceRecord::free`), pruned for the client's position to
+//! the `answer_k` most relevant per policy as a parent does (`canopy_policies::prune`).
+//!
+//! Why the records' free capacity matters: a grid cell aggregates every machine in a region, so a saturated host
+//! sharing its cell with any machine that has room looks fine in the grids. The report therefore also scores
+//! `closest` with the grids alone (records announcing only the machines' size) and says how often the client's grids
+//! showed a saturated instance's region as full.
 //!
 //! Latency does not have to follow geography: a fraction of nodes gets extra access delay (a slow last mile), which
 //! the `latency` policy can learn and the geographic `closest` policy cannot.
 
 use crate::report::Stats;
-use canopy_policies::{Candidate, CapacityGrid, PickContext, Policies, PolicyKind, Position, VivaldiCoord};
+use canopy_policies::{
+    Candidate, Capacity, CapacityGrid, PickContext, Policies, PolicyKind, Position, VivaldiCoord, prune,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -35,10 +43,17 @@ pub struct ClosestExperiment {
     /// RTT samples each node feeds its Vivaldi coordinate.
     #[serde(default = "default_vivaldi_samples")]
     pub vivaldi_samples: usize,
+    /// Instances per policy a parent keeps in a route answer (the routes module's `k_per_policy`); 0 = all.
+    #[serde(default = "default_answer_k")]
+    pub answer_k: usize,
 }
 
 fn default_vivaldi_samples() -> usize {
     64
+}
+
+fn default_answer_k() -> usize {
+    4
 }
 
 impl ClosestExperiment {
@@ -92,6 +107,10 @@ pub struct ExperimentReport {
     pub closest: PolicyScore,
     /// `latency` scored against the RTT oracle (its own objective).
     pub latency: PolicyScore,
+    /// `closest` when the records carry only the machines' size, so saturation is known from the grids alone.
+    pub closest_grids_only: PolicyScore,
+    /// Of all (query, saturated instance) pairs, the fraction whose region the client's grids showed as full.
+    pub grids_flag_saturated: f64,
 }
 
 /// What the experiment needs to know about one live node.
@@ -99,6 +118,8 @@ pub struct Client {
     pub position: Position,
     /// What the node's overlay state holds (a copy: the node lives on in the simulation).
     pub grids: Vec<CapacityGrid>,
+    /// The node's own free capacity as it knows it: what it announces in the records of instances it hosts.
+    pub own_free: Capacity,
 }
 
 /// The experiment's fixed choices, made when the simulation is set up.
@@ -153,7 +174,8 @@ pub fn learn_coordinates(
     coords
 }
 
-/// Runs the queries. `free_ok(node)` is the truth about free capacity; `rtt_ms(a, b)` the true RTT.
+/// Runs the queries. `clients(node)` is what a node holds; `setup` knows which instances are truly saturated and
+/// `rtt_ms(a, b)` is the true RTT.
 pub fn evaluate(
     setup: &Setup,
     clients: &mut dyn FnMut(usize) -> Option<Client>,
@@ -177,23 +199,34 @@ pub fn evaluate(
     };
     let live_instances: Vec<usize> = setup.instances.iter().copied().filter(|i| live.contains(i)).collect();
     let has_room = |node: usize| !setup.is_saturated_instance(node);
-    let candidates_for = |coords: &[VivaldiCoord]| -> Vec<Candidate> {
-        live_instances
+    // The records as the hosts announce them; a host we cannot ask announces nothing (it is not live).
+    let announced: Vec<(usize, Capacity)> =
+        live_instances.iter().filter_map(|&node| clients(node).map(|host| (node, host.own_free))).collect();
+    let records = |free: &dyn Fn(Capacity) -> Capacity| -> Vec<Candidate> {
+        announced
             .iter()
-            .map(|&node| Candidate {
+            .map(|&(node, own_free)| Candidate {
                 instance: node as u32,
                 position: positions[node],
-                // What a route answer announces: the machine's size, not its current load.
-                free: canopy_policies::Capacity::new(1e6, 1e9, 1e6),
+                free: free(own_free),
                 coord: Some(coords[node]),
             })
             .collect()
     };
-    let candidates = candidates_for(&coords);
+    let with_free = records(&|own_free| own_free);
+    // What a record would say if it carried the machine's size instead of its free capacity.
+    let size_only = records(&|_| Capacity::new(1e6, 1e9, 1e6));
+    let answer_for = |all: &[Candidate], viewer: Position| -> Vec<Candidate> {
+        if setup.config.answer_k == 0 {
+            return all.to_vec();
+        }
+        prune(all, setup.config.answer_k, viewer).into_iter().map(|i| all[i]).collect()
+    };
     let possible_clients: Vec<usize> = live.iter().copied().filter(|n| !setup.instances.contains(n)).collect();
     let mut policies = Policies::default();
-    let mut scores = [Tally::default(), Tally::default()];
-    if !candidates.is_empty() && !possible_clients.is_empty() && live_instances.iter().any(|&i| has_room(i)) {
+    let mut scores = [Tally::default(), Tally::default(), Tally::default()];
+    let (mut saturated_checks, mut saturated_flagged) = (0usize, 0usize);
+    if !announced.is_empty() && !possible_clients.is_empty() && live_instances.iter().any(|&i| has_room(i)) {
         for _ in 0..setup.config.clients {
             let client = possible_clients[rng.random_range(0..possible_clients.len())];
             let Some(view) = clients(client) else { continue };
@@ -203,10 +236,20 @@ pub fn evaluate(
                 live_instances.iter().copied().filter(|&i| has_room(i)).map(cost).fold(f64::INFINITY, f64::min)
             };
             let (best_km, best_rtt) = (oracle(&distance), oracle(&rtt));
-            for (slot, kind) in [(0, PolicyKind::Closest), (1, PolicyKind::Latency)] {
-                let ctx = PickContext::new("svc", view.position).with_grids(&view.grids).with_coord(&coords[client]);
-                let Some(pick) = policies.pick(kind, &ctx, &candidates) else { continue };
-                let chosen = live_instances[pick];
+            let ctx = PickContext::new("svc", view.position).with_grids(&view.grids).with_coord(&coords[client]);
+            for &(node, _) in announced.iter().filter(|(node, _)| !has_room(*node)) {
+                saturated_checks += 1;
+                saturated_flagged += usize::from(!ctx.region_has_room(positions[node]));
+            }
+            let answer = answer_for(&with_free, view.position);
+            let answer_size_only = answer_for(&size_only, view.position);
+            for (slot, kind, candidates) in [
+                (0, PolicyKind::Closest, &answer),
+                (1, PolicyKind::Latency, &answer),
+                (2, PolicyKind::Closest, &answer_size_only),
+            ] {
+                let Some(pick) = policies.pick(kind, &ctx, candidates) else { continue };
+                let chosen = candidates[pick].instance as usize;
                 let tally = &mut scores[slot];
                 tally.queries += 1;
                 tally.saturated += usize::from(!has_room(chosen));
@@ -226,6 +269,12 @@ pub fn evaluate(
         vivaldi_relative_error,
         closest: scores[0].finish(),
         latency: scores[1].finish(),
+        closest_grids_only: scores[2].finish(),
+        grids_flag_saturated: if saturated_checks == 0 {
+            0.0
+        } else {
+            saturated_flagged as f64 / saturated_checks as f64
+        },
     }
 }
 
@@ -259,7 +308,7 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use canopy_policies::{Capacity, GridInput};
+    use canopy_policies::GridInput;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -272,37 +321,81 @@ mod tests {
             slow_access_fraction: 0.0,
             slow_access_ms: 0.0,
             vivaldi_samples: 32,
+            answer_k: 4,
         };
         Setup { config, instances, saturated, access_ns: vec![0; nodes] }
     }
 
+    /// Nodes on the equator one degree apart; instances at 1 (saturated) and 3; the only client is node 0.
+    fn equator() -> (Vec<Position>, Setup, Vec<Capacity>) {
+        let positions: Vec<Position> = (0..4).map(|i| Position::new(0.0, f64::from(i))).collect();
+        let free = vec![Capacity::new(2.0, 2048.0, 0.0), Capacity::ZERO, Capacity::new(2.0, 2048.0, 0.0), cap4()];
+        (positions, setup(vec![1, 3], vec![true, false], 4), free)
+    }
+
+    fn cap4() -> Capacity {
+        Capacity::new(4.0, 4096.0, 0.0)
+    }
+
+    fn run(positions: &[Position], s: &Setup, free: &[Capacity], grids: &[CapacityGrid]) -> ExperimentReport {
+        let rtt = |a: usize, b: usize| 1.0 + positions[a].distance_km(&positions[b]) / 100.0;
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let live: Vec<usize> = (0..positions.len()).collect();
+        let mut view =
+            |i: usize| Some(Client { position: positions[0], grids: grids.to_vec(), own_free: *free.get(i)? });
+        evaluate(s, &mut view, &live, positions, &rtt, &mut rng)
+    }
+
     #[test]
     fn grids_steer_closest_away_from_a_saturated_instance() {
-        // Nodes on the equator; instances at 1 (saturated) and 3; the client at 0.
-        let positions: Vec<Position> = (0..4).map(|i| Position::new(0.0, f64::from(i))).collect();
-        let s = setup(vec![1, 3], vec![true, false], 4);
+        let (positions, s, free) = equator();
+        // Fine grids where the saturated host is alone in its cell.
         let truth = CapacityGrid::merge_sized(
             64,
             &[
                 GridInput::Node { position: positions[1], free: Capacity::ZERO },
-                GridInput::Node { position: positions[3], free: Capacity::new(4.0, 4096.0, 0.0) },
+                GridInput::Node { position: positions[3], free: cap4() },
             ],
         );
-        let rtt = |a: usize, b: usize| 1.0 + positions[a].distance_km(&positions[b]) / 100.0;
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let grids = [truth];
-        let mut informed = |_: usize| Some(Client { position: positions[0], grids: grids.to_vec() });
-        let r = evaluate(&s, &mut informed, &[0, 1, 2, 3], &positions, &rtt, &mut rng);
-        assert_eq!(r.closest.queries, 50);
-        assert_eq!(r.closest.oracle_optimal, 1.0);
-        assert_eq!(r.closest.chose_saturated, 0.0);
+        let r = run(&positions, &s, &free, &[truth]);
+        assert_eq!(r.closest_grids_only.queries, 50);
+        assert_eq!(r.closest_grids_only.oracle_optimal, 1.0);
+        assert_eq!(r.closest_grids_only.chose_saturated, 0.0);
+        assert_eq!(r.grids_flag_saturated, 1.0);
 
-        // Without grids the saturated, nearer instance is picked: the score must show it.
-        let mut blind = |_: usize| Some(Client { position: positions[0], grids: Vec::new() });
-        let r = evaluate(&s, &mut blind, &[0, 1, 2, 3], &positions, &rtt, &mut rng);
-        assert_eq!(r.closest.oracle_optimal, 0.0);
-        assert_eq!(r.closest.chose_saturated, 1.0);
-        assert_eq!(r.closest.stretch_distance.p50, Some(1.0), "a nearer (saturated) pick is no stretch");
+        // Without grids, records announcing only the machines' size lead to the saturated, nearer instance.
+        let r = run(&positions, &s, &free, &[]);
+        assert_eq!(r.closest_grids_only.oracle_optimal, 0.0);
+        assert_eq!(r.closest_grids_only.chose_saturated, 1.0);
+        assert_eq!(r.closest_grids_only.stretch_distance.p50, Some(1.0), "a nearer (saturated) pick is no stretch");
+        assert_eq!(r.grids_flag_saturated, 0.0);
+    }
+
+    #[test]
+    fn announced_free_capacity_catches_what_a_shared_cell_hides() {
+        let (positions, s, free) = equator();
+        // A coarse grid: the saturated host shares its cell with node 2, which has room, so the cell looks fine.
+        let coarse = CapacityGrid::merge_sized(
+            1,
+            &positions
+                .iter()
+                .zip(&free)
+                .map(|(&position, &free)| GridInput::Node { position, free })
+                .collect::<Vec<_>>(),
+        );
+        let r = run(&positions, &s, &free, &[coarse]);
+        assert_eq!(r.grids_flag_saturated, 0.0, "the shared cell hides the saturated host");
+        assert_eq!(r.closest_grids_only.chose_saturated, 1.0);
+        assert_eq!(r.closest.oracle_optimal, 1.0, "the records' free capacity shows it");
+        assert_eq!(r.closest.chose_saturated, 0.0);
+        assert_eq!(r.latency.chose_saturated, 0.0);
+
+        // A host that has not announced room yet (still zero) is avoided as well: the scores follow the records.
+        let mut stale = free.clone();
+        stale[3] = Capacity::ZERO;
+        let r = run(&positions, &s, &stale, &[]);
+        assert_eq!(r.closest.queries, 50);
+        assert_eq!(r.closest.chose_saturated, 1.0, "with every record showing no room the policy falls back");
     }
 
     #[test]

@@ -216,14 +216,18 @@ impl Report {
         if let Some(e) = &self.closest_experiment {
             let _ = writeln!(
                 s,
-                "  closest experiment: {} instances ({} saturated), {} slow-access nodes, vivaldi error {:.1}%",
+                "  closest experiment: {} instances ({} saturated), {} slow-access nodes, vivaldi error {:.1}%, \
+                 grids show a saturated instance's region as full {:.1}%",
                 e.instances,
                 e.saturated,
                 e.slow_access_nodes,
-                e.vivaldi_relative_error * 100.0
+                e.vivaldi_relative_error * 100.0,
+                e.grids_flag_saturated * 100.0
             );
             let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-            for (name, p) in [("closest", &e.closest), ("latency", &e.latency)] {
+            for (name, p) in
+                [("closest", &e.closest), ("latency", &e.latency), ("closest, grids only", &e.closest_grids_only)]
+            {
                 let _ = writeln!(
                     s,
                     "    {name:<8} n={} oracle-optimal {:.1}%, saturated {:.1}%, stretch km p50 {} p99 {}, rtt p50 {} p99 {}",
