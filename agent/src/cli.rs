@@ -40,6 +40,8 @@ pub enum Command {
     Peers(crate::control::OutputArgs),
     /// Print the address the local agent's resolver gives a service or instance name (ServiceIP / InstanceIP).
     Resolve(crate::dns::command::ResolveArgs),
+    /// List the services this machine knows (used or hosted): ServiceIPs per policy and instances.
+    Services(crate::control::OutputArgs),
     /// Leave the overlay gracefully (a coordinator hands its role over first) and stop the agent.
     Leave,
     /// Run the data plane alone with a static route table (no control plane); serves the local API.
@@ -64,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Tree(args) => crate::control::tree(global, args),
         Command::Peers(args) => crate::control::peers(global, args),
         Command::Resolve(args) => crate::dns::command::resolve(global, args),
+        Command::Services(args) => crate::tree_routes::command::services(global, args),
         Command::Leave => crate::control::leave(global),
         Command::Dataplane(args) => crate::dataplane::commands::dataplane(global, args),
         Command::Run(args) => crate::dataplane::commands::run(global, args),

@@ -13,7 +13,9 @@ use crate::runtime::behaviour::{SwarmOptions, build_swarm};
 use crate::runtime::driver::{Driver, DriverConfig, Mode};
 use crate::runtime::metrics::{self, Metrics};
 use crate::runtime::{self, Handle};
+use crate::tree_routes::TreeRoutesConfig;
 use anyhow::{Context, anyhow, bail};
+use canopy_overlay::routes::ServiceDomain;
 use canopy_overlay::{Capacity, Position};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
@@ -257,6 +259,16 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     let swarm = build_swarm(keypair, SwarmOptions { mdns: settings.mdns, request_timeout: Duration::from_secs(10) })?;
     let metrics = Arc::new(Metrics::default());
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(64);
+    // Routes come from the tree unless a static table was given (`--subnet`) or the data plane is off.
+    let tree_mode = settings.dataplane && settings.subnet.is_none();
+    let (route_events, tree_inbox) = match tree_mode {
+        true => {
+            let (sink, pending) = crate::tree_routes::channel();
+            (Some(sink), Some(pending))
+        }
+        false => (None, None),
+    };
+    let capacity = measure_capacity();
     let driver = Driver::new(
         swarm,
         DriverConfig {
@@ -264,11 +276,12 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
             listen: settings.listen.clone(),
             mode: mode.clone(),
             position: settings.position,
-            capacity: measure_capacity(),
+            capacity,
             overlay: canopy_overlay::Config::default(),
             bootstrap_attempts: settings.bootstrap_attempts,
             state: StateStore::new(data_dir),
             metrics: metrics.clone(),
+            route_events,
         },
         requests_rx,
     )
@@ -287,9 +300,28 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     let dataplane = start_dataplane(&settings, &local.to_string()).await?;
 
     let handle = Handle::new(requests_tx);
-    let mut router = runtime::api::router(handle);
+    let mut router = runtime::api::router(handle.clone());
     let mut services_task = None;
     let mut resolver = None;
+    let mut tree_routes = None;
+    if let Some(pending) = tree_inbox {
+        let domain: ServiceDomain = crate::dns::DEFAULT_DOMAIN.parse().context("the default DNS domain")?;
+        let config = TreeRoutesConfig {
+            me: runtime::node_id(&local),
+            tunnel_endpoints: crate::tree_routes::tunnel_endpoints(driver.listen_addrs(), settings.tunnel_port),
+            tunnel_port: settings.tunnel_port,
+            position: settings.position,
+            capacity,
+            tunnel_key: Some(crate::tree_routes::tunnel_key(&network_key.to_hex())),
+            machine_prefix: canopy_overlay::routing::RoutingConfig::default().machine_prefix,
+            domain: domain.clone(),
+            state: StateStore::new(data_dir),
+        };
+        tracing::info!("routes come from the tree: the data plane starts when the parent grants a subnet");
+        let routes = pending.spawn(config, handle.clone());
+        router = router.merge(routes.router(domain));
+        tree_routes = Some(routes);
+    }
     if let Some(dataplane) = &dataplane {
         router = router.merge(dataplane.router());
         services_task = Some(tokio::spawn(keep_services(dataplane.clone(), StateStore::new(data_dir))));
@@ -318,6 +350,9 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     if let Some(resolver) = resolver {
         resolver.shutdown().await;
     }
+    if let Some(routes) = tree_routes {
+        routes.shutdown().await;
+    }
     if let Some(dataplane) = dataplane
         && let Err(err) = dataplane.shutdown().await
     {
@@ -339,6 +374,7 @@ async fn start_dataplane(settings: &Settings, node_name: &str) -> anyhow::Result
     };
     let mut config = DataPlaneConfig::new(node_name, subnet);
     config.listen = SocketAddr::from(([0, 0, 0, 0], settings.tunnel_port));
+    config.netns_prefix = netns_prefix(node_name);
     let dataplane =
         DataPlane::start(config).await.context("starting the data plane (it needs root or CAP_NET_ADMIN)")?;
     if let Some(table) = table
@@ -351,8 +387,21 @@ async fn start_dataplane(settings: &Settings, node_name: &str) -> anyhow::Result
     Ok(Some(dataplane))
 }
 
+/// Start of the names of the service namespaces this agent creates: `CANOPY_NETNS_PREFIX` (the testbeds set it),
+/// else `cnp-` and a short tag of this agent's peer id, so agents sharing a host never take each other's namespaces
+/// for leftovers.
+pub(crate) fn netns_prefix(node_name: &str) -> String {
+    match std::env::var("CANOPY_NETNS_PREFIX") {
+        Ok(prefix) if !prefix.is_empty() && !prefix.contains('/') => prefix,
+        _ => {
+            let tag = blake3::hash(node_name.as_bytes()).to_hex();
+            format!("{}-{}-", crate::dataplane::DEFAULT_PREFIX, &tag[..6])
+        }
+    }
+}
+
 /// What the state file keeps of an attached service: enough to attach it again.
-fn saved_services(attachments: &[Attachment]) -> Vec<serde_json::Value> {
+pub(crate) fn saved_services(attachments: &[Attachment]) -> Vec<serde_json::Value> {
     attachments
         .iter()
         .filter_map(|a| {
@@ -369,7 +418,7 @@ fn saved_services(attachments: &[Attachment]) -> Vec<serde_json::Value> {
 }
 
 /// The saved services that can still be attached: their process or namespace still exists.
-fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
+pub(crate) fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
     let process_alive = |pid: u64| Path::new(&format!("/proc/{pid}")).exists();
     let netns_exists = |name: &str| Path::new("/run/netns").join(name).exists();
     saved

@@ -10,6 +10,7 @@ mod logging;
 mod netns;
 mod persist;
 mod runtime;
+mod tree_routes;
 
 fn main() -> std::process::ExitCode {
     cli::main()

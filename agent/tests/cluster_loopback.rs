@@ -52,7 +52,8 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(args)
-            .args(["--no-mdns"])
+            // Several agents share this host's network namespace: only one could own the data plane's devices.
+            .args(["--no-mdns", "--no-dataplane"])
             .args(LISTEN)
             .env("RUST_LOG", "info,libp2p=warn")
             .stdin(Stdio::null())
@@ -296,7 +297,7 @@ fn wrong_network_key_is_refused() {
     let out = Command::new(AGENT)
         .arg("--data-dir")
         .arg(cluster.base.join("intruder"))
-        .args(["join", &via, "--network-key-file", wrong.to_str().unwrap(), "--no-mdns"])
+        .args(["join", &via, "--network-key-file", wrong.to_str().unwrap(), "--no-mdns", "--no-dataplane"])
         .args(LISTEN)
         .env("RUST_LOG", "error")
         .output()

@@ -46,6 +46,7 @@ impl DataplaneArgs {
         config.listen = self.listen;
         config.underlay_mtu = self.underlay_mtu;
         config.prefix = self.prefix.clone();
+        config.netns_prefix = format!("{}-", self.prefix);
         config.service_range = self.service_range;
         config
     }
@@ -112,6 +113,14 @@ pub fn dataplane(global: &GlobalArgs, args: &DataplaneArgs) -> anyhow::Result<()
         {
             let _ = dataplane.shutdown().await;
             return Err(err.context("installing the route table"));
+        }
+        // No control plane here to act on notices (table queries etc.): they are logged.
+        if let Some(mut notices) = dataplane.take_notices() {
+            tokio::spawn(async move {
+                while let Some(notice) = notices.recv().await {
+                    tracing::info!(?notice, "data-plane notice");
+                }
+            });
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut interrupt = signal(SignalKind::interrupt())?;

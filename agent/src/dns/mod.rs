@@ -45,7 +45,7 @@ mod upstream;
 #[cfg(test)]
 mod tests;
 
-pub use api::{DnsStatus, Resolved};
+pub use api::{DnsStatus, Resolved, resolve_router};
 pub use counters::{DnsCounters, DnsStats};
 pub use lookup::{LookupError, ServiceLookup, StaticLookup};
 pub use route_table::serve_for;

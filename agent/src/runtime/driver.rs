@@ -63,6 +63,8 @@ pub struct DriverConfig {
     pub bootstrap_attempts: u32,
     pub state: StateStore,
     pub metrics: Arc<Metrics>,
+    /// Where the overlay's route events go (the tree-routes task); `None`: control plane only.
+    pub route_events: Option<crate::tree_routes::EventSink>,
 }
 
 /// A place to bootstrap through.
@@ -121,6 +123,7 @@ pub struct Driver {
     listen_addrs: Vec<Multiaddr>,
     info: NodeInfo,
     to_disconnect: Vec<(Instant, PeerId)>,
+    route_events: Option<crate::tree_routes::EventSink>,
 }
 
 impl Driver {
@@ -206,6 +209,7 @@ impl Driver {
             listen_addrs,
             info,
             to_disconnect: Vec::new(),
+            route_events: config.route_events,
         };
         if matches!(driver.phase, Phase::Member) {
             tracing::info!("starting a new overlay as its root");
@@ -361,6 +365,13 @@ impl Driver {
     }
 
     fn on_overlay_event(&mut self, event: Event) {
+        if let Event::Route(route_event) = event {
+            tracing::debug!(event = ?route_event, "route event");
+            if let Some(sink) = &self.route_events {
+                sink.send(route_event);
+            }
+            return;
+        }
         match &event {
             Event::RoleChanged { role, term } => {
                 tracing::info!(role = ?role, term, "role changed");
@@ -804,6 +815,10 @@ impl Driver {
                 let children: Vec<String> = status.children.iter().map(node_name).collect();
                 let _ = reply.send(TreeReport::from_path(me, note, &ancestors, &children));
             }
+            Request::Route(command) => {
+                let now = self.now();
+                self.node.handle(now, Input::Command(Command::Route(command)));
+            }
             Request::Leave(reply) => {
                 tracing::info!("leaving the overlay");
                 let now = self.now();
@@ -832,8 +847,7 @@ impl Driver {
             children: status.children.iter().map(node_name).collect(),
             ancestors: status.ancestors.iter().map(node_name).collect(),
             addresses: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
-            // Machine subnets come with the routes issue; the group's block is already carried by the tree.
-            subnet: None,
+            subnet: self.node.routing().machine_subnets().first().map(|s| s.to_string()),
             address_block: status.address_block.map(|b| b.to_string()),
             subtree_size: status.subtree.size,
             subtree_height: status.subtree.height,

@@ -25,6 +25,8 @@ pub enum Request {
     Tree(oneshot::Sender<TreeReport>),
     /// Leave the overlay gracefully, then stop the agent.
     Leave(oneshot::Sender<()>),
+    /// A routes command for the overlay (from the tree-routes task); its answers come back as route events.
+    Route(canopy_overlay::routing::RouteCommand),
 }
 
 /// A cloneable way to talk to the swarm task.
@@ -58,6 +60,10 @@ impl Handle {
 
     pub async fn leave(&self) -> anyhow::Result<()> {
         self.ask(Request::Leave).await
+    }
+
+    pub async fn route(&self, command: canopy_overlay::routing::RouteCommand) -> anyhow::Result<()> {
+        self.requests.send(Request::Route(command)).await.map_err(|_| anyhow!("the agent is shutting down"))
     }
 }
 

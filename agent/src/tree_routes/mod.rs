@@ -1,0 +1,823 @@
+//! Routes from the tree: the agent's link between the overlay's routes protocol and the data plane.
+//!
+//! One task owns what this machine knows of services ([`table::Known`]), the data plane and the resolver:
+//! - the machine subnet granted by the parent starts the data plane (bridge, TUN, tunnel) and the DNS resolver on
+//!   its gateway; a renumbered subnet restarts them;
+//! - `agent run` / `agent attach` deploy the service (the root allocates its ServiceIPs and InstanceIPs), give the
+//!   instance a namespace IP in the machine subnet, attach it and register its record with the tree; detach, or the
+//!   instance's process exiting, unregisters it;
+//! - a name the resolver does not know, or a packet to an unknown overlay address, becomes a table query up the
+//!   tree; answers and pushed changes rebuild the data plane's route table;
+//! - routes in use are kept alive (`RouteUsed`); a machine's "route not found" makes the tree query again.
+//!
+//! The driver forwards the overlay's `RouteEvent`s through an [`EventSink`]; this task sends `RouteCommand`s through
+//! the runtime [`Handle`].
+
+pub mod api;
+pub mod command;
+mod lookup;
+pub mod table;
+
+use crate::dataplane::routes::RouteTable;
+use crate::dataplane::{AttachRequest, Attachment, DataPlane, DataPlaneConfig, Notice};
+use crate::dns::{self, DnsConfig, RunningResolver};
+use crate::persist::StateStore;
+use crate::runtime::{Handle, node_name};
+use anyhow::{anyhow, bail};
+use canopy_overlay::routes::{AddressRequest, InstanceRecord, QueryKey, ServiceAddresses, ServiceDomain, ServiceName};
+use canopy_overlay::routing::{RouteCommand, RouteEvent};
+use canopy_overlay::{Capacity, NodeId, Position};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use table::{Known, Machine, ServiceRoutes, Skipped};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// How long a deployment may take (a round trip to the root, which may be failing over).
+const DEPLOY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Waiters for a table query or deployment are dropped after this (the resolver gives up sooner).
+const WAITER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often routes in use are renewed with the tree (well inside the overlay's interest lifetime).
+const RENEW_INTERVAL: Duration = Duration::from_secs(20);
+/// A route counts as in use this long after its last lookup or new connection.
+const USE_WINDOW: Duration = Duration::from_secs(60);
+/// Routes nobody used for this long leave the table (their connections were idle that long too).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+const TICK: Duration = Duration::from_secs(1);
+/// Re-attaching the instances of the previous run: attempts, and the pause between them.
+const RESTORE_ATTEMPTS: u32 = 10;
+const RESTORE_PAUSE: Duration = Duration::from_secs(3);
+
+pub struct TreeRoutesConfig {
+    pub me: NodeId,
+    /// Where this machine's tunnel can be reached, best first.
+    pub tunnel_endpoints: Vec<SocketAddr>,
+    pub tunnel_port: u16,
+    pub position: Position,
+    pub capacity: Capacity,
+    /// Hex key for the data plane's sealed tunnels (derived from the network key: every member has it).
+    pub tunnel_key: Option<String>,
+    pub machine_prefix: u8,
+    pub domain: ServiceDomain,
+    pub state: StateStore,
+}
+
+/// What the task is asked or told.
+enum Inbox {
+    Event(RouteEvent),
+    Notice(Notice),
+    Deploy { name: ServiceName, instance: u32, reply: oneshot::Sender<Result<(ServiceAddresses, Ipv4Addr), String>> },
+    Attach { request: AttachRequest, addresses: ServiceAddresses, instance_ip: Ipv4Addr, reply: Reply<Attachment> },
+    Detach { service: ServiceName, number: u32, reply: Reply<Attachment> },
+    Lookup { key: QueryKey, reply: oneshot::Sender<Option<ServiceRoutes>> },
+    Services(oneshot::Sender<Vec<ServiceReport>>),
+    Instances(oneshot::Sender<Vec<Attachment>>),
+    Table(oneshot::Sender<Option<TableReport>>),
+    DataPlane(oneshot::Sender<Option<DataPlane>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
+
+/// The driver's way to hand the overlay's route events to this task.
+#[derive(Clone)]
+pub struct EventSink(mpsc::UnboundedSender<Inbox>);
+
+impl EventSink {
+    pub fn send(&self, event: RouteEvent) {
+        let _ = self.0.send(Inbox::Event(event));
+    }
+}
+
+/// A cloneable handle to the task.
+#[derive(Clone)]
+pub struct TreeRoutes {
+    inbox: mpsc::UnboundedSender<Inbox>,
+}
+
+/// A service as `agent services` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceReport {
+    pub name: String,
+    /// ServiceIP per policy name.
+    pub service_ips: BTreeMap<String, Ipv4Addr>,
+    pub instances: Vec<InstanceReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    pub number: u32,
+    pub instance_ip: Ipv4Addr,
+    pub namespace_ip: Ipv4Addr,
+    /// Peer id of the hosting machine.
+    pub host: String,
+    /// Hosted on this machine.
+    pub local: bool,
+}
+
+/// The route table in force and what was left out of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableReport {
+    pub table: RouteTable,
+    pub skipped: Skipped,
+}
+
+/// Creates the task's inbox; the sink goes to the driver before the task starts (it needs the driver's listen
+/// addresses).
+pub fn channel() -> (EventSink, Pending) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (EventSink(tx.clone()), Pending { tx, rx })
+}
+
+/// The task's inbox before it runs.
+pub struct Pending {
+    tx: mpsc::UnboundedSender<Inbox>,
+    rx: mpsc::UnboundedReceiver<Inbox>,
+}
+
+impl Pending {
+    /// Starts the task; `runtime` sends route commands to the overlay.
+    pub fn spawn(self, config: TreeRoutesConfig, runtime: Handle) -> TreeRoutes {
+        let handle = TreeRoutes { inbox: self.tx };
+        let saved_services = config.state.load().map(|s| s.services).unwrap_or_default();
+        let task = Task {
+            config,
+            runtime,
+            me: handle.clone(),
+            known: Known::default(),
+            subnet: None,
+            dataplane: None,
+            resolver: None,
+            deploys: HashMap::new(),
+            queries: HashMap::new(),
+            last_used: HashMap::new(),
+            dirty: false,
+            installed: None,
+            skipped: Skipped::default(),
+            saved_services,
+            next_renew: Instant::now() + RENEW_INTERVAL,
+        };
+        tokio::spawn(task.run(self.rx));
+        handle
+    }
+}
+
+impl TreeRoutes {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Inbox) -> anyhow::Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox.send(make(reply)).map_err(|_| anyhow!("the agent is shutting down"))?;
+        answer.await.map_err(|_| anyhow!("the agent is shutting down"))
+    }
+
+    /// Attaches an instance: deploys its service with the tree (the root allocates the addresses), then gives it a
+    /// namespace IP, attaches it and registers it.
+    pub async fn attach(&self, mut request: AttachRequest) -> anyhow::Result<Attachment> {
+        let name: ServiceName = request
+            .service
+            .parse()
+            .map_err(|e| anyhow!("{:?} is not a service name (APP.APPNS.SVC.SVCNS): {e}", request.service))?;
+        request.service = name.to_string();
+        let instance = request.instance;
+        let deployed = self.ask(|reply| Inbox::Deploy { name: name.clone(), instance, reply });
+        let (addresses, instance_ip) = tokio::time::timeout(DEPLOY_TIMEOUT, deployed)
+            .await
+            .map_err(|_| {
+                anyhow!("deploying {name} timed out after {DEPLOY_TIMEOUT:?}: the tree's root did not answer")
+            })??
+            .map_err(|reason| anyhow!("deploying {name}: {reason}"))?;
+        self.ask(|reply| Inbox::Attach { request, addresses, instance_ip, reply }).await?
+    }
+
+    pub async fn detach(&self, service: &str, number: u32) -> anyhow::Result<Attachment> {
+        let service: ServiceName =
+            service.parse().map_err(|e| anyhow!("{service:?} is not a service name (APP.APPNS.SVC.SVCNS): {e}"))?;
+        self.ask(|reply| Inbox::Detach { service, number, reply }).await?
+    }
+
+    /// What the tree says about a service (by name, ServiceIP or InstanceIP): from what this machine knows, or from
+    /// a table query up the tree. `None`: the tree does not know it.
+    pub async fn lookup(&self, key: QueryKey) -> anyhow::Result<Option<ServiceRoutes>> {
+        self.ask(|reply| Inbox::Lookup { key, reply }).await
+    }
+
+    pub async fn services(&self) -> anyhow::Result<Vec<ServiceReport>> {
+        self.ask(Inbox::Services).await
+    }
+
+    pub async fn instances(&self) -> anyhow::Result<Vec<Attachment>> {
+        self.ask(Inbox::Instances).await
+    }
+
+    pub async fn table(&self) -> anyhow::Result<Option<TableReport>> {
+        self.ask(Inbox::Table).await
+    }
+
+    /// The data plane, once the machine has a subnet and it started.
+    pub async fn dataplane(&self) -> anyhow::Result<Option<DataPlane>> {
+        self.ask(Inbox::DataPlane).await
+    }
+
+    /// Stops the resolver and the data plane (removing everything it installed).
+    pub async fn shutdown(&self) {
+        let _ = self.ask(Inbox::Shutdown).await;
+    }
+}
+
+struct Task {
+    config: TreeRoutesConfig,
+    runtime: Handle,
+    me: TreeRoutes,
+    known: Known,
+    subnet: Option<Ipv4Net>,
+    dataplane: Option<DataPlane>,
+    resolver: Option<RunningResolver>,
+    deploys: HashMap<ServiceName, Vec<DeployWaiter>>,
+    queries: HashMap<QueryKey, Vec<QueryWaiter>>,
+    last_used: HashMap<ServiceName, Instant>,
+    dirty: bool,
+    installed: Option<RouteTable>,
+    skipped: Skipped,
+    saved_services: Vec<serde_json::Value>,
+    next_renew: Instant,
+}
+
+/// A lookup waiting for the tree's answer, and since when.
+type QueryWaiter = (Instant, oneshot::Sender<Option<ServiceRoutes>>);
+
+struct DeployWaiter {
+    since: Instant,
+    instance: u32,
+    reply: oneshot::Sender<Result<(ServiceAddresses, Ipv4Addr), String>>,
+}
+
+impl Task {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Inbox>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = inbox.recv() => {
+                    let Some(message) = message else { break };
+                    if self.on_message(message).await.is_break() {
+                        return;
+                    }
+                    // Take everything already queued before rebuilding the table once.
+                    while let Ok(message) = inbox.try_recv() {
+                        if self.on_message(message).await.is_break() {
+                            return;
+                        }
+                    }
+                }
+                _ = tick.tick() => self.on_tick().await,
+            }
+            if self.dirty {
+                self.install_table().await;
+            }
+        }
+        self.stop_dataplane().await;
+    }
+
+    async fn on_message(&mut self, message: Inbox) -> std::ops::ControlFlow<()> {
+        match message {
+            Inbox::Event(event) => self.on_event(event).await,
+            Inbox::Notice(notice) => self.on_notice(notice).await,
+            Inbox::Deploy { name, instance, reply } => {
+                self.deploys.entry(name.clone()).or_default().push(DeployWaiter {
+                    since: Instant::now(),
+                    instance,
+                    reply,
+                });
+                self.command(RouteCommand::DeployService {
+                    name,
+                    request: AddressRequest::default(),
+                    instances: instance + 1,
+                })
+                .await;
+            }
+            Inbox::Attach { request, addresses, instance_ip, reply } => {
+                let result = self.attach(request, addresses, instance_ip).await;
+                let _ = reply.send(result);
+            }
+            Inbox::Detach { service, number, reply } => {
+                let result = self.detach(&service, number).await;
+                let _ = reply.send(result);
+            }
+            Inbox::Lookup { key, reply } => self.lookup(key, reply).await,
+            Inbox::Services(reply) => {
+                let _ = reply.send(self.service_reports());
+            }
+            Inbox::Instances(reply) => {
+                let attachments = match &self.dataplane {
+                    Some(dataplane) => dataplane.attachments().await,
+                    None => Vec::new(),
+                };
+                let _ = reply.send(attachments);
+            }
+            Inbox::Table(reply) => {
+                let report = self.installed.clone().map(|table| TableReport { table, skipped: self.skipped.clone() });
+                let _ = reply.send(report);
+            }
+            Inbox::DataPlane(reply) => {
+                let _ = reply.send(self.dataplane.clone());
+            }
+            Inbox::Shutdown(reply) => {
+                self.stop_dataplane().await;
+                let _ = reply.send(());
+                return std::ops::ControlFlow::Break(());
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    async fn command(&self, command: RouteCommand) {
+        if let Err(err) = self.runtime.route(command).await {
+            tracing::debug!("route command not delivered: {err:#}");
+        }
+    }
+
+    // ---- events from the tree ----
+
+    async fn on_event(&mut self, event: RouteEvent) {
+        match event {
+            RouteEvent::SubnetGranted { block } => {
+                if self.subnet.is_none() {
+                    tracing::info!(subnet = %block, "the tree granted this machine's subnet");
+                    self.start_dataplane(block).await;
+                } else {
+                    tracing::info!(subnet = %block, "an extra subnet was granted; the data plane uses one for now");
+                }
+            }
+            RouteEvent::SubnetChanged { old, new } if self.subnet == Some(old) => {
+                tracing::warn!(%old, %new, "this machine's subnet was renumbered; restarting the data plane");
+                let reattach = self.stop_dataplane().await;
+                self.start_dataplane(new).await;
+                self.restore_later(reattach);
+            }
+            RouteEvent::SubnetRevoked { block } if self.subnet == Some(block) => {
+                tracing::error!(subnet = %block, "the tree revoked this machine's subnet; instances here are detached");
+                self.stop_dataplane().await;
+                self.command(RouteCommand::RequestSubnet).await;
+            }
+            RouteEvent::SubnetChanged { .. } | RouteEvent::SubnetRevoked { .. } => {}
+            RouteEvent::ServiceDeployed { addresses, instance_ips } => {
+                self.dirty |= self.known.set_addresses(addresses.clone());
+                for waiter in self.deploys.remove(&addresses.name).unwrap_or_default() {
+                    let result = instance_ips
+                        .iter()
+                        .find(|(number, _)| *number == waiter.instance)
+                        .map(|&(_, ip)| (addresses.clone(), ip))
+                        .ok_or_else(|| format!("the root gave no InstanceIP for instance {}", waiter.instance));
+                    let _ = waiter.reply.send(result);
+                }
+            }
+            RouteEvent::DeployFailed { name, reason } => {
+                for waiter in self.deploys.remove(&name).unwrap_or_default() {
+                    let _ = waiter.reply.send(Err(reason.clone()));
+                }
+            }
+            RouteEvent::AllocationFailed { reason } => tracing::warn!("the tree refused an allocation: {reason}"),
+            RouteEvent::RouteAnswer { key, answer } => {
+                let service = answer.service.clone();
+                self.dirty |= self.known.apply_answer(answer);
+                self.last_used.entry(service.clone()).or_insert_with(Instant::now);
+                let routes = self.known.service(&service).cloned();
+                for k in [key, QueryKey::Name(service)] {
+                    for (_, reply) in self.queries.remove(&k).unwrap_or_default() {
+                        let _ = reply.send(routes.clone());
+                    }
+                }
+            }
+            RouteEvent::RouteNotFound { key } => {
+                for (_, reply) in self.queries.remove(&key).unwrap_or_default() {
+                    let _ = reply.send(None);
+                }
+            }
+            RouteEvent::RouteChanged { change } => {
+                self.dirty |= self.known.apply_change(change);
+            }
+        }
+    }
+
+    // ---- what the data plane noticed ----
+
+    async fn on_notice(&mut self, notice: Notice) {
+        match notice {
+            Notice::UnknownAddress(address) => {
+                tracing::debug!(%address, "packet to an unknown overlay address; asking the tree");
+                self.command(RouteCommand::QueryRoute(QueryKey::Address(address))).await;
+            }
+            Notice::InstanceUnreachable { service, instance } => {
+                let Ok(name) = service.parse::<ServiceName>() else { return };
+                self.dirty |= self.known.forget_instance(&name, instance);
+                self.command(RouteCommand::InstanceUnreachable { service: name, number: instance }).await;
+            }
+            Notice::ServiceUsed(service) => {
+                if let Ok(name) = service.parse::<ServiceName>() {
+                    self.last_used.insert(name, Instant::now());
+                }
+            }
+        }
+    }
+
+    // ---- lookups ----
+
+    async fn lookup(&mut self, key: QueryKey, reply: oneshot::Sender<Option<ServiceRoutes>>) {
+        let known = match &key {
+            QueryKey::Name(name) => Some(name.clone()),
+            QueryKey::Address(ip) => self.known.service_of(*ip).cloned(),
+        };
+        if let Some(name) = known
+            && let Some(routes) = self.known.service(&name).filter(|r| r.addresses.is_some())
+        {
+            self.last_used.insert(name, Instant::now());
+            let _ = reply.send(Some(routes.clone()));
+            return;
+        }
+        let waiters = self.queries.entry(key.clone()).or_default();
+        let first = waiters.is_empty();
+        waiters.push((Instant::now(), reply));
+        if first {
+            self.command(RouteCommand::QueryRoute(key)).await;
+        }
+    }
+
+    fn service_reports(&self) -> Vec<ServiceReport> {
+        self.known
+            .services()
+            .map(|(name, routes)| ServiceReport {
+                name: name.to_string(),
+                service_ips: routes
+                    .addresses
+                    .iter()
+                    .flat_map(|a| a.service_ips.iter().map(|(p, ip)| (p.as_str().to_string(), *ip)))
+                    .collect(),
+                instances: routes
+                    .instances
+                    .values()
+                    .map(|r| InstanceReport {
+                        number: r.number,
+                        instance_ip: r.instance_ip,
+                        namespace_ip: r.namespace_ip,
+                        host: node_name(&r.host),
+                        local: r.host == self.config.me,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    // ---- instances here ----
+
+    async fn attach(
+        &mut self,
+        request: AttachRequest,
+        addresses: ServiceAddresses,
+        instance_ip: Ipv4Addr,
+    ) -> anyhow::Result<Attachment> {
+        let (Some(dataplane), Some(subnet)) = (self.dataplane.clone(), self.subnet) else {
+            bail!(
+                "this machine has no data plane yet: it starts when the parent grants a subnet (`agent status` shows \
+                 it) and needs root"
+            );
+        };
+        let name: ServiceName = request.service.parse().map_err(|e| anyhow!("{e}"))?;
+        if self.known.is_hosted(&name, request.instance) {
+            bail!("instance {} of {} is already attached", request.instance, request.service);
+        }
+        let namespace_ip = self.free_namespace_ip(subnet)?;
+        let record = InstanceRecord {
+            service: name.clone(),
+            number: request.instance,
+            instance_ip,
+            namespace_ip,
+            host: self.config.me,
+            tunnel: self.config.tunnel_endpoints.clone(),
+            position: self.config.position,
+            free: self.config.capacity,
+            version: record_version(),
+        };
+        self.known.host(addresses, record.clone());
+        self.install_table().await;
+        match dataplane.attach(request).await {
+            Ok(attachment) => {
+                self.last_used.insert(name, Instant::now());
+                self.command(RouteCommand::RegisterInstance(record)).await;
+                Ok(attachment)
+            }
+            Err(err) => {
+                self.known.unhost(&name, record.number);
+                self.dirty = true;
+                Err(err)
+            }
+        }
+    }
+
+    /// The lowest address of the subnet that is neither the network, the gateway (`.1`), the broadcast, nor taken.
+    fn free_namespace_ip(&self, subnet: Ipv4Net) -> anyhow::Result<Ipv4Addr> {
+        let taken: Vec<Ipv4Addr> = self
+            .known
+            .hosted()
+            .filter_map(|(service, number)| self.known.service(service)?.instances.get(number))
+            .map(|r| r.namespace_ip)
+            .collect();
+        let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        subnet
+            .hosts()
+            .find(|ip| *ip != gateway && !taken.contains(ip))
+            .ok_or_else(|| anyhow!("this machine's subnet {subnet} is full ({} instances)", taken.len()))
+    }
+
+    async fn detach(&mut self, service: &ServiceName, number: u32) -> anyhow::Result<Attachment> {
+        let Some(dataplane) = self.dataplane.clone() else {
+            bail!("instance {number} of {service} is not attached (this machine has no data plane)");
+        };
+        let attachment = dataplane.detach(&service.to_string(), number).await?;
+        self.unhost(service, number).await;
+        Ok(attachment)
+    }
+
+    async fn unhost(&mut self, service: &ServiceName, number: u32) {
+        if let Some(record) = self.known.unhost(service, number) {
+            self.dirty = true;
+            let command =
+                RouteCommand::UnregisterInstance { service: service.clone(), number, version: record.version };
+            self.command(command).await;
+        }
+    }
+
+    // ---- the data plane ----
+
+    async fn start_dataplane(&mut self, subnet: Ipv4Net) {
+        self.subnet = Some(subnet);
+        self.save_grants();
+        let mut config = DataPlaneConfig::new(node_name(&self.config.me), subnet);
+        config.listen = SocketAddr::from(([0, 0, 0, 0], self.config.tunnel_port));
+        config.netns_prefix = crate::daemon::netns_prefix(&config.node_name);
+        let dataplane = match DataPlane::start(config).await {
+            Ok(dataplane) => dataplane,
+            Err(err) => {
+                tracing::error!(
+                    "the data plane did not start ({err:#}); this machine stays in the tree but cannot host or reach \
+                     services (it needs root or CAP_NET_ADMIN)"
+                );
+                return;
+            }
+        };
+        if let Some(mut notices) = dataplane.take_notices() {
+            let inbox = self.me.inbox.clone();
+            tokio::spawn(async move {
+                while let Some(notice) = notices.recv().await {
+                    if inbox.send(Inbox::Notice(notice)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        let lookup = Arc::new(lookup::TreeLookup::new(self.me.clone()));
+        match DnsConfig::with_system_upstreams((gateway, dns::DNS_PORT).into(), self.config.domain.clone()) {
+            Ok(config) => match dns::spawn(config, lookup).await {
+                Ok(resolver) => {
+                    tracing::info!(listen = %resolver.local_addr(), "DNS resolver running");
+                    self.resolver = Some(resolver);
+                }
+                Err(err) => tracing::warn!("no DNS resolver for the instances: {err:#}"),
+            },
+            Err(err) => tracing::warn!("no DNS resolver for the instances: {err:#}"),
+        }
+        self.dataplane = Some(dataplane);
+        self.installed = None;
+        self.dirty = true;
+        self.install_table().await;
+        tracing::info!(%subnet, tunnel_port = self.config.tunnel_port, "data plane running");
+        let saved = std::mem::take(&mut self.saved_services);
+        self.restore_later(crate::daemon::restorable(&saved));
+    }
+
+    /// Stops the resolver and the data plane; returns what was attached (to attach again after a renumbering).
+    async fn stop_dataplane(&mut self) -> Vec<AttachRequest> {
+        if let Some(resolver) = self.resolver.take() {
+            resolver.shutdown().await;
+        }
+        let Some(dataplane) = self.dataplane.take() else { return Vec::new() };
+        let attachments = dataplane.attachments().await;
+        let hosted: Vec<(ServiceName, u32)> = self.known.hosted().cloned().collect();
+        for (service, number) in hosted {
+            self.unhost(&service, number).await;
+        }
+        if let Err(err) = dataplane.shutdown().await {
+            tracing::warn!("stopping the data plane: {err:#}");
+        }
+        self.installed = None;
+        crate::daemon::restorable(&crate::daemon::saved_services(&attachments))
+    }
+
+    /// Attaches instances again in the background (their deployments need the tree, which may still be forming).
+    fn restore_later(&self, requests: Vec<AttachRequest>) {
+        for request in requests {
+            let routes = self.me.clone();
+            tokio::spawn(async move {
+                let label = format!("{} instance {}", request.service, request.instance);
+                for attempt in 1..=RESTORE_ATTEMPTS {
+                    match routes.attach(request.clone()).await {
+                        Ok(_) => {
+                            tracing::info!("re-attached {label}");
+                            return;
+                        }
+                        Err(err) if attempt == RESTORE_ATTEMPTS => {
+                            tracing::warn!("cannot re-attach {label}: {err:#}")
+                        }
+                        Err(err) => {
+                            tracing::debug!("re-attaching {label} (attempt {attempt}): {err:#}");
+                            tokio::time::sleep(RESTORE_PAUSE).await;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    async fn install_table(&mut self) {
+        self.dirty = false;
+        let (Some(dataplane), Some(subnet)) = (&self.dataplane, self.subnet) else { return };
+        let Some(&endpoint) = self.config.tunnel_endpoints.first() else { return };
+        let machine = Machine {
+            id: self.config.me,
+            subnet,
+            endpoint,
+            position: self.config.position,
+            tunnel_key: self.config.tunnel_key.clone(),
+        };
+        let (table, skipped) = self.known.route_table(&machine, self.config.machine_prefix);
+        if skipped != self.skipped && skipped != Skipped::default() {
+            tracing::warn!(?skipped, "route table entries left out (conflicting or incomplete records)");
+        }
+        self.skipped = skipped;
+        if self.installed.as_ref() == Some(&table) {
+            return;
+        }
+        match dataplane.set_routes(table.clone()).await {
+            Ok(()) => {
+                tracing::debug!(services = table.services.len(), machines = table.nodes.len(), "route table installed");
+                self.installed = Some(table);
+            }
+            Err(err) => tracing::error!("the data plane refused the route table: {err:#}"),
+        }
+    }
+
+    // ---- housekeeping ----
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        for waiters in self.queries.values_mut() {
+            waiters.retain(|(since, _)| now.duration_since(*since) < WAITER_TIMEOUT);
+        }
+        self.queries.retain(|_, waiters| !waiters.is_empty());
+        for waiters in self.deploys.values_mut() {
+            waiters.retain(|w| now.duration_since(w.since) < WAITER_TIMEOUT + DEPLOY_TIMEOUT);
+        }
+        self.deploys.retain(|_, waiters| !waiters.is_empty());
+
+        // Instances whose process or namespace went away were detached by the data plane: unregister them.
+        if let Some(dataplane) = self.dataplane.clone() {
+            let attached: Vec<(String, u32)> =
+                dataplane.attachments().await.into_iter().map(|a| (a.service, a.instance)).collect();
+            let gone: Vec<(ServiceName, u32)> = self
+                .known
+                .hosted()
+                .filter(|(service, number)| !attached.iter().any(|(s, n)| *s == service.to_string() && n == number))
+                .cloned()
+                .collect();
+            for (service, number) in gone {
+                tracing::info!(%service, number, "instance gone; unregistering it from the tree");
+                self.unhost(&service, number).await;
+            }
+            self.save_services(&dataplane.attachments().await);
+        }
+
+        if now >= self.next_renew {
+            self.next_renew = now + RENEW_INTERVAL;
+            let used: Vec<ServiceName> = self
+                .last_used
+                .iter()
+                .filter(|(_, at)| now.duration_since(**at) < USE_WINDOW)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in used {
+                self.command(RouteCommand::RouteUsed(name)).await;
+            }
+        }
+        let stale: Vec<ServiceName> = self
+            .last_used
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) > FORGET_AFTER)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if self.known.forget_service(&name) {
+                tracing::debug!(service = %name, "route unused; dropped from the table");
+                self.dirty = true;
+            }
+            self.last_used.remove(&name);
+        }
+    }
+
+    fn save_grants(&self) {
+        let grants: Vec<serde_json::Value> =
+            self.subnet.iter().map(|s| serde_json::json!({"machine_subnet": s.to_string()})).collect();
+        self.update_state(|state| {
+            let changed = state.grants != grants;
+            state.grants = grants.clone();
+            changed
+        });
+    }
+
+    fn save_services(&self, attachments: &[Attachment]) {
+        let services = crate::daemon::saved_services(attachments);
+        self.update_state(|state| {
+            let changed = state.services != services;
+            state.services = services.clone();
+            changed
+        });
+    }
+
+    fn update_state(&self, change: impl FnOnce(&mut crate::persist::State) -> bool) {
+        match self.config.state.load() {
+            Ok(mut state) => {
+                if change(&mut state)
+                    && let Err(err) = self.config.state.save(&state)
+                {
+                    tracing::warn!("cannot save the state file: {err:#}");
+                }
+            }
+            Err(err) => tracing::warn!("{err:#}"),
+        }
+    }
+}
+
+/// Orders records of the same instance across restarts of this agent: milliseconds of the wall clock.
+fn record_version() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64)
+}
+
+/// The tunnel key every member derives from the network key.
+pub fn tunnel_key(network_key_hex: &str) -> String {
+    let key = blake3::derive_key("canopy 2026 tunnel key v1", network_key_hex.as_bytes());
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// This machine's tunnel endpoints from its libp2p listen addresses: routable IPv4 first, then private ones; the
+/// loopback address only when there is nothing else (agents on one host).
+pub fn tunnel_endpoints(listen: &[libp2p::Multiaddr], port: u16) -> Vec<SocketAddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut ips: Vec<Ipv4Addr> = listen
+        .iter()
+        .filter_map(|a| a.iter().find_map(|p| if let Protocol::Ip4(ip) = p { Some(ip) } else { None }))
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    ips.sort_by_key(|ip| (ip.is_loopback(), ip.is_private() || ip.is_link_local()));
+    ips.dedup();
+    if ips.iter().any(|ip| !ip.is_loopback()) {
+        ips.retain(|ip| !ip.is_loopback());
+    }
+    if ips.is_empty() {
+        ips.push(Ipv4Addr::LOCALHOST);
+    }
+    ips.into_iter().map(|ip| SocketAddr::from((ip, port))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_endpoints_prefer_routable_addresses_and_fall_back_to_loopback() {
+        let addrs: Vec<libp2p::Multiaddr> = [
+            "/ip4/127.0.0.1/udp/4001/quic-v1",
+            "/ip4/10.0.0.5/tcp/4001",
+            "/ip4/198.51.100.7/tcp/4001",
+            "/ip4/10.0.0.5/udp/4001/quic-v1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        assert_eq!(
+            tunnel_endpoints(&addrs, 50103),
+            vec!["198.51.100.7:50103".parse().unwrap(), "10.0.0.5:50103".parse().unwrap()]
+        );
+        let loopback: Vec<libp2p::Multiaddr> = vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()];
+        assert_eq!(tunnel_endpoints(&loopback, 7), vec!["127.0.0.1:7".parse().unwrap()]);
+    }
+
+    #[test]
+    fn every_member_derives_the_same_tunnel_key() {
+        let key = tunnel_key("00ff");
+        assert_eq!(key.len(), 64);
+        assert_eq!(key, tunnel_key("00ff"));
+        assert_ne!(key, tunnel_key("00fe"));
+    }
+}
