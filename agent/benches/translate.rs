@@ -18,6 +18,8 @@ mod flow;
 mod packet;
 #[path = "../src/dataplane/proxy.rs"]
 mod proxy;
+#[path = "../src/dataplane/reply_routes.rs"]
+mod reply_routes;
 #[path = "../src/dataplane/routes.rs"]
 mod routes;
 #[path = "../src/dataplane/tunnel.rs"]
@@ -63,6 +65,9 @@ fn proxy(node: &str) -> Proxy {
         max_mss: 1420,
         flow_capacity: NonZeroUsize::new(65536).unwrap(),
         timeouts: FlowTimeouts::default(),
+        service_range: "10.30.0.0/16".parse().unwrap(),
+        reply_route_capacity: NonZeroUsize::new(16384).unwrap(),
+        reply_route_idle: Duration::from_secs(180),
     };
     let mut proxy = Proxy::new(node.into(), config, Box::new(RoundRobin::default()));
     proxy.set_routes(&table()).unwrap();
@@ -96,7 +101,9 @@ fn bench(c: &mut Criterion) {
     group.bench_function("incoming_reply_reverse_translation", |b| {
         b.iter_batched_ref(
             || reply.clone(),
-            |packet| assert_eq!(client.incoming(black_box(packet), now, &counters), Verdict::Local),
+            |packet| {
+                assert_eq!(client.incoming(black_box(packet), NodeId::from_name("b"), now, &counters), Verdict::Local)
+            },
             BatchSize::SmallInput,
         )
     });

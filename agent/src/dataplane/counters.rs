@@ -56,7 +56,7 @@ counters! {
     drop_no_instance,
     /// Tunnel datagrams that are too short, oversized, of unknown version or type.
     drop_tunnel_malformed,
-    /// Tunnel datagrams from a node id or address not in the route table.
+    /// Unsealed tunnel datagrams from a node id or address not in the route table.
     drop_unknown_sender,
     /// Sealed datagrams that fail authentication, or unsealed ones when tunnels are encrypted (and vice versa).
     drop_unauthenticated,
@@ -71,6 +71,16 @@ counters! {
     flows_expired,
     peers_evicted,
     peers_expired,
+    /// Authentic datagrams from a peer at a new endpoint (it moved, or sits behind a NAT): replies follow it.
+    peers_roamed,
+    /// Client InstanceIPs learned from traffic (the table does not know them) so replies find their way back.
+    reply_routes_learned,
+    reply_routes_evicted,
+    reply_routes_expired,
+    /// Notices sent to the agent (table queries, unreachable instances, services in use).
+    notices_sent,
+    /// Notices dropped because the agent did not keep up (the packet loop never waits).
+    notices_dropped,
     keepalives_sent,
     keepalives_received,
     tun_write_errors,

@@ -5,11 +5,16 @@
 //! are authenticated. The nonce is the counter plus a direction byte, so the two ends of a pair never reuse a
 //! nonce under their shared key. Senders start their counter at the wall clock in nanoseconds, so a restarted
 //! agent continues above the counters its peers have seen.
+//!
+//! Any machine holding the key can talk to any other: a receiver derives the pair key from the header's sender id,
+//! so it accepts authentic datagrams from machines its (lazily filled) route table does not list.
 
 use super::routes::NodeId;
 use super::tunnel::HEADER_LEN;
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
+use lru::LruCache;
+use std::num::NonZeroUsize;
 use std::ops::Range;
 
 pub const COUNTER_LEN: usize = 8;
@@ -78,6 +83,57 @@ pub fn open(
     Some((counter, PAYLOAD_OFFSET..end))
 }
 
+/// The pair ciphers of this machine, derived on demand from the tunnel key and cached (bounded, LRU). A cipher
+/// is cached only once a peer proved it holds the key (or we send to it), so datagrams with made-up sender ids
+/// cost a derivation each but cannot push real peers out.
+pub struct PairCiphers {
+    me: NodeId,
+    master: Option<[u8; 32]>,
+    cache: LruCache<NodeId, ChaCha20Poly1305>,
+}
+
+impl PairCiphers {
+    pub fn new(me: NodeId, capacity: NonZeroUsize) -> Self {
+        Self { me, master: None, cache: LruCache::new(capacity) }
+    }
+
+    /// Whether tunnels are sealed (a tunnel key is set).
+    pub fn sealing(&self) -> bool {
+        self.master.is_some()
+    }
+
+    /// Sets (or clears) the tunnel key; a new key forgets every derived cipher.
+    pub fn set_key(&mut self, master: Option<[u8; 32]>) {
+        if master != self.master {
+            self.cache.clear();
+            self.master = master;
+        }
+    }
+
+    /// Seals `buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + len]` for `peer` (see [`seal`]); `None` without a key.
+    pub fn seal(&mut self, buf: &mut [u8], len: usize, peer: NodeId, counter: u64) -> Option<usize> {
+        let master = self.master.as_ref()?;
+        let cipher = self.cache.get_or_insert(peer, || pair_cipher(master, self.me, peer));
+        Some(seal(cipher, buf, len, self.me, peer, counter))
+    }
+
+    /// Opens a sealed message from `sender` in place (see [`open`]); `None` when it is not authentic.
+    pub fn open(&mut self, message: &mut [u8], sender: NodeId) -> Option<(u64, Range<usize>)> {
+        if let Some(cipher) = self.cache.get(&sender) {
+            return open(cipher, message, sender, self.me);
+        }
+        let cipher = pair_cipher(self.master.as_ref()?, self.me, sender);
+        let opened = open(&cipher, message, sender, self.me)?;
+        self.cache.put(sender, cipher);
+        Some(opened)
+    }
+
+    #[cfg(test)]
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+}
+
 /// Accepts each counter at most once, tolerating reordering within the last 64 counters.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReplayWindow {
@@ -133,6 +189,37 @@ mod tests {
         let other = pair_cipher(&[8u8; 32], a, b);
         assert!(open(&other, &mut { buf }[..len], a, b).is_none());
         assert!(open(&cipher_b, &mut { buf }[..PAYLOAD_OFFSET + 3], a, b).is_none());
+    }
+
+    #[test]
+    fn ciphers_for_unlisted_peers_are_derived_and_cached_once_authentic() {
+        let master = [9u8; 32];
+        let (a, b, stranger) = (NodeId(1), NodeId(2), NodeId(3));
+        let mut at_a = PairCiphers::new(a, NonZeroUsize::new(2).unwrap());
+        let mut at_b = PairCiphers::new(b, NonZeroUsize::new(2).unwrap());
+        let mut buf = [0u8; PAYLOAD_OFFSET + 4 + TAG_LEN];
+        write_header(&mut buf, MessageType::Data, a, true);
+        assert_eq!(at_a.seal(&mut buf, 4, b, 1), None, "no key, no sealing");
+        at_a.set_key(Some(master));
+        at_b.set_key(Some(master));
+        buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + 4].copy_from_slice(b"ping");
+        let len = at_a.seal(&mut buf, 4, b, 1).unwrap();
+        // b never heard of a, yet opens it: the key is derived from the header's sender id.
+        let (counter, range) = at_b.open(&mut buf[..len], a).expect("authentic");
+        assert_eq!((counter, &buf[range]), (1, &b"ping"[..]));
+        assert_eq!(at_b.cached(), 1);
+        // A forged sender id does not authenticate and is not cached.
+        let mut forged = [0u8; PAYLOAD_OFFSET + 4 + TAG_LEN];
+        write_header(&mut forged, MessageType::Data, stranger, true);
+        assert!(at_b.open(&mut forged, stranger).is_none());
+        assert_eq!(at_b.cached(), 1);
+        // Another key: the cache is forgotten and a's old messages no longer open.
+        at_b.set_key(Some([1u8; 32]));
+        assert_eq!(at_b.cached(), 0);
+        let mut again = [0u8; PAYLOAD_OFFSET + 4 + TAG_LEN];
+        write_header(&mut again, MessageType::Data, a, true);
+        let len = at_a.seal(&mut again, 4, b, 2).unwrap();
+        assert!(at_b.open(&mut again[..len], a).is_none());
     }
 
     #[test]

@@ -1,13 +1,21 @@
 //! The packet loop: one thread with its own single-threaded runtime owns the TUN device, the tunnel socket, the
 //! proxy and the peer table. Packets are read into reused buffers, translated in place and sent on without a
-//! channel hop or allocation; control commands (new routes, attach, detach, status) arrive on a channel.
+//! channel hop or allocation; control commands (new routes, attach, detach, status) arrive on a channel, and
+//! notices for the agent leave on a bounded one (`try_send`: the loop never waits for the agent).
+//!
+//! Who may send us tunnel datagrams: with sealed tunnels, any machine holding the tunnel key, from anywhere.
+//! Authentication proves the sender, so a machine the table does not list (a client's machine, with routes from
+//! the tree) is accepted, and a peer's endpoint is where its latest authentic datagram came from (WireGuard-style
+//! roaming; NAT'd machines work). Unsealed tunnels keep the strict check, a listed sender at its listed endpoint:
+//! there the sender id is only a claim anyone on the underlay can make, and the listed endpoint is the one thing
+//! that ties a datagram to a machine we were told about.
 
 use super::counters::Counters;
-use super::crypto::{self, PAYLOAD_OFFSET, TAG_LEN};
+use super::crypto::{PAYLOAD_OFFSET, PairCiphers, TAG_LEN};
+use super::notices::{Notice, NoticeLimiter};
 use super::proxy::{Proxy, Verdict};
 use super::routes::{NodeId, RouteTable};
 use super::tunnel::{self, HEADER_LEN, MAX_PACKET, Message, MessageType, PeerTable};
-use chacha20poly1305::ChaCha20Poly1305;
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,6 +41,7 @@ pub enum Command {
 pub struct LoopStatus {
     pub flows: usize,
     pub tunnel_peers: usize,
+    pub reply_routes: usize,
 }
 
 pub struct Engine {
@@ -44,10 +53,11 @@ pub struct Engine {
     pub node_id: NodeId,
     pub keepalive_interval: Duration,
     /// Per-peer ciphers when the route table has a tunnel key; then every datagram is sealed.
-    pub ciphers: HashMap<NodeId, ChaCha20Poly1305>,
-    pub sealing: bool,
+    pub ciphers: PairCiphers,
     /// Counter of the next sealed message (unique per message across all peers and restarts).
     pub send_counter: u64,
+    pub notices: mpsc::Sender<Notice>,
+    pub notice_limiter: NoticeLimiter,
 }
 
 /// Where an outgoing packet sits in the TUN buffer: after room for the header and the sealing counter, and
@@ -116,25 +126,30 @@ impl Engine {
     fn command(&mut self, command: Command) {
         match command {
             Command::SetRoutes(table, reply) => {
+                let listed: HashMap<NodeId, SocketAddr> =
+                    self.proxy.routes().nodes.iter().map(|n| (n.id, n.endpoint)).collect();
                 let result = self.proxy.set_routes(&table);
                 if result.is_ok() {
                     let routes = self.proxy.routes();
-                    self.sealing = routes.tunnel_key.is_some();
-                    self.ciphers = match &routes.tunnel_key {
-                        Some(master) => routes
-                            .nodes
-                            .iter()
-                            .map(|n| (n.id, crypto::pair_cipher(master, self.node_id, n.id)))
-                            .collect(),
-                        None => HashMap::new(),
-                    };
+                    self.ciphers.set_key(routes.tunnel_key);
+                    // A newly listed endpoint replaces a roamed one until the peer's next authentic datagram.
+                    for node in &routes.nodes {
+                        if listed.get(&node.id) != Some(&node.endpoint) {
+                            self.peers.relisted(node.id, node.endpoint);
+                        }
+                    }
+                    self.notice_limiter.routes_changed();
                 }
                 let _ = reply.send(result);
             }
             Command::Attach { namespace_ip, instance_ip } => self.proxy.attach(namespace_ip, instance_ip),
             Command::Detach { namespace_ip } => self.proxy.detach(namespace_ip),
             Command::Status(reply) => {
-                let _ = reply.send(LoopStatus { flows: self.proxy.flow_count(), tunnel_peers: self.peers.len() });
+                let _ = reply.send(LoopStatus {
+                    flows: self.proxy.flow_count(),
+                    tunnel_peers: self.peers.len(),
+                    reply_routes: self.proxy.reply_route_count(),
+                });
             }
             Command::Shutdown => {}
         }
@@ -145,48 +160,80 @@ impl Engine {
         let counters = self.counters.clone();
         Counters::inc(&counters.tun_rx_packets);
         Counters::add(&counters.tun_rx_bytes, len as u64);
-        match self.proxy.outgoing(&mut buf[TUN_PAYLOAD..TUN_PAYLOAD + len], now, &counters) {
+        let verdict = self.proxy.outgoing(&mut buf[TUN_PAYLOAD..TUN_PAYLOAD + len], now, &counters);
+        if let Some(service) = self.proxy.take_new_connection()
+            && self.notice_limiter.service_used(service, now)
+        {
+            let name = self.proxy.routes().services[service].name.clone();
+            self.notify(Notice::ServiceUsed(name));
+        }
+        match verdict {
             Verdict::Drop => {}
             Verdict::Local => self.write_tun(&buf[TUN_PAYLOAD..TUN_PAYLOAD + len]).await,
             Verdict::Tunnel(node) => {
                 let node = &self.proxy.routes().nodes[node];
-                let (peer_id, endpoint) = (node.id, node.endpoint);
-                let sent = if self.sealing {
-                    tunnel::write_header(buf, MessageType::Data, self.node_id, true);
-                    self.seal_and_send(buf, len, peer_id, endpoint).await
-                } else {
-                    // Unsealed: the header goes right before the packet.
-                    let start = TUN_PAYLOAD - HEADER_LEN;
-                    tunnel::write_header(&mut buf[start..], MessageType::Data, self.node_id, false);
-                    self.send(&buf[start..TUN_PAYLOAD + len], endpoint).await;
-                    true
-                };
-                if sent && self.peers.sent(peer_id, endpoint, now) {
-                    Counters::inc(&counters.peers_evicted);
-                }
+                let (peer, listed) = (node.id, node.endpoint);
+                self.tunnel_packet(buf, len, peer, Some(listed), now).await;
+            }
+            Verdict::TunnelToPeer(peer) => {
+                let routes = self.proxy.routes();
+                let listed = routes.node_by_id(peer).map(|node| routes.nodes[node].endpoint);
+                self.tunnel_packet(buf, len, peer, listed, now).await;
             }
             // An instance of this machine that is listed but not attached.
             Verdict::RouteNotFound(_) => Counters::inc(&counters.drop_no_route),
+            // Counted by the proxy; the agent may find a route.
+            Verdict::UnknownAddress(address) => {
+                if self.notice_limiter.unknown_address(address, now) {
+                    self.notify(Notice::UnknownAddress(address));
+                }
+            }
+        }
+    }
+
+    /// Sends the translated packet in `buf[TUN_PAYLOAD..TUN_PAYLOAD + len]` to `peer`: with sealed tunnels to its
+    /// latest authentic endpoint when known, else to the `listed` one.
+    async fn tunnel_packet(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        peer: NodeId,
+        listed: Option<SocketAddr>,
+        now: Duration,
+    ) {
+        let sealing = self.ciphers.sealing();
+        let Some((endpoint, evicted)) = self.peers.sent(peer, listed, sealing, now) else {
+            // A learned reply route whose peer has gone idle: nowhere to send it.
+            return Counters::inc(&self.counters.drop_no_route);
+        };
+        if evicted {
+            Counters::inc(&self.counters.peers_evicted);
+        }
+        if sealing {
+            tunnel::write_header(buf, MessageType::Data, self.node_id, true);
+            self.seal_and_send(buf, len, peer, endpoint).await;
+        } else {
+            // Unsealed: the header goes right before the packet.
+            let start = TUN_PAYLOAD - HEADER_LEN;
+            tunnel::write_header(&mut buf[start..], MessageType::Data, self.node_id, false);
+            self.send(&buf[start..TUN_PAYLOAD + len], endpoint).await;
         }
     }
 
     /// Seals `buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + len]` (header already written) for `peer` and sends it.
-    async fn seal_and_send(&mut self, buf: &mut [u8], len: usize, peer: NodeId, endpoint: SocketAddr) -> bool {
-        let Some(cipher) = self.ciphers.get(&peer) else {
-            Counters::inc(&self.counters.drop_unauthenticated);
-            return false;
-        };
+    async fn seal_and_send(&mut self, buf: &mut [u8], len: usize, peer: NodeId, endpoint: SocketAddr) {
         let counter = self.send_counter;
         self.send_counter += 1;
-        let total = crypto::seal(cipher, buf, len, self.node_id, peer, counter);
-        self.send(&buf[..total], endpoint).await;
-        true
+        match self.ciphers.seal(buf, len, peer, counter) {
+            Some(total) => self.send(&buf[..total], endpoint).await,
+            None => Counters::inc(&self.counters.drop_unauthenticated),
+        }
     }
 
     /// Sends a control message (route-not-found, keepalive), sealed when tunnels are encrypted.
     async fn send_control(&mut self, kind: MessageType, body: &[u8], peer: NodeId, endpoint: SocketAddr) {
         let mut buf = [0u8; PAYLOAD_OFFSET + 4 + TAG_LEN];
-        if self.sealing {
+        if self.ciphers.sealing() {
             tunnel::write_header(&mut buf, kind, self.node_id, true);
             buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + body.len()].copy_from_slice(body);
             self.seal_and_send(&mut buf, body.len(), peer, endpoint).await;
@@ -205,39 +252,47 @@ impl Engine {
             Ok(header) => header,
             Err(reason) => return counters.tunnel_malformed(reason),
         };
-        let Some(node) = self.proxy.routes().node_by_id(header.sender) else {
-            return Counters::inc(&counters.drop_unknown_sender);
-        };
-        if self.proxy.routes().nodes[node].endpoint != from {
-            return Counters::inc(&counters.drop_unknown_sender);
-        }
-        if header.sealed != self.sealing {
+        if header.sealed != self.ciphers.sealing() {
             return Counters::inc(&counters.drop_unauthenticated);
         }
         let body = if header.sealed {
-            let Some(cipher) = self.ciphers.get(&header.sender) else {
+            let Some((counter, body)) = self.ciphers.open(&mut buf[..len], header.sender) else {
                 return Counters::inc(&counters.drop_unauthenticated);
             };
-            let Some((counter, body)) = crypto::open(cipher, &mut buf[..len], header.sender, self.node_id) else {
-                return Counters::inc(&counters.drop_unauthenticated);
-            };
-            if self.peers.received(header.sender, from, now) {
-                Counters::inc(&counters.peers_evicted);
-            }
-            if !self.peers.accept_counter(header.sender, counter) {
-                return Counters::inc(&counters.drop_replayed);
+            match self.peers.authentic(header.sender, from, counter, header.kind == MessageType::Data, now) {
+                Err(tunnel::Replayed) => return Counters::inc(&counters.drop_replayed),
+                Ok(accepted) => {
+                    if accepted.evicted {
+                        Counters::inc(&counters.peers_evicted);
+                    }
+                    if accepted.roamed {
+                        Counters::inc(&counters.peers_roamed);
+                        tracing::debug!(peer = ?header.sender, %from, "peer roamed");
+                    }
+                }
             }
             body
         } else {
+            let routes = self.proxy.routes();
+            let listed = routes.node_by_id(header.sender).map(|node| routes.nodes[node].endpoint);
+            if listed != Some(from) {
+                return Counters::inc(&counters.drop_unknown_sender);
+            }
             HEADER_LEN..len
         };
         match tunnel::decode_body(header.kind, &buf[body.clone()]) {
             Err(reason) => counters.tunnel_malformed(reason),
             Ok(Message::RouteNotFound(missing)) => {
                 Counters::inc(&counters.route_not_found_received);
-                if self.proxy.route_not_found(node, missing) {
+                if let Some(instance) = self.proxy.route_not_found(header.sender, missing) {
                     Counters::inc(&counters.instances_invalidated);
                     tracing::info!("{from} no longer hosts {missing}; its instance gets no new connections");
+                    let routes = self.proxy.routes();
+                    if let Some(service) = routes.service_of_instance(instance) {
+                        let number = routes.instances[instance].number;
+                        let notice = Notice::InstanceUnreachable { service: service.to_string(), instance: number };
+                        self.notify(notice);
+                    }
                 }
             }
             Ok(Message::Keepalive) => Counters::inc(&counters.keepalives_received),
@@ -245,15 +300,23 @@ impl Engine {
                 if !header.sealed && self.peers.received(header.sender, from, now) {
                     Counters::inc(&counters.peers_evicted);
                 }
-                match self.proxy.incoming(&mut buf[body.clone()], now, &counters) {
+                match self.proxy.incoming(&mut buf[body.clone()], header.sender, now, &counters) {
                     Verdict::Local => self.write_tun(&buf[body]).await,
                     Verdict::RouteNotFound(missing) => {
                         Counters::inc(&counters.route_not_found_sent);
                         self.send_control(MessageType::RouteNotFound, &missing.octets(), header.sender, from).await;
                     }
-                    Verdict::Drop | Verdict::Tunnel(_) => {}
+                    _ => {}
                 }
             }
+        }
+    }
+
+    /// Hands a notice to the agent without waiting: dropped and counted when its queue is full.
+    fn notify(&self, notice: Notice) {
+        match self.notices.try_send(notice) {
+            Ok(()) => Counters::inc(&self.counters.notices_sent),
+            Err(_) => Counters::inc(&self.counters.notices_dropped),
         }
     }
 
@@ -285,7 +348,9 @@ impl Engine {
 
     async fn housekeeping(&mut self, now: Duration) {
         let counters = self.counters.clone();
-        Counters::add(&counters.flows_expired, self.proxy.expire(now) as u64);
+        let (flows, reply_routes) = self.proxy.expire(now);
+        Counters::add(&counters.flows_expired, flows as u64);
+        Counters::add(&counters.reply_routes_expired, reply_routes as u64);
         Counters::add(&counters.peers_expired, self.peers.expire(now) as u64);
         for (peer, endpoint) in self.peers.keepalives_due(now, self.keepalive_interval) {
             self.send_control(MessageType::Keepalive, &[], peer, endpoint).await;

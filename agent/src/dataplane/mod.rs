@@ -10,6 +10,7 @@
 //! let dp = DataPlane::start(DataPlaneConfig::new(node_name, subnet)).await?; // needs root
 //! dp.set_routes(table).await?;            // RouteTable: nodes, services, instances (routes issue feeds it)
 //! let mut rx = dp.watch_routes();         // watch::Receiver<RouteTable>: the table in force, on every change
+//! let mut notices = dp.take_notices().unwrap(); // mpsc::Receiver<Notice>: table queries etc. (first call only)
 //! let a = dp.attach(AttachRequest { .. }).await?;   // veth + namespace IP into a service namespace
 //! dp.detach("app.appns.svc.svcns", 0).await?;
 //! dp.counters();                          // CounterSnapshot (drops by reason, packets, bytes)
@@ -17,6 +18,11 @@
 //! let router = dp.router();               // axum::Router: /v1/dataplane, /v1/dataplane/routes, /v1/instances
 //! dp.shutdown().await?;                   // removes everything it installed
 //! ```
+//! Routes need not be complete: with sealed tunnels a machine accepts authentic datagrams from machines its table
+//! does not list and sends replies back along routes learned from that traffic (`reply_routes`); `Notice`s ask
+//! the agent for the rest. `start` may run at any point of the agent's life, and `shutdown` then `start` again
+//! with the same prefix works (the agent restarts the data plane when its subnet is renumbered).
+//!
 //! Kernel objects are named after `DataPlaneConfig::prefix` (bridge `<p>br`, TUN `<p>tun`, veths `<p>h<n>`,
 //! namespaces `<p>-<service>-<n>`); `start` removes any left by a crashed run with the same prefix.
 
@@ -27,9 +33,11 @@ pub mod crypto;
 pub mod device;
 pub mod engine;
 pub mod flow;
+pub mod notices;
 pub mod packet;
 pub mod policy;
 pub mod proxy;
+pub mod reply_routes;
 pub mod routes;
 pub mod setup;
 pub mod tunnel;
@@ -37,9 +45,11 @@ pub mod tunnel;
 use crate::netns::{self, NamespaceRef};
 use anyhow::{Context, anyhow, bail};
 use counters::{CounterSnapshot, Counters};
+use crypto::PairCiphers;
 use engine::{Command, Engine, LoopStatus};
 use flow::FlowTimeouts;
 use ipnet::Ipv4Net;
+use notices::NoticeLimiter;
 use proxy::{Proxy, ProxyConfig};
 use routes::{NodeId, RouteIndex, RouteTable};
 use serde::{Deserialize, Serialize};
@@ -51,6 +61,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tunnel::PeerTable;
+
+pub use notices::Notice;
 
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
 pub const DEFAULT_SERVICE_RANGE: &str = "10.30.0.0/16";
@@ -69,11 +81,20 @@ pub struct DataPlaneConfig {
     pub underlay_mtu: u16,
     /// Prefix of every kernel object this agent creates (at most 8 characters).
     pub prefix: String,
+    /// Start of the names of the network namespaces this agent creates (`<netns_prefix><service>-<n>`). Namespace
+    /// names are global to the host, unlike links: agents sharing a host (one per namespace, as in the testbeds)
+    /// need distinct ones, or one would remove the other's as leftovers.
+    pub netns_prefix: String,
     pub flow_capacity: NonZeroUsize,
     pub flow_timeouts: FlowTimeouts,
     pub peer_capacity: NonZeroUsize,
     pub peer_idle_timeout: Duration,
     pub keepalive_interval: Duration,
+    /// Client InstanceIPs remembered from traffic so replies find their way back (they expire with
+    /// `peer_idle_timeout`).
+    pub reply_route_capacity: NonZeroUsize,
+    /// Notices waiting for the agent; more are dropped (and counted).
+    pub notice_queue: usize,
 }
 
 impl DataPlaneConfig {
@@ -85,11 +106,14 @@ impl DataPlaneConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_TUNNEL_PORT)),
             underlay_mtu: 1500,
             prefix: DEFAULT_PREFIX.to_string(),
+            netns_prefix: format!("{DEFAULT_PREFIX}-"),
             flow_capacity: NonZeroUsize::new(65536).expect("non-zero"),
             flow_timeouts: FlowTimeouts::default(),
             peer_capacity: NonZeroUsize::new(1024).expect("non-zero"),
             peer_idle_timeout: Duration::from_secs(180),
             keepalive_interval: Duration::from_secs(25),
+            reply_route_capacity: NonZeroUsize::new(16384).expect("non-zero"),
+            notice_queue: 1024,
         }
     }
 
@@ -111,6 +135,9 @@ impl DataPlaneConfig {
         setup::check_link_name(&format!("{}tun", self.prefix))?;
         if self.prefix.len() > 8 {
             bail!("prefix {:?} is longer than 8 characters", self.prefix);
+        }
+        if self.notice_queue == 0 {
+            bail!("the notice queue needs room for at least one notice");
         }
         if self.subnet.prefix_len() > 29 {
             bail!("subnet {} is too small for a gateway and instances", self.subnet);
@@ -190,10 +217,18 @@ pub struct DataPlaneStatus {
     pub max_mss: u16,
     pub flows: usize,
     pub tunnel_peers: usize,
+    /// Client InstanceIPs learned from traffic (see `reply_routes`).
+    #[serde(default)]
+    pub reply_routes: usize,
     pub routes: RouteTable,
     pub attachments: Vec<Attachment>,
     pub counters: CounterSnapshot,
 }
+
+/// What `start_engine` hands back: the command channel, the packet-loop thread, the TUN's link index, the
+/// counters and the notices' receiving end.
+type StartedEngine =
+    (mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>, u32, Arc<Counters>, mpsc::Receiver<Notice>);
 
 struct State {
     routes: RouteTable,
@@ -213,6 +248,7 @@ struct Inner {
     counters: Arc<Counters>,
     commands: mpsc::UnboundedSender<Command>,
     engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    notices: std::sync::Mutex<Option<mpsc::Receiver<Notice>>>,
     state: Mutex<State>,
     /// The route table in force, for those who derive something from it (the DNS resolver's names).
     routes_watch: watch::Sender<RouteTable>,
@@ -230,12 +266,12 @@ impl DataPlane {
     pub async fn start(config: DataPlaneConfig) -> anyhow::Result<Self> {
         config.validate()?;
         let netlink = setup::connect()?;
-        Self::remove_leftovers(&netlink, &config.prefix).await?;
+        Self::remove_leftovers(&netlink, &config.prefix, &config.netns_prefix).await?;
         let mtu = config.mtu();
         let gateway = Ipv4Net::new(config.gateway(), config.subnet.prefix_len()).expect("prefix checked");
         let bridge_index = setup::create_bridge(&netlink, &config.bridge_name(), gateway, u32::from(mtu)).await?;
         let started = Self::start_engine(&config, &netlink).await;
-        let (commands, thread, tun_index, counters) = match started {
+        let (commands, thread, tun_index, counters, notices) = match started {
             Ok(started) => started,
             Err(err) => {
                 let _ = setup::delete_link(&netlink, &config.bridge_name()).await;
@@ -251,6 +287,7 @@ impl DataPlane {
                 counters,
                 commands,
                 engine_thread: std::sync::Mutex::new(Some(thread)),
+                notices: std::sync::Mutex::new(Some(notices)),
                 state: Mutex::new(State {
                     routes: RouteTable::default(),
                     attachments: BTreeMap::new(),
@@ -274,36 +311,38 @@ impl DataPlane {
         Ok(dataplane)
     }
 
-    async fn remove_leftovers(netlink: &rtnetlink::Handle, prefix: &str) -> anyhow::Result<()> {
+    async fn remove_leftovers(netlink: &rtnetlink::Handle, prefix: &str, netns_prefix: &str) -> anyhow::Result<()> {
         let removed = setup::remove_links_with_prefix(netlink, prefix).await?;
         if !removed.is_empty() {
             tracing::warn!("removed links left by an earlier run: {}", removed.join(", "));
         }
-        for name in netns::list_named(&format!("{prefix}-")) {
+        for name in netns::list_named(netns_prefix) {
             tracing::warn!("removing network namespace {name} left by an earlier run");
             netns::delete_named(&name).await?;
         }
         Ok(())
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn start_engine(
-        config: &DataPlaneConfig,
-        netlink: &rtnetlink::Handle,
-    ) -> anyhow::Result<(mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>, u32, Arc<Counters>)> {
+    async fn start_engine(config: &DataPlaneConfig, netlink: &rtnetlink::Handle) -> anyhow::Result<StartedEngine> {
         let counters = Arc::new(Counters::default());
         let (commands, receiver) = mpsc::unbounded_channel();
+        let (notices, notices_rx) = mpsc::channel(config.notice_queue);
         let (ready, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
         let proxy_config = ProxyConfig {
             max_mss: config.max_mss(),
             flow_capacity: config.flow_capacity,
             timeouts: config.flow_timeouts,
+            service_range: config.service_range,
+            reply_route_capacity: config.reply_route_capacity,
+            reply_route_idle: config.peer_idle_timeout,
         };
         let proxy = Proxy::new(config.node_name.clone(), proxy_config, Box::new(policy::PolicyChooser::default()));
         let peers = PeerTable::new(config.peer_capacity, config.peer_idle_timeout);
         let (tun_name, mtu, listen) = (config.tun_name(), config.mtu(), config.listen);
         let node_id = NodeId::from_name(&config.node_name);
         let keepalive_interval = config.keepalive_interval;
+        let ciphers = PairCiphers::new(node_id, config.peer_capacity);
+        let notice_limiter = NoticeLimiter::new(config.peer_capacity);
         let engine_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name("dataplane".into())
@@ -341,9 +380,10 @@ impl DataPlane {
                         socket,
                         node_id,
                         keepalive_interval,
-                        ciphers: std::collections::HashMap::new(),
-                        sealing: false,
+                        ciphers,
                         send_counter: engine::initial_send_counter(),
+                        notices,
+                        notice_limiter,
                     };
                     engine.run(receiver).await;
                 });
@@ -353,7 +393,7 @@ impl DataPlane {
         let tun_index = setup::link_index(netlink, &config.tun_name())
             .await?
             .ok_or_else(|| anyhow!("TUN device {} not found after creation", config.tun_name()))?;
-        Ok((commands, thread, tun_index, counters))
+        Ok((commands, thread, tun_index, counters, notices_rx))
     }
 
     async fn configure_kernel(&self) -> anyhow::Result<()> {
@@ -367,6 +407,12 @@ impl DataPlane {
         setup::add_route(&self.inner.netlink, config.service_range, self.inner.tun_index).await?;
         self.inner.state.lock().await.installed.insert(config.service_range);
         Ok(())
+    }
+
+    /// Notices for the agent (table queries, unreachable instances, services in use). The first call gets the
+    /// receiver; later calls get `None`. Unread notices are dropped once the queue is full (and counted).
+    pub fn take_notices(&self) -> Option<mpsc::Receiver<Notice>> {
+        self.inner.notices.lock().expect("not poisoned").take()
     }
 
     pub fn counters(&self) -> CounterSnapshot {
@@ -446,7 +492,7 @@ impl DataPlane {
                 if !netns::process_alive(*owner_pid) {
                     bail!("owner process {owner_pid} is not running");
                 }
-                let name = format!("{}-{}-{}", config.prefix, sanitize(&request.service), request.instance);
+                let name = format!("{}{}-{}", config.netns_prefix, sanitize(&request.service), request.instance);
                 netns::create_named(&name).await?;
                 (NamespaceRef::Named(name.clone()), Some(name))
             }
@@ -557,6 +603,7 @@ impl DataPlane {
             max_mss: config.max_mss(),
             flows: loop_status.flows,
             tunnel_peers: loop_status.tunnel_peers,
+            reply_routes: loop_status.reply_routes,
             routes: state.routes.clone(),
             attachments: state.attachments.values().cloned().collect(),
             counters: self.counters(),
@@ -648,4 +695,65 @@ fn attachment_alive(attachment: &Attachment) -> bool {
 /// Keeps a service name usable inside a namespace name.
 fn sanitize(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        serde_json::from_value(serde_json::json!({
+            "tunnel_key": "5a".repeat(32),
+            "nodes": [
+                {"name": "a", "subnet": "10.16.0.0/26", "endpoint": "192.0.2.1:50103"},
+                {"name": "b", "subnet": "10.16.0.64/26", "endpoint": "192.0.2.2:50103"},
+            ],
+            "services": [{"name": "t.default.web.default", "service_ip": "10.30.0.2", "instances": [
+                {"number": 0, "instance_ip": "10.30.2.1", "namespace_ip": "10.16.0.66", "node": "b"}]}],
+        }))
+        .expect("test table")
+    }
+
+    /// The agent starts the data plane when the tree grants its subnet (after running a while), and restarts it
+    /// on the same prefix when the subnet is renumbered. Runs in a private network namespace (root only).
+    #[test]
+    fn starts_late_and_restarts_on_the_same_prefix() {
+        if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("skipping starts_late_and_restarts_on_the_same_prefix: needs root and /dev/net/tun");
+            return;
+        }
+        // Threads inherit the namespace of the thread that creates them: the engine thread lands in ours too.
+        let outcome = std::thread::spawn(|| -> anyhow::Result<()> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let netlink = setup::connect()?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let subnets = ["10.16.0.0/26", "10.16.0.128/26", "10.16.0.0/26"];
+                for (round, subnet) in subnets.into_iter().enumerate() {
+                    let mut config = DataPlaneConfig::new("a", subnet.parse()?);
+                    config.prefix = "trs".into();
+                    config.netns_prefix = "trs-".into();
+                    let dataplane = DataPlane::start(config).await.with_context(|| format!("start {round}"))?;
+                    let mut table = table();
+                    table.nodes[0].subnet = subnet.parse()?;
+                    dataplane.set_routes(table).await.with_context(|| format!("routes {round}"))?;
+                    assert!(dataplane.take_notices().is_some(), "the first call gets the notices");
+                    assert!(dataplane.take_notices().is_none());
+                    assert!(setup::link_index(&netlink, "trsbr").await?.is_some(), "bridge in round {round}");
+                    assert!(setup::link_index(&netlink, "trstun").await?.is_some(), "TUN in round {round}");
+                    let status = dataplane.status().await?;
+                    assert_eq!(status.subnet.to_string(), subnet);
+                    dataplane.shutdown().await.with_context(|| format!("shutdown {round}"))?;
+                    assert!(dataplane.status().await.is_err(), "stopped");
+                    assert!(setup::link_index(&netlink, "trsbr").await?.is_none(), "bridge removed in round {round}");
+                    assert!(setup::link_index(&netlink, "trstun").await?.is_none(), "TUN removed in round {round}");
+                }
+                Ok(())
+            })
+        })
+        .join()
+        .expect("the test thread does not panic");
+        outcome.unwrap();
+    }
 }

@@ -251,7 +251,7 @@ pub(crate) mod tests {
     }
 
     /// Recomputes every checksum from scratch with etherparse and compares it to what the packet carries.
-    fn assert_checksums_valid(buf: &[u8]) {
+    pub fn assert_checksums_valid(buf: &[u8]) {
         let sliced = SlicedPacket::from_ip(buf).expect("valid packet");
         let ip = etherparse::Ipv4HeaderSlice::from_slice(buf).unwrap();
         assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum(), "IPv4 checksum");

@@ -4,16 +4,22 @@
 //! - source namespace IP -> the sender's InstanceIP;
 //! - destination ServiceIP -> the namespace IP of the instance chosen for this connection (sticky per 5-tuple,
 //!   a new connection asks the `Chooser`); destination InstanceIP -> its namespace IP;
-//! - destination in another machine's subnet: routed untranslated.
+//! - destination in another machine's subnet: routed untranslated;
+//! - destination an overlay address the table does not know, but a learned reply route does (`reply_routes`: a
+//!   client whose machine our table does not list called us): tunnelled to that peer, destination unchanged;
+//! - any other overlay address: dropped, and the engine tells the agent (it runs a table query).
 //!
 //! Delivery (from the tunnel, or outgoing to an instance on this machine): the destination must be an attached
-//! instance, else the sender gets "route not found"; a reply of a ServiceIP connection gets the ServiceIP back as
-//! its source, so the client sees the address it called.
+//! instance (its namespace IP, or its InstanceIP when the sender only had a reply route, translated to the
+//! namespace IP here), else the sender gets "route not found"; a reply of a ServiceIP connection gets the
+//! ServiceIP back as its source, so the client sees the address it called.
 
 use super::counters::Counters;
 use super::flow::{Flow, FlowKey, FlowTable, FlowTimeouts};
 use super::packet::{self, PacketInfo};
-use super::routes::{RouteIndex, RouteTable, Target};
+use super::reply_routes::{Learned, ReplyRoutes};
+use super::routes::{NodeId, RouteIndex, RouteTable, Target};
+use ipnet::Ipv4Net;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::num::NonZeroUsize;
@@ -50,8 +56,12 @@ pub enum Verdict {
     Local,
     /// Send it through the tunnel to this route-index node.
     Tunnel(usize),
+    /// Send it through the tunnel to this peer, which the route table may not list (a learned reply route).
+    TunnelToPeer(NodeId),
     /// The destination is not hosted here: tell the sender.
     RouteNotFound(Ipv4Addr),
+    /// Dropped (counted as `drop_no_route`): an overlay address nobody told us about; worth a table query.
+    UnknownAddress(Ipv4Addr),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +69,11 @@ pub struct ProxyConfig {
     pub max_mss: u16,
     pub flow_capacity: NonZeroUsize,
     pub timeouts: FlowTimeouts,
+    /// ServiceIPs and InstanceIPs: sources in it that the table does not know are remembered as reply routes.
+    pub service_range: Ipv4Net,
+    pub reply_route_capacity: NonZeroUsize,
+    /// Reply routes unused for this long are forgotten (the peer idle timeout).
+    pub reply_route_idle: Duration,
 }
 
 pub struct Proxy {
@@ -67,10 +82,16 @@ pub struct Proxy {
     routes: RouteIndex,
     /// Instances attached on this machine: namespace IP -> InstanceIP.
     attached: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// The same, InstanceIP -> namespace IP: packets sent along a reply route arrive for the InstanceIP.
+    attached_by_instance_ip: HashMap<Ipv4Addr, Ipv4Addr>,
     flows: FlowTable,
+    reply_routes: ReplyRoutes,
+    service_range: Ipv4Net,
     chooser: Box<dyn Chooser>,
     candidates: Vec<usize>,
     max_mss: u16,
+    /// Service (route-index position) the last new connection went to, until the engine takes it.
+    new_connection: Option<usize>,
 }
 
 impl Proxy {
@@ -80,10 +101,14 @@ impl Proxy {
             local_node: None,
             routes: RouteIndex::default(),
             attached: HashMap::new(),
+            attached_by_instance_ip: HashMap::new(),
             flows: FlowTable::new(config.flow_capacity, config.timeouts),
+            reply_routes: ReplyRoutes::new(config.reply_route_capacity, config.reply_route_idle),
+            service_range: config.service_range,
             chooser,
             candidates: Vec::new(),
             max_mss: config.max_mss,
+            new_connection: None,
         }
     }
 
@@ -95,9 +120,13 @@ impl Proxy {
         self.flows.len()
     }
 
-    #[cfg(test)]
-    pub fn local_node(&self) -> Option<usize> {
-        self.local_node
+    pub fn reply_route_count(&self) -> usize {
+        self.reply_routes.len()
+    }
+
+    /// The service (route-index position) a new connection went to since the last call, if any.
+    pub fn take_new_connection(&mut self) -> Option<usize> {
+        self.new_connection.take()
     }
 
     /// Replaces the route table. Live connections whose instance is still listed keep it; the others are dropped.
@@ -113,16 +142,22 @@ impl Proxy {
     }
 
     pub fn attach(&mut self, namespace_ip: Ipv4Addr, instance_ip: Ipv4Addr) {
-        self.attached.insert(namespace_ip, instance_ip);
+        if let Some(old) = self.attached.insert(namespace_ip, instance_ip) {
+            self.attached_by_instance_ip.remove(&old);
+        }
+        self.attached_by_instance_ip.insert(instance_ip, namespace_ip);
     }
 
     pub fn detach(&mut self, namespace_ip: Ipv4Addr) {
-        self.attached.remove(&namespace_ip);
+        if let Some(instance_ip) = self.attached.remove(&namespace_ip) {
+            self.attached_by_instance_ip.remove(&instance_ip);
+        }
         self.flows.remove_where(|key, _| key.src == namespace_ip);
     }
 
-    pub fn expire(&mut self, now: Duration) -> usize {
-        self.flows.expire(now)
+    /// Removes expired flows and reply routes; returns how many of each.
+    pub fn expire(&mut self, now: Duration) -> (usize, usize) {
+        (self.flows.expire(now), self.reply_routes.expire(now))
     }
 
     /// Translates a packet read from the TUN.
@@ -153,6 +188,18 @@ impl Proxy {
             }
             None => match self.routes.node_for_subnet_address(info.dst) {
                 Some(node) => (info.src, info.dst, Some(node)),
+                None if self.service_range.contains(&info.dst) => {
+                    let Some(peer) = self.reply_routes.peer(info.dst, now) else {
+                        Counters::inc(&counters.drop_no_route);
+                        return Verdict::UnknownAddress(info.dst);
+                    };
+                    // A reply to a client we know only from its traffic: its machine translates the InstanceIP.
+                    packet::rewrite_addresses(buf, &info, own_instance_ip, info.dst);
+                    if packet::clamp_mss(buf, &info, self.max_mss) {
+                        Counters::inc(&counters.mss_clamped);
+                    }
+                    return Verdict::TunnelToPeer(peer);
+                }
                 None => {
                     Counters::inc(&counters.drop_no_route);
                     return Verdict::Drop;
@@ -173,27 +220,46 @@ impl Proxy {
         }
     }
 
-    /// Handles a packet that arrived through the tunnel.
-    pub fn incoming(&mut self, buf: &mut [u8], now: Duration, counters: &Counters) -> Verdict {
-        match packet::parse(buf) {
-            Ok(info) => self.deliver(buf, &info, now, counters),
+    /// Handles a packet that arrived through the tunnel from the authenticated (or listed) peer `sender`.
+    pub fn incoming(&mut self, buf: &mut [u8], sender: NodeId, now: Duration, counters: &Counters) -> Verdict {
+        let info = match packet::parse(buf) {
+            Ok(info) => info,
             Err(reason) => {
                 counters.malformed(reason);
-                Verdict::Drop
+                return Verdict::Drop;
+            }
+        };
+        let verdict = self.deliver(buf, &info, now, counters);
+        if verdict == Verdict::Local
+            && self.service_range.contains(&info.src)
+            && self.routes.overlay_target(info.src).is_none()
+        {
+            match self.reply_routes.learn(info.src, sender, now) {
+                Learned::New { evicted } => {
+                    Counters::inc(&counters.reply_routes_learned);
+                    if evicted {
+                        Counters::inc(&counters.reply_routes_evicted);
+                    }
+                }
+                Learned::Known => {}
             }
         }
+        verdict
     }
 
-    /// The tunnel peer `node` does not host `missing` any more: no new connections go to that instance, and its
-    /// connections are forgotten so their retransmissions pick another. Returns whether an instance was affected.
-    pub fn route_not_found(&mut self, node: usize, missing: Ipv4Addr) -> bool {
-        let Some(instance) = self.routes.instance_by_namespace_ip(missing) else { return false };
-        if self.routes.instances[instance].node != node {
-            return false;
+    /// The tunnel peer `sender` does not host `missing` any more: a reply route through it is forgotten; a listed
+    /// instance there gets no new connections, and its connections are forgotten so their retransmissions pick
+    /// another. Returns the route-index position of the instance made unavailable, if any.
+    pub fn route_not_found(&mut self, sender: NodeId, missing: Ipv4Addr) -> Option<usize> {
+        self.reply_routes.forget(missing, sender);
+        let node = self.routes.node_by_id(sender)?;
+        let instance = self.routes.instance_by_namespace_ip(missing)?;
+        if self.routes.instances[instance].node != node || !self.routes.instances[instance].available {
+            return None;
         }
         self.routes.instances[instance].available = false;
         self.flows.remove_where(|_, flow| flow.instance == instance);
-        true
+        Some(instance)
     }
 
     fn instance_for_connection(
@@ -233,13 +299,21 @@ impl Proxy {
         if self.flows.insert(key, Flow::new(info.dst, instance, instance_ip, reply_key), info.tcp_flags, now) {
             Counters::inc(&counters.flows_evicted);
         }
+        self.new_connection = Some(service);
         Some(instance)
     }
 
     fn deliver(&mut self, buf: &mut [u8], info: &PacketInfo, now: Duration, counters: &Counters) -> Verdict {
-        if !self.attached.contains_key(&info.dst) {
+        let translated;
+        let info = if self.attached.contains_key(&info.dst) {
+            info
+        } else if let Some(&namespace_ip) = self.attached_by_instance_ip.get(&info.dst) {
+            packet::rewrite_addresses(buf, info, info.src, namespace_ip);
+            translated = PacketInfo { dst: namespace_ip, ..*info };
+            &translated
+        } else {
             return Verdict::RouteNotFound(info.dst);
-        }
+        };
         let reply_key = FlowKey {
             protocol: info.protocol,
             src: info.src,
@@ -260,7 +334,7 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::super::packet::parse;
-    use super::super::packet::tests::{icmp_echo, tcp_packet, udp_packet};
+    use super::super::packet::tests::{assert_checksums_valid, icmp_echo, tcp_packet, udp_packet};
     use super::super::routes::tests::two_machine_table;
     use super::*;
     use proptest::prelude::*;
@@ -274,7 +348,18 @@ mod tests {
     const WEB1_INSTANCE: [u8; 4] = [10, 30, 2, 2];
 
     fn config() -> ProxyConfig {
-        ProxyConfig { max_mss: 1400, flow_capacity: NonZeroUsize::new(64).unwrap(), timeouts: FlowTimeouts::default() }
+        ProxyConfig {
+            max_mss: 1400,
+            flow_capacity: NonZeroUsize::new(64).unwrap(),
+            timeouts: FlowTimeouts::default(),
+            service_range: "10.30.0.0/16".parse().unwrap(),
+            reply_route_capacity: NonZeroUsize::new(16).unwrap(),
+            reply_route_idle: Duration::from_secs(180),
+        }
+    }
+
+    fn id(name: &str) -> NodeId {
+        NodeId::from_name(name)
     }
 
     /// Machine `a` hosts the client and web#0, machine `b` hosts web#1.
@@ -316,13 +401,13 @@ mod tests {
         assert_eq!(addresses(&data).1, Ipv4Addr::from(WEB0_NS));
 
         // Machine b delivers connection 2 and web#1 replies; b translates the reply for the client's machine.
-        assert_eq!(b.incoming(&mut syn2, now, &counters), Verdict::Local);
+        assert_eq!(b.incoming(&mut syn2, id("a"), now, &counters), Verdict::Local);
         let mut reply = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"200 OK");
         let a_index = b.routes().node_by_name("a").unwrap();
         assert_eq!(b.outgoing(&mut reply, now, &counters), Verdict::Tunnel(a_index));
         assert_eq!(addresses(&reply), (WEB1_INSTANCE.into(), CLIENT_NS.into()));
         // Machine a restores the ServiceIP as the source.
-        assert_eq!(a.incoming(&mut reply, now, &counters), Verdict::Local);
+        assert_eq!(a.incoming(&mut reply, id("b"), now, &counters), Verdict::Local);
         assert_eq!(addresses(&reply), (WEB_SERVICE.into(), CLIENT_NS.into()));
 
         // Local reply path: web#0 answers connection 1.
@@ -340,10 +425,10 @@ mod tests {
         let mut ping = icmp_echo(CLIENT_NS, WEB1_INSTANCE, 9, 1, false);
         assert!(matches!(a.outgoing(&mut ping, now, &counters), Verdict::Tunnel(_)));
         assert_eq!(addresses(&ping), (CLIENT_INSTANCE.into(), WEB1_NS.into()));
-        assert_eq!(b.incoming(&mut ping, now, &counters), Verdict::Local);
+        assert_eq!(b.incoming(&mut ping, id("a"), now, &counters), Verdict::Local);
         let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 9, 1, true);
         b.outgoing(&mut pong, now, &counters);
-        assert_eq!(a.incoming(&mut pong, now, &counters), Verdict::Local);
+        assert_eq!(a.incoming(&mut pong, id("b"), now, &counters), Verdict::Local);
         assert_eq!(addresses(&pong), (WEB1_INSTANCE.into(), CLIENT_NS.into()), "the InstanceIP it called");
 
         // Echo to the ServiceIP: the second ping (new id) goes to web#1 and its reply comes from the ServiceIP.
@@ -351,10 +436,10 @@ mod tests {
         assert_eq!(a.outgoing(&mut first, now, &counters), Verdict::Local);
         let mut second = icmp_echo(CLIENT_NS, WEB_SERVICE, 11, 1, false);
         assert!(matches!(a.outgoing(&mut second, now, &counters), Verdict::Tunnel(_)));
-        b.incoming(&mut second, now, &counters);
+        b.incoming(&mut second, id("a"), now, &counters);
         let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 11, 1, true);
         b.outgoing(&mut pong, now, &counters);
-        a.incoming(&mut pong, now, &counters);
+        a.incoming(&mut pong, id("b"), now, &counters);
         assert_eq!(addresses(&pong), (WEB_SERVICE.into(), CLIENT_NS.into()));
     }
 
@@ -370,17 +455,17 @@ mod tests {
         assert_eq!(a.outgoing(&mut second, now, &counters), Verdict::Tunnel(b_index));
         // web#1 stops: machine b answers route-not-found.
         b.detach(WEB1_NS.into());
-        assert_eq!(b.incoming(&mut second, now, &counters), Verdict::RouteNotFound(WEB1_NS.into()));
-        assert!(a.route_not_found(b_index, WEB1_NS.into()));
+        assert_eq!(b.incoming(&mut second, id("a"), now, &counters), Verdict::RouteNotFound(WEB1_NS.into()));
+        assert!(a.route_not_found(id("b"), WEB1_NS.into()).is_some());
         // The retransmission and every new connection now go to web#0.
         for port in [5001, 5002, 5003] {
             let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, port, 7, b"x");
             assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Local, "port {port}");
         }
         // A route-not-found from a machine that never hosted the address is ignored.
-        assert!(!a.route_not_found(b_index, WEB0_NS.into()));
+        assert_eq!(a.route_not_found(id("b"), WEB0_NS.into()), None);
         // With no instance left, packets are dropped and counted.
-        a.route_not_found(a.local_node().unwrap(), WEB0_NS.into());
+        a.route_not_found(id("a"), WEB0_NS.into());
         let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 6000, 7, b"x");
         assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Drop);
         assert_eq!(counters.snapshot().drop_no_instance, 1);
@@ -393,11 +478,107 @@ mod tests {
         let mut stranger = udp_packet([10, 16, 0, 9], WEB_SERVICE, 1, 2, b"");
         assert_eq!(a.outgoing(&mut stranger, Duration::ZERO, &counters), Verdict::Drop);
         let mut nowhere = udp_packet(CLIENT_NS, [10, 30, 9, 9], 1, 2, b"");
-        assert_eq!(a.outgoing(&mut nowhere, Duration::ZERO, &counters), Verdict::Drop);
+        assert_eq!(a.outgoing(&mut nowhere, Duration::ZERO, &counters), Verdict::UnknownAddress([10, 30, 9, 9].into()));
         let mut garbage = vec![0x45, 0, 0];
-        assert_eq!(a.incoming(&mut garbage, Duration::ZERO, &counters), Verdict::Drop);
+        assert_eq!(a.incoming(&mut garbage, id("b"), Duration::ZERO, &counters), Verdict::Drop);
         let snapshot = counters.snapshot();
         assert_eq!((snapshot.drop_unknown_source, snapshot.drop_no_route, snapshot.drop_malformed), (1, 1, 1));
+    }
+
+    /// Machine `b`'s table lists only itself and web#1 (routes from the tree: nobody told it about `a`).
+    fn server_only_table() -> RouteTable {
+        let mut table = two_machine_table();
+        table.nodes.retain(|n| n.name == "b");
+        table.services.retain(|s| s.name == "demo.default.web.default");
+        table.services[0].instances.retain(|i| i.node == "b");
+        table
+    }
+
+    #[test]
+    fn replies_go_back_along_routes_learned_from_clients_the_table_does_not_know() {
+        let (mut a, mut b) = machines();
+        b.set_routes(&server_only_table()).unwrap();
+        let counters = Counters::default();
+        let now = Duration::from_secs(5);
+        // Before the client spoke, the server's packets to the client's InstanceIP have no route.
+        let mut early = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"");
+        assert_eq!(b.outgoing(&mut early, now, &counters), Verdict::UnknownAddress(CLIENT_INSTANCE.into()));
+        assert_eq!(counters.snapshot().drop_no_route, 1);
+
+        // Connection 2 of the client (round-robin) goes to web#1 on b, which learns the reply route.
+        let mut syn = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, true, b"");
+        assert_eq!(a.outgoing(&mut syn, now, &counters), Verdict::Local);
+        let mut syn = tcp_packet(CLIENT_NS, WEB_SERVICE, 40001, 80, true, b"");
+        assert!(matches!(a.outgoing(&mut syn, now, &counters), Verdict::Tunnel(_)));
+        assert_eq!(b.incoming(&mut syn, id("a"), now, &counters), Verdict::Local);
+        assert_eq!(addresses(&syn), (CLIENT_INSTANCE.into(), WEB1_NS.into()));
+        assert_eq!(counters.snapshot().reply_routes_learned, 1);
+        assert_eq!(b.reply_route_count(), 1);
+
+        // The reply is tunnelled to a with the client's InstanceIP as destination...
+        let mut reply = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"200 OK");
+        assert_eq!(b.outgoing(&mut reply, now, &counters), Verdict::TunnelToPeer(id("a")));
+        assert_eq!(addresses(&reply), (WEB1_INSTANCE.into(), CLIENT_INSTANCE.into()));
+        assert_checksums_valid(&reply);
+        // ... and a delivers it to the client's namespace IP, from the ServiceIP the client called.
+        assert_eq!(a.incoming(&mut reply, id("b"), now, &counters), Verdict::Local);
+        assert_eq!(addresses(&reply), (WEB_SERVICE.into(), CLIENT_NS.into()));
+        assert_checksums_valid(&reply);
+        assert_eq!(counters.snapshot().reply_routes_learned, 1, "a knows b's instance: nothing learned");
+
+        // UDP and ICMP to the InstanceIP take the same way back; a UDP packet without checksum keeps none.
+        let mut ping = icmp_echo(CLIENT_NS, WEB1_INSTANCE, 3, 1, false);
+        assert!(matches!(a.outgoing(&mut ping, now, &counters), Verdict::Tunnel(_)));
+        assert_eq!(b.incoming(&mut ping, id("a"), now, &counters), Verdict::Local);
+        let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 3, 1, true);
+        assert_eq!(b.outgoing(&mut pong, now, &counters), Verdict::TunnelToPeer(id("a")));
+        assert_eq!(a.incoming(&mut pong, id("b"), now, &counters), Verdict::Local);
+        assert_eq!(addresses(&pong), (WEB1_INSTANCE.into(), CLIENT_NS.into()));
+        let mut datagram = udp_packet(WEB1_NS, CLIENT_INSTANCE, 7, 5000, b"x");
+        datagram[26..28].copy_from_slice(&[0, 0]);
+        assert_eq!(b.outgoing(&mut datagram, now, &counters), Verdict::TunnelToPeer(id("a")));
+        assert_eq!(a.incoming(&mut datagram, id("b"), now, &counters), Verdict::Local);
+        assert_eq!(&datagram[26..28], &[0, 0]);
+        assert_eq!(addresses(&datagram), (WEB1_INSTANCE.into(), CLIENT_NS.into()));
+
+        // The client goes away: a answers route-not-found for its InstanceIP and b forgets the route.
+        a.detach(CLIENT_NS.into());
+        let mut late = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"late");
+        assert_eq!(b.outgoing(&mut late, now, &counters), Verdict::TunnelToPeer(id("a")));
+        assert_eq!(a.incoming(&mut late, id("b"), now, &counters), Verdict::RouteNotFound(CLIENT_INSTANCE.into()));
+        assert_eq!(b.route_not_found(id("a"), CLIENT_INSTANCE.into()), None, "no listed instance affected");
+        let mut after = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"");
+        assert_eq!(b.outgoing(&mut after, now, &counters), Verdict::UnknownAddress(CLIENT_INSTANCE.into()));
+    }
+
+    #[test]
+    fn learned_reply_routes_expire_when_idle() {
+        let (mut a, mut b) = machines();
+        b.set_routes(&server_only_table()).unwrap();
+        let counters = Counters::default();
+        let mut ping = icmp_echo(CLIENT_NS, WEB1_INSTANCE, 3, 1, false);
+        a.outgoing(&mut ping, Duration::ZERO, &counters);
+        assert_eq!(b.incoming(&mut ping, id("a"), Duration::ZERO, &counters), Verdict::Local);
+        let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 3, 1, true);
+        assert_eq!(b.outgoing(&mut pong, Duration::from_secs(180), &counters), Verdict::TunnelToPeer(id("a")));
+        let mut pong = icmp_echo(WEB1_NS, CLIENT_INSTANCE, 3, 2, true);
+        assert!(matches!(b.outgoing(&mut pong, Duration::from_secs(181), &counters), Verdict::UnknownAddress(_)));
+        assert_eq!(b.expire(Duration::from_secs(181)).1, 1);
+        assert_eq!(b.reply_route_count(), 0);
+    }
+
+    #[test]
+    fn new_connections_name_their_service_once() {
+        let (mut a, _) = machines();
+        let counters = Counters::default();
+        let mut syn = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, true, b"");
+        a.outgoing(&mut syn, Duration::ZERO, &counters);
+        let service = a.take_new_connection().expect("a new connection");
+        assert_eq!(a.routes().services[service].name, "demo.default.web.default");
+        assert_eq!(a.take_new_connection(), None);
+        let mut data = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, false, b"GET /");
+        a.outgoing(&mut data, Duration::ZERO, &counters);
+        assert_eq!(a.take_new_connection(), None, "same connection");
     }
 
     #[test]
@@ -429,7 +610,7 @@ mod tests {
             let mut garbage = bytes.clone();
             a.outgoing(&mut garbage, Duration::ZERO, &counters);
             let mut garbage = bytes;
-            b.incoming(&mut garbage, Duration::ZERO, &counters);
+            b.incoming(&mut garbage, id("a"), Duration::ZERO, &counters);
             let dst = [10, 30, 2, dst_last];
             let mut packet = match kind {
                 0 => tcp_packet(CLIENT_NS, dst, sport, 80, true, b"abc"),
@@ -438,7 +619,7 @@ mod tests {
             };
             if flip < packet.len() { packet[flip] = value; }
             if let Verdict::Tunnel(_) = a.outgoing(&mut packet, Duration::ZERO, &counters) {
-                b.incoming(&mut packet, Duration::ZERO, &counters);
+                b.incoming(&mut packet, id("a"), Duration::ZERO, &counters);
             }
         }
     }

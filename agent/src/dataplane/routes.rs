@@ -273,6 +273,11 @@ impl RouteIndex {
         self.nodes.iter().position(|n| n.subnet.contains(&ip))
     }
 
+    /// Name of the service an instance (route-index position) belongs to.
+    pub fn service_of_instance(&self, instance: usize) -> Option<&str> {
+        self.services.iter().find(|s| s.instances.contains(&instance)).map(|s| s.name.as_str())
+    }
+
     pub fn find_instance(&self, service: &str, number: u32) -> Option<usize> {
         let service = self.services.iter().position(|s| s.name == service)?;
         self.services[service].instances.iter().copied().find(|&i| self.instances[i].number == number)
@@ -318,6 +323,8 @@ pub(crate) mod tests {
         assert_eq!(index.overlay_target("10.30.2.2".parse().unwrap()), Some(Target::Instance(web1)));
         assert_eq!(index.instance_by_namespace_ip("10.16.0.66".parse().unwrap()), Some(web1));
         assert_eq!(index.nodes[index.instances[web1].node].name, "b");
+        assert_eq!(index.service_of_instance(web1), Some("demo.default.web.default"));
+        assert_eq!(index.service_of_instance(99), None);
         assert_eq!(index.node_for_subnet_address("10.16.0.70".parse().unwrap()), index.node_by_name("b"));
     }
 

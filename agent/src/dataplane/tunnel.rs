@@ -120,6 +120,19 @@ pub struct Peer {
     pub replay: ReplayWindow,
 }
 
+/// An authentic message was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Authentic {
+    /// Another peer was evicted to make room for this one.
+    pub evicted: bool,
+    /// It came from another endpoint than the peer's last one.
+    pub roamed: bool,
+}
+
+/// A sealed message whose counter was already seen or is too old.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed;
+
 /// Peers we exchanged data with recently, bounded (LRU) so state cannot grow without limit.
 pub struct PeerTable {
     peers: LruCache<NodeId, Peer>,
@@ -135,18 +148,32 @@ impl PeerTable {
         self.peers.len()
     }
 
-    /// Notes a data packet sent to `id`; returns true when another peer was evicted to make room.
-    pub fn sent(&mut self, id: NodeId, endpoint: SocketAddr, now: Duration) -> bool {
+    /// Notes a data packet to `id` and returns where to send it (and whether another peer was evicted to make
+    /// room). With `roaming` (sealed tunnels) a known peer keeps the endpoint its latest authentic datagram came
+    /// from; otherwise, and for a new peer, the `listed` endpoint (the route table's) is used. `None`: the peer is
+    /// neither known nor listed.
+    pub fn sent(
+        &mut self,
+        id: NodeId,
+        listed: Option<SocketAddr>,
+        roaming: bool,
+        now: Duration,
+    ) -> Option<(SocketAddr, bool)> {
         if let Some(peer) = self.peers.get_mut(&id) {
             peer.last_data = now;
             peer.last_tx = now;
-            peer.endpoint = endpoint;
-            return false;
+            if !roaming && let Some(listed) = listed {
+                peer.endpoint = listed;
+            }
+            return Some((peer.endpoint, false));
         }
-        self.peers.push(id, Peer { endpoint, last_data: now, last_tx: now, replay: ReplayWindow::default() }).is_some()
+        let endpoint = listed?;
+        let peer = Peer { endpoint, last_data: now, last_tx: now, replay: ReplayWindow::default() };
+        Some((endpoint, self.peers.push(id, peer).is_some()))
     }
 
-    /// Notes a data packet received from `id`; returns true when another peer was evicted to make room.
+    /// Notes an unsealed data packet from a listed peer at its listed endpoint; returns true when another peer was
+    /// evicted to make room.
     pub fn received(&mut self, id: NodeId, endpoint: SocketAddr, now: Duration) -> bool {
         if let Some(peer) = self.peers.get_mut(&id) {
             peer.last_data = now;
@@ -157,9 +184,46 @@ impl PeerTable {
             .is_some()
     }
 
-    /// Whether a sealed message's counter from a known peer is new (not a replay).
-    pub fn accept_counter(&mut self, id: NodeId, counter: u64) -> bool {
-        self.peers.get_mut(&id).is_some_and(|peer| peer.replay.accept(counter))
+    /// Notes an authentic sealed message with `counter` from `id`, which came from `from`. A replayed counter is
+    /// refused and changes nothing; otherwise the peer's endpoint becomes `from` (roaming: authentication proves
+    /// the sender, wherever its datagrams now come from, e.g. behind a NAT), and data refreshes its idle timer.
+    pub fn authentic(
+        &mut self,
+        id: NodeId,
+        from: SocketAddr,
+        counter: u64,
+        data: bool,
+        now: Duration,
+    ) -> Result<Authentic, Replayed> {
+        let mut evicted = false;
+        if !self.peers.contains(&id) {
+            let peer =
+                Peer { endpoint: from, last_data: now, last_tx: Duration::ZERO, replay: ReplayWindow::default() };
+            evicted = self.peers.push(id, peer).is_some();
+        }
+        let peer = self.peers.get_mut(&id).expect("present: just checked or inserted");
+        if !peer.replay.accept(counter) {
+            return Err(Replayed);
+        }
+        let roamed = peer.endpoint != from;
+        peer.endpoint = from;
+        if data {
+            peer.last_data = now;
+        }
+        Ok(Authentic { evicted, roamed })
+    }
+
+    /// Where datagrams to `id` go now, if it has tunnel state.
+    #[cfg(test)]
+    pub fn endpoint(&self, id: NodeId) -> Option<SocketAddr> {
+        self.peers.peek(&id).map(|peer| peer.endpoint)
+    }
+
+    /// The route table now lists another endpoint for `id`: use it until the peer's next authentic datagram.
+    pub fn relisted(&mut self, id: NodeId, endpoint: SocketAddr) {
+        if let Some(peer) = self.peers.peek_mut(&id) {
+            peer.endpoint = endpoint;
+        }
     }
 
     /// Drops peers without data for longer than the idle timeout; returns how many.
@@ -234,15 +298,46 @@ mod tests {
     fn peers_are_bounded_and_expire() {
         let endpoint: SocketAddr = "192.0.2.1:50103".parse().unwrap();
         let mut peers = PeerTable::new(NonZeroUsize::new(2).unwrap(), Duration::from_secs(60));
-        assert!(!peers.sent(NodeId(1), endpoint, Duration::from_secs(0)));
+        assert_eq!(peers.sent(NodeId(1), Some(endpoint), false, Duration::from_secs(0)), Some((endpoint, false)));
         assert!(!peers.received(NodeId(2), endpoint, Duration::from_secs(10)));
-        assert!(peers.sent(NodeId(3), endpoint, Duration::from_secs(20)), "LRU peer 1 evicted");
+        assert_eq!(peers.sent(NodeId(3), None, true, Duration::from_secs(20)), None, "neither known nor listed");
+        let evicted = peers.sent(NodeId(3), Some(endpoint), true, Duration::from_secs(20));
+        assert_eq!(evicted, Some((endpoint, true)), "LRU peer 1 evicted");
         assert_eq!(peers.len(), 2);
         let due = peers.keepalives_due(Duration::from_secs(30), Duration::from_secs(15));
         assert_eq!(due, vec![(NodeId(2), endpoint)]);
         assert_eq!(peers.expire(Duration::from_secs(75)), 1, "peer 2 (data at 10) goes; keepalives do not count");
         assert_eq!(peers.len(), 1);
         assert_eq!(peers.expire(Duration::from_secs(81)), 1, "peer 3 (data at 20) goes");
+    }
+
+    #[test]
+    fn authentic_messages_roam_and_replays_change_nothing() {
+        let listed: SocketAddr = "192.0.2.1:50103".parse().unwrap();
+        let nat: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let spoofed: SocketAddr = "203.0.113.9:1".parse().unwrap();
+        let mut peers = PeerTable::new(NonZeroUsize::new(4).unwrap(), Duration::from_secs(60));
+        let t = Duration::from_secs;
+        // A peer nobody listed, behind a NAT: known from its first authentic datagram.
+        assert_eq!(peers.authentic(NodeId(7), nat, 100, true, t(1)), Ok(Authentic { evicted: false, roamed: false }));
+        assert_eq!(peers.endpoint(NodeId(7)), Some(nat));
+        assert_eq!(peers.sent(NodeId(7), None, true, t(2)), Some((nat, false)), "replies go where it spoke from");
+        // A replayed datagram from elsewhere neither passes nor moves the peer.
+        assert_eq!(peers.authentic(NodeId(7), spoofed, 100, true, t(3)), Err(Replayed));
+        assert_eq!(peers.endpoint(NodeId(7)), Some(nat));
+        // A listed peer we sent to first, then heard from behind its NAT: sealed replies follow it.
+        assert_eq!(peers.sent(NodeId(8), Some(listed), true, t(4)), Some((listed, false)));
+        assert_eq!(peers.authentic(NodeId(8), nat, 5, false, t(5)).map(|a| a.roamed), Ok(true));
+        assert_eq!(peers.sent(NodeId(8), Some(listed), true, t(6)), Some((nat, false)));
+        // Unsealed mode always uses the listed endpoint; a new table entry resets a roamed one.
+        assert_eq!(peers.sent(NodeId(8), Some(listed), false, t(7)), Some((listed, false)));
+        peers.authentic(NodeId(8), nat, 6, true, t(8)).unwrap();
+        peers.relisted(NodeId(8), listed);
+        assert_eq!(peers.endpoint(NodeId(8)), Some(listed));
+        // Keepalives do not keep a peer alive: only data does.
+        peers.authentic(NodeId(7), nat, 101, false, t(50)).unwrap();
+        assert_eq!(peers.expire(t(63)), 1, "peer 7 (data at 2) idles out; peer 8 (data at 8) stays");
+        assert_eq!(peers.endpoint(NodeId(7)), None);
     }
 
     proptest! {
