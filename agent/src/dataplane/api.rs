@@ -15,14 +15,13 @@ use axum::{Json, Router};
 impl DataPlane {
     /// Every route: the standalone data plane, with a static route table.
     pub fn router(&self) -> Router {
-        self.status_router()
-            .merge(
-                Router::new()
-                    .route("/v1/dataplane/routes", get(routes).put(set_routes))
-                    .route("/v1/instances", get(instances).post(attach))
-                    .route("/v1/instances/{service}/{instance}", delete(detach))
-                    .with_state(self.clone()),
-            )
+        self.status_router().merge(
+            Router::new()
+                .route("/v1/dataplane/routes", get(routes).put(set_routes))
+                .route("/v1/instances", get(instances).post(attach))
+                .route("/v1/instances/{service}/{instance}", delete(detach))
+                .with_state(self.clone()),
+        )
     }
 
     /// Status only: when the tree feeds the routes, the agent serves the route table and instances itself.
