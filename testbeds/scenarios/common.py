@@ -1,22 +1,36 @@
-"""Pieces shared by the netns scenarios and the demo: the five-machine world and the HTTP-through-overlay check."""
+"""Pieces shared by the netns scenarios and the demo: the emulated worlds, starting a tree, web services and
+clients run with `agent run`, and what the agents know about services."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import secrets
+import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "netns"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from canopy_netns import Node, Testbed, TestbedError  # noqa: E402
+from canopy_netns import Node, Testbed, TestbedError, tree_view  # noqa: E402
+from web_programs import HTTP_PORT, WEB_CLIENT, WEB_SERVER, client_plan, parse_client_output  # noqa: E402
 
 SERVICE = "demo.canopy.web.test"
+API_SERVICE = "demo.canopy.api.test"
 CLIENT_SERVICE = "demo.canopy.client.test"
-# The name a client resolves: every instance, round-robin. The agent may want its domain suffix added.
-SERVICE_NAME = f"{SERVICE}.any.rr"
-HTTP_PORT = 8080
+
+# Positions of six_machines: Munich area on segment wan-a, Nuremberg area on wan-b, Munich-Pasing behind the NAT.
+POSITIONS = {
+    "m1": (48.137, 11.575),  # Munich
+    "m2": (48.249, 11.651),  # Garching
+    "m3": (48.180, 11.510),  # Munich-Moosach
+    "m4": (49.452, 11.077),  # Nuremberg
+    "m5": (49.598, 11.004),  # Erlangen
+    "m6": (48.149, 11.462),  # Munich-Pasing, behind NAT
+}
 
 
 def five_machines(tb: Testbed) -> dict[str, Node]:
@@ -41,26 +55,117 @@ def five_machines(tb: Testbed) -> dict[str, Node]:
     return hosts
 
 
-def start_web_service(tb: Testbed, host: Node, instance: int | None = None):
-    """A Python web server as SERVICE on `host` (in its own service namespace, via `agent run`)."""
-    return tb.run_service(host, SERVICE, ["python3", "-m", "http.server", str(HTTP_PORT)], instance=instance)
+def six_machines(tb: Testbed) -> dict[str, Node]:
+    """Three machines around Munich and two around Nuremberg on two routed segments, one more behind a NAT:
+
+        m1 m2 m3 ---[wan-a]--- r1 ---[wan-b]--- m4 m5
+                      |
+                     nat ---[lan]--- m6
+    """
+    wan_a, wan_b = tb.add_segment("wana"), tb.add_segment("wanb")
+    lan = tb.add_segment("lan", public=False)
+    tb.add_router("r1", [wan_a, wan_b])
+    tb.add_nat_router("nat", wan=wan_a, lan=lan)
+    segment = {"m1": wan_a, "m2": wan_a, "m3": wan_a, "m4": wan_b, "m5": wan_b, "m6": lan}
+    hosts = {name: tb.add_host(name, segment[name], position=POSITIONS[name]) for name in segment}
+    tb.install_routes()
+    return hosts
 
 
-def fetch_through_overlay(tb: Testbed, client: Node, timeout: float = 60) -> str:
-    """Resolve SERVICE_NAME on `client` and fetch the page from a client service there; returns `HTTP 200 ...`."""
-    service_ip = tb.wait_for(lambda: tb.resolve(client, SERVICE_NAME), timeout, f"{SERVICE_NAME} to resolve on {client.name}")
-    fetch = (
-        "import urllib.request; "
-        f"r = urllib.request.urlopen('http://{service_ip}:{HTTP_PORT}/', timeout=5); print('HTTP', r.status, r.headers['Server'])"
-    )
+def distance_km(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Great-circle distance between two (lat, lon) positions."""
+    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * 6371 * math.asin(math.sqrt(h))
 
-    def fetched():
-        result = tb.run_client(client, CLIENT_SERVICE, ["python3", "-c", fetch], timeout=30)
-        if "HTTP 200" not in result.stdout:
-            raise TestbedError(f"client said: {(result.stdout + result.stderr).strip()[-300:]}")
-        return result.stdout.strip()
 
-    return tb.wait_for(fetched, timeout, f"an HTTP reply via {service_ip} on {client.name}", interval=2.0)
+def nearest(client: Node, servers: list[Node]) -> Node:
+    return min(servers, key=lambda s: distance_km(client.position, s.position))
+
+
+def start_tree(tb: Testbed, hosts: list[Node], timeout: float = 90) -> dict[str, float]:
+    """Start the first host's agent, join the others (tree mode: no --subnet, no route table), wait for one tree
+    and for every machine's subnet grant. Returns the seconds until each, from the first agent's start."""
+    started = time.monotonic()
+    tb.start_overlay(hosts)
+    tb.wait_one_tree(hosts, timeout=timeout)
+    tree_s = time.monotonic() - started
+    tb.wait_subnets(hosts, timeout=timeout)
+    return {"tree_s": round(tree_s, 1), "subnets_s": round(time.monotonic() - started, 1)}
+
+
+def roles(tb: Testbed, hosts: list[Node]) -> dict[str, str]:
+    """Each host's role (root, coordinator, leaf, detached) by host name."""
+    return {h.name: tree_view(tb.status(h))["role"] for h in hosts}
+
+
+def start_web(tb: Testbed, host: Node, instance: int, service: str = SERVICE):
+    """WEB_SERVER as instance `instance` of `service` on `host`, answering `hello from <host>`."""
+    return tb.run_service(host, service, ["python3", "-c", WEB_SERVER, host.name], instance=instance)
+
+
+def url(name_or_ip: str, service: str | None = None) -> str:
+    """http://NAME:PORT/ for a ServiceIP/InstanceIP, or for `service` + a name suffix like `any.rr`."""
+    host = f"{service}.{name_or_ip}" if service else name_or_ip
+    return f"http://{host}:{HTTP_PORT}/"
+
+
+def fetch(tb: Testbed, client: Node, warm_urls: list[str], fetches: list[tuple[str, str, int]], warmup: float = 60) -> dict:
+    """Run WEB_CLIENT as CLIENT_SERVICE on `client`: waits until every warm URL answers (at most `warmup` seconds),
+    then fetches each URL `count` times with a new connection each time. Returns {"results": [...], "warm_ms"}."""
+    plan = client_plan(warm_urls, fetches, warmup)
+    result = tb.run_client(client, CLIENT_SERVICE, ["python3", "-c", WEB_CLIENT, plan], timeout=warmup + 90)
+    try:
+        reply = parse_client_output(result.stdout)
+    except ValueError as err:
+        raise TestbedError(f"the client on {client.name} (exit {result.returncode}): {err} {result.stderr.strip()[-300:]}") from err
+    if "error" in reply:
+        raise TestbedError(f"the client on {client.name} could not fetch: {reply['error']}")
+    failed = [r for r in reply["results"] if r["ms"] is None]
+    if failed:
+        raise TestbedError(f"{len(failed)} of {len(reply['results'])} fetches from {client.name} failed, e.g. {failed[0]['url']}: {failed[0]['answer']}")
+    return reply
+
+
+def answers(reply: dict, label: str) -> dict[str, int]:
+    """How often each answer came back for the fetches labelled `label`."""
+    counts: dict[str, int] = {}
+    for r in reply["results"]:
+        if r["label"] == label:
+            counts[r["answer"]] = counts.get(r["answer"], 0) + 1
+    return counts
+
+
+def median_ms(reply: dict) -> float:
+    return statistics.median(r["ms"] for r in reply["results"])
+
+
+def services(tb: Testbed, host: Node) -> list[dict]:
+    """`agent services --json` on a host."""
+    return json.loads(tb.agent_cli(host, "services", "--json").stdout)
+
+
+def local_instances(tb: Testbed, host: Node, service: str) -> dict[int, str]:
+    """InstanceIPs of the instances of `service` that `host` runs, by instance number."""
+    for entry in services(tb, host):
+        if entry.get("name") == service:
+            return {i["number"]: i["instance_ip"] for i in entry.get("instances", []) if i.get("local")}
+    return {}
+
+
+def wait_local_instances(tb: Testbed, host: Node, service: str, count: int, timeout: float = 60) -> dict[int, str]:
+    """Wait until `host` reports `count` local instances of `service` with their InstanceIPs."""
+
+    def enough():
+        found = local_instances(tb, host, service)
+        return found if len(found) >= count and all(found.values()) else None
+
+    return tb.wait_for(enough, timeout, f"{count} instances of {service} registered on {host.name}")
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise TestbedError(message)
 
 
 # ----- the demo's world: per-machine subnets, one static route table, a web service on three machines -----------
@@ -77,53 +182,6 @@ SUBNETS = {
 # ServiceIPs of SERVICE, one per routing policy.
 SERVICE_IPS = {"rr": "10.30.0.1", "closest": "10.30.0.2"}
 CLIENT_SERVICE_IP = "10.30.0.10"
-
-# A web server that answers with the machine it runs on: `python3 -c WEB_SERVER <machine>`.
-WEB_SERVER = f"""
-import http.server, sys
-answer = ("hello from " + sys.argv[1] + "\\n").encode()
-class Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", {HTTP_PORT}), Hello).serve_forever()
-"""
-
-# A client that fetches URLs (names resolve through the agent's DNS on the bridge gateway) and prints JSON:
-# `python3 -c WEB_CLIENT '{"warm_url": URL, "warmup": SECONDS, "fetches": [[LABEL, URL, COUNT], ...]}'`.
-WEB_CLIENT = """
-import json, sys, time, urllib.request
-plan = json.loads(sys.argv[1])
-def get(url):
-    start = time.monotonic()
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        return reply.read().decode().strip(), round((time.monotonic() - start) * 1000, 1)
-deadline = time.monotonic() + plan["warmup"]
-for warm_url in plan["warm_urls"]:
-    while True:
-        try:
-            get(warm_url)
-            break
-        except Exception as err:
-            if time.monotonic() > deadline:
-                print(json.dumps({"error": warm_url + ": " + str(err)}))
-                sys.exit(1)
-            time.sleep(0.5)
-results = []
-for label, url, count in plan["fetches"]:
-    for _ in range(count):
-        try:
-            answer, ms = get(url)
-        except Exception as err:
-            answer, ms = "error: " + str(err), None
-        results.append({"label": label, "url": url, "answer": answer, "ms": ms})
-print(json.dumps({"results": results}))
-"""
-
 
 def namespace_ip(machine: str, offset: int) -> str:
     """The `offset`-th address in a machine's instance subnet (.1 is its bridge)."""
