@@ -4,7 +4,8 @@
 //! Shows: HTTP and a 1 MB transfer through a ServiceIP across machines; UDP echo whose reply comes from the
 //! ServiceIP; ICMP echo to a ServiceIP; round-robin alternation between instances on two machines; a stopped
 //! instance answered with route-not-found and later connections going to the remaining instance; and that
-//! stopping the agents removes everything they installed.
+//! stopping the agents removes everything they installed. A second scenario gives each machine only part of the
+//! table (as routes from the tree do): the server's machine does not list the client's, and replies still arrive.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -147,7 +148,32 @@ impl Testbed {
         path
     }
 
-    fn start_agents(&mut self, routes: &Path) {
+    /// Machine a lists b and the services it calls; machine b lists only itself and its own instances (nobody
+    /// told it about a or the client), as with routes from the tree.
+    fn write_partial_routes(&self) -> [PathBuf; 2] {
+        let b_node = serde_json::json!({"name": "b", "subnet": "10.16.0.64/26", "endpoint": "172.31.250.2:50103"});
+        let files = serde_json::json!({"name": FILES, "service_ip": FILES_SERVICE_IP, "instances": [
+            {"number": 0, "instance_ip": "10.30.4.1", "namespace_ip": "10.16.0.67", "node": "b"}]});
+        let echo = serde_json::json!({"name": ECHO, "service_ip": ECHO_SERVICE_IP, "instances": [
+            {"number": 0, "instance_ip": "10.30.5.1", "namespace_ip": "10.16.0.68", "node": "b"}]});
+        let client = serde_json::json!({"name": CLIENT, "service_ip": "10.30.0.1", "instances": [
+            {"number": 0, "instance_ip": "10.30.1.1", "namespace_ip": "10.16.0.2", "node": "a"}]});
+        let key = "5a".repeat(32);
+        let a = serde_json::json!({
+            "tunnel_key": key,
+            "nodes": [{"name": "a", "subnet": "10.16.0.0/26", "endpoint": "172.31.250.1:50103"}, b_node],
+            "services": [client, files, echo],
+        });
+        let b = serde_json::json!({"tunnel_key": key, "nodes": [b_node], "services": [files, echo]});
+        [("routes-a.json", a), ("routes-b.json", b)].map(|(name, table)| {
+            let path = self.dir.join(name);
+            std::fs::write(&path, serde_json::to_vec_pretty(&table).unwrap()).unwrap();
+            path
+        })
+    }
+
+    /// Starts `agent dataplane` on each machine with its route table.
+    fn start_agents(&mut self, routes: &[PathBuf; 2]) {
         for (index, machine) in self.machines.iter().enumerate() {
             let netns = std::fs::File::open(format!("/run/netns/{}", machine.netns)).unwrap();
             let log = std::fs::File::create(self.dir.join(format!("agent-{index}.log"))).unwrap();
@@ -158,7 +184,7 @@ impl Testbed {
                 .args(["dataplane", "--node", if index == 0 { "a" } else { "b" }])
                 .args(["--subnet", if index == 0 { "10.16.0.0/26" } else { "10.16.0.64/26" }])
                 .arg("--routes")
-                .arg(routes)
+                .arg(&routes[index])
                 .args(["--listen", &format!("{}:50103", machine.underlay_ip), "--prefix", &machine.prefix])
                 .stdout(log.try_clone().unwrap())
                 .stderr(log);
@@ -311,7 +337,7 @@ fn scenario(tag: char, sealed: bool) {
     let mut bed = Testbed::new(tag, sealed);
     bed.build_underlay();
     let routes = bed.write_routes();
-    bed.start_agents(&routes);
+    bed.start_agents(&[routes.clone(), routes]);
 
     for (name, content) in [("w0", b"web0".to_vec()), ("w1", b"web1".to_vec()), ("files", b"files".to_vec())] {
         let dir = bed.dir.join(name);
@@ -412,4 +438,87 @@ fn scenario(tag: char, sealed: bool) {
             .collect();
         assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
     }
+}
+
+/// Routes from the tree are partial: machine b does not know machine a or the client calling its services. With
+/// sealed tunnels b accepts a's authentic datagrams and learns the client's InstanceIP from them, so TCP, UDP and
+/// ICMP replies find their way back; an address nobody knows becomes a notice (a table query, for the agent).
+#[test]
+fn server_machine_answers_clients_its_table_does_not_list() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping dataplane_netns: {reason}");
+        return;
+    }
+    let mut bed = Testbed::new('l', true);
+    bed.build_underlay();
+    let routes = bed.write_partial_routes();
+    bed.start_agents(&routes);
+    let dir = bed.dir.join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("id.txt"), b"files").unwrap();
+    std::fs::write(dir.join("big.bin"), big_file()).unwrap();
+    let serve: Vec<String> =
+        ["python3", "-m", "http.server", "8000", "--directory", &dir.to_string_lossy()].map(String::from).to_vec();
+    let echo = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 7))\n\
+                while True:\n    data, peer = s.recvfrom(2048)\n    s.sendto(data, peer)";
+    bed.run_service(0, CLIENT, 0, &["sleep", "600"]);
+    bed.run_service(1, FILES, 0, &refs(&serve));
+    bed.run_service(1, ECHO, 0, &["python3", "-c", echo]);
+    let client_netns = format!("/run/netns/{}", bed.service_netns(0, CLIENT, 0));
+    wait_for(Duration::from_secs(20), "the client namespace", || Path::new(&client_netns).exists());
+    wait_for(Duration::from_secs(30), "the files service", || {
+        bed.http_get(&format!("http://{FILES_SERVICE_IP}:8000/id.txt")).is_ok()
+    });
+
+    // TCP through the ServiceIP: an HTTP request and a 1 MB transfer.
+    assert_eq!(bed.http_get(&format!("http://{FILES_SERVICE_IP}:8000/id.txt")).unwrap(), b"files");
+    let big = bed.http_get(&format!("http://{FILES_SERVICE_IP}:8000/big.bin")).unwrap();
+    assert!(big == big_file(), "the 1 MB transfer arrived intact ({} bytes)", big.len());
+
+    // UDP echo: the reply comes from the ServiceIP the client called.
+    let udp = bed.client_python(
+        &format!(
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+             for attempt in range(5):\n    s.sendto(b'canopy', ('{ECHO_SERVICE_IP}', 7))\n    try:\n        \
+             data, peer = s.recvfrom(100)\n        break\n    except socket.timeout:\n        pass\n\
+             print(data.decode(), peer[0], peer[1])"
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(udp.status.success(), "UDP echo failed: {}", String::from_utf8_lossy(&udp.stderr));
+    assert_eq!(String::from_utf8_lossy(&udp.stdout).trim(), format!("canopy {ECHO_SERVICE_IP} 7"));
+
+    // ICMP echo to the ServiceIP.
+    let ping = run_with_timeout(
+        Command::new("ip")
+            .args(["netns", "exec", &bed.service_netns(0, CLIENT, 0), "ping", "-c", "2", "-W", "2"])
+            .arg(FILES_SERVICE_IP),
+        Duration::from_secs(10),
+    );
+    let ping_output = String::from_utf8_lossy(&ping.stdout);
+    assert!(ping.status.success(), "ping failed: {ping_output}");
+    assert!(ping_output.contains(&format!("from {FILES_SERVICE_IP}")), "{ping_output}");
+
+    // b learned the client's InstanceIP from authentic traffic of a machine its table does not list.
+    let b = bed.status(1);
+    assert!(b["counters"]["reply_routes_learned"].as_u64().unwrap() >= 1, "{b}");
+    assert!(b["reply_routes"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(b["counters"]["drop_unknown_sender"], 0, "{b}");
+    assert_eq!(b["counters"]["drop_unauthenticated"], 0, "{b}");
+    assert_eq!(b["counters"]["drop_no_route"], 0, "{b}");
+
+    // An overlay address nobody knows: dropped, counted, and the agent is told (once per second at most).
+    let nowhere = bed.client_python(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range(3):\n    s.sendto(b'x', ('10.30.99.99', 9))",
+        Duration::from_secs(10),
+    );
+    assert!(nowhere.status.success(), "{}", String::from_utf8_lossy(&nowhere.stderr));
+    wait_for(Duration::from_secs(5), "the unknown-address notice", || {
+        let a = bed.status(0);
+        a["counters"]["drop_no_route"].as_u64().unwrap() >= 3 && a["counters"]["notices_sent"].as_u64().unwrap() >= 1
+    });
+    let log = std::fs::read_to_string(bed.dir.join("agent-0.log")).unwrap();
+    assert!(log.contains("UnknownAddress(10.30.99.99)"), "the standalone agent logs its notices");
+    assert_eq!(log.matches("UnknownAddress(10.30.99.99)").count(), 1, "three packets, one notice");
 }
