@@ -42,6 +42,10 @@ pub enum Command {
     Resolve(crate::dns::command::ResolveArgs),
     /// List the services this machine knows (used or hosted): ServiceIPs per policy and instances.
     Services(crate::control::OutputArgs),
+    /// Find machines near a position with enough free capacity (placement search over the capacity grids).
+    Placement(crate::grid_view::PlacementArgs),
+    /// Show this node's capacity grid as a heatmap (text, PNG or JSON).
+    Grid(crate::grid_view::GridArgs),
     /// Leave the overlay gracefully (a coordinator hands its role over first) and stop the agent.
     Leave,
     /// Run the data plane alone with a static route table (no control plane); serves the local API.
@@ -67,6 +71,8 @@ pub fn main() -> ExitCode {
         Command::Peers(args) => crate::control::peers(global, args),
         Command::Resolve(args) => crate::dns::command::resolve(global, args),
         Command::Services(args) => crate::tree_routes::command::services(global, args),
+        Command::Placement(args) => crate::grid_view::placement(global, args),
+        Command::Grid(args) => crate::grid_view::grid(global, args),
         Command::Leave => crate::control::leave(global),
         Command::Dataplane(args) => crate::dataplane::commands::dataplane(global, args),
         Command::Run(args) => crate::dataplane::commands::run(global, args),

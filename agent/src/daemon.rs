@@ -15,8 +15,8 @@ use crate::runtime::metrics::{self, Metrics};
 use crate::runtime::{self, Handle};
 use crate::tree_routes::TreeRoutesConfig;
 use anyhow::{Context, anyhow, bail};
+use canopy_overlay::Position;
 use canopy_overlay::routes::ServiceDomain;
-use canopy_overlay::{Capacity, Position};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::Deserialize;
@@ -34,7 +34,7 @@ const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: position, listen, tunnel_port, network_key_file, mdns, metrics, bootstrap_attempts,
-    /// subnet, routes, dataplane. Flags and CANOPY_* variables override it.
+    /// subnet, routes, dataplane, capacity_file. Flags and CANOPY_* variables override it.
     #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This machine's position, latitude,longitude in degrees (e.g. 48.14,11.58).
@@ -67,6 +67,10 @@ pub struct DaemonArgs {
     /// Run the control plane only, even with --subnet.
     #[arg(long, env = "CANOPY_NO_DATAPLANE")]
     pub no_dataplane: bool,
+    /// TOML file overriding the measured free capacity (`cpu = .., mem_mb = .., bandwidth_mbps = ..`, any subset);
+    /// re-read when it changes, so experiments can change it live.
+    #[arg(long, env = "CANOPY_CAPACITY_FILE", value_name = "FILE")]
+    pub capacity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,6 +96,7 @@ struct FileConfig {
     subnet: Option<ipnet::Ipv4Net>,
     routes: Option<PathBuf>,
     dataplane: Option<bool>,
+    capacity_file: Option<PathBuf>,
 }
 
 /// Effective settings after merging flags, environment and config file.
@@ -107,6 +112,7 @@ pub struct Settings {
     pub subnet: Option<ipnet::Ipv4Net>,
     pub routes: Option<PathBuf>,
     pub dataplane: bool,
+    pub capacity_file: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -152,6 +158,7 @@ impl DaemonArgs {
             subnet: self.subnet.or(file.subnet),
             routes: self.routes.clone().or(file.routes),
             dataplane: !self.no_dataplane && file.dataplane.unwrap_or(true),
+            capacity_file: self.capacity_file.clone().or(file.capacity_file),
         })
     }
 }
@@ -202,18 +209,6 @@ pub async fn resolve_bootstrap(text: &str) -> anyhow::Result<Vec<Multiaddr>> {
         bail!("bootstrap host {host:?} has no addresses");
     }
     Ok(addrs)
-}
-
-/// The measured free capacity of this machine (CPU cores, available memory); bandwidth is not measured yet.
-fn measure_capacity() -> Capacity {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
-    let mem_mb = sysinfo::System::new()
-        .map(|mut sys| {
-            sys.refresh_memory();
-            sys.available_memory() as f64 / (1024.0 * 1024.0)
-        })
-        .unwrap_or(0.0);
-    Capacity { cpu: cpus, mem_mb, bandwidth_mbps: 0.0 }
 }
 
 pub fn start(global: &GlobalArgs, args: &DaemonArgs) -> anyhow::Result<()> {
@@ -268,7 +263,8 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
         }
         false => (None, None),
     };
-    let capacity = measure_capacity();
+    let capacity_source = crate::capacity::CapacitySource::new(settings.capacity_file.clone())?;
+    let capacity = capacity_source.current();
     let driver = Driver::new(
         swarm,
         DriverConfig {
@@ -300,6 +296,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     let dataplane = start_dataplane(&settings, &local.to_string()).await?;
 
     let handle = Handle::new(requests_tx);
+    let capacity_task = tokio::spawn(crate::capacity::monitor(capacity_source, handle.clone(), capacity));
     let mut router = runtime::api::router(handle.clone());
     let mut services_task = None;
     let mut resolver = None;
@@ -341,6 +338,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
 
     let result = driver.run(shutdown_signal()).await;
     let _ = stop_api.send(());
+    capacity_task.abort();
     if let Some(task) = services_task {
         task.abort();
     }

@@ -1,11 +1,13 @@
 //! `agent`: the Canopy node agent. One per machine; see `agent --help`.
 
 mod api;
+mod capacity;
 mod cli;
 mod control;
 mod daemon;
 mod dataplane;
 mod dns;
+mod grid_view;
 mod logging;
 mod netns;
 mod persist;

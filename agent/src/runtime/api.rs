@@ -1,4 +1,4 @@
-//! The runtime's part of the local API: `/status`, `/peers`, `/tree`, `POST /leave`.
+//! The runtime's part of the local API: `/status`, `/peers`, `/tree`, `POST /leave`, `/grids`, `POST /placement`.
 
 use super::{Handle, PeerReport, StatusReport, TreeReport};
 use crate::api::{ApiError, ApiResult};
@@ -12,6 +12,8 @@ pub fn router(handle: Handle) -> Router {
         .route("/peers", get(peers))
         .route("/tree", get(tree))
         .route("/leave", post(leave))
+        .route("/grids", get(crate::grid_view::grids_endpoint))
+        .route("/placement", post(crate::grid_view::placement_endpoint))
         .with_state(handle)
 }
 

@@ -372,6 +372,10 @@ impl Driver {
             }
             return;
         }
+        if let Event::PlacementResult { tag, candidates } = event {
+            crate::grid_view::placement_done(tag, candidates);
+            return;
+        }
         match &event {
             Event::RoleChanged { role, term } => {
                 tracing::info!(role = ?role, term, "role changed");
@@ -818,6 +822,17 @@ impl Driver {
             Request::Route(command) => {
                 let now = self.now();
                 self.node.handle(now, Input::Command(Command::Route(command)));
+            }
+            Request::SetCapacity(free) => {
+                let now = self.now();
+                self.node.handle(now, Input::Command(Command::SetCapacity(free)));
+            }
+            Request::Grids(reply) => {
+                let _ = reply.send(crate::grid_view::GridsReport::of(&mut self.node, self.info.position));
+            }
+            Request::Placement(request) => {
+                let now = self.now();
+                self.node.handle(now, Input::Command(request.command()));
             }
             Request::Leave(reply) => {
                 tracing::info!("leaving the overlay");

@@ -27,6 +27,12 @@ pub enum Request {
     Leave(oneshot::Sender<()>),
     /// A routes command for the overlay (from the tree-routes task); its answers come back as route events.
     Route(canopy_overlay::routing::RouteCommand),
+    /// This machine's free capacity changed (from the capacity monitor).
+    SetCapacity(canopy_overlay::Capacity),
+    /// The capacity grids this node holds.
+    Grids(oneshot::Sender<crate::grid_view::GridsReport>),
+    /// Start a placement query; the result goes to the waiter registered under `tag` in `grid_view`.
+    Placement(crate::grid_view::PlacementRequest),
 }
 
 /// A cloneable way to talk to the swarm task.
@@ -64,6 +70,24 @@ impl Handle {
 
     pub async fn route(&self, command: canopy_overlay::routing::RouteCommand) -> anyhow::Result<()> {
         self.requests.send(Request::Route(command)).await.map_err(|_| anyhow!("the agent is shutting down"))
+    }
+
+    pub async fn set_capacity(&self, free: canopy_overlay::Capacity) -> anyhow::Result<()> {
+        self.requests.send(Request::SetCapacity(free)).await.map_err(|_| anyhow!("the agent is shutting down"))
+    }
+
+    pub async fn grids(&self) -> anyhow::Result<crate::grid_view::GridsReport> {
+        self.ask(Request::Grids).await
+    }
+
+    /// Machines near `query.near` that can host `query.demand`, nearest first (waits for the overlay's query).
+    pub async fn placement(
+        &self,
+        query: crate::grid_view::PlacementQuery,
+    ) -> anyhow::Result<Vec<canopy_overlay::grids::PlacementCandidate>> {
+        let (request, answer) = crate::grid_view::PlacementRequest::new(query);
+        self.requests.send(Request::Placement(request)).await.map_err(|_| anyhow!("the agent is shutting down"))?;
+        answer.wait().await
     }
 }
 
