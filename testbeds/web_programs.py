@@ -73,3 +73,61 @@ def parse_client_output(text: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise ValueError(f"no JSON line in the client output: {text.strip()[-400:]}")
+
+
+# `python3 -c WEB_PROBE URL STOP_FILE`: a new connection to URL every PROBE_INTERVAL seconds until STOP_FILE exists;
+# one JSON line per attempt: {"t": wall-clock seconds, "ok": bool, "answer": ...}. Used to see whether traffic keeps
+# flowing (and how long it stops) while the tree heals.
+PROBE_INTERVAL = 0.2
+WEB_PROBE = f"""
+import json, os, sys, time, urllib.request
+target, stop_file = sys.argv[1], sys.argv[2]
+while not os.path.exists(stop_file):
+    began = time.time()
+    try:
+        with urllib.request.urlopen(target, timeout=1) as reply:
+            entry = {{"t": began, "ok": True, "answer": reply.read().decode().strip()}}
+    except Exception as err:
+        entry = {{"t": began, "ok": False, "answer": str(err)}}
+    print(json.dumps(entry), flush=True)
+    time.sleep(max(0.0, {PROBE_INTERVAL} - (time.time() - began)))
+"""
+
+
+def probe_outages(lines: list[dict], since: float, until: float) -> dict:
+    """From WEB_PROBE lines: attempts and failures in [since, until], the longest time without a successful
+    connection in that window (seconds; from the last success before a failure to the next success), and the
+    time from `since` until the first success that follows the last failure (0 when nothing failed)."""
+    window = [e for e in lines if since <= e["t"] <= until]
+    failures = [e for e in window if not e["ok"]]
+    longest = 0.0
+    last_ok = since
+    outage_start = None
+    for entry in window:
+        if entry["ok"]:
+            if outage_start is not None:
+                longest = max(longest, entry["t"] - last_ok)
+                outage_start = None
+            last_ok = entry["t"]
+        elif outage_start is None:
+            outage_start = entry["t"]
+    if outage_start is not None:  # still failing at the end of the window
+        longest = max(longest, until - last_ok)
+    recovered = 0.0
+    if failures:
+        later_ok = [e["t"] for e in window if e["ok"] and e["t"] > failures[-1]["t"]]
+        recovered = (later_ok[0] - since) if later_ok else float("inf")
+    return {"attempts": len(window), "failures": len(failures), "longest_outage_s": round(longest, 2), "recovered_after_s": round(recovered, 2)}
+
+
+def read_probe_log(text: str) -> list[dict]:
+    """The JSON lines of a WEB_PROBE log (other lines, e.g. from `agent run`, are skipped)."""
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines

@@ -680,13 +680,14 @@ table ip canopy_nat {{
             return argv
         return ["nsenter", "--target", str(agent.process.pid), "--mount", "--", *argv]
 
-    def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None) -> subprocess.Popen:
-        """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] -- CMD...` in the background on a host."""
+    def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None, log_name: str | None = None) -> subprocess.Popen:
+        """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] -- CMD...` in the background on a host; its output
+        goes to `logs/<log_name>.log` (default: named after host, service and instance)."""
         argv = [str(self.find_agent_binary()), "run", "--data-dir", str(self.data_dir(host)), "--service", service]
         if instance is not None:
             argv += ["--instance", str(instance)]
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service)
-        log_name = f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}"
+        log_name = log_name or f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}"
         return self.spawn(host, self._in_agent_mounts(host, [*argv, "--", *cmd]), log_name=log_name)
 
     def run_client(self, host: Node, service: str, cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:

@@ -1,24 +1,35 @@
 #!/usr/bin/env python3
-"""Scenario: a machine behind NAT joins and hosts the service; public machines reach it through the overlay
-although the underlay gives them no route to it."""
+"""Scenario behind-nat: m6 sits behind a NAT router (the underlay gives public machines no route to it; seed 002
+section 4.3.3). It joins the tree, hosts a service that public machines reach by name and by ServiceIP, and reaches
+a public service itself."""
 
 import sys
 
 from _runner import main, step
-from common import five_machines, fetch_through_overlay, start_web_service
-from canopy_netns import TestbedError
+from common import API_SERVICE, SERVICE, answers, expect, fetch, median_ms, six_machines, start_tree, start_web, url
 
 
-def scenario(tb):
-    hosts = five_machines(tb)
+def scenario(tb, figures):
+    hosts = six_machines(tb)
     machines = list(hosts.values())
-    if tb.ping(hosts["m3"], hosts["m5"].ip, timeout=1, check=False):
-        raise TestbedError("m5 is reachable without the overlay: the NAT is not in place")
-    tb.start_overlay(machines)
-    tb.wait_one_tree(machines, timeout=60)
-    step("m5 (behind NAT) is in the tree")
-    start_web_service(tb, hosts["m5"])
-    step(f"m3: {fetch_through_overlay(tb, hosts['m3'])}")
+    nat_host = hosts["m6"]
+    expect(not tb.ping(hosts["m1"], nat_host.ip, timeout=1, check=False), f"{nat_host.name} is reachable without the overlay: the NAT is not in place")
+    step(f"underlay: no public machine reaches {nat_host.name} ({nat_host.ip}) behind the NAT")
+    figures.update(start_tree(tb, machines))
+    step(f"{nat_host.name} is in the tree with subnet {tb.status(nat_host).get('subnet')} ({figures['subnets_s']} s)")
+    start_web(tb, nat_host, 0, SERVICE)
+    start_web(tb, hosts["m4"], 0, API_SERVICE)
+    for client in (hosts["m1"], hosts["m5"]):
+        service_ip = tb.wait_for(lambda c=client: tb.resolve(c, f"{SERVICE}.any.rr"), 60, f"{SERVICE} to resolve on {client.name}")
+        reply = fetch(tb, client, [url("0.none", SERVICE)], [("name", url("any.rr", SERVICE), 3), ("serviceip", url(service_ip), 3)])
+        figures[f"{client.name}_to_nat_fetch_ms_median"] = median_ms(reply)
+        for label in ("name", "serviceip"):
+            expect(answers(reply, label) == {f"hello from {nat_host.name}": 3}, f"{client.name} {label}: {answers(reply, label)}")
+        step(f"{client.name} reaches {SERVICE} on {nat_host.name} by name and by ServiceIP {service_ip} (median {median_ms(reply)} ms)")
+    reply = fetch(tb, nat_host, [url("0.none", API_SERVICE)], [("name", url("any.rr", API_SERVICE), 3)])
+    expect(answers(reply, "name") == {"hello from m4": 3}, f"{nat_host.name} -> {API_SERVICE}: {answers(reply, 'name')}")
+    figures["nat_to_m4_fetch_ms_median"] = median_ms(reply)
+    step(f"{nat_host.name} reaches {API_SERVICE} on m4 by name (median {median_ms(reply)} ms)")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,25 @@ def six_machines(tb: Testbed) -> dict[str, Node]:
     return hosts
 
 
+def add_bystanders(tb: Testbed, hosts: dict[str, Node], count: int, seed: int = 7) -> list[Node]:
+    """`count` more machines (b1, b2, ...) without services, alternating between the Munich and the Nuremberg
+    segment of `six_machines`. A coordinator adopts up to 16 children before it sends joiners down, so a tree needs
+    more than 17 machines to have a level of coordinators below the root."""
+    import random
+
+    rng = random.Random(seed)
+    segments = [tb.segments["wana"], tb.segments["wanb"]]
+    centres = [POSITIONS["m1"], POSITIONS["m4"]]
+    added = []
+    for i in range(count):
+        lat, lon = centres[i % 2]
+        position = (round(lat + rng.uniform(-0.1, 0.1), 4), round(lon + rng.uniform(-0.1, 0.1), 4))
+        added.append(tb.add_host(f"b{i + 1}", segments[i % 2], position=position))
+    tb.install_routes()
+    hosts.update({h.name: h for h in added})
+    return added
+
+
 def distance_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     """Great-circle distance between two (lat, lon) positions."""
     lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
