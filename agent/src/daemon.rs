@@ -293,7 +293,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
         metrics::serve(addr, metrics.clone()).await?;
         tracing::info!(%addr, "serving metrics at /metrics");
     }
-    let dataplane = start_dataplane(&settings, &local.to_string()).await?;
+    let dataplane = start_dataplane(&settings, &local.to_string(), data_dir).await?;
 
     let handle = Handle::new(requests_tx);
     let capacity_task = tokio::spawn(crate::capacity::monitor(capacity_source, handle.clone(), capacity));
@@ -361,7 +361,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
 
 /// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet` (and an optional
 /// static `--routes` table); without `--subnet`, or with `--no-dataplane`, the agent runs the control plane only.
-async fn start_dataplane(settings: &Settings, node_name: &str) -> anyhow::Result<Option<DataPlane>> {
+async fn start_dataplane(settings: &Settings, node_name: &str, data_dir: &Path) -> anyhow::Result<Option<DataPlane>> {
     let Some(subnet) = settings.subnet.filter(|_| settings.dataplane) else {
         tracing::info!("control plane only (no --subnet)");
         return Ok(None);
@@ -373,6 +373,7 @@ async fn start_dataplane(settings: &Settings, node_name: &str) -> anyhow::Result
     let mut config = DataPlaneConfig::new(node_name, subnet);
     config.listen = SocketAddr::from(([0, 0, 0, 0], settings.tunnel_port));
     config.netns_prefix = netns_prefix(node_name);
+    config.keep_netns = adopted_netns(&restorable(&StateStore::new(data_dir).load()?.services));
     let dataplane =
         DataPlane::start(config).await.context("starting the data plane (it needs root or CAP_NET_ADMIN)")?;
     if let Some(table) = table
@@ -405,7 +406,7 @@ pub(crate) fn saved_services(attachments: &[Attachment]) -> Vec<serde_json::Valu
         .filter_map(|a| {
             let target = match (&a.target, &a.netns_name) {
                 // A namespace the agent created outlives a crash of the agent: find it again by name.
-                (AttachTarget::Create { owner_pid }, Some(name)) => {
+                (AttachTarget::Create { owner_pid } | AttachTarget::Adopt { owner_pid, .. }, Some(name)) => {
                     serde_json::json!({"create": {"owner_pid": owner_pid, "netns": name}})
                 }
                 (target, _) => serde_json::to_value(target).ok()?,
@@ -427,8 +428,9 @@ pub(crate) fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
             let target = &entry["target"];
             let target = if let Some(created) = target.get("create") {
                 let name = created["netns"].as_str()?;
-                (process_alive(created["owner_pid"].as_u64()?) && netns_exists(name))
-                    .then(|| AttachTarget::Netns(name.to_string()))?
+                let owner_pid = u32::try_from(created["owner_pid"].as_u64()?).ok()?;
+                (process_alive(owner_pid.into()) && netns_exists(name))
+                    .then(|| AttachTarget::Adopt { owner_pid, netns: name.to_string() })?
             } else {
                 match serde_json::from_value::<AttachTarget>(target.clone()).ok()? {
                     AttachTarget::Pid(pid) if process_alive(pid.into()) => AttachTarget::Pid(pid),
@@ -437,6 +439,17 @@ pub(crate) fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
                 }
             };
             Some(AttachRequest { service, instance, target })
+        })
+        .collect()
+}
+
+/// The namespaces of restorable services that an earlier run created: the data plane must not remove them.
+pub(crate) fn adopted_netns(requests: &[AttachRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .filter_map(|r| match &r.target {
+            AttachTarget::Adopt { netns, .. } => Some(netns.clone()),
+            _ => None,
         })
         .collect()
 }

@@ -149,7 +149,7 @@ impl Testbed {
             .args(["--no-mdns", "--position", &format!("48.{},11.{}", index * 3, index * 5)])
             .args(["--listen", &listen[0], "--listen", &listen[1]])
             .env("CANOPY_NETNS_PREFIX", &machine.netns_prefix)
-            .env("RUST_LOG", "info,canopy_agent=debug,libp2p=warn")
+            .env("RUST_LOG", "info,agent=debug,libp2p=warn")
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // Only the network namespace changes: the agent shares our mount namespace, so the service namespaces it
@@ -268,7 +268,11 @@ impl Drop for Testbed {
             let _ = Command::new("ip").args(["netns", "del", &machine.netns]).stderr(Stdio::null()).status();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.underlay]).stderr(Stdio::null()).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("CANOPY_KEEP_TEST_LOGS").is_some() {
+            eprintln!("logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -446,4 +450,28 @@ fn services_reach_each_other_with_routes_from_the_tree() {
         bed.http_get(&late_name).is_ok_and(|id| id == "late")
     });
     eprintln!("new service reachable {recovered:?} after the tree healed");
+
+    // kill -9 the agent hosting web#1 (c) and restart it: same peer id, same subnet, web#1 reachable again at the
+    // same InstanceIP (its process kept running).
+    let before = bed.status(2).unwrap();
+    let instance_ip = |bed: &Testbed| -> Option<String> {
+        let services: serde_json::Value = serde_json::from_slice(&bed.cli(3, &["services", "--json"]).stdout).ok()?;
+        let web = services.as_array()?.iter().find(|s| s["name"] == WEB)?.clone();
+        let one = web["instances"].as_array()?.iter().find(|i| i["number"] == 1)?.clone();
+        one["instance_ip"].as_str().map(str::to_string)
+    };
+    let web1_ip = instance_ip(&bed).expect("d knows web#1");
+    bed.kill_agent(2);
+    let restarted_at = Instant::now();
+    bed.start_agent(2, &["join".into(), bootstrap.clone(), "--network-key-file".into(), key.clone()]);
+    wait_for(Duration::from_secs(60), "the restarted agent back in the tree", || {
+        bed.status(2).is_some_and(|s| s["role"] != "detached" && s["subnet"].is_string())
+    });
+    let after = bed.status(2).unwrap();
+    assert_eq!(after["peer_id"], before["peer_id"]);
+    assert_eq!(after["subnet"], before["subnet"], "the restarted machine keeps its subnet");
+    let back = wait_for(Duration::from_secs(60), "web#1 at its InstanceIP again", || {
+        bed.http_get(&web1_ip).is_ok_and(|id| id == "web1")
+    });
+    eprintln!("web#1 reachable at {web1_ip} {back:?} after the restart ({:?} since the kill)", restarted_at.elapsed());
 }

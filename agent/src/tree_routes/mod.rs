@@ -143,7 +143,8 @@ impl Pending {
     /// Starts the task; `runtime` sends route commands to the overlay.
     pub fn spawn(self, config: TreeRoutesConfig, runtime: Handle) -> TreeRoutes {
         let handle = TreeRoutes { inbox: self.tx };
-        let saved_services = config.state.load().map(|s| s.services).unwrap_or_default();
+        let saved = config.state.load().unwrap_or_default();
+        let (saved_services, saved_subnets) = (saved.services.clone(), saved_subnets(&saved));
         let task = Task {
             config,
             runtime,
@@ -161,7 +162,14 @@ impl Pending {
             saved_services,
             next_renew: Instant::now() + RENEW_INTERVAL,
         };
-        tokio::spawn(task.run(self.rx));
+        tokio::spawn(async move {
+            if !saved_subnets.is_empty() {
+                // A restarted machine asks for the subnets it had, so its instances keep their namespace IPs.
+                tracing::info!(subnets = ?saved_subnets, "asking the tree for this machine's previous subnet");
+                task.command(RouteCommand::RestoreSubnets(saved_subnets)).await;
+            }
+            task.run(self.rx).await
+        });
         handle
     }
 }
@@ -557,6 +565,8 @@ impl Task {
         let mut config = DataPlaneConfig::new(node_name(&self.config.me), subnet);
         config.listen = SocketAddr::from(([0, 0, 0, 0], self.config.tunnel_port));
         config.netns_prefix = crate::daemon::netns_prefix(&config.node_name);
+        let restore = crate::daemon::restorable(&self.saved_services);
+        config.keep_netns = crate::daemon::adopted_netns(&restore);
         let dataplane = match DataPlane::start(config).await {
             Ok(dataplane) => dataplane,
             Err(err) => {
@@ -594,8 +604,8 @@ impl Task {
         self.dirty = true;
         self.install_table().await;
         tracing::info!(%subnet, tunnel_port = self.config.tunnel_port, "data plane running");
-        let saved = std::mem::take(&mut self.saved_services);
-        self.restore_later(crate::daemon::restorable(&saved));
+        self.saved_services.clear();
+        self.restore_later(restore);
     }
 
     /// Stops the resolver and the data plane; returns what was attached (to attach again after a renumbering).
@@ -764,6 +774,11 @@ fn record_version() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64)
 }
 
+/// The subnets this machine held before it restarted (from the state file).
+pub fn saved_subnets(state: &crate::persist::State) -> Vec<Ipv4Net> {
+    state.grants.iter().filter_map(|g| g["machine_subnet"].as_str()?.parse().ok()).collect()
+}
+
 /// The tunnel key every member derives from the network key.
 pub fn tunnel_key(network_key_hex: &str) -> String {
     let key = blake3::derive_key("canopy 2026 tunnel key v1", network_key_hex.as_bytes());
@@ -819,5 +834,10 @@ mod tests {
         assert_eq!(key.len(), 64);
         assert_eq!(key, tunnel_key("00ff"));
         assert_ne!(key, tunnel_key("00fe"));
+        let state = crate::persist::State {
+            grants: vec![serde_json::json!({"machine_subnet": "10.16.0.64/26"}), serde_json::json!({"x": 1})],
+            ..Default::default()
+        };
+        assert_eq!(saved_subnets(&state), vec!["10.16.0.64/26".parse::<Ipv4Net>().unwrap()]);
     }
 }
