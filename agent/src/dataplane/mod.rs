@@ -85,6 +85,9 @@ pub struct DataPlaneConfig {
     /// names are global to the host, unlike links: agents sharing a host (one per namespace, as in the testbeds)
     /// need distinct ones, or one would remove the other's as leftovers.
     pub netns_prefix: String,
+    /// Namespaces of ours that outlived a crash of the agent with their service still running: not removed as
+    /// leftovers, so the restarted agent can attach them again.
+    pub keep_netns: Vec<String>,
     pub flow_capacity: NonZeroUsize,
     pub flow_timeouts: FlowTimeouts,
     pub peer_capacity: NonZeroUsize,
@@ -107,6 +110,7 @@ impl DataPlaneConfig {
             underlay_mtu: 1500,
             prefix: DEFAULT_PREFIX.to_string(),
             netns_prefix: format!("{DEFAULT_PREFIX}-"),
+            keep_netns: Vec::new(),
             flow_capacity: NonZeroUsize::new(65536).expect("non-zero"),
             flow_timeouts: FlowTimeouts::default(),
             peer_capacity: NonZeroUsize::new(1024).expect("non-zero"),
@@ -177,6 +181,9 @@ pub enum AttachTarget {
     Pid(u32),
     /// An existing named namespace (`/run/netns/NAME`).
     Netns(String),
+    /// A namespace an earlier run of this agent created for `owner_pid` (a restart after a crash): used as it is,
+    /// and like `Create`, detached and removed when the owner exits.
+    Adopt { owner_pid: u32, netns: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,7 +273,7 @@ impl DataPlane {
     pub async fn start(config: DataPlaneConfig) -> anyhow::Result<Self> {
         config.validate()?;
         let netlink = setup::connect()?;
-        Self::remove_leftovers(&netlink, &config.prefix, &config.netns_prefix).await?;
+        Self::remove_leftovers(&netlink, &config.prefix, &config.netns_prefix, &config.keep_netns).await?;
         let mtu = config.mtu();
         let gateway = Ipv4Net::new(config.gateway(), config.subnet.prefix_len()).expect("prefix checked");
         let bridge_index = setup::create_bridge(&netlink, &config.bridge_name(), gateway, u32::from(mtu)).await?;
@@ -311,12 +318,17 @@ impl DataPlane {
         Ok(dataplane)
     }
 
-    async fn remove_leftovers(netlink: &rtnetlink::Handle, prefix: &str, netns_prefix: &str) -> anyhow::Result<()> {
+    async fn remove_leftovers(
+        netlink: &rtnetlink::Handle,
+        prefix: &str,
+        netns_prefix: &str,
+        keep_netns: &[String],
+    ) -> anyhow::Result<()> {
         let removed = setup::remove_links_with_prefix(netlink, prefix).await?;
         if !removed.is_empty() {
             tracing::warn!("removed links left by an earlier run: {}", removed.join(", "));
         }
-        for name in netns::list_named(netns_prefix) {
+        for name in netns::list_named(netns_prefix).into_iter().filter(|n| !keep_netns.contains(n)) {
             tracing::warn!("removing network namespace {name} left by an earlier run");
             netns::delete_named(&name).await?;
         }
@@ -495,6 +507,12 @@ impl DataPlane {
                 let name = format!("{}{}-{}", config.netns_prefix, sanitize(&request.service), request.instance);
                 netns::create_named(&name).await?;
                 (NamespaceRef::Named(name.clone()), Some(name))
+            }
+            AttachTarget::Adopt { owner_pid, netns } => {
+                if !netns::process_alive(*owner_pid) {
+                    bail!("owner process {owner_pid} is not running");
+                }
+                (NamespaceRef::Named(netns.clone()), Some(netns.clone()))
             }
             AttachTarget::Pid(pid) => (NamespaceRef::Pid(*pid), None),
             AttachTarget::Netns(name) => (NamespaceRef::Named(name.clone()), None),
@@ -686,7 +704,9 @@ fn enlarge_socket_buffers(socket: &std::net::UdpSocket) {
 
 fn attachment_alive(attachment: &Attachment) -> bool {
     match &attachment.target {
-        AttachTarget::Create { owner_pid } => netns::process_alive(*owner_pid) && attachment.netns_path.exists(),
+        AttachTarget::Create { owner_pid } | AttachTarget::Adopt { owner_pid, .. } => {
+            netns::process_alive(*owner_pid) && attachment.netns_path.exists()
+        }
         AttachTarget::Pid(pid) => NamespaceRef::Pid(*pid).alive(),
         AttachTarget::Netns(name) => NamespaceRef::Named(name.clone()).alive(),
     }
