@@ -10,6 +10,7 @@
 use super::proxy::Chooser;
 use super::routes::RouteIndex;
 use canopy_policies::{Candidate, Capacity, PickContext, Policies, PolicyKind, Position};
+use std::fmt::Write as _;
 
 /// Free capacity assumed for a machine the route table says nothing about: enough for anything, so no instance is
 /// skipped as full on information nobody gave us.
@@ -21,6 +22,8 @@ pub struct PolicyChooser {
     /// Reused per pick: the policy's view of the candidates, and their route-index positions.
     candidates: Vec<Candidate>,
     indices: Vec<usize>,
+    /// Reused per pick: the ServiceIP as text, the key of the round-robin cursor (one cursor per ServiceIP).
+    cursor_key: String,
 }
 
 impl PolicyChooser {
@@ -43,8 +46,8 @@ impl PolicyChooser {
         }
     }
 
-    fn pick(&mut self, kind: PolicyKind, service: &str, here: Position) -> Option<usize> {
-        let ctx = PickContext::new(service, here);
+    fn pick(&mut self, kind: PolicyKind, here: Position) -> Option<usize> {
+        let ctx = PickContext::new(&self.cursor_key, here);
         self.policies.pick(kind, &ctx, &self.candidates).map(|i| self.indices[i])
     }
 }
@@ -53,19 +56,21 @@ impl Chooser for PolicyChooser {
     fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize], local: Option<usize>) -> usize {
         let entry = &routes.services[service];
         let kind = entry.policy.parse::<PolicyKind>().unwrap_or(PolicyKind::Rr);
+        self.cursor_key.clear();
+        let _ = write!(self.cursor_key, "{}", entry.service_ip);
         let here = local.and_then(|node| routes.nodes[node].position);
         if kind != PolicyKind::Rr
             && let Some(here) = here
         {
             // Instances on machines without a position are never "closest"; if none has one, fall back to rr.
             self.collect(routes, candidates, true);
-            if let Some(pick) = self.pick(kind, &entry.name, here) {
+            if let Some(pick) = self.pick(kind, here) {
                 return pick;
             }
         }
         self.collect(routes, candidates, false);
         // `candidates` is never empty (the Chooser contract), so neither is the collected list.
-        self.pick(PolicyKind::Rr, &entry.name, Position::default()).unwrap_or(candidates[0])
+        self.pick(PolicyKind::Rr, Position::default()).unwrap_or(candidates[0])
     }
 }
 
