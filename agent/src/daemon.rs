@@ -33,7 +33,7 @@ const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 /// Flags shared by `start` and `join`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
-    /// TOML file with any of: position, listen, tunnel_port, network_key_file, mdns, metrics, bootstrap_attempts,
+    /// TOML file with any of: position, listen, tunnel_port, tunnel_endpoints, network_key_file, mdns, metrics, bootstrap_attempts,
     /// subnet, routes, dataplane, capacity_file. Flags and CANOPY_* variables override it.
     #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -46,6 +46,10 @@ pub struct DaemonArgs {
     /// UDP port of the data-plane tunnel.
     #[arg(long, env = "CANOPY_TUNNEL_PORT", value_name = "PORT")]
     pub tunnel_port: Option<u16>,
+    /// Where other machines reach this machine's tunnel, when that is not a listen address: behind a NAT, the
+    /// router's public address and the UDP port it forwards to --tunnel-port (repeatable; listed first).
+    #[arg(long = "tunnel-endpoint", env = "CANOPY_TUNNEL_ENDPOINT", value_name = "IP:PORT", value_delimiter = ',')]
+    pub tunnel_endpoints: Vec<SocketAddr>,
     /// File holding the overlay's network key (64 hex characters). `agent start` creates one when none is given.
     #[arg(long, env = "CANOPY_NETWORK_KEY_FILE", value_name = "FILE")]
     pub network_key_file: Option<PathBuf>,
@@ -89,6 +93,7 @@ struct FileConfig {
     position: Option<String>,
     listen: Option<Vec<String>>,
     tunnel_port: Option<u16>,
+    tunnel_endpoints: Option<Vec<SocketAddr>>,
     network_key_file: Option<PathBuf>,
     mdns: Option<bool>,
     metrics: Option<SocketAddr>,
@@ -105,6 +110,7 @@ pub struct Settings {
     pub position: Position,
     pub listen: Vec<Multiaddr>,
     pub tunnel_port: u16,
+    pub tunnel_endpoints: Vec<SocketAddr>,
     pub network_key_file: Option<PathBuf>,
     pub mdns: bool,
     pub metrics: Option<SocketAddr>,
@@ -151,6 +157,10 @@ impl DaemonArgs {
             position,
             listen,
             tunnel_port: self.tunnel_port.or(file.tunnel_port).unwrap_or(DEFAULT_TUNNEL_PORT),
+            tunnel_endpoints: match self.tunnel_endpoints.is_empty() {
+                false => self.tunnel_endpoints.clone(),
+                true => file.tunnel_endpoints.unwrap_or_default(),
+            },
             network_key_file: self.network_key_file.clone().or(file.network_key_file),
             mdns: !self.no_mdns && file.mdns.unwrap_or(true),
             metrics: self.metrics.or(file.metrics),
@@ -305,7 +315,12 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
         let domain: ServiceDomain = crate::dns::DEFAULT_DOMAIN.parse().context("the default DNS domain")?;
         let config = TreeRoutesConfig {
             me: runtime::node_id(&local),
-            tunnel_endpoints: crate::tree_routes::tunnel_endpoints(driver.listen_addrs(), settings.tunnel_port),
+            tunnel_endpoints: settings
+                .tunnel_endpoints
+                .iter()
+                .copied()
+                .chain(crate::tree_routes::tunnel_endpoints(driver.listen_addrs(), settings.tunnel_port))
+                .collect(),
             tunnel_port: settings.tunnel_port,
             position: settings.position,
             capacity,
