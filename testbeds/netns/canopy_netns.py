@@ -803,17 +803,23 @@ def parse_join_command(log_text: str) -> list[str] | None:
 
 def check_one_tree(statuses: dict[str, dict]) -> None:
     """Raise TestbedError unless the `agent status --json` outputs (by host name) show one tree: exactly one root
-    and every other agent attached with the root among its ancestors."""
+    and every other agent attached with the root among its ancestors, and no parent or ancestor outside the given
+    agents."""
     views = {name: tree_view(status) for name, status in statuses.items()}
     roots = [name for name, view in views.items() if view["role"] == "root"]
     if len(roots) != 1:
         raise TestbedError(f"{len(roots)} roots: {roots}")
     root_id = views[roots[0]]["id"]
+    # Parents and ancestors must be among the given agents: a node still below a killed agent is not in the tree.
+    members = {view["id"] for view in views.values()}
     for name, view in views.items():
         if name == roots[0]:
             continue
         if view["role"] in ("detached", "") or (root_id not in view["ancestors"] and view["parent"] != root_id):
             raise TestbedError(f"{name} is not below the root (role {view['role']!r}, parent {view['parent']!r})")
+        strangers = [a for a in [*view["ancestors"], view["parent"]] if a not in members]
+        if strangers:
+            raise TestbedError(f"{name} is below {strangers[0]!r}, which is not one of the agents")
 
 
 def check_disjoint_subnets(subnets: dict[str, str]) -> None:

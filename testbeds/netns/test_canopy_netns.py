@@ -83,6 +83,16 @@ class JoinCommandParsing(unittest.TestCase):
             cn.check_one_tree({"a": root, "c": {"id": "C", "role": "Detached", "parent": None, "ancestors": []}})
         with self.assertRaises(cn.TestbedError):
             cn.check_one_tree({"a": root, "c": dict(deep, parent="X", ancestors=["X"])})
+        # Below a coordinator that is gone (killed): root among the ancestors, yet not in the tree.
+        with self.assertRaises(cn.TestbedError):
+            cn.check_one_tree({"a": root, "c": deep})
+
+    def test_subnets_must_not_overlap(self):
+        cn.check_disjoint_subnets({"a": "10.16.0.0/26", "b": "10.16.0.64/26"})
+        with self.assertRaises(cn.TestbedError):
+            cn.check_disjoint_subnets({"a": "10.16.0.0/26", "b": "10.16.0.32/27"})
+        with self.assertRaises(cn.TestbedError):
+            cn.check_disjoint_subnets({"a": "10.16.0.0/33"})
 
     def test_tree_view_finds_nested_fields(self):
         status = {"node": {"id": "B", "role": "Leaf", "parent": "A", "ancestors": ["A"]}, "services": []}

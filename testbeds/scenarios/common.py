@@ -102,11 +102,12 @@ def nearest(client: Node, servers: list[Node]) -> Node:
     return min(servers, key=lambda s: distance_km(client.position, s.position))
 
 
-def start_tree(tb: Testbed, hosts: list[Node], timeout: float = 90) -> dict[str, float]:
-    """Start the first host's agent, join the others (tree mode: no --subnet, no route table), wait for one tree
-    and for every machine's subnet grant. Returns the seconds until each, from the first agent's start."""
+def start_tree(tb: Testbed, hosts: list[Node], timeout: float = 90, stagger: float = 0.0) -> dict[str, float]:
+    """Start the first host's agent, join the others `stagger` seconds apart (tree mode: no --subnet, no route
+    table), wait for one tree and for every machine's subnet grant. Returns the seconds until each, from the first
+    agent's start."""
     started = time.monotonic()
-    tb.start_overlay(hosts)
+    tb.start_overlay(hosts, stagger=stagger)
     tb.wait_one_tree(hosts, timeout=timeout)
     tree_s = time.monotonic() - started
     tb.wait_subnets(hosts, timeout=timeout)
