@@ -182,9 +182,15 @@ pub fn differs_significantly(old: &Capacity, new: &Capacity, threshold: f64) -> 
     moved || old.fits(&Capacity::MIN_USEFUL) != new.fits(&Capacity::MIN_USEFUL)
 }
 
-/// Keeps the overlay's idea of this machine's free capacity current until the agent stops. `told` is what the
-/// overlay was given at start.
-pub async fn monitor(mut source: CapacitySource, handle: Handle, mut told: Capacity) {
+/// Keeps the overlay's idea of this machine's free capacity current until the agent stops, and publishes every
+/// change on `changes` (the records of the instances hosted here carry it). `told` is what the overlay was given
+/// at start.
+pub async fn monitor(
+    mut source: CapacitySource,
+    handle: Handle,
+    mut told: Capacity,
+    changes: tokio::sync::watch::Sender<Capacity>,
+) {
     let mut file_check = tokio::time::interval(FILE_CHECK_EVERY);
     file_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut measure = tokio::time::interval(MEASURE_EVERY);
@@ -210,6 +216,7 @@ pub async fn monitor(mut source: CapacitySource, handle: Handle, mut told: Capac
             if handle.set_capacity(now).await.is_err() {
                 return; // the agent is stopping
             }
+            changes.send_replace(now);
             told = now;
         }
     }

@@ -306,7 +306,9 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     let dataplane = start_dataplane(&settings, &local.to_string(), data_dir).await?;
 
     let handle = Handle::new(requests_tx);
-    let capacity_task = tokio::spawn(crate::capacity::monitor(capacity_source, handle.clone(), capacity));
+    let (capacity_changes, capacity_watch) = tokio::sync::watch::channel(capacity);
+    let capacity_task =
+        tokio::spawn(crate::capacity::monitor(capacity_source, handle.clone(), capacity, capacity_changes));
     let mut router = runtime::api::router(handle.clone());
     let mut services_task = None;
     let mut resolver = None;
@@ -323,7 +325,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
                 .collect(),
             tunnel_port: settings.tunnel_port,
             position: settings.position,
-            capacity,
+            capacity: capacity_watch,
             tunnel_key: Some(crate::tree_routes::tunnel_key(&network_key.to_hex())),
             machine_prefix: canopy_overlay::routing::RoutingConfig::default().machine_prefix,
             domain: domain.clone(),

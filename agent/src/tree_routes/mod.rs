@@ -58,7 +58,8 @@ pub struct TreeRoutesConfig {
     pub tunnel_endpoints: Vec<SocketAddr>,
     pub tunnel_port: u16,
     pub position: Position,
-    pub capacity: Capacity,
+    /// This machine's free capacity, as measured (or overridden) now: the records of hosted instances carry it.
+    pub capacity: tokio::sync::watch::Receiver<Capacity>,
     /// Hex key for the data plane's sealed tunnels (derived from the network key: every member has it).
     pub tunnel_key: Option<String>,
     pub machine_prefix: u8,
@@ -266,8 +267,13 @@ impl Task {
     async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Inbox>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut capacity = self.config.capacity.clone();
         loop {
             tokio::select! {
+                Ok(()) = capacity.changed() => {
+                    let free = *capacity.borrow_and_update();
+                    self.republish_hosted(free).await;
+                }
                 message = inbox.recv() => {
                     let Some(message) = message else { break };
                     if self.on_message(message).await.is_break() {
@@ -505,7 +511,7 @@ impl Task {
             host: self.config.me,
             tunnel: self.config.tunnel_endpoints.clone(),
             position: self.config.position,
-            free: self.config.capacity,
+            free: *self.config.capacity.borrow(),
             version: record_version(),
         };
         self.known.host(addresses, record.clone());
@@ -546,6 +552,21 @@ impl Task {
         let attachment = dataplane.detach(&service.to_string(), number).await?;
         self.unhost(service, number).await;
         Ok(attachment)
+    }
+
+    /// The free capacity changed: the records of instances hosted here go up again with it (a newer version), so
+    /// capacity-aware policies elsewhere see it.
+    async fn republish_hosted(&mut self, free: Capacity) {
+        let hosted: Vec<(ServiceName, u32)> = self.known.hosted().cloned().collect();
+        for (service, number) in hosted {
+            let Some(routes) = self.known.service(&service) else { continue };
+            let (Some(addresses), Some(record)) = (routes.addresses.clone(), routes.instances.get(&number)) else {
+                continue;
+            };
+            let record = InstanceRecord { free, version: record_version().max(record.version + 1), ..record.clone() };
+            self.known.host(addresses, record.clone());
+            self.command(RouteCommand::RegisterInstance(record)).await;
+        }
     }
 
     async fn unhost(&mut self, service: &ServiceName, number: u32) {
