@@ -3,9 +3,7 @@ clients run with `agent run`, and what the agents know about services."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import secrets
 import math
 import statistics
 import sys
@@ -186,94 +184,3 @@ def wait_local_instances(tb: Testbed, host: Node, service: str, count: int, time
 def expect(condition: bool, message: str) -> None:
     if not condition:
         raise TestbedError(message)
-
-
-# ----- the demo's world: per-machine subnets, one static route table, a web service on three machines -----------
-
-TUNNEL_PORT = 50103
-# Each machine's instance subnet (its bridge holds .1); the demo gives every agent its own with --subnet.
-SUBNETS = {
-    "m1": "10.16.0.0/26",
-    "m2": "10.16.0.64/26",
-    "m3": "10.16.0.128/26",
-    "m4": "10.16.0.192/26",
-    "m5": "10.16.1.0/26",
-}
-# ServiceIPs of SERVICE, one per routing policy.
-SERVICE_IPS = {"rr": "10.30.0.1", "closest": "10.30.0.2"}
-CLIENT_SERVICE_IP = "10.30.0.10"
-
-def namespace_ip(machine: str, offset: int) -> str:
-    """The `offset`-th address in a machine's instance subnet (.1 is its bridge)."""
-    net = ipaddress.ip_network(SUBNETS[machine])
-    return str(net.network_address + offset)
-
-
-def demo_route_table(
-    node_names: dict[str, str],
-    endpoints: dict[str, str],
-    positions: dict[str, tuple[float, float]],
-    web_on: list[str],
-    client_on: str,
-) -> dict:
-    """The static route table every agent gets: machines (by their data-plane node name, with their positions for
-    the closest policy), SERVICE with one instance on each of `web_on` and ServiceIPs for rr and closest, and a
-    client service on `client_on`."""
-    return {
-        "tunnel_key": secrets.token_hex(32),
-        "nodes": [
-            {
-                "name": node_names[m],
-                "subnet": SUBNETS[m],
-                "endpoint": f"{endpoints[m]}:{TUNNEL_PORT}",
-                "position": {"lat": positions[m][0], "lon": positions[m][1]},
-            }
-            for m in node_names
-        ],
-        "services": [
-            {
-                "name": SERVICE,
-                "service_ip": SERVICE_IPS["rr"],
-                "policy": "rr",
-                "policy_ips": {"closest": SERVICE_IPS["closest"]},
-                "instances": [
-                    {"number": n, "instance_ip": f"10.30.1.{n + 1}", "namespace_ip": namespace_ip(m, 2), "node": node_names[m]}
-                    for n, m in enumerate(web_on)
-                ],
-            },
-            {
-                "name": CLIENT_SERVICE,
-                "service_ip": CLIENT_SERVICE_IP,
-                "instances": [
-                    {"number": 0, "instance_ip": "10.30.2.1", "namespace_ip": namespace_ip(client_on, 3), "node": node_names[client_on]}
-                ],
-            },
-        ],
-    }
-
-
-def start_named_web_server(tb: Testbed, host: Node, instance: int):
-    """WEB_SERVER as instance `instance` of SERVICE on `host`, answering with the host's name."""
-    return tb.run_service(host, SERVICE, ["python3", "-c", WEB_SERVER, host.name], instance=instance)
-
-
-def fetch_many(
-    tb: Testbed,
-    client: Node,
-    fetches: list[tuple[str, str, int]],
-    warmup: float = 30,
-    instances: int = 0,
-) -> list[dict]:
-    """Run WEB_CLIENT once as the client service on `client`: waits until each of the first `instances` instances
-    answers at its InstanceIP name (so no server is still starting) and the first URL answers, then fetches each URL
-    `count` times (a new connection each time). Returns one dict per fetch: label, url, answer, ms."""
-    warm_urls = [f"http://{SERVICE}.{n}.none:{HTTP_PORT}/" for n in range(instances)] + [fetches[0][1]]
-    plan = {"warm_urls": warm_urls, "warmup": warmup, "fetches": [list(f) for f in fetches]}
-    result = tb.run_client(client, CLIENT_SERVICE, ["python3", "-c", WEB_CLIENT, json.dumps(plan)], timeout=warmup + 60)
-    try:
-        reply = json.loads(result.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise TestbedError(f"the client on {client.name} said: {(result.stdout + result.stderr).strip()[-400:]}")
-    if "error" in reply:
-        raise TestbedError(f"the client on {client.name} could not fetch: {reply['error']}")
-    return reply["results"]
