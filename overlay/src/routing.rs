@@ -15,6 +15,7 @@
 //! | [`RouteCommand::RouteUsed`] | keeps the interest alive (call while connections use the route) |
 //! | [`RouteCommand::InstanceUnreachable`] | a tunnel said "route not found": forgets that instance and queries again |
 //! | [`RouteCommand::RequestSubnet`] | this machine's subnet is full: asks for another one ([`RouteEvent::SubnetGranted`]) |
+//! | [`RouteCommand::RestoreSubnets`] | after a restart, before `Start`/`Join`: the subnets held before come back as [`RouteEvent::SubnetGranted`] (kept) or [`RouteEvent::SubnetChanged`] (replaced) |
 //!
 //! Subnets: every node gets a machine subnet (`/26` by default) from its parent ([`RouteEvent::SubnetGranted`]);
 //! when it has to be renumbered (moved to another parent, overlap after a partition) it gets
@@ -30,6 +31,13 @@
 //!   block that moves shifts every grant inside it ([`RoutesMessage::Moved`] to the holders, recursively).
 //!   A successor inherits the blocks of the group it takes over ([`RoutesMessage::GroupBlocks`] told it which),
 //!   so its siblings keep their subnets when they sync with it.
+//! - Keeping blocks: a want with `replaces: Some(b)` asks to keep `b` (a held block the parent could not claim,
+//!   or a subnet from before a restart). The parent answers `Granted { block: b, replaces: Some(b) }` when `b`
+//!   is free in its pool; when `b` lies outside its pool it asks its own parent for `b` as a block (up to the
+//!   root, which owns the platform range) and grants it on. Only when `b` overlaps a live grant somewhere on the
+//!   way is it replaced by a fresh block of the same size. So after a partition heals, the joining root's blocks
+//!   that clash with nothing in the surviving tree keep their addresses; the clashing ones (the joining side's,
+//!   whatever their age) are renumbered and shift every grant inside them.
 //! - Registry: records go up ([`RoutesMessage::Up`]); a lost child's records go up as
 //!   [`RoutesMessage::Lost`], removed only where they were learned through that path (they may be on their way up
 //!   through a new parent), without tombstones. Every change is pushed down to interested children
@@ -45,7 +53,7 @@
 use crate::id::NodeId;
 use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE};
 use crate::routes::{
-    AddressPool, AddressRequest, AllocatorState, CacheLookup, InstanceRecord, InterestTable, QueryAnswer,
+    AddressPool, AddressRequest, AllocatorState, CacheLookup, InstanceRecord, InterestTable, PoolError, QueryAnswer,
     QueryDecision, QueryKey, Registry, RouteCache, RouteChange, ServiceAddresses, ServiceIpAllocator, ServiceName, Via,
     decide,
 };
@@ -56,6 +64,8 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+/// Most machine subnets a node restores after a restart.
+pub const MAX_RESTORED: usize = 64;
 /// Longest path a deployment request records on its way up (deeper trees are a bug).
 pub const MAX_PATH: usize = 64;
 /// Bounds on lists in routes messages.
@@ -101,13 +111,28 @@ impl Default for RoutingConfig {
 /// Local commands for routes and addresses.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteCommand {
-    DeployService { name: ServiceName, request: AddressRequest, instances: u32 },
+    DeployService {
+        name: ServiceName,
+        request: AddressRequest,
+        instances: u32,
+    },
     RegisterInstance(InstanceRecord),
-    UnregisterInstance { service: ServiceName, number: u32, version: u64 },
+    UnregisterInstance {
+        service: ServiceName,
+        number: u32,
+        version: u64,
+    },
     QueryRoute(QueryKey),
     RouteUsed(ServiceName),
-    InstanceUnreachable { service: ServiceName, number: u32 },
+    InstanceUnreachable {
+        service: ServiceName,
+        number: u32,
+    },
     RequestSubnet,
+    /// The machine subnets this node held before it restarted (persisted by the agent). Give it before `Start`
+    /// or `Join` (or right after `Join`): each comes back as [`RouteEvent::SubnetGranted`] when the parent (or,
+    /// at a new root, the platform range) can keep it, else as [`RouteEvent::SubnetChanged`] to a replacement.
+    RestoreSubnets(Vec<Ipv4Net>),
 }
 
 /// Events for the agent.
@@ -268,6 +293,15 @@ impl TreeCtx<'_> {
     }
 }
 
+/// What a parent can do with a child's wish to keep a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Kept,
+    /// Asked our own parent for it; the want waits.
+    AskedUp,
+    No,
+}
+
 /// Who waits for the answer to a query this node sent up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Asker {
@@ -299,6 +333,12 @@ pub struct Routing {
     waiting: Vec<(NodeId, Want)>,
     block_asked_at: Option<Time>,
     extra_machine_wanted: bool,
+    /// Machine subnets from before a restart, asked back from the parent (or claimed at a root).
+    restoring: Vec<Ipv4Net>,
+    /// Blocks a child wants kept that lie outside our pool: asked from our parent for ourselves, with when.
+    claims_up: Vec<(Ipv4Net, Time)>,
+    /// Blocks our parent could not keep for us: a child's want for one of them gets a fresh block instead.
+    unavailable_up: Vec<Ipv4Net>,
     /// The group blocks of our parent (what we inherit when we take its place).
     parent_group: Vec<Ipv4Net>,
     synced_parent: Option<NodeId>,
@@ -334,6 +374,9 @@ impl Routing {
             waiting: Vec::new(),
             block_asked_at: None,
             extra_machine_wanted: false,
+            restoring: Vec::new(),
+            claims_up: Vec::new(),
+            unavailable_up: Vec::new(),
             parent_group: Vec::new(),
             synced_parent: None,
             next_sync: Time::ZERO,
@@ -461,6 +504,14 @@ impl Routing {
         if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > self.cfg.resync_interval) {
             self.block_asked_at = None;
         }
+        // Unanswered claims are asked again (through the waiting wants); refusals matter while someone waits.
+        let before = self.claims_up.len();
+        self.claims_up.retain(|(_, at)| now.saturating_sub(*at) <= self.cfg.resync_interval);
+        let waiting = &self.waiting;
+        self.unavailable_up.retain(|b| waiting.iter().any(|(_, w)| w.replaces == Some(*b)));
+        if self.claims_up.len() != before {
+            self.serve_waiting(now, ctx);
+        }
         if let Some(parent) = ctx.parent
             && now >= self.next_renew
         {
@@ -510,6 +561,9 @@ impl Routing {
         self.parent_blocks.clear();
         self.parent_group.clear();
         self.block_asked_at = None;
+        self.claims_up.clear();
+        self.unavailable_up.clear();
+        self.restore_at_root(now, ctx);
         if self.allocator.is_none() {
             self.allocator = Some(ServiceIpAllocator::default());
         }
@@ -531,6 +585,49 @@ impl Routing {
             && !table.is_empty()
         {
             self.send(parent, RoutesMessage::MergeAllocator(table.state()));
+        }
+    }
+
+    /// Machine subnets from before a restart: checked, then claimed at once by a root, or asked back from the
+    /// parent with the next sync.
+    fn restore(&mut self, now: Time, ctx: &TreeCtx, blocks: Vec<Ipv4Net>) {
+        for block in blocks.into_iter().map(|b| b.trunc()) {
+            let limit = self.restoring.len() + self.machine.len() >= MAX_RESTORED;
+            if limit || !is_machine_block(&block) || block.prefix_len() > 30 {
+                self.counters.rejected += 1;
+                let reason = format!("cannot restore {block}: not a machine subnet of the platform range");
+                self.events.push(RouteEvent::AllocationFailed { reason });
+            } else if !self.machine.contains(&block) && !self.restoring.contains(&block) {
+                self.restoring.push(block);
+            }
+        }
+        if ctx.is_root {
+            self.restore_at_root(now, ctx);
+        } else if ctx.parent.is_some() && !self.restoring.is_empty() {
+            self.sync(now, ctx);
+        }
+    }
+
+    /// A root keeps restored subnets that are free in the platform range and replaces the others.
+    fn restore_at_root(&mut self, now: Time, ctx: &TreeCtx) {
+        for old in std::mem::take(&mut self.restoring) {
+            if self.machine.contains(&old) {
+                continue;
+            }
+            match self.pool.claim(old, ctx.me, now) {
+                Ok(()) => {
+                    self.machine.push(old);
+                    self.events.push(RouteEvent::SubnetGranted { block: old });
+                }
+                Err(_) => match self.pool.alloc(ctx.me, old.prefix_len(), now) {
+                    Ok(new) => {
+                        self.counters.renumbered += 1;
+                        self.machine.push(new);
+                        self.events.push(RouteEvent::SubnetChanged { old, new });
+                    }
+                    Err(e) => self.events.push(RouteEvent::AllocationFailed { reason: e.to_string() }),
+                },
+            }
         }
     }
 
@@ -580,9 +677,15 @@ impl Routing {
         self.next_sync = now + self.cfg.resync_interval;
         let held = self.held();
         let mut want = Vec::new();
-        if self.machine.is_empty() || self.extra_machine_wanted {
+        if (self.machine.is_empty() && self.restoring.is_empty()) || self.extra_machine_wanted {
             want.push(Want { purpose: Purpose::Machine, prefix: self.cfg.machine_prefix, replaces: None });
         }
+        // Restored subnets are asked back by name: the parent keeps each or answers with a replacement.
+        want.extend(self.restoring.iter().map(|&old| Want {
+            purpose: Purpose::Machine,
+            prefix: old.prefix_len(),
+            replaces: Some(old),
+        }));
         self.send(parent, RoutesMessage::SubnetSync { held, want });
     }
 
@@ -675,6 +778,7 @@ impl Routing {
                     None => self.query_local(now, ctx, QueryKey::Name(service)),
                 }
             }
+            RouteCommand::RestoreSubnets(blocks) => self.restore(now, ctx, blocks),
             RouteCommand::RequestSubnet => {
                 if ctx.is_root {
                     self.grant_own_machine(now, ctx);
@@ -762,6 +866,12 @@ impl Routing {
                 }
                 for (want, reason) in refused {
                     if let Some(old) = want.replaces {
+                        if self.claims_up.iter().any(|(b, _)| *b == old) {
+                            // Our parent cannot keep it: the child that wanted it gets a fresh block from us.
+                            self.claims_up.retain(|(b, _)| *b != old);
+                            self.unavailable_up.push(old);
+                            continue;
+                        }
                         self.revoke(now, old);
                     }
                     self.events.push(RouteEvent::AllocationFailed { reason });
@@ -902,6 +1012,21 @@ impl Routing {
                 refused.push((w, format!("prefix /{} is not allowed", w.prefix)));
                 continue;
             }
+            if let Some(old) = w.replaces
+                && old.prefix_len() == w.prefix
+            {
+                match self.keep(now, ctx, child, old) {
+                    Keep::Kept => {
+                        granted.push(Granted { purpose: w.purpose, block: old, replaces: Some(old) });
+                        continue;
+                    }
+                    Keep::AskedUp => {
+                        self.waiting.push((child, w));
+                        continue;
+                    }
+                    Keep::No => {}
+                }
+            }
             match self.pool.alloc(child, w.prefix, now) {
                 Ok(block) => {
                     self.counters.grants_made += 1;
@@ -918,6 +1043,38 @@ impl Routing {
         }
         if !granted.is_empty() || !refused.is_empty() {
             self.send(child, RoutesMessage::SubnetReply { granted, refused });
+        }
+    }
+
+    /// Whether a child may keep `old` (a block it held elsewhere, or before a restart): yes when it is free in our
+    /// pool; when it lies outside our pool, we ask our parent for it as a block of our own (and so on up to the
+    /// root, which owns the platform range), so blocks that clash with nothing are never renumbered.
+    fn keep(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, old: Ipv4Net) -> Keep {
+        if self.pool.grant(old).is_some_and(|g| g.holder == child) {
+            self.pool.renew(child, now);
+            return Keep::Kept;
+        }
+        match self.pool.claim(old, child, now) {
+            Ok(()) => Keep::Kept,
+            Err(PoolError::NotOwned(_)) if !ctx.is_root && is_machine_block(&old) => {
+                let Some(parent) = ctx.parent else { return Keep::No };
+                // Our own subnets come from the parent too (it would see them as ours and say "kept").
+                let overlaps = |b: &Ipv4Net| b.contains(&old) || old.contains(b);
+                if self.unavailable_up.contains(&old)
+                    || self.machine.iter().any(overlaps)
+                    || self.parent_blocks.iter().any(overlaps)
+                {
+                    return Keep::No;
+                }
+                if !self.claims_up.iter().any(|(b, _)| *b == old) {
+                    self.claims_up.push((old, now));
+                    let held = self.held();
+                    let want = vec![Want { purpose: Purpose::Block, prefix: old.prefix_len(), replaces: Some(old) }];
+                    self.send(parent, RoutesMessage::SubnetSync { held, want });
+                }
+                Keep::AskedUp
+            }
+            Err(_) => Keep::No,
         }
     }
 
@@ -943,6 +1100,21 @@ impl Routing {
     fn apply_granted(&mut self, now: Time, ctx: &TreeCtx, g: Granted) {
         match g.purpose {
             Purpose::Machine => match g.replaces {
+                Some(old) if self.restoring.contains(&old) => {
+                    self.restoring.retain(|m| *m != old);
+                    if self.machine.contains(&g.block) {
+                        return;
+                    }
+                    self.machine.push(g.block);
+                    if g.block == old {
+                        self.events.push(RouteEvent::SubnetGranted { block: old });
+                    } else {
+                        self.counters.renumbered += 1;
+                        self.events.push(RouteEvent::SubnetChanged { old, new: g.block });
+                    }
+                }
+                // Kept as it was.
+                Some(old) if old == g.block => {}
                 Some(old) if self.machine.contains(&old) => {
                     self.counters.renumbered += 1;
                     self.machine.retain(|m| *m != old);
@@ -965,6 +1137,8 @@ impl Routing {
             },
             Purpose::Block => {
                 match g.replaces {
+                    // Kept as it was.
+                    Some(old) if old == g.block && self.parent_blocks.contains(&old) => {}
                     Some(old) if self.parent_blocks.contains(&old) => {
                         self.counters.renumbered += 1;
                         self.parent_blocks.retain(|b| *b != old);
@@ -979,6 +1153,20 @@ impl Routing {
                                 }
                             }
                             Err(_) => self.rebuild_pool(now, ctx),
+                        }
+                    }
+                    // The answer to a block we asked for on a child's behalf: ours either way; when it is not
+                    // the block asked for, the child's want gets a fresh block from our pool.
+                    Some(old) if self.claims_up.iter().any(|(b, _)| *b == old) => {
+                        self.claims_up.retain(|(b, _)| *b != old);
+                        if g.block != old {
+                            self.unavailable_up.push(old);
+                        }
+                        if !self.parent_blocks.contains(&g.block) {
+                            self.parent_blocks.push(g.block);
+                            if self.pool.add_owned(g.block).is_err() {
+                                self.rebuild_pool(now, ctx);
+                            }
                         }
                     }
                     Some(_) => {}
@@ -1010,7 +1198,10 @@ impl Routing {
     }
 
     fn revoke(&mut self, now: Time, old: Ipv4Net) {
-        if self.machine.contains(&old) {
+        if self.restoring.contains(&old) {
+            self.restoring.retain(|m| *m != old);
+            self.next_sync = now;
+        } else if self.machine.contains(&old) {
             self.machine.retain(|m| *m != old);
             self.events.push(RouteEvent::SubnetRevoked { block: old });
             self.next_sync = now;
@@ -1342,6 +1533,152 @@ mod tests {
         node.on_command(Time::ZERO, &ctx(1, None, false, &[]), cmd);
         let events = node.drain().1;
         assert_eq!(events, vec![RouteEvent::DeployFailed { name: svc(), reason: "not attached to a tree".into() }]);
+    }
+
+    fn machine_reply(block: Ipv4Net, replaces: Ipv4Net) -> RoutesMessage {
+        RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Machine, block, replaces: Some(replaces) }],
+            refused: vec![],
+        }
+    }
+
+    #[test]
+    fn a_restarted_node_asks_its_old_subnets_back_and_learns_which_it_kept() {
+        let kept: Ipv4Net = "10.16.4.64/26".parse().unwrap();
+        let lost: Ipv4Net = "10.16.9.0/26".parse().unwrap();
+        let new: Ipv4Net = "10.17.0.0/26".parse().unwrap();
+        let mut node = Routing::new(RoutingConfig::default());
+        let detached = ctx(1, None, false, &[]);
+        let restore = vec![kept, lost, "10.30.1.0/26".parse().unwrap(), "8.8.8.0/26".parse().unwrap()];
+        node.on_command(Time::ZERO, &detached, RouteCommand::RestoreSubnets(restore));
+        let (sent, events) = node.drain();
+        assert!(sent.is_empty(), "nothing to ask while detached");
+        assert_eq!(events.len(), 2, "a ServiceIP block and a foreign block are refused: {events:?}");
+        assert!(events.iter().all(|e| matches!(e, RouteEvent::AllocationFailed { .. })));
+        // Attached: the sync asks for both back by name, and for no fresh subnet.
+        let attached = ctx(1, Some(9), false, &[]);
+        node.poll(Time::ZERO, &attached);
+        let (sent, _) = node.drain();
+        let wants: Vec<Want> = sent
+            .iter()
+            .find_map(|(to, m)| match m {
+                RoutesMessage::SubnetSync { want, .. } if *to == NodeId::from_u64(9) => Some(want.clone()),
+                _ => None,
+            })
+            .expect("a sync to the parent");
+        assert_eq!(
+            wants,
+            vec![
+                Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(kept) },
+                Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(lost) }
+            ]
+        );
+        let parent = NodeId::from_u64(9);
+        node.on_message(Time::ZERO, &attached, parent, machine_reply(kept, kept));
+        node.on_message(Time::ZERO, &attached, parent, machine_reply(new, lost));
+        // A repeated answer changes nothing.
+        node.on_message(Time::ZERO, &attached, parent, machine_reply(kept, kept));
+        assert_eq!(
+            node.drain().1,
+            vec![RouteEvent::SubnetGranted { block: kept }, RouteEvent::SubnetChanged { old: lost, new }]
+        );
+        assert_eq!(node.machine_subnets(), &[kept, new]);
+    }
+
+    #[test]
+    fn a_restarted_root_keeps_its_subnet_and_a_parent_keeps_a_child_s_free_one() {
+        let old: Ipv4Net = "10.18.3.128/26".parse().unwrap();
+        let mut root = Routing::new(RoutingConfig::default());
+        root.on_command(Time::ZERO, &ctx(1, None, false, &[]), RouteCommand::RestoreSubnets(vec![old]));
+        let kids = [(NodeId::from_u64(2), Position::new(1.0, 1.0))];
+        let root_ctx = ctx(1, None, true, &kids);
+        root.poll(Time::ZERO, &root_ctx);
+        assert_eq!(root.machine_subnets(), &[old]);
+        assert_eq!(root.drain().1, vec![RouteEvent::SubnetGranted { block: old }]);
+        // A child asks for its old subnet (free) and for the root's (taken): it keeps the first only.
+        let mine: Ipv4Net = "10.20.0.0/26".parse().unwrap();
+        let want = vec![
+            Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(mine) },
+            Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(old) },
+        ];
+        root.on_message(Time::ZERO, &root_ctx, kids[0].0, RoutesMessage::SubnetSync { held: vec![], want });
+        let granted: Vec<Granted> = root
+            .drain()
+            .0
+            .into_iter()
+            .find_map(|(_, m)| match m {
+                RoutesMessage::SubnetReply { granted, .. } => Some(granted),
+                _ => None,
+            })
+            .expect("a reply");
+        assert_eq!(granted[0], Granted { purpose: Purpose::Machine, block: mine, replaces: Some(mine) });
+        assert_ne!(granted[1].block, old);
+        assert_eq!(granted[1].replaces, Some(old));
+        assert_eq!(root.pool().grant(mine).map(|g| g.holder), Some(kids[0].0));
+    }
+
+    #[test]
+    fn a_coordinator_asks_its_parent_for_a_block_outside_its_pool_instead_of_renumbering() {
+        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
+        let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
+        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c =
+            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let mut coord = Routing::new(RoutingConfig::default());
+        coord.poll(Time::ZERO, &c);
+        let block = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: ours, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, block);
+        coord.drain();
+        // The child held `foreign` under another parent: we ask ours for it rather than replace it.
+        let held = vec![Held { purpose: Purpose::Machine, block: foreign }];
+        coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
+        let sent = coord.drain().0;
+        let up = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(foreign) };
+        assert!(
+            sent.iter().any(
+                |(to, m)| *to == parent && matches!(m, RoutesMessage::SubnetSync { want, .. } if want == &vec![up])
+            ),
+            "{sent:?}"
+        );
+        assert!(!sent.iter().any(|(to, m)| *to == kid && matches!(m, RoutesMessage::SubnetReply { .. })));
+        // The parent keeps it for us: the child is told it keeps it.
+        let kept = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: foreign, replaces: Some(foreign) }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, kept);
+        let sent = coord.drain().0;
+        let told = sent.iter().find_map(|(to, m)| match m {
+            RoutesMessage::SubnetReply { granted, .. } if *to == kid => Some(granted.clone()),
+            _ => None,
+        });
+        assert_eq!(told, Some(vec![Granted { purpose: Purpose::Machine, block: foreign, replaces: Some(foreign) }]));
+        assert_eq!(coord.pool().grant(foreign).map(|g| g.holder), Some(kid));
+
+        // Another child's block clashes upstream: the parent answers with a replacement, so the child gets a
+        // fresh subnet from our pool.
+        let clash: Ipv4Net = "10.21.0.0/26".parse().unwrap();
+        let held = vec![Held { purpose: Purpose::Machine, block: clash }];
+        coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
+        coord.drain();
+        let elsewhere: Ipv4Net = "10.22.0.0/26".parse().unwrap();
+        let replaced = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: elsewhere, replaces: Some(clash) }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, replaced);
+        let told = coord.drain().0.into_iter().find_map(|(to, m)| match m {
+            RoutesMessage::SubnetReply { granted, .. } if to == kid => Some(granted),
+            _ => None,
+        });
+        let told = told.expect("a replacement for the child");
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0].replaces, Some(clash));
+        assert!(ours.contains(&told[0].block) || elsewhere.contains(&told[0].block), "{told:?}");
     }
 
     #[test]

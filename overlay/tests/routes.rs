@@ -5,7 +5,7 @@ mod common;
 
 use canopy_overlay::routes::{AddressRequest, InstanceRecord, PolicyKind, QueryKey, RouteChange, ServiceName};
 use canopy_overlay::routing::{RouteCommand, RouteEvent};
-use canopy_overlay::{Capacity, Command, Config, Event};
+use canopy_overlay::{Capacity, Command, Config, Event, Node};
 use common::{MS, Net};
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
@@ -281,4 +281,148 @@ fn partition_and_heal_leave_no_overlapping_subnets_or_service_ips() {
     let table = net.nodes[root].routing().allocator().expect("the root allocates");
     let services: Vec<ServiceName> = table.assignments().map(|a| a.key.service().clone()).collect();
     assert!(services.contains(&one) && services.contains(&two), "{services:?}");
+}
+
+/// Restarts crashed node `i` with the same id and a fresh state, restores `subnets`, and joins it via `via`.
+fn restart(net: &mut Net, i: usize, subnets: Vec<Ipv4Net>, via: usize) {
+    let config = net.nodes[i].config().clone();
+    net.nodes[i] = Node::new(common::info(i), config, 77 + i as u64, net.now);
+    net.alive[i] = true;
+    route(net, i, RouteCommand::RestoreSubnets(subnets));
+    let via = net.id(via);
+    net.command(i, Command::Join { via });
+}
+
+#[test]
+fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent() {
+    let mut net = built(40, 4);
+    let leaf_children = |net: &Net, p: usize| -> Vec<usize> {
+        let mut kids: Vec<usize> =
+            net.nodes[p].children().map(|c| net.idx(c)).filter(|&c| net.nodes[c].children().count() == 0).collect();
+        kids.sort_by_key(|&c| net.nodes[c].routing().machine_subnets()[0]);
+        kids
+    };
+    // A coordinator below the root with two leaves: the one with the higher subnet restarts, the lower one
+    // stays dead, so a fresh grant would hand out the lower (free) subnet instead of the old one.
+    let parent = net
+        .coordinators()
+        .into_iter()
+        .find(|&c| net.nodes[c].parent().is_some() && leaf_children(&net, c).len() >= 2)
+        .expect("a coordinator with two leaves");
+    let kids = leaf_children(&net, parent);
+    let (lower, leaf) = (kids[0], *kids.last().unwrap());
+    let old = net.nodes[leaf].routing().machine_subnets().to_vec();
+
+    // Same parent: crash, let the parent notice and free the grants, come back with the same id.
+    net.crash(leaf);
+    net.crash(lower);
+    net.run_for(Duration::from_secs(10));
+    let lower_free = |net: &Net, p: usize| {
+        net.nodes[p].routing().pool().free_blocks().iter().any(|b| b.network() < old[0].network())
+    };
+    assert!(lower_free(&net, parent), "a fresh grant would not differ from the old subnet");
+    let mark = net.events.len();
+    restart(&mut net, leaf, old.clone(), parent);
+    net.run_for(Duration::from_secs(5));
+    net.check_tree().unwrap();
+    assert_eq!(net.idx(net.nodes[leaf].parent().unwrap()), parent);
+    assert_eq!(net.nodes[leaf].routing().machine_subnets(), old.as_slice());
+    assert_eq!(route_events(&net, leaf, mark), vec![RouteEvent::SubnetGranted { block: old[0] }]);
+    assert_eq!(overlaps(&net), vec![]);
+
+    // Another parent: the machine and its coordinator crash together; the machine comes back under whoever
+    // took the coordinator's place (it inherited the group's blocks) and keeps its subnet.
+    net.crash(leaf);
+    net.crash(parent);
+    net.run_for(Duration::from_secs(12));
+    net.check_tree().unwrap();
+    let mark = net.events.len();
+    let root = net.roots()[0];
+    restart(&mut net, leaf, old.clone(), root);
+    net.run_for(Duration::from_secs(5));
+    net.check_tree().unwrap();
+    let new_parent = net.idx(net.nodes[leaf].parent().expect("attached"));
+    assert_ne!(new_parent, parent);
+    assert!(lower_free(&net, new_parent), "a fresh grant would not differ from the old subnet");
+    assert_eq!(net.nodes[leaf].routing().machine_subnets(), old.as_slice(), "under node {new_parent}");
+    assert_eq!(route_events(&net, leaf, mark), vec![RouteEvent::SubnetGranted { block: old[0] }]);
+    assert_eq!(overlaps(&net), vec![]);
+}
+
+/// Cuts a subtree two levels down off the tree (so it joins back under a coordinator, not the root; it becomes an island with its own root), optionally has both roots grant
+/// themselves extra subnets while apart (each reuses space it believes free, so they clash with the other side),
+/// heals, and returns the machines that may be renumbered (those inside a block the joining root had granted
+/// that overlaps a machine subnet of the surviving side) and those renumbered (`SubnetChanged`) after the heal.
+fn heal_and_count_renumbered(extra_grants: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut net = built(30, 4);
+    let root = net.roots()[0];
+    let in_subtree = |net: &Net, mut i: usize, top: usize| loop {
+        if i == top {
+            return true;
+        }
+        match net.nodes[i].parent() {
+            Some(p) => i = net.idx(p),
+            None => return false,
+        }
+    };
+    let cut = net
+        .coordinators()
+        .into_iter()
+        .filter(|&c| net.nodes[c].parent().is_some_and(|p| p != net.id(root)))
+        .max_by_key(|&c| net.live().filter(|&i| in_subtree(&net, i, c)).count())
+        .expect("a coordinator two levels down");
+    for i in 0..net.nodes.len() {
+        net.group[i] = u8::from(in_subtree(&net, i, cut));
+    }
+    net.run_for(Duration::from_secs(20));
+    let roots = [net.roots_in(0)[0], net.roots_in(1)[0]];
+    for r in roots {
+        for _ in 0..extra_grants {
+            route(&mut net, r, RouteCommand::RequestSubnet);
+        }
+    }
+    net.run_for(Duration::from_secs(5));
+    let grants =
+        |net: &Net, r: usize| -> Vec<Ipv4Net> { net.nodes[r].routing().pool().grants().map(|g| g.block).collect() };
+    let before: Vec<Vec<Ipv4Net>> = [grants(&net, roots[0]), grants(&net, roots[1])].into();
+    let machines = subnets(&net);
+    let sides = net.group.clone();
+    net.group.iter_mut().for_each(|g| *g = 0);
+    let mark = net.events.len();
+    net.run_for(Duration::from_secs(30));
+    assert_eq!(net.roots().len(), 1);
+    net.check_tree().unwrap();
+    assert_eq!(overlaps(&net), vec![]);
+    let joined = usize::from(net.roots()[0] == roots[0]);
+    let joined_under = net.nodes[roots[joined]].parent().map(|p| net.idx(p));
+    eprintln!("root {} joined under {joined_under:?} (root {})", roots[joined], net.roots()[0]);
+    let survivors: Vec<Ipv4Net> =
+        (0..net.nodes.len()).filter(|&i| usize::from(sides[i]) != joined).flat_map(|i| machines[i].clone()).collect();
+    let clash = |b: &Ipv4Net| survivors.iter().any(|s| s.contains(b) || b.contains(s));
+    let moving: Vec<Ipv4Net> = before[joined].iter().copied().filter(clash).collect();
+    let movable: Vec<usize> = (0..net.nodes.len())
+        .filter(|&i| usize::from(sides[i]) == joined)
+        .filter(|&i| machines[i].iter().any(|m| moving.iter().any(|b| b.contains(m))))
+        .collect();
+    let renumbered: Vec<usize> = net
+        .live()
+        .filter(|&i| route_events(&net, i, mark).iter().any(|e| matches!(e, RouteEvent::SubnetChanged { .. })))
+        .collect();
+    let side = sides.iter().filter(|&&g| usize::from(g) == joined).count();
+    eprintln!("joining side {side} machines, movable {movable:?}, renumbered {renumbered:?}");
+    (movable, renumbered)
+}
+
+#[test]
+fn a_heal_renumbers_no_machine_when_the_islands_did_not_overlap() {
+    let (movable, renumbered) = heal_and_count_renumbered(0);
+    assert_eq!(movable, Vec::<usize>::new(), "no new grants while apart, so nothing clashes");
+    assert_eq!(renumbered, Vec::<usize>::new());
+}
+
+#[test]
+fn a_heal_renumbers_only_machines_whose_subnets_overlapped() {
+    let (movable, renumbered) = heal_and_count_renumbered(3);
+    assert!(!renumbered.is_empty(), "the extra grants on both sides clash, so some machines move");
+    assert!(renumbered.iter().all(|i| movable.contains(i)), "renumbered {renumbered:?}, movable {movable:?}");
 }
