@@ -29,8 +29,8 @@ use counters::Counters;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
 use flow::FlowTimeouts;
-use proxy::{Proxy, ProxyConfig, RoundRobin, Verdict};
-use routes::{NodeId, RouteTable};
+use proxy::{Chooser, Proxy, ProxyConfig, Verdict};
+use routes::{NodeId, RouteIndex, RouteTable};
 use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -58,6 +58,19 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 65000).ack(1).write(&mut out, &[7u8; PAYLOAD]).unwrap();
     out
+}
+
+/// Round-robin over the candidates (the agent's `PolicyChooser` does the same for `rr`).
+#[derive(Default)]
+struct RoundRobin {
+    next: usize,
+}
+
+impl Chooser for RoundRobin {
+    fn choose(&mut self, _routes: &RouteIndex, _service: usize, candidates: &[usize], _local: Option<usize>) -> usize {
+        self.next = self.next.wrapping_add(1);
+        candidates[(self.next - 1) % candidates.len()]
+    }
 }
 
 fn proxy(node: &str) -> Proxy {

@@ -1,6 +1,8 @@
 //! The packet loop: one thread with its own single-threaded runtime owns the TUN device, the tunnel socket, the
 //! proxy and the peer table. Packets are read into reused buffers, translated in place and sent on without a
-//! channel hop or allocation; control commands (new routes, attach, detach, status) arrive on a channel, and
+//! channel hop or allocation. System calls are batched: the packets read from the TUN in one wake-up are sealed
+//! back to back and leave in UDP segmentation offload sends (`batch`), and the tunnel socket is read with
+//! `recvmmsg` and UDP GRO (several datagrams per call, quinn-udp); control commands (new routes, attach, detach, status) arrive on a channel, and
 //! notices for the agent leave on a bounded one (`try_send`: the loop never waits for the agent).
 //!
 //! Who may send us tunnel datagrams: with sealed tunnels, any machine holding the tunnel key, from anywhere.
@@ -10,6 +12,7 @@
 //! there the sender id is only a claim anyone on the underlay can make, and the listed endpoint is the one thing
 //! that ties a datagram to a machine we were told about.
 
+use super::batch::SendBatch;
 use super::counters::Counters;
 use super::crypto::{PAYLOAD_OFFSET, PairCiphers, TAG_LEN};
 use super::notices::{Notice, NoticeLimiter};
@@ -17,10 +20,11 @@ use super::proxy::{Proxy, Verdict};
 use super::routes::{NodeId, RouteTable};
 use super::tunnel::{self, HEADER_LEN, MAX_PACKET, Message, MessageType, PeerTable};
 use std::collections::HashMap;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSliceMut};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tun_rs::AsyncDevice;
@@ -28,6 +32,9 @@ use tun_rs::AsyncDevice;
 /// Packets handled per readiness event before yielding to the other source (fairness, batch-friendly).
 const BATCH: usize = 64;
 const TICK: Duration = Duration::from_secs(1);
+/// Receive buffers per `recvmmsg`; each holds one datagram or a GRO train of them (at most 64 KiB).
+const RECV_MESSAGES: usize = 4;
+const RECV_BUFFER: usize = 1 << 16;
 
 pub enum Command {
     SetRoutes(RouteTable, oneshot::Sender<anyhow::Result<()>>),
@@ -50,6 +57,8 @@ pub struct Engine {
     pub counters: Arc<Counters>,
     pub tun: AsyncDevice,
     pub socket: UdpSocket,
+    /// Batched sends and receives (GSO, GRO, recvmmsg) on `socket`.
+    pub udp: quinn_udp::UdpSocketState,
     pub node_id: NodeId,
     pub keepalive_interval: Duration,
     /// Per-peer ciphers when the route table has a tunnel key; then every datagram is sealed.
@@ -73,8 +82,10 @@ pub fn initial_send_counter() -> u64 {
 impl Engine {
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let epoch = Instant::now();
-        let mut tun_buf = vec![0u8; TUN_PAYLOAD + MAX_PACKET + TAG_LEN].into_boxed_slice();
-        let mut udp_buf = vec![0u8; PAYLOAD_OFFSET + MAX_PACKET + TAG_LEN].into_boxed_slice();
+        let mut batch = SendBatch::new(TUN_PAYLOAD, self.udp.max_gso_segments());
+        let mut recv_buffers: [Box<[u8]>; RECV_MESSAGES] =
+            std::array::from_fn(|_| vec![0u8; RECV_BUFFER].into_boxed_slice());
+        let mut recv_meta = [quinn_udp::RecvMeta::default(); RECV_MESSAGES];
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -90,8 +101,8 @@ impl Engine {
                     }
                     let now = epoch.elapsed();
                     for _ in 0..BATCH {
-                        match self.tun.try_recv(&mut tun_buf[TUN_PAYLOAD..TUN_PAYLOAD + MAX_PACKET]) {
-                            Ok(len) => self.handle_tun_packet(&mut tun_buf, len, now).await,
+                        match self.tun.try_recv(&mut batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + MAX_PACKET]) {
+                            Ok(len) => self.handle_tun_packet(&mut batch, len, now).await,
                             Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                             Err(err) => {
                                 tracing::warn!("reading the TUN device: {err}");
@@ -99,6 +110,7 @@ impl Engine {
                             }
                         }
                     }
+                    self.flush(&mut batch).await;
                 }
                 ready = self.socket.readable() => {
                     if let Err(err) = ready {
@@ -106,9 +118,21 @@ impl Engine {
                         return;
                     }
                     let now = epoch.elapsed();
-                    for _ in 0..BATCH {
-                        match self.socket.try_recv_from(&mut udp_buf) {
-                            Ok((len, from)) => self.handle_tunnel_datagram(&mut udp_buf, len, from, now).await,
+                    for _ in 0..BATCH / RECV_MESSAGES {
+                        let mut slices = recv_buffers.each_mut().map(|buffer| IoSliceMut::new(&mut buffer[..]));
+                        let received = self.socket.try_io(Interest::READABLE, || {
+                            self.udp.recv((&self.socket).into(), &mut slices, &mut recv_meta)
+                        });
+                        match received {
+                            Ok(messages) => {
+                                for (buffer, meta) in recv_buffers.iter_mut().zip(&recv_meta).take(messages) {
+                                    let stride = meta.stride.max(1);
+                                    for datagram in buffer[..meta.len].chunks_mut(stride) {
+                                        let len = datagram.len();
+                                        self.handle_tunnel_datagram(datagram, len, meta.addr, now).await;
+                                    }
+                                }
+                            }
                             Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                             // ICMP errors (port unreachable) surface here on Linux; nothing to do but go on.
                             Err(err) => {
@@ -155,12 +179,12 @@ impl Engine {
         }
     }
 
-    /// A packet from a local instance, in `buf[TUN_PAYLOAD..TUN_PAYLOAD + len]`.
-    async fn handle_tun_packet(&mut self, buf: &mut [u8], len: usize, now: Duration) {
+    /// A packet from a local instance, in `batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len]`.
+    async fn handle_tun_packet(&mut self, batch: &mut SendBatch, len: usize, now: Duration) {
         let counters = self.counters.clone();
         Counters::inc(&counters.tun_rx_packets);
         Counters::add(&counters.tun_rx_bytes, len as u64);
-        let verdict = self.proxy.outgoing(&mut buf[TUN_PAYLOAD..TUN_PAYLOAD + len], now, &counters);
+        let verdict = self.proxy.outgoing(&mut batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len], now, &counters);
         if let Some(service) = self.proxy.take_new_connection()
             && self.notice_limiter.service_used(service, now)
         {
@@ -169,16 +193,16 @@ impl Engine {
         }
         match verdict {
             Verdict::Drop => {}
-            Verdict::Local => self.write_tun(&buf[TUN_PAYLOAD..TUN_PAYLOAD + len]).await,
+            Verdict::Local => self.write_tun(&batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len]).await,
             Verdict::Tunnel(node) => {
                 let node = &self.proxy.routes().nodes[node];
                 let (peer, listed) = (node.id, node.endpoint);
-                self.tunnel_packet(buf, len, peer, Some(listed), now).await;
+                self.tunnel_packet(batch, len, peer, Some(listed), now).await;
             }
             Verdict::TunnelToPeer(peer) => {
                 let routes = self.proxy.routes();
                 let listed = routes.node_by_id(peer).map(|node| routes.nodes[node].endpoint);
-                self.tunnel_packet(buf, len, peer, listed, now).await;
+                self.tunnel_packet(batch, len, peer, listed, now).await;
             }
             // An instance of this machine that is listed but not attached.
             Verdict::RouteNotFound(_) => Counters::inc(&counters.drop_no_route),
@@ -191,11 +215,12 @@ impl Engine {
         }
     }
 
-    /// Sends the translated packet in `buf[TUN_PAYLOAD..TUN_PAYLOAD + len]` to `peer`: with sealed tunnels to its
-    /// latest authentic endpoint when known, else to the `listed` one.
+    /// Builds the tunnel datagram of the translated packet in `batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len]` for
+    /// `peer` (sealed in place, or with the plain header) and adds it to the batch. With sealed tunnels it goes to
+    /// the peer's latest authentic endpoint when known, else to the `listed` one.
     async fn tunnel_packet(
         &mut self,
-        buf: &mut [u8],
+        batch: &mut SendBatch,
         len: usize,
         peer: NodeId,
         listed: Option<SocketAddr>,
@@ -209,25 +234,69 @@ impl Engine {
         if evicted {
             Counters::inc(&self.counters.peers_evicted);
         }
-        if sealing {
-            tunnel::write_header(buf, MessageType::Data, self.node_id, true);
-            self.seal_and_send(buf, len, peer, endpoint).await;
+        let slot = batch.slot();
+        let size = if sealing {
+            tunnel::write_header(slot, MessageType::Data, self.node_id, true);
+            let Some(size) = self.seal(slot, len, peer) else { return };
+            size
         } else {
-            // Unsealed: the header goes right before the packet.
+            // Unsealed: the header goes right before the packet, and the datagram to the front of the slot.
             let start = TUN_PAYLOAD - HEADER_LEN;
-            tunnel::write_header(&mut buf[start..], MessageType::Data, self.node_id, false);
-            self.send(&buf[start..TUN_PAYLOAD + len], endpoint).await;
+            tunnel::write_header(&mut slot[start..], MessageType::Data, self.node_id, false);
+            slot.copy_within(start..TUN_PAYLOAD + len, 0);
+            HEADER_LEN + len
+        };
+        if !batch.push(size, endpoint) {
+            self.send_batch(batch).await;
+            batch.restart_with(size, endpoint);
+        }
+        if batch.full() {
+            self.flush(batch).await;
         }
     }
 
-    /// Seals `buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + len]` (header already written) for `peer` and sends it.
-    async fn seal_and_send(&mut self, buf: &mut [u8], len: usize, peer: NodeId, endpoint: SocketAddr) {
+    /// Sends the batched datagrams and empties the batch.
+    async fn flush(&self, batch: &mut SendBatch) {
+        self.send_batch(batch).await;
+        batch.clear();
+    }
+
+    /// Sends the batched datagrams (one GSO send when there are several); the batch is left as it is.
+    async fn send_batch(&self, batch: &mut SendBatch) {
+        let Some(pending) = batch.pending() else { return };
+        let transmit = quinn_udp::Transmit {
+            destination: pending.destination,
+            ecn: None,
+            contents: pending.contents,
+            segment_size: pending.segment_size,
+            src_ip: None,
+        };
+        let sent =
+            self.socket.async_io(Interest::WRITABLE, || self.udp.try_send((&self.socket).into(), &transmit)).await;
+        match sent {
+            Ok(()) => {
+                Counters::add(&self.counters.tunnel_tx_packets, pending.count as u64);
+                Counters::add(&self.counters.tunnel_tx_bytes, pending.contents.len() as u64);
+            }
+            Err(err) => {
+                Counters::add(&self.counters.tunnel_send_errors, pending.count as u64);
+                tracing::debug!("sending {} datagrams to {}: {err}", pending.count, pending.destination);
+            }
+        }
+        // quinn-udp turns GSO off when the kernel refuses it.
+        batch.set_max_segments(self.udp.max_gso_segments());
+    }
+
+    /// Seals `buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + len]` (header already written) for `peer`; returns the sealed
+    /// message's length.
+    fn seal(&mut self, buf: &mut [u8], len: usize, peer: NodeId) -> Option<usize> {
         let counter = self.send_counter;
         self.send_counter += 1;
-        match self.ciphers.seal(buf, len, peer, counter) {
-            Some(total) => self.send(&buf[..total], endpoint).await,
-            None => Counters::inc(&self.counters.drop_unauthenticated),
+        let sealed = self.ciphers.seal(buf, len, peer, counter);
+        if sealed.is_none() {
+            Counters::inc(&self.counters.drop_unauthenticated);
         }
+        sealed
     }
 
     /// Sends a control message (route-not-found, keepalive), sealed when tunnels are encrypted.
@@ -236,7 +305,9 @@ impl Engine {
         if self.ciphers.sealing() {
             tunnel::write_header(&mut buf, kind, self.node_id, true);
             buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + body.len()].copy_from_slice(body);
-            self.seal_and_send(&mut buf, body.len(), peer, endpoint).await;
+            if let Some(size) = self.seal(&mut buf, body.len(), peer) {
+                self.send(&buf[..size], endpoint).await;
+            }
         } else {
             tunnel::write_header(&mut buf, kind, self.node_id, false);
             buf[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(body);

@@ -27,6 +27,7 @@
 //! namespaces `<p>-<service>-<n>`); `start` removes any left by a crashed run with the same prefix.
 
 pub mod api;
+pub mod batch;
 pub mod commands;
 pub mod counters;
 pub mod crypto;
@@ -373,10 +374,12 @@ impl DataPlane {
                             .with_context(|| format!("binding the tunnel socket {listen}"))?;
                         socket.set_nonblocking(true)?;
                         enlarge_socket_buffers(&socket);
-                        anyhow::Ok((tun, tokio::net::UdpSocket::from_std(socket)?))
+                        let udp = quinn_udp::UdpSocketState::new((&socket).into())
+                            .context("preparing the tunnel socket for batched I/O")?;
+                        anyhow::Ok((tun, tokio::net::UdpSocket::from_std(socket)?, udp))
                     }
                     .await;
-                    let (tun, socket) = match opened {
+                    let (tun, socket, udp) = match opened {
                         Ok(opened) => opened,
                         Err(err) => {
                             let _ = ready.send(Err(err));
@@ -390,6 +393,7 @@ impl DataPlane {
                         counters: engine_counters,
                         tun,
                         socket,
+                        udp,
                         node_id,
                         keepalive_interval,
                         ciphers,

@@ -32,21 +32,6 @@ pub trait Chooser: Send {
     fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize], local: Option<usize>) -> usize;
 }
 
-/// Real round-robin: each new connection goes to the next available instance of the service.
-#[derive(Debug, Default)]
-pub struct RoundRobin {
-    next: HashMap<Ipv4Addr, usize>,
-}
-
-impl Chooser for RoundRobin {
-    fn choose(&mut self, routes: &RouteIndex, service: usize, candidates: &[usize], _local: Option<usize>) -> usize {
-        let counter = self.next.entry(routes.services[service].service_ip).or_default();
-        let pick = candidates[*counter % candidates.len()];
-        *counter = counter.wrapping_add(1);
-        pick
-    }
-}
-
 /// What to do with a packet after translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -346,6 +331,27 @@ mod tests {
     const WEB0_INSTANCE: [u8; 4] = [10, 30, 2, 1];
     const WEB1_NS: [u8; 4] = [10, 16, 0, 66];
     const WEB1_INSTANCE: [u8; 4] = [10, 30, 2, 2];
+
+    /// Round-robin over the available instances (the agent uses `policy::PolicyChooser`).
+    #[derive(Debug, Default)]
+    pub struct RoundRobin {
+        next: HashMap<Ipv4Addr, usize>,
+    }
+
+    impl Chooser for RoundRobin {
+        fn choose(
+            &mut self,
+            routes: &RouteIndex,
+            service: usize,
+            candidates: &[usize],
+            _local: Option<usize>,
+        ) -> usize {
+            let counter = self.next.entry(routes.services[service].service_ip).or_default();
+            let pick = candidates[*counter % candidates.len()];
+            *counter = counter.wrapping_add(1);
+            pick
+        }
+    }
 
     fn config() -> ProxyConfig {
         ProxyConfig {
