@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,8 +84,9 @@ class OverlayDriver:
             return None
         return {key: value.replace("{host}", host.name) for key, value in self.daemon_env.items()}
 
-    def start_overlay(self, hosts: Sequence[EmulatedHost], join_timeout: float = 30) -> None:
-        """`agent start` on the first host, `agent join` with its printed join command on the rest."""
+    def start_overlay(self, hosts: Sequence[EmulatedHost], join_timeout: float = 30, stagger: float = 0.0) -> None:
+        """`agent start` on the first host, `agent join` with its printed join command on the rest, `stagger`
+        seconds apart."""
         first = hosts[0]
         self.daemons[first.name] = self._popen(first, self._daemon_argv(first, ["start"]), f"agent-{first.name}", self._env(first))
         proc, log_path = self.daemons[first.name]
@@ -97,6 +99,8 @@ class OverlayDriver:
         args = wait_for(join_args, join_timeout, f"the join command in {log_path}")
         for host in hosts[1:]:
             self.daemons[host.name] = self._popen(host, self._daemon_argv(host, ["join", *args]), f"agent-{host.name}", self._env(host))
+            if stagger:
+                time.sleep(stagger)
 
     def wait_one_tree(self, hosts: Sequence[EmulatedHost], timeout: float) -> dict[str, dict]:
         def check():
@@ -217,7 +221,6 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
     runs. Prints a `figures {json}` line with what it measured. Returns the process exit code."""
     import shutil
     import signal
-    import time
 
     def unwind(signum, _frame):
         raise SystemExit(128 + signum)
@@ -240,7 +243,7 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
         hosts = [EmulatedHost(h.name, net.get(h.name), net.get(h.name).IP(), h.position) for h in topo.hosts]
         driver = OverlayDriver(agent, data_dir, workdir / "logs", daemon_env=daemon_env)
         started = time.monotonic()
-        driver.start_overlay(hosts)
+        driver.start_overlay(hosts, stagger=getattr(args, "stagger", 0.0))
         driver.wait_one_tree(hosts, args.timeout)
         figures["tree_formed_s"] = round(time.monotonic() - started, 1)
         print(f"overlay: one tree over {len(hosts)} agents {figures['tree_formed_s']} s after the first agent started", flush=True)
@@ -256,16 +259,34 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
         figures["rss_max_mib"] = round(biggest / 1024, 1)
         print(f"memory: the {len(hosts)} agents use {figures['rss_total_mib']} MiB RSS in total (largest {figures['rss_max_mib']} MiB)", flush=True)
 
-        driver.wait_subnets(hosts, args.timeout)
+        subnets = driver.wait_subnets(hosts, args.timeout)
         figures["subnets_granted_s"] = round(time.monotonic() - started, 1)
         print(f"addresses: every machine holds a subnet from the tree {figures['subnets_granted_s']} s after the start", flush=True)
+        # Grants may still move (overlaps found and renumbered): wait until they stay put for 5 s.
+        renumbered = set()
+        while True:
+            time.sleep(5)
+            latest = driver.wait_subnets(hosts, args.timeout)
+            if latest == subnets:
+                break
+            renumbered |= {name for name in latest if latest[name] != subnets.get(name)}
+            subnets = latest
+            if time.monotonic() - started > 3 * args.timeout:
+                raise TestbedError(f"subnets still moving after {3 * args.timeout:.0f}s (renumbered: {sorted(renumbered)})")
+        figures["subnets_stable_s"] = round(time.monotonic() - started - 5, 1)
+        figures["renumbered_machines"] = len(renumbered)
+        print(f"addresses: stable {figures['subnets_stable_s']} s after the start ({len(renumbered)} machines renumbered meanwhile)", flush=True)
 
         servers, client = far_apart(hosts)
         service = args.service
         app, appns, _svc, svcns = service.split(".")
         client_service = f"{app}.{appns}.client.{svcns}"
+        # The first instance deploys the service; the others start once its host resolves it (`agent run` of a
+        # service the tree does not know yet, on two machines at once, left the service without ServiceIPs).
         for number, server in enumerate(servers):
             driver.run_service(server, service, ["python3", "-c", WEB_SERVER, server.name], instance=number)
+            if number == 0:
+                wait_for(lambda: driver.resolve(server, f"{service}.any.rr"), args.timeout, f"{service} deployed from {server.name}")
         print(f"service: {service} instances on {', '.join(s.name for s in servers)}; client on {client.name}", flush=True)
         traffic_started = time.monotonic()
         service_ip = wait_for(lambda: driver.resolve(client, f"{service}.any.rr"), args.timeout, f"{service}.any.rr to resolve on {client.name}")
@@ -307,5 +328,9 @@ def run_checks(net, topo, workdir: Path, agent: str, data_dir: str, args, ping_o
         if driver:
             driver.stop_all()
         net.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        # CANOPY_TESTBED_KEEP=1 keeps the agents' logs and data dirs for debugging, as in the netns testbeds.
+        if os.environ.get("CANOPY_TESTBED_KEEP") == "1":
+            print(f"kept {workdir} (CANOPY_TESTBED_KEEP=1)", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
         print("PASS" if ok else "FAIL", flush=True)

@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--switch", choices=["auto", "ovs", "linuxbridge"], default="auto")
     parser.add_argument("--service", default="demo.canopy.web.test")
     parser.add_argument("--resolve-name", default=None)
+    parser.add_argument("--stagger", type=float, default=0.0, help="seconds between agent joins (eases CPU load at start)")
     parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args()
 

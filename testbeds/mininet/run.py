@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--agent", default=str(TESTBEDS.parent / "target" / "debug" / "agent"))
     parser.add_argument("--service", default="demo.canopy.web.test", help="APP.APPNS.SVC.SVCNS of the test service")
     parser.add_argument("--resolve-name", default=None, help="name to resolve for the service (default SERVICE.any.rr)")
+    parser.add_argument("--stagger", type=float, default=0.0, help="seconds between agent joins (eases CPU load at start)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the tree and for traffic")
     args = parser.parse_args()
 
