@@ -174,11 +174,19 @@ fn file_stamp(path: &Path) -> (Option<SystemTime>, u64) {
     }
 }
 
+/// Moves smaller than this (cores, MB, Mbit/s) are measurement noise, however large relative to a near-zero value:
+/// a busy machine's free CPU jitters between 0.00 and 0.05 cores every reading.
+const NOISE: [f64; 3] = [0.1, 32.0, 1.0];
+
 /// Whether `new` differs from what the overlay was told (`old`) enough to tell it again: a resource moved by more
-/// than `threshold` relative to the larger value, or the machine crossed the "saturated" line.
+/// than `threshold` relative to the larger value (and more than noise), or the machine crossed the "saturated" line.
 pub fn differs_significantly(old: &Capacity, new: &Capacity, threshold: f64) -> bool {
-    let moved =
-        old.to_array().iter().zip(new.to_array()).any(|(&a, b)| (a - b).abs() > threshold * a.abs().max(b.abs()));
+    let moved = old
+        .to_array()
+        .iter()
+        .zip(new.to_array())
+        .zip(NOISE)
+        .any(|((&a, b), noise)| (a - b).abs() > (threshold * a.abs().max(b.abs())).max(noise));
     moved || old.fits(&Capacity::MIN_USEFUL) != new.fits(&Capacity::MIN_USEFUL)
 }
 
@@ -260,6 +268,8 @@ mod tests {
         // 0.9 -> 1.5 MiB is within the threshold here but crosses the "saturated" line.
         assert!(differs_significantly(&Capacity::new(0.011, 0.9, 0.0), &Capacity::new(0.011, 1.5, 0.0), 0.9));
         assert!(!differs_significantly(&Capacity::ZERO, &Capacity::ZERO, 0.1));
+        // A busy machine's free CPU jittering near zero is not news.
+        assert!(!differs_significantly(&Capacity::new(0.002, 4096.0, 0.0), &Capacity::new(0.009, 4090.0, 0.0), 0.1));
     }
 
     #[test]

@@ -98,12 +98,32 @@ impl Known {
         }
         let hosted = &self.hosted;
         entry.instances.retain(|number, _| hosted.contains(&(answer.service.clone(), *number)));
+        let mut fresh = Vec::new();
         for record in answer.instances {
             if !hosted.contains(&(record.service.clone(), record.number)) {
-                entry.instances.insert(record.number, record);
+                entry.instances.insert(record.number, record.clone());
+                fresh.push(record);
             }
         }
+        for record in &fresh {
+            self.evict_stale(record);
+        }
         before.as_ref() != self.services.get(&answer.service)
+    }
+
+    /// A machine hosts one instance per namespace IP: older records of another instance at the same place are
+    /// stale (the machine restarted and handed the address to someone else) and go.
+    fn evict_stale(&mut self, newer: &InstanceRecord) {
+        for (name, routes) in self.services.iter_mut() {
+            routes.instances.retain(|number, old| {
+                let same_instance = *name == newer.service && *number == newer.number;
+                same_instance
+                    || old.host != newer.host
+                    || old.namespace_ip != newer.namespace_ip
+                    || old.version >= newer.version
+                    || self.hosted.contains(&(name.clone(), *number))
+            });
+        }
     }
 
     /// A change pushed down the tree; returns whether anything changed.
@@ -118,7 +138,8 @@ impl Known {
                 match entry.instances.get(&record.number) {
                     Some(known) if known.version > record.version || *known == record => false,
                     _ => {
-                        entry.instances.insert(record.number, record);
+                        entry.instances.insert(record.number, record.clone());
+                        self.evict_stale(&record);
                         true
                     }
                 }
@@ -175,6 +196,7 @@ impl Known {
             position: Some(me.position),
         }];
         let mut node_of: HashMap<NodeId, usize> = HashMap::from([(me.id, 0)]);
+        let winners = self.unambiguous_instances();
         let mut overlay_ips: HashSet<Ipv4Addr> = HashSet::new();
         let mut services = Vec::new();
         for (name, routes) in &self.services {
@@ -198,11 +220,8 @@ impl Known {
                     skipped.conflicting_machines += 1;
                     continue;
                 };
-                let namespace_taken = instances.iter().any(|i: &InstanceRoute| i.namespace_ip == record.namespace_ip)
-                    || services
-                        .iter()
-                        .any(|s: &ServiceRoute| s.instances.iter().any(|i| i.namespace_ip == record.namespace_ip));
-                if namespace_taken || !overlay_ips.insert(record.instance_ip) {
+                let winner = winners.contains(&(name, record.number));
+                if !winner || !overlay_ips.insert(record.instance_ip) {
                     skipped.conflicting_addresses += 1;
                     continue;
                 }
@@ -222,6 +241,29 @@ impl Known {
             });
         }
         (RouteTable { tunnel_key: me.tunnel_key.clone(), nodes, services }, skipped)
+    }
+
+    /// The instances that keep their addresses where records disagree: a namespace IP or InstanceIP claimed twice
+    /// goes to this machine's own instance, else to the newest record.
+    fn unambiguous_instances(&self) -> HashSet<(&ServiceName, u32)> {
+        let mut records: Vec<(&ServiceName, &InstanceRecord)> =
+            self.services.iter().flat_map(|(name, r)| r.instances.values().map(move |i| (name, i))).collect();
+        records.sort_by_key(|(name, r)| {
+            (std::cmp::Reverse(self.hosted.contains(&((*name).clone(), r.number))), std::cmp::Reverse(r.version))
+        });
+        let (mut namespace_ips, mut instance_ips) = (HashSet::new(), HashSet::new());
+        records
+            .into_iter()
+            .filter(|(_, r)| {
+                let free = !namespace_ips.contains(&r.namespace_ip) && !instance_ips.contains(&r.instance_ip);
+                if free {
+                    namespace_ips.insert(r.namespace_ip);
+                    instance_ips.insert(r.instance_ip);
+                }
+                free
+            })
+            .map(|(name, r)| (name, r.number))
+            .collect()
     }
 
     /// The table index of the machine hosting `record`, adding it when new; `None` when the record contradicts
@@ -353,6 +395,34 @@ mod tests {
         assert_eq!(known.service_of(Ipv4Addr::new(10, 30, 0, 2)), Some(&web));
         assert_eq!(known.service_of(Ipv4Addr::new(10, 30, 100, 1)), Some(&web));
         assert!(!known.forget_service(&web), "hosted services stay");
+    }
+
+    #[test]
+    fn a_restarted_machine_reusing_a_namespace_ip_replaces_the_stale_record() {
+        let mut known = Known::default();
+        let (web, echo): (ServiceName, ServiceName) = (web(), "shop.acme.echo.prod".parse().unwrap());
+        known.set_addresses(addresses(&web, 0));
+        known.set_addresses(addresses(&echo, 1));
+        // Before the restart: echo#0 at .3 on machine 2 (web's record at .3 comes later, newer).
+        let mut old_echo = record(&echo, 0, peer(2), [10, 16, 1, 3], 5);
+        old_echo.instance_ip = Ipv4Addr::new(10, 30, 101, 1);
+        known.apply_change(RouteChange::Upsert(old_echo.clone()));
+        known.apply_change(RouteChange::Upsert(record(&web, 1, peer(2), [10, 16, 1, 3], 9)));
+        assert!(known.service(&echo).unwrap().instances.is_empty(), "the stale echo record went");
+        let (table, skipped) = known.route_table(&me(), 26);
+        RouteIndex::build(&table).unwrap();
+        assert_eq!(skipped, Skipped::default());
+        // Whatever the order records arrive in, the table keeps the newest claim on an address.
+        let mut known = Known::default();
+        known.set_addresses(addresses(&web, 0));
+        known.set_addresses(addresses(&echo, 1));
+        known.apply_change(RouteChange::Upsert(record(&web, 1, peer(2), [10, 16, 1, 3], 9)));
+        known.services.get_mut(&echo).unwrap().instances.insert(0, old_echo);
+        let (table, skipped) = known.route_table(&me(), 26);
+        RouteIndex::build(&table).unwrap();
+        assert_eq!(skipped.conflicting_addresses, 1);
+        let web_route = table.services.iter().find(|s| s.name == web.to_string()).unwrap();
+        assert_eq!(web_route.instances.len(), 1, "the newer web record won");
     }
 
     #[test]
