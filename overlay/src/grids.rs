@@ -9,8 +9,11 @@
 //!
 //! Traffic stays bounded by the fanout, not by the tree size: a node reports its subtree grid only when it changed
 //! significantly or every `refresh_every` reports (so a lost report heals), and a parent sends its children the
-//! group's grids (one entry per child plus one outside grid) only when one of them changed or on the same refresh.
-//! A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
+//! group's grids (one entry per child plus one outside grid) only when one of them changed significantly or on the
+//! same refresh. A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
+//!
+//! Work stays bounded too: grids are shared (`Arc`), so one group message goes to every child without copying, and
+//! the merged subtree and outside grids are recomputed only when one of their inputs changed.
 //!
 //! Placement (VineIO's migration/replication target search) walks the tree: a query climbs while the outside grid
 //! holds a nearer region that can host the demand than the node's own subtree, then descends into the children
@@ -20,6 +23,7 @@ use crate::Time;
 use crate::id::NodeId;
 use canopy_policies::{Capacity, CapacityGrid, DEFAULT_GRID_SIZE, GridInput, MAX_GRID_SIZE, Position};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Children a placement query descends into at each coordinator (besides the coordinator itself).
@@ -51,11 +55,12 @@ impl Default for GridConfig {
     }
 }
 
-/// A subtree's capacity as it travels: a leaf sends only itself, a coordinator its merged grid.
+/// A subtree's capacity as it travels: a leaf sends only itself, a coordinator its merged grid (shared, so that
+/// holding, forwarding and resending it does not copy it; on the wire it is the plain grid).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SubtreeGrid {
     Node { position: Position, free: Capacity },
-    Grid(Box<CapacityGrid>),
+    Grid(Arc<CapacityGrid>),
 }
 
 impl SubtreeGrid {
@@ -95,6 +100,7 @@ impl SubtreeGrid {
     /// Whether `other` is worth sending instead of `self`.
     fn differs_significantly(&self, other: &SubtreeGrid, threshold: f64) -> bool {
         match (self, other) {
+            (SubtreeGrid::Grid(a), SubtreeGrid::Grid(b)) if Arc::ptr_eq(a, b) => false,
             (SubtreeGrid::Node { position: p1, free: a }, SubtreeGrid::Node { position: p2, free: b }) => {
                 p1 != p2
                     || a.to_array().iter().zip(b.to_array()).any(|(x, y)| (x - y).abs() > threshold * x.max(y))
@@ -107,13 +113,14 @@ impl SubtreeGrid {
     }
 }
 
-/// What a parent sends its children: every child's subtree, and everything else.
+/// What a parent sends its children: every child's subtree, and everything else. One value is shared by all the
+/// heartbeats of a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupGrids {
     /// Each child's subtree (the receiver's own among them).
     pub members: Vec<(NodeId, SubtreeGrid)>,
     /// The rest of the tree: the sender itself, its siblings' subtrees and what lies outside its parent.
-    pub outside: Option<Box<CapacityGrid>>,
+    pub outside: Option<Arc<CapacityGrid>>,
 }
 
 impl GroupGrids {
@@ -202,20 +209,32 @@ pub struct Grids {
     own_free: Capacity,
     children: Vec<(NodeId, SubtreeGrid)>,
     siblings: Vec<(NodeId, SubtreeGrid)>,
-    outside: Option<CapacityGrid>,
-    subtree: Option<CapacityGrid>,
+    outside: Option<Arc<CapacityGrid>>,
+    /// Merge of this node and its children; dropped when one of those changes.
+    subtree: Option<Arc<CapacityGrid>>,
+    /// Merge of this node, its siblings and its outside grid (what lies outside every child's group); dropped when
+    /// one of those changes.
+    outside_for_children: Option<Arc<CapacityGrid>>,
     /// What we last reported, to whom, and how many reports ago.
     sent_up: Option<(NodeId, SubtreeGrid)>,
     reports_since_sent: u32,
-    /// What we last sent our children: member ids and the outside grid.
+    /// A child's grid changed significantly since the last group we sent.
     group_dirty: bool,
+    /// The children the last group went to, and the group itself.
     sent_members: Vec<NodeId>,
-    sent_outside: Option<CapacityGrid>,
+    sent_group: Option<Arc<GroupGrids>>,
+    /// The latest outside grid found too close to the sent one to be worth a group (so it is compared once).
+    outside_checked: Option<Arc<CapacityGrid>>,
     heartbeats_since_group: u32,
     held: Option<Vec<CapacityGrid>>,
     open: Vec<OpenQuery>,
     next_query: u64,
     counters: GridCounters,
+}
+
+/// Whether two grids are the same value (the same shared grid, or equal ones).
+fn same_grid(a: &Arc<CapacityGrid>, b: &Arc<CapacityGrid>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 impl Grids {
@@ -229,11 +248,13 @@ impl Grids {
             siblings: Vec::new(),
             outside: None,
             subtree: None,
+            outside_for_children: None,
             sent_up: None,
             reports_since_sent: 0,
             group_dirty: true,
             sent_members: Vec::new(),
-            sent_outside: None,
+            sent_group: None,
+            outside_checked: None,
             heartbeats_since_group: 0,
             held: None,
             open: Vec::new(),
@@ -254,21 +275,36 @@ impl Grids {
         self.own_free
     }
 
-    fn changed(&mut self) {
+    /// This node's own capacity or position changed: every merge includes it.
+    fn own_changed(&mut self) {
         self.subtree = None;
+        self.outside_for_children = None;
+        self.held = None;
+    }
+
+    fn children_changed(&mut self) {
+        self.subtree = None;
+        self.held = None;
+    }
+
+    fn parent_grids_changed(&mut self) {
+        self.outside_for_children = None;
         self.held = None;
     }
 
     /// New measurement (or override) of this machine's free capacity.
     pub fn set_own_free(&mut self, free: Capacity) {
-        self.own_free = free.sanitized();
-        self.changed();
+        let free = free.sanitized();
+        if free != self.own_free {
+            self.own_free = free;
+            self.own_changed();
+        }
     }
 
     pub fn set_position(&mut self, position: Position) {
         if position.normalized().is_some() && position != self.position {
             self.position = position;
-            self.changed();
+            self.own_changed();
         }
     }
 
@@ -276,21 +312,25 @@ impl Grids {
         GridInput::Node { position: self.position, free: self.own_free }
     }
 
-    /// This node's subtree: its own capacity merged with its children's grids.
-    pub fn subtree(&mut self) -> &CapacityGrid {
+    fn subtree_shared(&mut self) -> &Arc<CapacityGrid> {
         if self.subtree.is_none() {
             let mut inputs = vec![self.own_input()];
             inputs.extend(self.children.iter().map(|(_, g)| g.input()));
-            self.subtree = Some(CapacityGrid::merge_sized(self.config.size, &inputs));
+            self.subtree = Some(Arc::new(CapacityGrid::merge_sized(self.config.size, &inputs)));
         }
         self.subtree.as_ref().expect("just computed")
+    }
+
+    /// This node's subtree: its own capacity merged with its children's grids.
+    pub fn subtree(&mut self) -> &CapacityGrid {
+        self.subtree_shared()
     }
 
     fn subtree_payload(&mut self) -> SubtreeGrid {
         if self.children.is_empty() {
             SubtreeGrid::Node { position: self.position, free: self.own_free }
         } else {
-            SubtreeGrid::Grid(Box::new(self.subtree().clone()))
+            SubtreeGrid::Grid(Arc::clone(self.subtree_shared()))
         }
     }
 
@@ -323,12 +363,19 @@ impl Grids {
             return;
         }
         self.counters.grids_received += 1;
+        // The children hear about it with the next group only when it moved significantly from what they were
+        // last sent (compared with the sent value, so slow drift adds up); the periodic refresh carries the rest.
+        let sent = self.sent_group.as_ref().and_then(|g| g.members.iter().find(|(id, _)| *id == child));
+        if sent.is_none_or(|(_, sent)| sent.differs_significantly(&grid, self.config.threshold)) {
+            self.group_dirty = true;
+        }
         match self.children.iter_mut().find(|(id, _)| *id == child) {
+            // A refresh of what we hold: the merged grid stays as it is.
+            Some(slot) if slot.1 == grid => return,
             Some(slot) => slot.1 = grid,
             None => self.children.push((child, grid)),
         }
-        self.group_dirty = true;
-        self.changed();
+        self.children_changed();
     }
 
     /// Forget grids of nodes that are no longer children.
@@ -337,20 +384,28 @@ impl Grids {
         self.children.retain(|(id, _)| is_child(id));
         if self.children.len() != before {
             self.group_dirty = true;
-            self.changed();
+            self.children_changed();
         }
     }
 
     /// The parent's group grids arrived (`me` is this node's id).
-    pub fn on_group(&mut self, me: NodeId, group: GroupGrids) {
+    pub fn on_group(&mut self, me: NodeId, group: &GroupGrids) {
         if !group.is_valid() {
             self.counters.rejected += 1;
             return;
         }
         self.counters.grids_received += 1;
-        self.siblings = group.members.into_iter().filter(|(id, _)| *id != me).collect();
-        self.outside = group.outside.map(|g| *g);
-        self.changed();
+        let siblings = group.members.iter().filter(|(id, _)| *id != me);
+        let same_outside = match (&self.outside, &group.outside) {
+            (Some(a), Some(b)) => same_grid(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        if same_outside && siblings.clone().eq(self.siblings.iter()) {
+            return; // a refresh of what we hold
+        }
+        self.siblings = siblings.cloned().collect();
+        self.outside = group.outside.clone();
+        self.parent_grids_changed();
     }
 
     /// No parent any more (a root, or detached): nothing lies outside our subtree that we know of.
@@ -358,22 +413,39 @@ impl Grids {
         if !self.siblings.is_empty() || self.outside.is_some() {
             self.siblings.clear();
             self.outside = None;
-            self.changed();
+            self.parent_grids_changed();
         }
     }
 
     /// Everything outside a child's subtree except its siblings: this node, its siblings and its outside grid.
-    fn outside_for_children(&self) -> CapacityGrid {
-        let mut inputs = vec![self.own_input()];
-        inputs.extend(self.siblings.iter().map(|(_, g)| g.input()));
-        if let Some(outside) = &self.outside {
-            inputs.push(GridInput::Grid(outside));
+    fn outside_for_children(&mut self) -> Arc<CapacityGrid> {
+        if self.outside_for_children.is_none() {
+            let mut inputs = vec![self.own_input()];
+            inputs.extend(self.siblings.iter().map(|(_, g)| g.input()));
+            if let Some(outside) = &self.outside {
+                inputs.push(GridInput::Grid(outside));
+            }
+            self.outside_for_children = Some(Arc::new(CapacityGrid::merge_sized(self.config.size, &inputs)));
         }
-        CapacityGrid::merge_sized(self.config.size, &inputs)
+        Arc::clone(self.outside_for_children.as_ref().expect("just computed"))
     }
 
-    /// The group grids to put on this round of heartbeats to `children`, when due.
-    pub fn group_for_children(&mut self, children: &[NodeId]) -> Option<Box<GroupGrids>> {
+    /// Whether `outside` moved significantly from the outside grid of the last group sent.
+    fn outside_changed(&mut self, outside: &Arc<CapacityGrid>) -> bool {
+        let Some(sent) = self.sent_group.as_ref().and_then(|g| g.outside.as_ref()) else { return true };
+        if Arc::ptr_eq(sent, outside) || self.outside_checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, outside)) {
+            return false;
+        }
+        let changed = sent.differs_significantly(outside, self.config.threshold);
+        if !changed {
+            self.outside_checked = Some(Arc::clone(outside));
+        }
+        changed
+    }
+
+    /// The group grids to put on this round of heartbeats to `children`, when due. The one value goes to every
+    /// child.
+    pub fn group_for_children(&mut self, children: &[NodeId]) -> Option<Arc<GroupGrids>> {
         if children.is_empty() {
             return None;
         }
@@ -381,22 +453,22 @@ impl Grids {
         let outside = self.outside_for_children();
         let members_changed =
             self.sent_members.len() != children.len() || children.iter().any(|c| !self.sent_members.contains(c));
-        let outside_changed =
-            self.sent_outside.as_ref().is_none_or(|sent| sent.differs_significantly(&outside, self.config.threshold));
         let due = self.group_dirty
             || members_changed
-            || outside_changed
-            || self.heartbeats_since_group >= self.config.refresh_every;
+            || self.heartbeats_since_group >= self.config.refresh_every
+            || self.outside_changed(&outside);
         if !due {
             return None;
         }
         self.group_dirty = false;
         self.heartbeats_since_group = 0;
         self.sent_members = children.to_vec();
-        self.sent_outside = Some(outside.clone());
+        self.outside_checked = None;
         self.counters.groups_sent += 1;
         let members = self.children.iter().filter(|(id, _)| children.contains(id)).cloned().collect();
-        Some(Box::new(GroupGrids { members, outside: Some(Box::new(outside)) }))
+        let group = Arc::new(GroupGrids { members, outside: Some(outside) });
+        self.sent_group = Some(Arc::clone(&group));
+        Some(group)
     }
 
     /// Every grid this node holds, finest knowledge included: its subtree, its children's, its siblings' and the
@@ -406,7 +478,7 @@ impl Grids {
             let size = self.config.size;
             let mut held = vec![self.subtree().clone()];
             held.extend(self.children.iter().chain(&self.siblings).map(|(_, g)| g.to_grid(size)));
-            held.extend(self.outside.iter().cloned());
+            held.extend(self.outside.iter().map(|g| CapacityGrid::clone(g)));
             self.held = Some(held);
         }
         self.held.as_deref().expect("just computed")
@@ -599,7 +671,7 @@ mod tests {
     fn held_grids_cover_the_tree_once() {
         // Parent P (48,11) with children A (us, 48.5,11.5) and B (40,2); P's outside holds one far node.
         let mut parent = Grids::new(config(), Position::new(48.0, 11.0), cap(1.0));
-        parent.on_group(id(100), GroupGrids { members: vec![], outside: None });
+        parent.on_group(id(100), &GroupGrids { members: vec![], outside: None });
         parent.on_child_grid(id(1), leaf(48.5, 11.5, 2.0));
         parent.on_child_grid(id(2), leaf(40.0, 2.0, 4.0));
         let group = parent.group_for_children(&[id(1), id(2)]).expect("first group is due");
@@ -607,7 +679,7 @@ mod tests {
         assert!(parent.group_for_children(&[id(1)]).is_some(), "membership change resends");
 
         let mut me = Grids::new(config(), Position::new(48.5, 11.5), cap(2.0));
-        me.on_group(id(1), *group);
+        me.on_group(id(1), &group);
         let nodes: u64 = {
             let held = me.held();
             // subtree (me) + sibling B + outside (P)
@@ -631,13 +703,69 @@ mod tests {
     }
 
     #[test]
+    fn group_follows_significant_child_changes_only() {
+        let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        let kids = [id(1)];
+        g.on_child_grid(id(1), leaf(1.0, 1.0, 4.0));
+        assert!(g.group_for_children(&kids).is_some());
+        g.on_child_grid(id(1), leaf(1.0, 1.0, 3.8));
+        assert!(g.group_for_children(&kids).is_none(), "5% is noise");
+        g.on_child_grid(id(1), leaf(1.0, 1.0, 3.5));
+        let group = g.group_for_children(&kids).expect("12.5% below what the children were sent: drift adds up");
+        assert_eq!(group.members, vec![(id(1), leaf(1.0, 1.0, 3.5))]);
+        g.on_child_grid(id(2), leaf(2.0, 2.0, 1.0));
+        assert!(g.group_for_children(&[id(1), id(2)]).is_some(), "a new child's grid");
+    }
+
+    #[test]
+    fn merges_are_redone_only_when_an_input_changed() {
+        let me = id(1);
+        let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        g.on_child_grid(id(2), leaf(1.0, 1.0, 4.0));
+        let subtree = Arc::clone(g.subtree_shared());
+        let outside = g.outside_for_children();
+        g.on_child_grid(id(2), leaf(1.0, 1.0, 4.0));
+        assert!(Arc::ptr_eq(&subtree, g.subtree_shared()), "a refresh of the same grid");
+        let group =
+            GroupGrids { members: vec![(me, leaf(0.0, 0.0, 1.0)), (id(3), leaf(5.0, 5.0, 2.0))], outside: None };
+        g.on_group(me, &group);
+        assert!(Arc::ptr_eq(&subtree, g.subtree_shared()), "siblings are not in our subtree");
+        assert!(!Arc::ptr_eq(&outside, &g.outside_for_children()), "but in our children's outside grid");
+        let outside = g.outside_for_children();
+        g.on_group(me, &group.clone());
+        assert!(Arc::ptr_eq(&outside, &g.outside_for_children()), "the same group again");
+        g.on_child_grid(id(2), leaf(1.0, 1.0, 3.0));
+        assert!(Arc::ptr_eq(&outside, &g.outside_for_children()), "a child is not outside its siblings' subtrees");
+        assert!(!Arc::ptr_eq(&subtree, g.subtree_shared()));
+        assert_eq!(g.subtree().total().free.cpu, 4.0);
+        g.set_own_free(cap(2.0));
+        assert!(!Arc::ptr_eq(&outside, &g.outside_for_children()), "our own capacity is in both");
+        assert_eq!(g.subtree().total().free.cpu, 5.0);
+    }
+
+    #[test]
+    fn one_group_is_shared_by_all_children() {
+        let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        g.on_child_grid(id(2), leaf(1.0, 1.0, 4.0));
+        let mut coordinator = Grids::new(config(), Position::new(2.0, 2.0), cap(1.0));
+        coordinator.on_child_grid(id(9), leaf(2.5, 2.5, 1.0));
+        let Some(SubtreeGrid::Grid(sent)) = coordinator.report_grid(id(1)) else { panic!("a coordinator's grid") };
+        g.on_child_grid(id(3), SubtreeGrid::Grid(Arc::clone(&sent)));
+        let group = g.group_for_children(&[id(2), id(3)]).expect("first group");
+        let Some((_, SubtreeGrid::Grid(carried))) = group.members.iter().find(|(c, _)| *c == id(3)) else {
+            panic!("the coordinator child's grid is in the group")
+        };
+        assert!(Arc::ptr_eq(&sent, carried), "held and forwarded without a copy");
+    }
+
+    #[test]
     fn placement_climbs_then_descends_to_the_nearest_fit() {
         // Leaf L near Munich has no room; its outside grid says Vienna has room: the query climbs to the parent.
         let munich = Position::new(48.14, 11.58);
         let demand = Capacity::new(2.0, 512.0, 0.0);
         let mut l = Grids::new(config(), munich, cap(0.5));
         let outside = CapacityGrid::merge(&[GridInput::Node { position: Position::new(48.2, 16.37), free: cap(4.0) }]);
-        l.on_group(id(7), GroupGrids { members: vec![], outside: Some(Box::new(outside)) });
+        l.on_group(id(7), &GroupGrids { members: vec![], outside: Some(Arc::new(outside)) });
         let (qid, step) = l.start_placement(Time::ZERO, 42, id(7), vec!["a".into()], munich, demand, 2, Some(id(1)));
         assert!(step.answer.is_none());
         assert_eq!(step.forward.len(), 1);

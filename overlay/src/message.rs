@@ -173,7 +173,7 @@ pub struct Heartbeat {
     pub address_block: Option<Ipv4Net>,
     /// The children's subtree grids and the grid of the rest of the tree, when one changed (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grids: Option<Box<GroupGrids>>,
+    pub grids: Option<std::sync::Arc<GroupGrids>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -375,12 +375,12 @@ mod tests {
                 view_version: 3,
                 view: None,
                 address_block: None,
-                grids: Some(Box::new(GroupGrids {
+                grids: Some(std::sync::Arc::new(GroupGrids {
                     members: vec![(
                         NodeId::from_u64(2),
                         SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity },
                     )],
-                    outside: Some(Box::new(canopy_policies::CapacityGrid::merge(&[
+                    outside: Some(std::sync::Arc::new(canopy_policies::CapacityGrid::merge(&[
                         canopy_policies::GridInput::Node { position: Position::new(3.0, 4.0), free: info(3).capacity },
                     ]))),
                 })),

@@ -993,7 +993,7 @@ impl Node {
         p.detector.heard(now);
         p.term = h.term;
         if let Some(group) = h.grids {
-            self.grids.on_group(self.info.id, *group);
+            self.grids.on_group(self.info.id, &group);
         }
         self.address_block = h.address_block;
         let Some(view) = h.view else { return };

@@ -10,6 +10,8 @@ use crate::network::{Attachment, NetworkModel};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
 use crate::wire_size;
+use canopy_overlay::grids::GroupGrids;
+use canopy_overlay::message::Heartbeat;
 use canopy_overlay::{
     Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
 };
@@ -18,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the whole tree is checked during a run (cycles, depth, fanout).
@@ -189,6 +192,8 @@ pub struct Simulation {
     fanout_max: usize,
     experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
+    /// The group grids sized last (see [`sized`]).
+    last_group_sized: Option<(Arc<GroupGrids>, usize)>,
 }
 
 fn bucket(role: Role) -> usize {
@@ -222,14 +227,26 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
     len
 }
 
-/// The exact encoded length of a message and the CBOR bytes of the capacity grids it carries, in one walk: the
-/// grids are the `grid`/`grids` field of the message struct (depth 2: inside the envelope).
-fn sized(envelope: &Envelope) -> (usize, usize) {
-    let (len, grid_field) = wire_size::cbor_len_with_fields(envelope, 2, &["grid", "grids"]);
-    let grids = match &envelope.body {
-        Message::Report(r) if r.grid.is_some() => grid_field,
-        Message::Heartbeat(h) if h.grids.is_some() => grid_field,
-        _ => 0,
+/// The grids field of a message struct (depth 2: inside the envelope).
+const GRID_FIELDS: [&str; 2] = ["grid", "grids"];
+
+/// The exact encoded length of a message and the CBOR bytes of the capacity grids it carries, in one walk. The
+/// group grids a coordinator shares among its children's heartbeats are sized once per round: `last_group` keeps
+/// the last one sized (holding it keeps its address from being reused by another).
+fn sized(envelope: &Envelope, last_group: &mut Option<(Arc<GroupGrids>, usize)>) -> (usize, usize) {
+    let (len, grids) = match &envelope.body {
+        Message::Heartbeat(Heartbeat { grids: Some(group), .. }) => match last_group {
+            Some((sized, grid_len)) if Arc::ptr_eq(sized, group) => {
+                (wire_size::cbor_len_with_known_fields(envelope, 2, &GRID_FIELDS, *grid_len), *grid_len)
+            }
+            _ => {
+                let (len, grid_len) = wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS);
+                *last_group = Some((Arc::clone(group), grid_len));
+                (len, grid_len)
+            }
+        },
+        Message::Report(r) if r.grid.is_some() => wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS),
+        _ => (wire_size::cbor_len(envelope), 0),
     };
     debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
     debug_assert_eq!(
@@ -325,6 +342,7 @@ impl Simulation {
             depth_max: 0,
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
+            last_group_sized: None,
             experiment,
         };
         if let Some(e) = &scenario.experiment {
@@ -441,7 +459,7 @@ impl Simulation {
     }
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
-        let (bytes, grid_bytes) = sized(&envelope);
+        let (bytes, grid_bytes) = sized(&envelope, &mut self.last_group_sized);
         let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);

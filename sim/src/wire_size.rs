@@ -18,13 +18,26 @@ pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
 /// The exact CBOR length of `value`, and how many of those bytes are the values of the struct fields called one of
 /// `names` in structs nested `depth` deep (1: `value` itself). One walk sizes a message and a part of it.
 pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
-    let mut size = SizeCounter { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0 };
+    sized_walk(value, depth, names, None)
+}
+
+/// The exact CBOR length of `value` when the struct fields called one of `names`, `depth` deep, are already known to
+/// take `known` bytes each (a shared part sized once, e.g. the grids every heartbeat of a round carries): they are
+/// counted, not walked. The caller vouches for `known`; debug builds should compare with [`encoded_len`].
+pub fn cbor_len_with_known_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str], known: usize) -> usize {
+    sized_walk(value, depth, names, Some(known)).0
+}
+
+fn sized_walk<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str], known: Option<usize>) -> (usize, usize) {
+    let counter =
+        |known| SizeCounter { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0, known };
+    let mut size = counter(known);
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
         Err(Fallback) => {
-            let mut size = SizeCounter { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0 };
             let total = encoded_len(value);
             // Only a NaN or a CBOR tag inside a tracked field makes its own walk fail too; then it counts as zero.
+            let mut size = counter(None);
             let _ = value.serialize(&mut size);
             (total, size.tracked)
         }
@@ -116,6 +129,8 @@ struct SizeCounter<'n> {
     tracked_depth: u32,
     tracked_names: &'n [&'n str],
     tracked: usize,
+    /// The size of each tracked field's value, when the caller knows it already.
+    known: Option<usize>,
 }
 
 /// This value needs the real encoder to size it.
@@ -148,6 +163,11 @@ impl SizeCounter<'_> {
     fn field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
         self.add(text_len(key.len()));
         if self.depth == self.tracked_depth && self.tracked_names.contains(&key) {
+            if let Some(known) = self.known {
+                self.add(known);
+                self.tracked += known;
+                return Ok(());
+            }
             let before = self.total;
             value.serialize(&mut *self)?;
             self.tracked += self.total - before;
@@ -533,6 +553,14 @@ mod tests {
         assert_eq!(tracked, encoded_len(&vec![0.5f32, 0.1]));
         let (_, inner) = cbor_len_with_fields(&value, 2, &["grid"]);
         assert_eq!(inner, encoded_len(&vec![0.3f32; 30]));
+    }
+
+    #[test]
+    fn known_fields_are_counted_not_walked() {
+        let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
+        let (total, inner) = cbor_len_with_fields(&value, 2, &["grid"]);
+        assert_eq!(cbor_len_with_known_fields(&value, 2, &["grid"], inner), total);
+        assert_eq!(cbor_len_with_known_fields(&value, 2, &["grid"], inner + 7), total + 7, "taken on trust");
     }
 
     #[test]
