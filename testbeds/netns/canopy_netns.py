@@ -512,15 +512,22 @@ table ip canopy_nat {{
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         return run(["ip", "netns", "exec", node.netns, *argv], check=check, timeout=timeout, input=input)
 
-    def spawn(self, node: Node, cmd: Sequence[str], log_name: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start a background process inside a node, output to a log file in the temp dir; stopped at teardown."""
+    def spawn(self, node: Node, cmd: Sequence[str], log_name: str | None = None, env: dict[str, str] | None = None, share_mounts: bool = False) -> subprocess.Popen:
+        """Start a background process inside a node, output to a log file in the temp dir; stopped at teardown.
+
+        `ip netns exec` gives the process a mount namespace of its own, so network namespaces it mounts under
+        /run/netns are seen only by itself and its children. With `share_mounts` the process enters only the
+        node's network namespace (nsenter) and stays in the machine's mount namespace, as a daemon on a real
+        machine does: agents use it, so the service namespaces they create outlive them and a restarted agent
+        (and `agent run`) finds them."""
         self._require_started()
         self._ensure_routes()
         log_path = self.workdir / "logs" / f"{log_name or node.name + '-' + Path(cmd[0]).name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "ab")
+        enter = ["nsenter", f"--net=/run/netns/{node.netns}", "--"] if share_mounts else ["ip", "netns", "exec", node.netns]
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, *cmd],
+            [*enter, *cmd],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -602,7 +609,7 @@ table ip canopy_nat {{
         env = {"CANOPY_NETNS_PREFIX": f"{host.netns}-", "RUST_BACKTRACE": "1"}
         # One log per agent run, so a restarted agent does not overwrite what its predecessor said.
         launch = self._agent_launches[host.name] = self._agent_launches.get(host.name, 0) + 1
-        proc = self.spawn(host, argv, log_name=f"agent-{host.name}-{launch}", env=env)
+        proc = self.spawn(host, argv, log_name=f"agent-{host.name}-{launch}", env=env, share_mounts=True)
         agent = Agent(host, data_dir, self.processes[-1][2], proc)
         self.agents[host.name] = agent
         return agent
@@ -671,15 +678,6 @@ table ip canopy_nat {{
             raise TestbedError(f"no agent on {host.name}")
         terminate(agent.process, 0 if kill else GRACEFUL_STOP_SECONDS)
 
-    def _in_agent_mounts(self, host: Node, argv: list[str]) -> list[str]:
-        """`argv` run in the mount namespace of the host's agent. `ip netns exec` gives every process its own mount
-        namespace, so the named service namespaces the agent mounts under /run/netns are visible only in its own;
-        `agent run` must see them to enter one. (On a real machine everything shares one mount namespace.)"""
-        agent = self.agents.get(host.name)
-        if agent is None or agent.process.poll() is not None:
-            return argv
-        return ["nsenter", "--target", str(agent.process.pid), "--mount", "--", *argv]
-
     def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None, log_name: str | None = None) -> subprocess.Popen:
         """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] -- CMD...` in the background on a host; its output
         goes to `logs/<log_name>.log` (default: named after host, service and instance)."""
@@ -688,12 +686,12 @@ table ip canopy_nat {{
             argv += ["--instance", str(instance)]
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service)
         log_name = log_name or f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}"
-        return self.spawn(host, self._in_agent_mounts(host, [*argv, "--", *cmd]), log_name=log_name)
+        return self.spawn(host, [*argv, "--", *cmd], log_name=log_name)
 
     def run_client(self, host: Node, service: str, cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
         """`agent run --service ... -- CMD` in the foreground: CMD runs in a service namespace and is waited for."""
         argv = [str(self.find_agent_binary()), "--data-dir", str(self.data_dir(host)), "run", "--service", service, "--", *cmd]
-        return self.exec(host, self._in_agent_mounts(host, argv), check=False, timeout=timeout)
+        return self.exec(host, argv, check=False, timeout=timeout)
 
     def resolve(self, host: Node, name: str) -> str:
         """The first IPv4 address that `agent resolve NAME` prints on a host."""
