@@ -48,7 +48,9 @@
 //!   [`RoutesMessage::Renew`] every `renew_interval` while wanted.
 //! - ServiceIPs: [`RoutesMessage::Deploy`] travels up to the root, the answer travels back down along the recorded
 //!   path. A root that joins another tree sends its allocator table up ([`RoutesMessage::MergeAllocator`]); the
-//!   surviving root merges it and pushes moved ServiceIPs down as address changes.
+//!   surviving root merges it and pushes moved ServiceIPs down as address changes. The root frees the InstanceIP
+//!   of an instance that left the tree once `instance_ip_grace` passed without it coming back (restarted or
+//!   moved instances keep their address); a later instance with that number needs a new deployment.
 
 use crate::id::NodeId;
 use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE};
@@ -91,6 +93,9 @@ pub struct RoutingConfig {
     pub not_found_ttl: Duration,
     /// Instances per policy in an answer to a child.
     pub k_per_policy: usize,
+    /// How long the root keeps the InstanceIP of an instance that stopped running: an instance that comes back
+    /// within it (restart, move to another machine) keeps its address; after it the address is free.
+    pub instance_ip_grace: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -104,6 +109,7 @@ impl Default for RoutingConfig {
             renew_interval: Duration::from_secs(20),
             not_found_ttl: Duration::from_secs(5),
             k_per_policy: 4,
+            instance_ip_grace: Duration::from_secs(300),
         }
     }
 }
@@ -501,6 +507,9 @@ impl Routing {
         }
         self.cache.expire(now);
         self.registry.expire(now);
+        if let Some(table) = self.allocator.as_mut() {
+            table.release_lapsed(now, self.cfg.instance_ip_grace);
+        }
         if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > self.cfg.resync_interval) {
             self.block_asked_at = None;
         }
@@ -798,7 +807,21 @@ impl Routing {
         }
     }
 
-    fn push_down(&mut self, now: Time, _ctx: &TreeCtx, change: &RouteChange, except: Option<NodeId>) {
+    fn push_down(&mut self, now: Time, ctx: &TreeCtx, change: &RouteChange, except: Option<NodeId>) {
+        // Every change of the registry passes here: the root's allocator learns which InstanceIPs are in use.
+        if ctx.is_root
+            && let Some(table) = self.allocator.as_mut()
+        {
+            match change {
+                RouteChange::Upsert(r) => table.instance_running(&r.service, r.number),
+                RouteChange::Removed { service, number, .. } => {
+                    if self.registry.instance(service, *number).is_none() {
+                        table.instance_gone(service, *number, now);
+                    }
+                }
+                RouteChange::Addresses(_) => {}
+            }
+        }
         for child in self.interests.recipients(change.service(), now) {
             if Some(child) != except {
                 self.counters.updates_down += 1;

@@ -426,3 +426,37 @@ fn a_heal_renumbers_only_machines_whose_subnets_overlapped() {
     assert!(!renumbered.is_empty(), "the extra grants on both sides clash, so some machines move");
     assert!(renumbered.iter().all(|i| movable.contains(i)), "renumbered {renumbered:?}, movable {movable:?}");
 }
+
+#[test]
+fn the_root_frees_an_instance_ip_only_after_its_instance_stayed_away_for_the_grace_period() {
+    let mut config = Config { max_children: 4, ..Config::default() };
+    config.routes.instance_ip_grace = Duration::from_secs(20);
+    let mut net = Net::new(20, config);
+    net.build(MS(100));
+    net.run_for(Duration::from_secs(8));
+    let svc: ServiceName = "shop.acme.cart.prod".parse().unwrap();
+    let RouteEvent::ServiceDeployed { instance_ips, .. } = deploy(&mut net, 3, &svc, Default::default(), 2) else {
+        panic!("deployed")
+    };
+    let (ip0, ip1) = (instance_ips[0].1, instance_ips[1].1);
+    let (rec0, rec1) = (record(&net, 5, &svc, 0, ip0), record(&net, 6, &svc, 1, ip1));
+    route(&mut net, 5, RouteCommand::RegisterInstance(rec0));
+    route(&mut net, 6, RouteCommand::RegisterInstance(rec1));
+    net.run_for(Duration::from_secs(2));
+    let held = |net: &Net, ip: Ipv4Addr| {
+        let root = net.roots()[0];
+        net.nodes[root].routing().allocator().expect("the root allocates").holder(ip).is_some()
+    };
+    // Instance 1 stops and comes back on another machine within the grace period; instance 0 stops for good.
+    route(&mut net, 6, RouteCommand::UnregisterInstance { service: svc.clone(), number: 1, version: 2 });
+    net.run_for(Duration::from_secs(10));
+    let mut moved = record(&net, 9, &svc, 1, ip1);
+    moved.version = 3;
+    route(&mut net, 9, RouteCommand::RegisterInstance(moved));
+    route(&mut net, 5, RouteCommand::UnregisterInstance { service: svc.clone(), number: 0, version: 2 });
+    net.run_for(Duration::from_secs(15));
+    assert!(held(&net, ip0), "instance 0 is still within its grace period");
+    net.run_for(Duration::from_secs(10));
+    assert!(!held(&net, ip0), "instance 0 stayed away longer than the grace period: its InstanceIP is free");
+    assert!(held(&net, ip1), "instance 1 came back in time and keeps its InstanceIP");
+}

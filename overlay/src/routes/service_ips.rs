@@ -12,11 +12,13 @@
 use super::PolicyKind;
 use super::name::ServiceName;
 use super::pool::SERVICE_IP_RANGE;
+use crate::Time;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 /// What an address names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -180,6 +182,9 @@ pub struct ServiceIpAllocator {
     by_addr: BTreeMap<Ipv4Addr, (AddressKey, Origin)>,
     by_key: HashMap<AddressKey, Ipv4Addr>,
     ranges: BTreeMap<ServiceName, InstanceRange>,
+    /// InstanceIPs whose instance went away, with when: freed once a grace period passes without it coming back
+    /// (local time, never sent: a surviving root starts counting anew after a merge).
+    gone: BTreeMap<AddressKey, Time>,
 }
 
 impl Default for ServiceIpAllocator {
@@ -196,6 +201,7 @@ impl ServiceIpAllocator {
             by_addr: BTreeMap::new(),
             by_key: HashMap::new(),
             ranges: BTreeMap::new(),
+            gone: BTreeMap::new(),
         }
     }
 
@@ -409,8 +415,41 @@ impl ServiceIpAllocator {
         Ok(ServiceAddresses { name: name.clone(), service_ips })
     }
 
+    /// Instance `number` of `name` stopped running (its last record left the tree) at `now`: its InstanceIP stays
+    /// reserved for a grace period, so an instance that restarts or moves keeps its address
+    /// ([`ServiceIpAllocator::release_lapsed`] frees it after that).
+    pub fn instance_gone(&mut self, name: &ServiceName, number: u32, now: Time) {
+        let key = AddressKey::Instance { name: name.clone(), number };
+        if self.by_key.contains_key(&key) {
+            self.gone.entry(key).or_insert(now);
+        }
+    }
+
+    /// Instance `number` of `name` runs (again): its InstanceIP is no longer up for release.
+    pub fn instance_running(&mut self, name: &ServiceName, number: u32) {
+        if !self.gone.is_empty() {
+            self.gone.remove(&AddressKey::Instance { name: name.clone(), number });
+        }
+    }
+
+    /// Frees the InstanceIPs of instances gone for `grace` or longer at `now`; returns them sorted by key.
+    pub fn release_lapsed(&mut self, now: Time, grace: Duration) -> Vec<Assignment> {
+        let lapsed: Vec<AddressKey> =
+            self.gone.iter().filter(|(_, at)| now.saturating_sub(**at) >= grace).map(|(k, _)| k.clone()).collect();
+        let mut freed = Vec::new();
+        for key in lapsed {
+            self.gone.remove(&key);
+            let origin = self.by_key.get(&key).and_then(|a| self.by_addr.get(a)).map(|(_, o)| *o);
+            if let (Some(addr), Some(origin)) = (self.release(&key), origin) {
+                freed.push(Assignment { key, addr, origin });
+            }
+        }
+        freed
+    }
+
     /// Frees `key`'s address.
     pub fn release(&mut self, key: &AddressKey) -> Option<Ipv4Addr> {
+        self.gone.remove(key);
         let addr = self.by_key.remove(key)?;
         self.by_addr.remove(&addr);
         Some(addr)
@@ -576,6 +615,35 @@ mod tests {
         let table = ServiceIpAllocator::default();
         let key = AddressKey::Service { name: name("test.tum.login.dev"), policy: PolicyKind::Rr };
         assert_eq!(table.preferred(&key), ip("10.30.28.83"));
+    }
+
+    #[test]
+    fn an_instance_ip_outlives_its_instance_for_the_grace_period_only() {
+        let secs = Duration::from_secs;
+        let grace = secs(300);
+        let svc = name("shop.acme.cart.prod");
+        let mut table = ServiceIpAllocator::default();
+        let zero = table.instance_ip(&svc, 0).unwrap();
+        let one = table.instance_ip(&svc, 1).unwrap();
+        // Instance 0 restarts within the grace period: it keeps its address.
+        table.instance_gone(&svc, 0, secs(10));
+        assert!(table.release_lapsed(secs(200), grace).is_empty());
+        table.instance_running(&svc, 0);
+        assert!(table.release_lapsed(secs(10_000), grace).is_empty());
+        assert_eq!(table.instance_ip(&svc, 0).unwrap(), zero);
+        // Instance 1 stays away: after the grace period its address is free (and the other one is not).
+        table.instance_gone(&svc, 1, secs(20));
+        table.instance_gone(&svc, 1, secs(250));
+        assert!(table.release_lapsed(secs(319), grace).is_empty(), "the first time it went counts");
+        let freed = table.release_lapsed(secs(320), grace);
+        assert_eq!(freed.len(), 1);
+        assert_eq!((freed[0].key.clone(), freed[0].addr), (AddressKey::Instance { name: svc.clone(), number: 1 }, one));
+        assert_eq!(table.holder(one), None);
+        assert_eq!(table.holder(zero), Some(&AddressKey::Instance { name: svc.clone(), number: 0 }));
+        // Unknown instances and services without addresses are ignored.
+        table.instance_gone(&name("no.such.svc.here"), 3, secs(0));
+        table.instance_gone(&svc, 9, secs(0));
+        assert!(table.release_lapsed(secs(100_000), grace).is_empty());
     }
 
     #[test]
