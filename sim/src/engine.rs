@@ -413,9 +413,9 @@ impl Simulation {
     /// Feeds one input, fires a due timer, drains outputs and re-arms the wakeup.
     fn feed(&mut self, i: u32, input: Option<Input>) {
         let now = self.now_time();
+        let Some(node) = self.nodes[i as usize].node.as_mut() else { return };
         let mut outputs = std::mem::take(&mut self.out_buf);
         {
-            let Some(node) = self.nodes[i as usize].node.as_mut() else { return };
             if let Some(input) = input {
                 node.handle(now, input);
             }
@@ -803,10 +803,11 @@ impl Simulation {
                 if n.life != Life::Live {
                     return None;
                 }
-                let status = n.node.as_ref()?.status();
+                // Role and parent only: `status()` would copy counters and lists for every node on every check.
+                let node = n.node.as_ref()?;
                 Some(NodeView {
-                    role: status.role,
-                    parent: status.parent.map(|p| self.index_of(&p).map_or(usize::MAX, |i| i as usize)),
+                    role: node.role(),
+                    parent: node.parent().map(|p| self.index_of(&p).map_or(usize::MAX, |i| i as usize)),
                     component: self.net.component(&n.at),
                 })
             })
