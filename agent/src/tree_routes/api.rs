@@ -6,6 +6,7 @@
 //!   service with the tree and registers the instance
 //! - `DELETE /v1/instances/{service}/{instance}`: detach and unregister
 //! - `GET /v1/dataplane`, `GET /v1/dataplane/routes`: data-plane status and the route table built from the tree
+//! - `GET /v1/dns`: the resolver's address, upstreams and counters
 //! - `GET /v1/dns/resolve/{name}`: what the resolver answers for a Canopy name (`agent resolve`)
 
 use super::lookup::TreeLookup;
@@ -27,6 +28,7 @@ impl TreeRoutes {
             .route("/v1/instances/{service}/{instance}", delete(detach))
             .route("/v1/dataplane", get(dataplane_status))
             .route("/v1/dataplane/routes", get(routes))
+            .route("/v1/dns", get(dns_status))
             .with_state(self.clone())
             .merge(crate::dns::resolve_router(domain, Arc::new(TreeLookup::new(self.clone()))))
     }
@@ -81,4 +83,13 @@ async fn routes(State(routes): State<TreeRoutes>) -> ApiResult<RouteTable> {
         .map_err(unavailable)?
         .map(|report| Json(report.table))
         .ok_or_else(|| ApiError::unavailable("no route table yet: the data plane is not running"))
+}
+
+async fn dns_status(State(routes): State<TreeRoutes>) -> ApiResult<crate::dns::DnsStatus> {
+    routes
+        .dns_status()
+        .await
+        .map_err(unavailable)?
+        .map(Json)
+        .ok_or_else(|| ApiError::unavailable("no resolver yet: it starts with the data plane"))
 }

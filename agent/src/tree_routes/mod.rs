@@ -79,6 +79,7 @@ enum Inbox {
     Instances(oneshot::Sender<Vec<Attachment>>),
     Table(oneshot::Sender<Option<TableReport>>),
     DataPlane(oneshot::Sender<Option<DataPlane>>),
+    DnsStatus(oneshot::Sender<Option<dns::DnsStatus>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -230,6 +231,11 @@ impl TreeRoutes {
         self.ask(Inbox::DataPlane).await
     }
 
+    /// The resolver on the bridge gateway, once the data plane runs.
+    pub async fn dns_status(&self) -> anyhow::Result<Option<dns::DnsStatus>> {
+        self.ask(Inbox::DnsStatus).await
+    }
+
     /// Stops the resolver and the data plane (removing everything it installed).
     pub async fn shutdown(&self) {
         let _ = self.ask(Inbox::Shutdown).await;
@@ -337,6 +343,9 @@ impl Task {
             }
             Inbox::DataPlane(reply) => {
                 let _ = reply.send(self.dataplane.clone());
+            }
+            Inbox::DnsStatus(reply) => {
+                let _ = reply.send(self.resolver.as_ref().map(RunningResolver::status));
             }
             Inbox::Shutdown(reply) => {
                 self.stop_dataplane().await;
