@@ -7,7 +7,7 @@ import sys
 import time
 
 from _runner import main, step
-from canopy_netns import TestbedError, tree_view
+from canopy_netns import GiveUp, TestbedError, tree_view
 from common import add_bystanders, API_SERVICE, CLIENT_SERVICE, SERVICE, expect, fetch, six_machines, start_tree, start_web, url
 from web_programs import WEB_PROBE, probe_outages, read_probe_log
 
@@ -21,6 +21,16 @@ BYSTANDERS = 16
 def pick_roles(tb, machines):
     statuses = {h.name: tb.status(h) for h in machines}
     return {h.name: tree_view(statuses[h.name])["role"] for h in machines}
+
+
+def probe_attached(probe, log_path):
+    """True once `agent run` says the probe runs as an instance; GiveUp when it exited instead."""
+    text = log_path.read_text(errors="replace")
+    if "running as" in text:
+        return True
+    if probe.poll() is not None:
+        raise GiveUp(f"the probe exited: {text.strip()[-300:]}")
+    return False
 
 
 def describe(roles):
@@ -74,8 +84,11 @@ def scenario(tb, figures):
     probes = {}
     # Each probe is its own instance of the client service (numbers apart from the one `fetch` uses).
     for number, (name, target) in enumerate((("web_by_name", url("any.rr", SERVICE)), ("api_by_serviceip", url(api_ip))), start=10):
-        tb.run_service(client, CLIENT_SERVICE, ["python3", "-c", WEB_PROBE, target, str(stop_file)], instance=number, log_name=f"probe-{name}")
-        probes[name] = tb.processes[-1][2]
+        probe = tb.run_service(client, CLIENT_SERVICE, ["python3", "-c", WEB_PROBE, target, str(stop_file)], instance=number, log_name=f"probe-{name}")
+        probes[name] = log_path = tb.processes[-1][2]
+        # One at a time: two `agent run` of one service started together on a machine can fail ("the root gave no
+        # InstanceIP for instance 11"), an agent issue reported in issue 7.
+        tb.wait_for(lambda: probe_attached(probe, log_path), 30, f"the {name} probe to attach")
     time.sleep(2)
     for name, log_path in probes.items():
         expect(any(e["ok"] for e in read_probe_log(log_path.read_text(errors="replace"))), f"the {name} probe never got through")
