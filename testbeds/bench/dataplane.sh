@@ -130,7 +130,11 @@ s.sendall(b"GET /v1/dataplane HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r
 data = b""
 while chunk := s.recv(65536): data += chunk
 c = json.loads(data.split(b"\r\n\r\n", 1)[1])["counters"]
-print(" ".join(f"{k}={v}" for k, v in c.items() if v and k.startswith("drop")) or "no drops")
+drops = " ".join(f"{k}={v}" for k, v in c.items() if v and k.startswith("drop")) or "no drops"
+# Datagrams per send/receive call: > 1 when UDP GSO / recvmmsg + GRO batch them.
+tx = c.get("tunnel_tx_packets", 0) / max(c.get("tunnel_tx_sends", 0), 1)
+rx = c.get("tunnel_rx_packets", 0) / max(c.get("tunnel_rx_reads", 0), 1)
+print(f"{drops} (datagrams per send {tx:.1f}, per receive {rx:.1f})" if "tunnel_tx_sends" in c else drops)
 PY
 }
 DROPS_A=$(curl_status "$WORK/a/agent.sock"); DROPS_B=$(curl_status "$WORK/b/agent.sock")
@@ -155,6 +159,7 @@ GBPS[sealed]=$(throughput "$CLIENT_NS" "$SERVER_NS" 10.30.0.2)
 RTT[sealed]=$(rtt "$CLIENT_NS" 10.30.0.2)
 udp_errors() { ip netns exec "$1" awk '/^Udp:/ { if (!seen) { split($0, names); seen = 1 } else { for (i = 2; i <= NF; i++) if (names[i] ~ /Errors/) printf "%s=%s ", names[i], $i } }' /proc/net/snmp; }
 UDP_A=$(udp_errors "$NS_A"); UDP_B=$(udp_errors "$NS_B")
+SEALED_A=$(curl_status "$WORK/a/agent.sock"); SEALED_B=$(curl_status "$WORK/b/agent.sock")
 
 # (3) boringtun between the same namespaces.
 keypair() { # -> "private_hex public_hex"
@@ -221,5 +226,6 @@ b_bps = rows[3][2]
 print(f"canopy / boringtun throughput: plain {rows[1][2]/b_bps:.2f}x, sealed {rows[2][2]/b_bps:.2f}x")
 PY
 echo "canopy drops: a: $DROPS_A; b: $DROPS_B"
+echo "after the sealed run too (counters add up): a: $SEALED_A; b: $SEALED_B"
 echo "underlay UDP errors after the canopy run: a: $UDP_A; b: $UDP_B"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"

@@ -36,8 +36,12 @@ counters! {
     tun_tx_bytes,
     tunnel_tx_packets,
     tunnel_tx_bytes,
+    /// Send calls for tunnelled data: `tunnel_tx_packets` over this is the batching factor (UDP GSO).
+    tunnel_tx_sends,
     tunnel_rx_packets,
     tunnel_rx_bytes,
+    /// Receive calls that returned datagrams (recvmmsg, UDP GRO): `tunnel_rx_packets` over this is the batching.
+    tunnel_rx_reads,
     /// Translated packets whose destination is on this machine (never tunnelled).
     local_deliveries,
     /// Truncated or invalid IPv4/TCP/UDP/ICMP headers.

@@ -32,9 +32,8 @@ use tun_rs::AsyncDevice;
 /// Packets handled per readiness event before yielding to the other source (fairness, batch-friendly).
 const BATCH: usize = 64;
 const TICK: Duration = Duration::from_secs(1);
-/// Receive buffers per `recvmmsg`; each holds one datagram or a GRO train of them (at most 64 KiB).
+/// Receive buffers per `recvmmsg`; each holds one datagram or a GRO train of them (`recv_buffer_len`).
 const RECV_MESSAGES: usize = 4;
-const RECV_BUFFER: usize = 1 << 16;
 
 pub enum Command {
     SetRoutes(RouteTable, oneshot::Sender<anyhow::Result<()>>),
@@ -61,6 +60,8 @@ pub struct Engine {
     pub udp: quinn_udp::UdpSocketState,
     pub node_id: NodeId,
     pub keepalive_interval: Duration,
+    /// Largest tunnel datagram expected on the underlay (its MTU minus IPv4 and UDP headers).
+    pub max_datagram: usize,
     /// Per-peer ciphers when the route table has a tunnel key; then every datagram is sealed.
     pub ciphers: PairCiphers,
     /// Counter of the next sealed message (unique per message across all peers and restarts).
@@ -79,12 +80,19 @@ pub fn initial_send_counter() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
 }
 
+/// Room for the longest GRO train the kernel may hand over (`gro_segments` datagrams of the underlay's size, as
+/// quinn-udp asks: a shorter buffer truncates the train), and at least for one datagram of the largest packet.
+fn recv_buffer_len(gro_segments: usize, max_datagram: usize) -> usize {
+    (gro_segments.max(1) * max_datagram).max(PAYLOAD_OFFSET + MAX_PACKET + TAG_LEN)
+}
+
 impl Engine {
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let epoch = Instant::now();
         let mut batch = SendBatch::new(TUN_PAYLOAD, self.udp.max_gso_segments());
+        let recv_buffer_len = recv_buffer_len(self.udp.gro_segments(), self.max_datagram);
         let mut recv_buffers: [Box<[u8]>; RECV_MESSAGES] =
-            std::array::from_fn(|_| vec![0u8; RECV_BUFFER].into_boxed_slice());
+            std::array::from_fn(|_| vec![0u8; recv_buffer_len].into_boxed_slice());
         let mut recv_meta = [quinn_udp::RecvMeta::default(); RECV_MESSAGES];
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -125,6 +133,7 @@ impl Engine {
                         });
                         match received {
                             Ok(messages) => {
+                                Counters::inc(&self.counters.tunnel_rx_reads);
                                 for (buffer, meta) in recv_buffers.iter_mut().zip(&recv_meta).take(messages) {
                                     let stride = meta.stride.max(1);
                                     for datagram in buffer[..meta.len].chunks_mut(stride) {
@@ -275,6 +284,7 @@ impl Engine {
             self.socket.async_io(Interest::WRITABLE, || self.udp.try_send((&self.socket).into(), &transmit)).await;
         match sent {
             Ok(()) => {
+                Counters::inc(&self.counters.tunnel_tx_sends);
                 Counters::add(&self.counters.tunnel_tx_packets, pending.count as u64);
                 Counters::add(&self.counters.tunnel_tx_bytes, pending.contents.len() as u64);
             }

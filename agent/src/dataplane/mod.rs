@@ -354,6 +354,7 @@ impl DataPlane {
         let (tun_name, mtu, listen) = (config.tun_name(), config.mtu(), config.listen);
         let node_id = NodeId::from_name(&config.node_name);
         let keepalive_interval = config.keepalive_interval;
+        let underlay_mtu = config.underlay_mtu;
         let ciphers = PairCiphers::new(node_id, config.peer_capacity);
         let notice_limiter = NoticeLimiter::new(config.peer_capacity);
         let engine_counters = counters.clone();
@@ -396,6 +397,7 @@ impl DataPlane {
                         udp,
                         node_id,
                         keepalive_interval,
+                        max_datagram: usize::from(underlay_mtu) - 28,
                         ciphers,
                         send_counter: engine::initial_send_counter(),
                         notices,
