@@ -33,8 +33,8 @@ const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 /// Flags shared by `start` and `join`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
-    /// TOML file with any of: position, listen, tunnel_port, tunnel_endpoints, network_key_file, mdns, metrics, bootstrap_attempts,
-    /// subnet, routes, dataplane, capacity_file. Flags and CANOPY_* variables override it.
+    /// TOML file with any of: position, listen, tunnel_port, tunnel_endpoints, network_key_file, mdns, metrics,
+    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children. Flags and CANOPY_* variables override it.
     #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This machine's position, latitude,longitude in degrees (e.g. 48.14,11.58).
@@ -71,6 +71,9 @@ pub struct DaemonArgs {
     /// Run the control plane only, even with --subnet.
     #[arg(long, env = "CANOPY_NO_DATAPLANE")]
     pub no_dataplane: bool,
+    /// Most children a node accepts before its group splits (the tree's fan-out; every agent should use the same).
+    #[arg(long, env = "CANOPY_MAX_CHILDREN", value_name = "N", value_parser = clap::value_parser!(u16).range(2..=256))]
+    pub max_children: Option<u16>,
     /// TOML file overriding the measured free capacity (`cpu = .., mem_mb = .., bandwidth_mbps = ..`, any subset);
     /// re-read when it changes, so experiments can change it live.
     #[arg(long, env = "CANOPY_CAPACITY_FILE", value_name = "FILE")]
@@ -102,6 +105,7 @@ struct FileConfig {
     routes: Option<PathBuf>,
     dataplane: Option<bool>,
     capacity_file: Option<PathBuf>,
+    max_children: Option<u16>,
 }
 
 /// Effective settings after merging flags, environment and config file.
@@ -119,6 +123,7 @@ pub struct Settings {
     pub routes: Option<PathBuf>,
     pub dataplane: bool,
     pub capacity_file: Option<PathBuf>,
+    pub max_children: Option<u16>,
 }
 
 impl DaemonArgs {
@@ -169,6 +174,10 @@ impl DaemonArgs {
             routes: self.routes.clone().or(file.routes),
             dataplane: !self.no_dataplane && file.dataplane.unwrap_or(true),
             capacity_file: self.capacity_file.clone().or(file.capacity_file),
+            max_children: match self.max_children.or(file.max_children) {
+                Some(n) if n < 2 => bail!("config file: max_children must be at least 2"),
+                n => n,
+            },
         })
     }
 }
@@ -283,11 +292,16 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
             mode: mode.clone(),
             position: settings.position,
             capacity,
-            overlay: canopy_overlay::Config::default(),
+            overlay: overlay_config(&settings),
             bootstrap_attempts: settings.bootstrap_attempts,
             state: StateStore::new(data_dir),
             metrics: metrics.clone(),
             route_events,
+            // A restarted machine asks for the subnets it had, so its instances keep their namespace IPs.
+            restore_subnets: match tree_mode {
+                true => crate::tree_routes::saved_subnets(&StateStore::new(data_dir).load()?),
+                false => Vec::new(),
+            },
         },
         requests_rx,
     )
@@ -401,6 +415,15 @@ async fn start_dataplane(settings: &Settings, node_name: &str, data_dir: &Path) 
     }
     tracing::info!(%subnet, tunnel_port = settings.tunnel_port, "data plane running");
     Ok(Some(dataplane))
+}
+
+/// The overlay's tunables: defaults, with the fan-out from the settings.
+fn overlay_config(settings: &Settings) -> canopy_overlay::Config {
+    let mut config = canopy_overlay::Config::default();
+    if let Some(n) = settings.max_children {
+        config.max_children = usize::from(n);
+    }
+    config
 }
 
 /// Start of the names of the service namespaces this agent creates: `CANOPY_NETNS_PREFIX` (the testbeds set it),

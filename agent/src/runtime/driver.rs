@@ -11,6 +11,7 @@ use super::report::{Counters, PeerReport, StatusReport, TreeReport};
 use super::{Request, node_id, node_name, peer_id};
 use crate::persist::{KnownPeer, State, StateStore};
 use anyhow::{Context, anyhow, bail};
+use canopy_overlay::routing::RouteCommand;
 use canopy_overlay::{Command, Envelope, Event, Input, Node, NodeId, NodeInfo, Output, Role, Status};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
@@ -65,6 +66,8 @@ pub struct DriverConfig {
     pub metrics: Arc<Metrics>,
     /// Where the overlay's route events go (the tree-routes task); `None`: control plane only.
     pub route_events: Option<crate::tree_routes::EventSink>,
+    /// Machine subnets this node held before it restarted: asked back before it starts or joins.
+    pub restore_subnets: Vec<ipnet::Ipv4Net>,
 }
 
 /// A place to bootstrap through.
@@ -145,6 +148,11 @@ impl Driver {
             reachable: listen_addrs.iter().any(is_routable),
         };
         let mut node = Node::new(info.clone(), config.overlay.clone(), rand::random(), Duration::ZERO);
+        if !config.restore_subnets.is_empty() {
+            tracing::info!(subnets = ?config.restore_subnets, "asking the tree for this machine's previous subnet");
+            let restore = RouteCommand::RestoreSubnets(config.restore_subnets.clone());
+            node.handle(Duration::ZERO, Input::Command(Command::Route(restore)));
+        }
         let saved_state = config.state.load()?;
         let known: Vec<Target> = saved_state
             .known_peers

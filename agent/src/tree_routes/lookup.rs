@@ -26,7 +26,13 @@ impl ServiceLookup for TreeLookup {
             .map_err(|e| LookupError::Unavailable(e.to_string()))?;
         let Some(routes) = routes else { return Ok(None) };
         Ok(match target {
-            DnsTarget::Service { policy, .. } => routes.addresses.and_then(|a| a.service_ips.get(policy).copied()),
+            DnsTarget::Service { policy, .. } => {
+                // The service exists but its ServiceIPs have not arrived yet: SERVFAIL (retry), not NXDOMAIN.
+                let addresses = routes
+                    .addresses
+                    .ok_or_else(|| LookupError::Unavailable("the service's ServiceIPs are not known yet".into()))?;
+                addresses.service_ips.get(policy).copied()
+            }
             DnsTarget::Instance { number, .. } => routes.instances.get(number).map(|r| r.instance_ip),
         })
     }

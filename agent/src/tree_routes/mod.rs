@@ -145,8 +145,7 @@ impl Pending {
     /// Starts the task; `runtime` sends route commands to the overlay.
     pub fn spawn(self, config: TreeRoutesConfig, runtime: Handle) -> TreeRoutes {
         let handle = TreeRoutes { inbox: self.tx };
-        let saved = config.state.load().unwrap_or_default();
-        let (saved_services, saved_subnets) = (saved.services.clone(), saved_subnets(&saved));
+        let saved_services = config.state.load().map(|s| s.services).unwrap_or_default();
         let task = Task {
             config,
             runtime,
@@ -164,14 +163,7 @@ impl Pending {
             saved_services,
             next_renew: Instant::now() + RENEW_INTERVAL,
         };
-        tokio::spawn(async move {
-            if !saved_subnets.is_empty() {
-                // A restarted machine asks for the subnets it had, so its instances keep their namespace IPs.
-                tracing::info!(subnets = ?saved_subnets, "asking the tree for this machine's previous subnet");
-                task.command(RouteCommand::RestoreSubnets(saved_subnets)).await;
-            }
-            task.run(self.rx).await
-        });
+        tokio::spawn(task.run(self.rx));
         handle
     }
 }
@@ -383,18 +375,26 @@ impl Task {
             RouteEvent::SubnetRevoked { block } if self.subnet == Some(block) => {
                 tracing::error!(subnet = %block, "the tree revoked this machine's subnet; instances here are detached");
                 self.stop_dataplane().await;
+                // The next grant starts the data plane again.
+                self.subnet = None;
+                self.save_grants();
                 self.command(RouteCommand::RequestSubnet).await;
             }
             RouteEvent::SubnetChanged { .. } | RouteEvent::SubnetRevoked { .. } => {}
             RouteEvent::ServiceDeployed { addresses, instance_ips } => {
                 self.dirty |= self.known.set_addresses(addresses.clone());
-                for waiter in self.deploys.remove(&addresses.name).unwrap_or_default() {
-                    let result = instance_ips
-                        .iter()
-                        .find(|(number, _)| *number == waiter.instance)
-                        .map(|&(_, ip)| (addresses.clone(), ip))
-                        .ok_or_else(|| format!("the root gave no InstanceIP for instance {}", waiter.instance));
-                    let _ = waiter.reply.send(result);
+                // Each deployment answers for the instance numbers it asked for; waiters for higher numbers (a
+                // concurrent `agent run` of the same service) keep waiting for their own answer.
+                let waiters = self.deploys.remove(&addresses.name).unwrap_or_default();
+                let (answered, waiting): (Vec<_>, Vec<_>) =
+                    waiters.into_iter().partition(|w| instance_ips.iter().any(|(number, _)| *number == w.instance));
+                for waiter in answered {
+                    if let Some(&(_, ip)) = instance_ips.iter().find(|(number, _)| *number == waiter.instance) {
+                        let _ = waiter.reply.send(Ok((addresses.clone(), ip)));
+                    }
+                }
+                if !waiting.is_empty() {
+                    self.deploys.insert(addresses.name.clone(), waiting);
                 }
             }
             RouteEvent::DeployFailed { name, reason } => {

@@ -101,7 +101,10 @@ pub fn decide(
     let records: Vec<InstanceRecord> = instances.into_values().cloned().collect();
     let answer =
         QueryAnswer { service, addresses: addresses.cloned(), instances: prune_for_child(&records, k, viewer) };
-    let ask_parent = !is_root && !rides_on_parent && !matches!(cached, CacheLookup::Found { .. });
+    // Without the ServiceIPs (a coordinator that indexes its subtree's instances but was never told the addresses)
+    // the answer is incomplete: the parent completes it.
+    let incomplete = answer.addresses.is_none();
+    let ask_parent = !is_root && (incomplete || !rides_on_parent && !matches!(cached, CacheLookup::Found { .. }));
     QueryDecision::Answer { answer, ask_parent }
 }
 
@@ -191,6 +194,18 @@ mod tests {
         let mut coord = Coordinator::new(false);
         let svc = name("a.b.c.d");
         coord.registry.upsert(record("a.b.c.d", 0, 7, 1), child(2), secs(0));
+        // Instances of its subtree but not the ServiceIPs: the answer is incomplete, so the parent is asked too.
+        let incomplete = coord.query(child(1), QueryKey::Name(svc.clone()), secs(0));
+        assert!(
+            matches!(&incomplete, QueryDecision::Answer { ask_parent: true, answer } if answer.addresses.is_none()),
+            "{incomplete:?}"
+        );
+        let again = coord.query(child(1), QueryKey::Name(svc.clone()), secs(0));
+        assert!(matches!(again, QueryDecision::Answer { ask_parent: true, .. }), "{again:?}");
+        let addresses = ServiceAddresses { name: svc.clone(), service_ips: BTreeMap::new() };
+        let mut coord = Coordinator::new(false);
+        coord.registry.upsert(record("a.b.c.d", 0, 7, 1), child(2), secs(0));
+        coord.registry.set_addresses(addresses);
         let first = coord.query(child(1), QueryKey::Name(svc.clone()), secs(0));
         assert!(matches!(first, QueryDecision::Answer { ask_parent: true, .. }), "{first:?}");
         // Its interest now rides on the parent: later queries are answered locally only.
