@@ -404,6 +404,28 @@ table ip canopy_nat {{
         run(["ip", "netns", "exec", node.netns, "nft", "-f", "-"], input=ruleset)
         return node
 
+    def forward_port(self, nat: Node, port: int, host: Node, proto: str = "udp") -> str:
+        """Forward `proto` port `port` on the NAT router's public address to `host` behind it (the operator's port
+        forward of seed 002 section 4.3.3). Returns the public `ip:port` to advertise."""
+        if nat.kind != "nat" or len(nat.attachments) < 2:
+            raise TestbedError(f"{nat.name} is not a NAT router")
+        wan, lan = nat.attachments[0], nat.attachments[1]
+        if proto not in ("udp", "tcp"):
+            raise TestbedError(f"cannot forward protocol {proto!r}")
+        rules = f"""
+table ip canopy_nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "{wan.iface}" {proto} dport {port} dnat to {host.ip}:{port}
+    }}
+    chain forward {{
+        iifname "{wan.iface}" oifname "{lan.iface}" ip daddr {host.ip} {proto} dport {port} accept
+    }}
+}}
+"""
+        run(["ip", "netns", "exec", nat.netns, "nft", "-f", "-"], input=rules)
+        return f"{wan.address}:{port}"
+
     def _enable_forwarding(self, node: Node) -> None:
         run(["ip", "netns", "exec", node.netns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
 
@@ -634,14 +656,15 @@ table ip canopy_nat {{
 
         return self.wait_for(parse, timeout, f"the join command in {agent.log_path.name}")
 
-    def start_overlay(self, hosts: Sequence[Node], join_timeout: float = 30, stagger: float = 0.0) -> list[Agent]:
-        """Start the first host's agent and join the others through it."""
+    def start_overlay(self, hosts: Sequence[Node], join_timeout: float = 30, stagger: float = 0.0, extra_args: dict[str, Sequence[str]] | None = None) -> list[Agent]:
+        """Start the first host's agent and join the others through it. `extra_args` adds flags per host name."""
         if not hosts:
             raise TestbedError("start_overlay needs at least one host")
-        agents = [self.start_agent(hosts[0])]
+        extra = extra_args or {}
+        agents = [self.start_agent(hosts[0], extra_args=extra.get(hosts[0].name, ()))]
         join_args = self.join_command(hosts[0], timeout=join_timeout)
         for host in hosts[1:]:
-            agents.append(self.join_agent(host, join_args))
+            agents.append(self.join_agent(host, join_args, extra_args=extra.get(host.name, ())))
             if stagger:
                 time.sleep(stagger)
         return agents

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Scenario behind-nat: m6 sits behind a NAT router (the underlay gives public machines no route to it; seed 002
-section 4.3.3). It joins the tree, hosts a service that public machines reach by name and by ServiceIP, and reaches
-a public service itself."""
+section 4.3.3). As in the thesis' setup, the NAT router forwards one UDP port to m6's tunnel and m6's agent
+advertises it (`--tunnel-endpoint`). m6 joins the tree, hosts a service that public machines reach by name and by
+ServiceIP, and reaches a public service itself."""
 
 import sys
 
 from _runner import main, step
-from common import API_SERVICE, SERVICE, answers, expect, fetch, median_ms, six_machines, start_tree, start_web, url
+from common import API_SERVICE, SERVICE, TUNNEL_PORT, answers, expect, fetch, median_ms, six_machines, start_tree, start_web, url
 
 
 def scenario(tb, figures):
@@ -15,7 +16,9 @@ def scenario(tb, figures):
     nat_host = hosts["m6"]
     expect(not tb.ping(hosts["m1"], nat_host.ip, timeout=1, check=False), f"{nat_host.name} is reachable without the overlay: the NAT is not in place")
     step(f"underlay: no public machine reaches {nat_host.name} ({nat_host.ip}) behind the NAT")
-    figures.update(start_tree(tb, machines))
+    tunnel = tb.forward_port(tb.nodes["nat"], TUNNEL_PORT, nat_host)
+    step(f"the NAT router forwards UDP {tunnel} to {nat_host.name}'s tunnel; its agent advertises it")
+    figures.update(start_tree(tb, machines, extra_args={nat_host.name: ["--tunnel-endpoint", tunnel]}))
     step(f"{nat_host.name} is in the tree with subnet {tb.status(nat_host).get('subnet')} ({figures['subnets_s']} s)")
     start_web(tb, nat_host, 0, SERVICE)
     start_web(tb, hosts["m4"], 0, API_SERVICE)

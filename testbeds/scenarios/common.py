@@ -18,6 +18,8 @@ from web_programs import HTTP_PORT, WEB_CLIENT, WEB_SERVER, client_plan, parse_c
 
 SERVICE = "demo.canopy.web.test"
 API_SERVICE = "demo.canopy.api.test"
+# The agents' data-plane tunnel port (agent default).
+TUNNEL_PORT = 50103
 CLIENT_SERVICE = "demo.canopy.client.test"
 
 # Positions of six_machines: Munich area on segment wan-a, Nuremberg area on wan-b, Munich-Pasing behind the NAT.
@@ -100,12 +102,12 @@ def nearest(client: Node, servers: list[Node]) -> Node:
     return min(servers, key=lambda s: distance_km(client.position, s.position))
 
 
-def start_tree(tb: Testbed, hosts: list[Node], timeout: float = 90, stagger: float = 0.0) -> dict[str, float]:
+def start_tree(tb: Testbed, hosts: list[Node], timeout: float = 90, stagger: float = 0.0, extra_args: dict[str, list[str]] | None = None) -> dict[str, float]:
     """Start the first host's agent, join the others `stagger` seconds apart (tree mode: no --subnet, no route
     table), wait for one tree and for every machine's subnet grant. Returns the seconds until each, from the first
     agent's start."""
     started = time.monotonic()
-    tb.start_overlay(hosts, stagger=stagger)
+    tb.start_overlay(hosts, stagger=stagger, extra_args=extra_args)
     tb.wait_one_tree(hosts, timeout=timeout)
     tree_s = time.monotonic() - started
     tb.wait_subnets(hosts, timeout=timeout)
