@@ -14,6 +14,8 @@ mod counters;
 mod crypto;
 #[path = "../src/dataplane/flow.rs"]
 mod flow;
+#[path = "../src/dataplane/liveness.rs"]
+mod liveness;
 #[path = "../src/dataplane/packet.rs"]
 mod packet;
 #[path = "../src/dataplane/proxy.rs"]

@@ -87,6 +87,19 @@ counters! {
     notices_dropped,
     keepalives_sent,
     keepalives_received,
+    /// Probes sent to peers we send data to but have not heard from for a while (`liveness`).
+    probes_sent,
+    probes_received,
+    /// Peers declared unreachable: probes unanswered while we kept sending.
+    peers_unreachable,
+    /// Unreachable peers heard from again.
+    peers_recovered,
+    /// Packets to an unknown overlay address held until a route table knows it.
+    packets_held,
+    /// Held packets sent on after a new route table knew their destination.
+    held_released,
+    /// Held packets dropped because no table knew their destination in time (also counted in `drop_no_route`).
+    held_expired,
     tun_write_errors,
     tunnel_send_errors,
 }

@@ -5,6 +5,10 @@
 //! `recvmmsg` and UDP GRO (several datagrams per call, quinn-udp); control commands (new routes, attach, detach, status) arrive on a channel, and
 //! notices for the agent leave on a bounded one (`try_send`: the loop never waits for the agent).
 //!
+//! Packets to overlay addresses the table does not know wait in `pending` until a new table knows them (the
+//! agent was told and asks the tree); peers we send to but do not hear from are probed and, when silent, declared
+//! unreachable (`liveness`).
+//!
 //! Who may send us tunnel datagrams: with sealed tunnels, any machine holding the tunnel key, from anywhere.
 //! Authentication proves the sender, so a machine the table does not list (a client's machine, with routes from
 //! the tree) is accepted, and a peer's endpoint is where its latest authentic datagram came from (WireGuard-style
@@ -15,7 +19,9 @@
 use super::batch::SendBatch;
 use super::counters::Counters;
 use super::crypto::{PAYLOAD_OFFSET, PairCiphers, TAG_LEN};
+use super::liveness::LivenessConfig;
 use super::notices::{Notice, NoticeLimiter};
+use super::pending::PendingPackets;
 use super::proxy::{Proxy, Verdict};
 use super::routes::{NodeId, RouteTable};
 use super::tunnel::{self, HEADER_LEN, MAX_PACKET, Message, MessageType, PeerTable};
@@ -32,6 +38,8 @@ use tun_rs::AsyncDevice;
 /// Packets handled per readiness event before yielding to the other source (fairness, batch-friendly).
 const BATCH: usize = 64;
 const TICK: Duration = Duration::from_secs(1);
+/// How often peers' liveness is checked (probes and unreachability are judged at this granularity).
+const LIVENESS_TICK: Duration = Duration::from_millis(250);
 /// Receive buffers per `recvmmsg`; each holds one datagram or a GRO train of them (`recv_buffer_len`).
 const RECV_MESSAGES: usize = 4;
 
@@ -48,6 +56,10 @@ pub struct LoopStatus {
     pub flows: usize,
     pub tunnel_peers: usize,
     pub reply_routes: usize,
+    #[serde(default)]
+    pub held_packets: usize,
+    #[serde(default)]
+    pub unreachable_peers: usize,
 }
 
 pub struct Engine {
@@ -68,6 +80,9 @@ pub struct Engine {
     pub send_counter: u64,
     pub notices: mpsc::Sender<Notice>,
     pub notice_limiter: NoticeLimiter,
+    /// Outgoing packets waiting for a route table that knows their destination.
+    pub pending: PendingPackets,
+    pub liveness: LivenessConfig,
 }
 
 /// Where an outgoing packet sits in the TUN buffer: after room for the header and the sealing counter, and
@@ -95,12 +110,18 @@ impl Engine {
             std::array::from_fn(|_| vec![0u8; recv_buffer_len].into_boxed_slice());
         let mut recv_meta = [quinn_udp::RecvMeta::default(); RECV_MESSAGES];
         let mut tick = tokio::time::interval(TICK);
+        let mut liveness_tick = tokio::time::interval(LIVENESS_TICK);
+        liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => return,
-                    Some(command) => self.command(command),
+                    Some(command) => {
+                        if self.command(command) {
+                            self.release_pending(&mut batch, epoch.elapsed()).await;
+                        }
+                    }
                 },
                 ready = self.tun.readable() => {
                     if let Err(err) = ready {
@@ -152,11 +173,13 @@ impl Engine {
                     }
                 }
                 _ = tick.tick() => self.housekeeping(epoch.elapsed()).await,
+                _ = liveness_tick.tick() => self.check_liveness(epoch.elapsed()).await,
             }
         }
     }
 
-    fn command(&mut self, command: Command) {
+    /// Handles a control command; returns true when a new route table is in force.
+    fn command(&mut self, command: Command) -> bool {
         match command {
             Command::SetRoutes(table, reply) => {
                 let listed: HashMap<NodeId, SocketAddr> =
@@ -173,7 +196,9 @@ impl Engine {
                     }
                     self.notice_limiter.routes_changed();
                 }
+                let installed = result.is_ok();
                 let _ = reply.send(result);
+                return installed;
             }
             Command::Attach { namespace_ip, instance_ip } => self.proxy.attach(namespace_ip, instance_ip),
             Command::Detach { namespace_ip } => self.proxy.detach(namespace_ip),
@@ -182,10 +207,25 @@ impl Engine {
                     flows: self.proxy.flow_count(),
                     tunnel_peers: self.peers.len(),
                     reply_routes: self.proxy.reply_route_count(),
+                    held_packets: self.pending.len(),
+                    unreachable_peers: self.peers.unreachable_peers().count(),
                 });
             }
             Command::Shutdown => {}
         }
+        false
+    }
+
+    /// Sends on the held packets whose destination the new route table knows, oldest first.
+    async fn release_pending(&mut self, batch: &mut SendBatch, now: Duration) {
+        loop {
+            let proxy = &self.proxy;
+            let out = &mut batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + MAX_PACKET];
+            let Some(len) = self.pending.take_routable(|destination| proxy.knows(destination), out) else { break };
+            Counters::inc(&self.counters.held_released);
+            self.forward_outgoing(batch, len, now).await;
+        }
+        self.flush(batch).await;
     }
 
     /// A packet from a local instance, in `batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len]`.
@@ -193,6 +233,12 @@ impl Engine {
         let counters = self.counters.clone();
         Counters::inc(&counters.tun_rx_packets);
         Counters::add(&counters.tun_rx_bytes, len as u64);
+        self.forward_outgoing(batch, len, now).await;
+    }
+
+    /// Translates and sends on a packet of a local instance (read from the TUN, or held until now).
+    async fn forward_outgoing(&mut self, batch: &mut SendBatch, len: usize, now: Duration) {
+        let counters = self.counters.clone();
         let verdict = self.proxy.outgoing(&mut batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len], now, &counters);
         if let Some(service) = self.proxy.take_new_connection()
             && self.notice_limiter.service_used(service, now)
@@ -215,8 +261,16 @@ impl Engine {
             }
             // An instance of this machine that is listed but not attached.
             Verdict::RouteNotFound(_) => Counters::inc(&counters.drop_no_route),
-            // Counted by the proxy; the agent may find a route.
+            // The agent may find a route: the packet waits for it (untranslated) a little while.
             Verdict::UnknownAddress(address) => {
+                match self.pending.hold(&batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len], address, now) {
+                    Ok(expired) => {
+                        Counters::inc(&counters.packets_held);
+                        Counters::add(&counters.held_expired, expired as u64);
+                        Counters::add(&counters.drop_no_route, expired as u64);
+                    }
+                    Err(_) => Counters::inc(&counters.drop_no_route),
+                }
                 if self.notice_limiter.unknown_address(address, now) {
                     self.notify(Notice::UnknownAddress(address));
                 }
@@ -343,6 +397,9 @@ impl Engine {
             match self.peers.authentic(header.sender, from, counter, header.kind == MessageType::Data, now) {
                 Err(tunnel::Replayed) => return Counters::inc(&counters.drop_replayed),
                 Ok(accepted) => {
+                    if accepted.recovered {
+                        self.peer_recovered(header.sender);
+                    }
                     if accepted.evicted {
                         Counters::inc(&counters.peers_evicted);
                     }
@@ -358,6 +415,9 @@ impl Engine {
             let listed = routes.node_by_id(header.sender).map(|node| routes.nodes[node].endpoint);
             if listed != Some(from) {
                 return Counters::inc(&counters.drop_unknown_sender);
+            }
+            if self.peers.heard(header.sender) {
+                self.peer_recovered(header.sender);
             }
             HEADER_LEN..len
         };
@@ -377,6 +437,12 @@ impl Engine {
                 }
             }
             Ok(Message::Keepalive) => Counters::inc(&counters.keepalives_received),
+            // Answered with a keepalive, never a probe: two machines cannot ping-pong.
+            Ok(Message::Probe) => {
+                Counters::inc(&counters.probes_received);
+                self.send_control(MessageType::Keepalive, &[], header.sender, from).await;
+                Counters::inc(&counters.keepalives_sent);
+            }
             Ok(Message::Data(_)) => {
                 if !header.sealed && self.peers.received(header.sender, from, now) {
                     Counters::inc(&counters.peers_evicted);
@@ -432,10 +498,59 @@ impl Engine {
         let (flows, reply_routes) = self.proxy.expire(now);
         Counters::add(&counters.flows_expired, flows as u64);
         Counters::add(&counters.reply_routes_expired, reply_routes as u64);
-        Counters::add(&counters.peers_expired, self.peers.expire(now) as u64);
+        let proxy = &mut self.proxy;
+        let expired_peers = self.peers.expire(now, |peer| proxy.node_reachable(peer));
+        Counters::add(&counters.peers_expired, expired_peers as u64);
+        let expired = self.pending.expire(now);
+        Counters::add(&counters.held_expired, expired as u64);
+        Counters::add(&counters.drop_no_route, expired as u64);
         for (peer, endpoint) in self.peers.keepalives_due(now, self.keepalive_interval) {
             self.send_control(MessageType::Keepalive, &[], peer, endpoint).await;
             Counters::inc(&counters.keepalives_sent);
         }
+    }
+
+    /// Probes silent peers we send to, and acts on those that have just become unreachable.
+    async fn check_liveness(&mut self, now: Duration) {
+        for (peer, endpoint, action) in self.peers.poll_liveness(now, &self.liveness) {
+            if action.probe {
+                self.send_control(MessageType::Probe, &[], peer, endpoint).await;
+                Counters::inc(&self.counters.probes_sent);
+            }
+            if action.became_unreachable {
+                self.peer_unreachable(peer, now);
+            }
+        }
+    }
+
+    /// A peer stopped answering: like route-not-found for each of its instances (no new connections; the agent
+    /// is told so it can re-query), until it is heard from again.
+    fn peer_unreachable(&mut self, peer: NodeId, now: Duration) {
+        Counters::inc(&self.counters.peers_unreachable);
+        let lost = self.proxy.node_unreachable(peer);
+        let routes = self.proxy.routes();
+        let name = routes.node_by_id(peer).map_or("(not in the table)", |node| routes.nodes[node].name.as_str());
+        tracing::warn!(
+            ?peer,
+            node = name,
+            instances = lost.len(),
+            "tunnel peer stopped answering; its instances get no new connections"
+        );
+        if !self.notice_limiter.peer_unreachable(peer, now) {
+            return;
+        }
+        for instance in lost {
+            let routes = self.proxy.routes();
+            if let Some(service) = routes.service_of_instance(instance) {
+                let number = routes.instances[instance].number;
+                self.notify(Notice::InstanceUnreachable { service: service.to_string(), instance: number });
+            }
+        }
+    }
+
+    fn peer_recovered(&mut self, peer: NodeId) {
+        Counters::inc(&self.counters.peers_recovered);
+        self.proxy.node_reachable(peer);
+        tracing::info!(?peer, "tunnel peer answers again; its instances are available");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Pure parts (no I/O, unit-tested and fuzzed): `packet` (parse, in-place rewrite, RFC 1624 checksums, MSS clamp),
 //! `flow` (bounded connection table), `proxy` (the translation decision), `policy` (which instance), `tunnel` (wire format, peer table),
-//! `routes` (route table types and index). I/O shell: `device` (TUN), `setup` (netlink), `engine` (packet loop),
+//! `liveness` (silent peers), `pending` (packets waiting for a route), `routes` (route table types and index). I/O shell: `device` (TUN), `setup` (netlink), `engine` (packet loop),
 //! this module (the `DataPlane` handle) and `api` (HTTP routes). `commands` holds the CLI.
 //!
 //! # Public API (for the daemon)
@@ -20,7 +20,10 @@
 //! ```
 //! Routes need not be complete: with sealed tunnels a machine accepts authentic datagrams from machines its table
 //! does not list and sends replies back along routes learned from that traffic (`reply_routes`); `Notice`s ask
-//! the agent for the rest. `start` may run at any point of the agent's life, and `shutdown` then `start` again
+//! the agent for the rest. A packet to an overlay address the table does not know waits (up to 1 s, bounded) for
+//! the table that knows it, so `set_routes` soon after `Notice::UnknownAddress` loses nothing. Tunnel peers we send
+//! to but do not hear from are probed; silent for ~3 s more, their instances get no new connections and each
+//! becomes a `Notice::InstanceUnreachable`. `start` may run at any point of the agent's life, and `shutdown` then `start` again
 //! with the same prefix works (the agent restarts the data plane when its subnet is renumbered).
 //!
 //! Kernel objects are named after `DataPlaneConfig::prefix` (bridge `<p>br`, TUN `<p>tun`, veths `<p>h<n>`,
@@ -34,8 +37,10 @@ pub mod crypto;
 pub mod device;
 pub mod engine;
 pub mod flow;
+pub mod liveness;
 pub mod notices;
 pub mod packet;
+pub mod pending;
 pub mod policy;
 pub mod proxy;
 pub mod reply_routes;
@@ -94,6 +99,8 @@ pub struct DataPlaneConfig {
     pub peer_capacity: NonZeroUsize,
     pub peer_idle_timeout: Duration,
     pub keepalive_interval: Duration,
+    /// When to probe a silent peer and when to give up on it.
+    pub liveness: liveness::LivenessConfig,
     /// Client InstanceIPs remembered from traffic so replies find their way back (they expire with
     /// `peer_idle_timeout`).
     pub reply_route_capacity: NonZeroUsize,
@@ -117,6 +124,7 @@ impl DataPlaneConfig {
             peer_capacity: NonZeroUsize::new(1024).expect("non-zero"),
             peer_idle_timeout: Duration::from_secs(180),
             keepalive_interval: Duration::from_secs(25),
+            liveness: liveness::LivenessConfig::default(),
             reply_route_capacity: NonZeroUsize::new(16384).expect("non-zero"),
             notice_queue: 1024,
         }
@@ -228,6 +236,12 @@ pub struct DataPlaneStatus {
     /// Client InstanceIPs learned from traffic (see `reply_routes`).
     #[serde(default)]
     pub reply_routes: usize,
+    /// Packets waiting for a route table that knows their destination.
+    #[serde(default)]
+    pub held_packets: usize,
+    /// Tunnel peers that stopped answering (their instances get no new connections).
+    #[serde(default)]
+    pub unreachable_peers: usize,
     pub routes: RouteTable,
     pub attachments: Vec<Attachment>,
     pub counters: CounterSnapshot,
@@ -354,6 +368,11 @@ impl DataPlane {
         let (tun_name, mtu, listen) = (config.tun_name(), config.mtu(), config.listen);
         let node_id = NodeId::from_name(&config.node_name);
         let keepalive_interval = config.keepalive_interval;
+        let liveness = config.liveness;
+        let pending = pending::PendingPackets::new(pending::PendingConfig {
+            max_packet: usize::from(mtu),
+            ..pending::PendingConfig::default()
+        });
         let underlay_mtu = config.underlay_mtu;
         let ciphers = PairCiphers::new(node_id, config.peer_capacity);
         let notice_limiter = NoticeLimiter::new(config.peer_capacity);
@@ -402,6 +421,8 @@ impl DataPlane {
                         send_counter: engine::initial_send_counter(),
                         notices,
                         notice_limiter,
+                        pending,
+                        liveness,
                     };
                     engine.run(receiver).await;
                 });
@@ -628,6 +649,8 @@ impl DataPlane {
             flows: loop_status.flows,
             tunnel_peers: loop_status.tunnel_peers,
             reply_routes: loop_status.reply_routes,
+            held_packets: loop_status.held_packets,
+            unreachable_peers: loop_status.unreachable_peers,
             routes: state.routes.clone(),
             attachments: state.attachments.values().cloned().collect(),
             counters: self.counters(),

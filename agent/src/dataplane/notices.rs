@@ -3,6 +3,7 @@
 //! in a used service alive). Rate-limited here, so the packet loop can note every event and the agent hears of
 //! each at most once per interval. Pure: time is passed in.
 
+use super::routes::NodeId;
 use lru::LruCache;
 use std::hash::Hash;
 use std::net::Ipv4Addr;
@@ -14,7 +15,8 @@ pub enum Notice {
     /// An outgoing packet to an overlay address (ServiceIP range) with no route and no learned reply route:
     /// the agent runs a table query. At most once per address per second.
     UnknownAddress(Ipv4Addr),
-    /// A machine answered route-not-found for this instance (it is gone there): the agent re-queries.
+    /// A machine answered route-not-found for this instance (it is gone there), or its machine stopped answering
+    /// (`liveness`; at most once per machine per 10 s): the agent re-queries.
     InstanceUnreachable { service: String, instance: u32 },
     /// New connections went to this service recently (at most once per service per 10 s): the agent keeps its
     /// interest in the route alive.
@@ -23,6 +25,8 @@ pub enum Notice {
 
 pub const UNKNOWN_ADDRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub const SERVICE_USED_INTERVAL: Duration = Duration::from_secs(10);
+/// A peer flapping between unreachable and back announces its instances at most this often.
+pub const PEER_UNREACHABLE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Remembers when each key was last announced; bounded, so a flood of distinct keys only forgets old ones.
 struct Limiter<K: Hash + Eq> {
@@ -56,6 +60,7 @@ pub struct NoticeLimiter {
     unknown: Limiter<Ipv4Addr>,
     /// Keyed by the service's route-index position, so the hot path allocates nothing; reset with the table.
     used: Limiter<usize>,
+    unreachable: Limiter<NodeId>,
 }
 
 impl NoticeLimiter {
@@ -63,6 +68,7 @@ impl NoticeLimiter {
         Self {
             unknown: Limiter::new(capacity, UNKNOWN_ADDRESS_INTERVAL),
             used: Limiter::new(capacity, SERVICE_USED_INTERVAL),
+            unreachable: Limiter::new(capacity, PEER_UNREACHABLE_INTERVAL),
         }
     }
 
@@ -73,6 +79,11 @@ impl NoticeLimiter {
     /// `service` is a route-index position: positions change with the table, so call `routes_changed` then.
     pub fn service_used(&mut self, service: usize, now: Duration) -> bool {
         self.used.allow(service, now)
+    }
+
+    /// Whether the instances of a peer just declared unreachable are announced.
+    pub fn peer_unreachable(&mut self, peer: NodeId, now: Duration) -> bool {
+        self.unreachable.allow(peer, now)
     }
 
     pub fn routes_changed(&mut self) {
@@ -100,5 +111,9 @@ mod tests {
         assert!(limiter.service_used(0, ms(10_000)));
         limiter.routes_changed();
         assert!(limiter.service_used(0, ms(10_001)), "positions were renumbered");
+        assert!(limiter.peer_unreachable(NodeId(1), ms(0)));
+        assert!(!limiter.peer_unreachable(NodeId(1), ms(9_999)), "flapping is announced once per interval");
+        assert!(limiter.peer_unreachable(NodeId(2), ms(9_999)));
+        assert!(limiter.peer_unreachable(NodeId(1), ms(10_000)));
     }
 }

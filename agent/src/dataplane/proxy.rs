@@ -7,7 +7,8 @@
 //! - destination in another machine's subnet: routed untranslated;
 //! - destination an overlay address the table does not know, but a learned reply route does (`reply_routes`: a
 //!   client whose machine our table does not list called us): tunnelled to that peer, destination unchanged;
-//! - any other overlay address: dropped, and the engine tells the agent (it runs a table query).
+//! - any other overlay address: `UnknownAddress`; the engine holds the packet (`pending`) and tells the agent
+//!   (it runs a table query).
 //!
 //! Delivery (from the tunnel, or outgoing to an instance on this machine): the destination must be an attached
 //! instance (its namespace IP, or its InstanceIP when the sender only had a reply route, translated to the
@@ -20,7 +21,7 @@ use super::packet::{self, PacketInfo};
 use super::reply_routes::{Learned, ReplyRoutes};
 use super::routes::{NodeId, RouteIndex, RouteTable, Target};
 use ipnet::Ipv4Net;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -45,7 +46,8 @@ pub enum Verdict {
     TunnelToPeer(NodeId),
     /// The destination is not hosted here: tell the sender.
     RouteNotFound(Ipv4Addr),
-    /// Dropped (counted as `drop_no_route`): an overlay address nobody told us about; worth a table query.
+    /// An overlay address nobody told us about; worth a table query. Not counted here: the engine holds the
+    /// packet until a route table knows the address, and counts it as `drop_no_route` if none does in time.
     UnknownAddress(Ipv4Addr),
 }
 
@@ -77,6 +79,11 @@ pub struct Proxy {
     max_mss: u16,
     /// Service (route-index position) the last new connection went to, until the engine takes it.
     new_connection: Option<usize>,
+    /// Instances their machine answered route-not-found for, since the last table (route-index positions).
+    not_found: HashSet<usize>,
+    /// Machines that stopped answering (`liveness`): their instances get no new connections, in every table,
+    /// until they are heard from again.
+    unreachable_nodes: HashSet<NodeId>,
 }
 
 impl Proxy {
@@ -94,6 +101,8 @@ impl Proxy {
             candidates: Vec::new(),
             max_mss: config.max_mss,
             new_connection: None,
+            not_found: HashSet::new(),
+            unreachable_nodes: HashSet::new(),
         }
     }
 
@@ -123,7 +132,48 @@ impl Proxy {
         self.flows.remap_instances(|flow| by_instance_ip[&flow.instance_ip]);
         self.local_node = routes.node_by_name(&self.local_node_name);
         self.routes = routes;
+        self.not_found.clear();
+        for instance in &mut self.routes.instances {
+            if self.unreachable_nodes.contains(&self.routes.nodes[instance.node].id) {
+                instance.available = false;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the route table knows `address` (a ServiceIP or InstanceIP): held packets for it can go.
+    pub fn knows(&self, address: Ipv4Addr) -> bool {
+        self.routes.overlay_target(address).is_some()
+    }
+
+    /// The machine `peer` stopped answering: its instances get no new connections (in this and later tables) and
+    /// their connections are forgotten, so retransmissions pick another instance. Returns the route-index
+    /// positions of the instances this made unavailable.
+    pub fn node_unreachable(&mut self, peer: NodeId) -> Vec<usize> {
+        self.unreachable_nodes.insert(peer);
+        let Some(node) = self.routes.node_by_id(peer) else { return Vec::new() };
+        let lost: Vec<usize> = (0..self.routes.instances.len())
+            .filter(|&i| self.routes.instances[i].node == node && self.routes.instances[i].available)
+            .collect();
+        for &instance in &lost {
+            self.routes.instances[instance].available = false;
+        }
+        self.flows.remove_where(|_, flow| lost.contains(&flow.instance));
+        lost
+    }
+
+    /// The machine `peer` is heard from again (or forgotten): its instances are available at once, except those
+    /// it answered route-not-found for.
+    pub fn node_reachable(&mut self, peer: NodeId) {
+        if !self.unreachable_nodes.remove(&peer) {
+            return;
+        }
+        let Some(node) = self.routes.node_by_id(peer) else { return };
+        for (position, instance) in self.routes.instances.iter_mut().enumerate() {
+            if instance.node == node && !self.not_found.contains(&position) {
+                instance.available = true;
+            }
+        }
     }
 
     pub fn attach(&mut self, namespace_ip: Ipv4Addr, instance_ip: Ipv4Addr) {
@@ -175,7 +225,6 @@ impl Proxy {
                 Some(node) => (info.src, info.dst, Some(node)),
                 None if self.service_range.contains(&info.dst) => {
                     let Some(peer) = self.reply_routes.peer(info.dst, now) else {
-                        Counters::inc(&counters.drop_no_route);
                         return Verdict::UnknownAddress(info.dst);
                     };
                     // A reply to a client we know only from its traffic: its machine translates the InstanceIP.
@@ -243,6 +292,7 @@ impl Proxy {
             return None;
         }
         self.routes.instances[instance].available = false;
+        self.not_found.insert(instance);
         self.flows.remove_where(|_, flow| flow.instance == instance);
         Some(instance)
     }
@@ -484,7 +534,11 @@ mod tests {
         let mut stranger = udp_packet([10, 16, 0, 9], WEB_SERVICE, 1, 2, b"");
         assert_eq!(a.outgoing(&mut stranger, Duration::ZERO, &counters), Verdict::Drop);
         let mut nowhere = udp_packet(CLIENT_NS, [10, 30, 9, 9], 1, 2, b"");
+        let untouched = nowhere.clone();
         assert_eq!(a.outgoing(&mut nowhere, Duration::ZERO, &counters), Verdict::UnknownAddress([10, 30, 9, 9].into()));
+        assert_eq!(nowhere, untouched, "held packets are sent on later as they came: nothing translated yet");
+        let mut outside = udp_packet(CLIENT_NS, [192, 0, 2, 9], 1, 2, b"");
+        assert_eq!(a.outgoing(&mut outside, Duration::ZERO, &counters), Verdict::Drop);
         let mut garbage = vec![0x45, 0, 0];
         assert_eq!(a.incoming(&mut garbage, id("b"), Duration::ZERO, &counters), Verdict::Drop);
         let snapshot = counters.snapshot();
@@ -509,7 +563,7 @@ mod tests {
         // Before the client spoke, the server's packets to the client's InstanceIP have no route.
         let mut early = tcp_packet(WEB1_NS, CLIENT_INSTANCE, 80, 40001, false, b"");
         assert_eq!(b.outgoing(&mut early, now, &counters), Verdict::UnknownAddress(CLIENT_INSTANCE.into()));
-        assert_eq!(counters.snapshot().drop_no_route, 1);
+        assert_eq!(counters.snapshot().drop_no_route, 0, "the engine holds it, and counts it if it gets no route");
 
         // Connection 2 of the client (round-robin) goes to web#1 on b, which learns the reply route.
         let mut syn = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, true, b"");
@@ -602,6 +656,66 @@ mod tests {
         let mut again = udp_packet(CLIENT_NS, WEB_SERVICE, 5001, 7, b"x");
         assert!(matches!(a.outgoing(&mut again, Duration::ZERO, &counters), Verdict::Tunnel(_)));
         assert_eq!(addresses(&again).1, Ipv4Addr::from(WEB1_NS));
+    }
+
+    #[test]
+    fn a_held_packet_goes_out_once_a_table_knows_its_address() {
+        let (mut a, _) = machines();
+        let counters = Counters::default();
+        let mut table = two_machine_table();
+        let web = table.services.iter().position(|s| s.name == "demo.default.web.default").unwrap();
+        let web_service = table.services.remove(web);
+        a.set_routes(&table).unwrap();
+        let mut syn = tcp_packet(CLIENT_NS, WEB_SERVICE, 40000, 80, true, b"");
+        assert_eq!(a.outgoing(&mut syn, Duration::ZERO, &counters), Verdict::UnknownAddress(WEB_SERVICE.into()));
+        assert!(!a.knows(WEB_SERVICE.into()));
+        table.services.push(web_service);
+        a.set_routes(&table).unwrap();
+        assert!(a.knows(WEB_SERVICE.into()));
+        assert_eq!(a.outgoing(&mut syn, Duration::from_millis(200), &counters), Verdict::Local);
+        assert_eq!(addresses(&syn), (CLIENT_INSTANCE.into(), WEB0_NS.into()));
+    }
+
+    #[test]
+    fn an_unreachable_machine_gets_no_new_connections_until_heard_again() {
+        let (mut a, _) = machines();
+        let counters = Counters::default();
+        let now = Duration::ZERO;
+        // Connection 5001 goes to web#1 on b.
+        let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 5000, 7, b"x");
+        assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Local);
+        let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 5001, 7, b"x");
+        assert!(matches!(a.outgoing(&mut packet, now, &counters), Verdict::Tunnel(_)));
+        let lost = a.node_unreachable(id("b"));
+        assert_eq!(lost.len(), 1);
+        assert_eq!(a.routes().instances[lost[0]].namespace_ip, Ipv4Addr::from(WEB1_NS));
+        assert!(a.node_unreachable(id("b")).is_empty(), "already unavailable");
+        // Its connection and every new one go to web#0 now, also under a new table.
+        for port in [5001, 5002, 5003] {
+            let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, port, 7, b"x");
+            assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Local, "port {port}");
+        }
+        a.set_routes(&two_machine_table()).unwrap();
+        let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 5004, 7, b"x");
+        assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Local, "a new table does not revive it");
+        // Heard again: available at once, unless it said route-not-found for the instance meanwhile.
+        a.node_reachable(id("b"));
+        let mut packets = 0;
+        for port in 5005..5009 {
+            let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, port, 7, b"x");
+            packets += usize::from(matches!(a.outgoing(&mut packet, now, &counters), Verdict::Tunnel(_)));
+        }
+        assert_eq!(packets, 2, "round-robin over both again");
+        a.node_unreachable(id("b"));
+        assert!(a.route_not_found(id("b"), WEB1_NS.into()).is_none(), "already unavailable");
+        a.set_routes(&two_machine_table()).unwrap();
+        assert!(a.route_not_found(id("a"), WEB0_NS.into()).is_some());
+        a.node_reachable(id("b"));
+        let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 6000, 7, b"x");
+        assert!(matches!(a.outgoing(&mut packet, now, &counters), Verdict::Tunnel(_)), "b's instance is back");
+        a.node_unreachable(id("b"));
+        let mut packet = udp_packet(CLIENT_NS, WEB_SERVICE, 6001, 7, b"x");
+        assert_eq!(a.outgoing(&mut packet, now, &counters), Verdict::Drop, "no instance left");
     }
 
     proptest! {

@@ -5,12 +5,14 @@
 //! `SEALED` flag the body is encrypted and authenticated (see `crypto`); the plaintext body is
 //! - data: one IPv4 packet, already translated;
 //! - route-not-found: the 4-byte IPv4 address the receiver does not host;
-//! - keepalive: nothing.
+//! - keepalive: nothing;
+//! - probe: nothing; the receiver answers with a keepalive (`liveness`).
 //!
 //! Data is sent from one buffer: the packet is read into `buf[HEADER_LEN..]` and the header written in front, so
 //! nothing is copied or allocated per packet.
 
 use super::crypto::{ReplayWindow, SEAL_OVERHEAD};
+use super::liveness::{Liveness, LivenessAction, LivenessConfig};
 use super::routes::NodeId;
 use lru::LruCache;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,6 +35,8 @@ pub enum MessageType {
     Data = 1,
     RouteNotFound = 2,
     Keepalive = 3,
+    /// "Are you there?": answered with a keepalive.
+    Probe = 4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +44,7 @@ pub enum Message<'a> {
     Data(&'a [u8]),
     RouteNotFound(Ipv4Addr),
     Keepalive,
+    Probe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,7 @@ pub fn decode_header(datagram: &[u8]) -> Result<Header, DecodeError> {
         t if t == MessageType::Data as u8 => MessageType::Data,
         t if t == MessageType::RouteNotFound as u8 => MessageType::RouteNotFound,
         t if t == MessageType::Keepalive as u8 => MessageType::Keepalive,
+        t if t == MessageType::Probe as u8 => MessageType::Probe,
         _ => return Err(DecodeError::UnknownType),
     };
     let mut id = [0u8; 8];
@@ -87,6 +93,8 @@ pub fn decode_body(kind: MessageType, body: &[u8]) -> Result<Message<'_>, Decode
         }
         MessageType::Keepalive if body.is_empty() => Ok(Message::Keepalive),
         MessageType::Keepalive => Err(DecodeError::BadLength),
+        MessageType::Probe if body.is_empty() => Ok(Message::Probe),
+        MessageType::Probe => Err(DecodeError::BadLength),
     }
 }
 
@@ -118,6 +126,13 @@ pub struct Peer {
     /// Counters of sealed messages seen from this peer. Lost when the peer is evicted or idles out; the sender's
     /// counter keeps rising, so old messages stay useless only while they are older than the new window.
     pub replay: ReplayWindow,
+    pub liveness: Liveness,
+}
+
+impl Peer {
+    fn new(endpoint: SocketAddr, last_data: Duration, last_tx: Duration) -> Self {
+        Peer { endpoint, last_data, last_tx, replay: ReplayWindow::default(), liveness: Liveness::default() }
+    }
 }
 
 /// An authentic message was accepted.
@@ -127,6 +142,8 @@ pub struct Authentic {
     pub evicted: bool,
     /// It came from another endpoint than the peer's last one.
     pub roamed: bool,
+    /// The peer had been declared unreachable (`liveness`) and is heard from again.
+    pub recovered: bool,
 }
 
 /// A sealed message whose counter was already seen or is too old.
@@ -162,13 +179,15 @@ impl PeerTable {
         if let Some(peer) = self.peers.get_mut(&id) {
             peer.last_data = now;
             peer.last_tx = now;
+            peer.liveness.data_sent(now);
             if !roaming && let Some(listed) = listed {
                 peer.endpoint = listed;
             }
             return Some((peer.endpoint, false));
         }
         let endpoint = listed?;
-        let peer = Peer { endpoint, last_data: now, last_tx: now, replay: ReplayWindow::default() };
+        let mut peer = Peer::new(endpoint, now, now);
+        peer.liveness.data_sent(now);
         Some((endpoint, self.peers.push(id, peer).is_some()))
     }
 
@@ -179,9 +198,13 @@ impl PeerTable {
             peer.last_data = now;
             return false;
         }
-        self.peers
-            .push(id, Peer { endpoint, last_data: now, last_tx: Duration::ZERO, replay: ReplayWindow::default() })
-            .is_some()
+        self.peers.push(id, Peer::new(endpoint, now, Duration::ZERO)).is_some()
+    }
+
+    /// Notes a datagram of any kind from a listed peer at its listed endpoint (unsealed tunnels; sealed ones use
+    /// `authentic`). Returns true when the peer had been unreachable.
+    pub fn heard(&mut self, id: NodeId) -> bool {
+        self.peers.peek_mut(&id).is_some_and(|peer| peer.liveness.heard())
     }
 
     /// Notes an authentic sealed message with `counter` from `id`, which came from `from`. A replayed counter is
@@ -197,9 +220,7 @@ impl PeerTable {
     ) -> Result<Authentic, Replayed> {
         let mut evicted = false;
         if !self.peers.contains(&id) {
-            let peer =
-                Peer { endpoint: from, last_data: now, last_tx: Duration::ZERO, replay: ReplayWindow::default() };
-            evicted = self.peers.push(id, peer).is_some();
+            evicted = self.peers.push(id, Peer::new(from, now, Duration::ZERO)).is_some();
         }
         let peer = self.peers.get_mut(&id).expect("present: just checked or inserted");
         if !peer.replay.accept(counter) {
@@ -210,7 +231,8 @@ impl PeerTable {
         if data {
             peer.last_data = now;
         }
-        Ok(Authentic { evicted, roamed })
+        let recovered = peer.liveness.heard();
+        Ok(Authentic { evicted, roamed, recovered })
     }
 
     /// Where datagrams to `id` go now, if it has tunnel state.
@@ -226,12 +248,50 @@ impl PeerTable {
         }
     }
 
-    /// Drops peers without data for longer than the idle timeout; returns how many.
-    pub fn expire(&mut self, now: Duration) -> usize {
+    /// Drops peers without data for longer than the idle timeout; returns how many. Those that were unreachable
+    /// are passed to `forgotten_unreachable` (nobody probes them any more, so their state is forgotten too).
+    pub fn expire(&mut self, now: Duration, mut forgotten_unreachable: impl FnMut(NodeId)) -> usize {
         let before = self.peers.len();
         let idle = self.idle_timeout;
-        self.peers.retain(|_, peer| now.saturating_sub(peer.last_data) <= idle);
+        self.peers.retain(|id, peer| {
+            let keep = now.saturating_sub(peer.last_data) <= idle;
+            if !keep && peer.liveness.unreachable() {
+                forgotten_unreachable(*id);
+            }
+            keep
+        });
         before - self.peers.len()
+    }
+
+    /// Whether `id` is declared unreachable.
+    #[cfg(test)]
+    pub fn unreachable(&self, id: NodeId) -> bool {
+        self.peers.peek(&id).is_some_and(|peer| peer.liveness.unreachable())
+    }
+
+    /// Ids of the peers declared unreachable.
+    pub fn unreachable_peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.peers.iter().filter(|(_, peer)| peer.liveness.unreachable()).map(|(id, _)| *id)
+    }
+
+    /// Advances every peer's liveness to `now`: the peers to probe (and where), and those that have just become
+    /// unreachable. Probes count as sent datagrams for the keepalive timer.
+    pub fn poll_liveness(
+        &mut self,
+        now: Duration,
+        config: &LivenessConfig,
+    ) -> Vec<(NodeId, SocketAddr, LivenessAction)> {
+        let mut due = Vec::new();
+        for (id, peer) in self.peers.iter_mut() {
+            let action = peer.liveness.poll(now, config);
+            if action.probe {
+                peer.last_tx = now;
+            }
+            if action != LivenessAction::default() {
+                due.push((*id, peer.endpoint, action));
+            }
+        }
+        due
     }
 
     /// Live peers we have sent nothing to for `interval`: they get a keepalive so NAT bindings hold while the
@@ -306,9 +366,13 @@ mod tests {
         assert_eq!(peers.len(), 2);
         let due = peers.keepalives_due(Duration::from_secs(30), Duration::from_secs(15));
         assert_eq!(due, vec![(NodeId(2), endpoint)]);
-        assert_eq!(peers.expire(Duration::from_secs(75)), 1, "peer 2 (data at 10) goes; keepalives do not count");
+        assert_eq!(
+            peers.expire(Duration::from_secs(75), |_| {}),
+            1,
+            "peer 2 (data at 10) goes; keepalives do not count"
+        );
         assert_eq!(peers.len(), 1);
-        assert_eq!(peers.expire(Duration::from_secs(81)), 1, "peer 3 (data at 20) goes");
+        assert_eq!(peers.expire(Duration::from_secs(81), |_| {}), 1, "peer 3 (data at 20) goes");
     }
 
     #[test]
@@ -319,7 +383,10 @@ mod tests {
         let mut peers = PeerTable::new(NonZeroUsize::new(4).unwrap(), Duration::from_secs(60));
         let t = Duration::from_secs;
         // A peer nobody listed, behind a NAT: known from its first authentic datagram.
-        assert_eq!(peers.authentic(NodeId(7), nat, 100, true, t(1)), Ok(Authentic { evicted: false, roamed: false }));
+        assert_eq!(
+            peers.authentic(NodeId(7), nat, 100, true, t(1)),
+            Ok(Authentic { evicted: false, roamed: false, recovered: false })
+        );
         assert_eq!(peers.endpoint(NodeId(7)), Some(nat));
         assert_eq!(peers.sent(NodeId(7), None, true, t(2)), Some((nat, false)), "replies go where it spoke from");
         // A replayed datagram from elsewhere neither passes nor moves the peer.
@@ -336,8 +403,60 @@ mod tests {
         assert_eq!(peers.endpoint(NodeId(8)), Some(listed));
         // Keepalives do not keep a peer alive: only data does.
         peers.authentic(NodeId(7), nat, 101, false, t(50)).unwrap();
-        assert_eq!(peers.expire(t(63)), 1, "peer 7 (data at 2) idles out; peer 8 (data at 8) stays");
+        assert_eq!(peers.expire(t(63), |_| {}), 1, "peer 7 (data at 2) idles out; peer 8 (data at 8) stays");
         assert_eq!(peers.endpoint(NodeId(7)), None);
+    }
+
+    #[test]
+    fn probes_round_trip_and_carry_nothing() {
+        let mut probe = [0u8; HEADER_LEN + 1];
+        write_header(&mut probe, MessageType::Probe, NodeId(3), false);
+        assert_eq!(decode(&probe[..HEADER_LEN]), Ok((NodeId(3), Message::Probe)));
+        assert_eq!(decode(&probe), Err(DecodeError::BadLength));
+    }
+
+    #[test]
+    fn silent_peers_become_unreachable_and_recover_when_heard() {
+        let listed: SocketAddr = "192.0.2.1:50103".parse().unwrap();
+        let config = LivenessConfig::default();
+        let mut peers = PeerTable::new(NonZeroUsize::new(4).unwrap(), Duration::from_secs(60));
+        let t = Duration::from_millis;
+        let (mut probes, mut declared) = (0, Vec::new());
+        for ms in (0..=5000).step_by(250) {
+            peers.sent(NodeId(1), Some(listed), true, t(ms));
+            for (id, endpoint, action) in peers.poll_liveness(t(ms), &config) {
+                assert_eq!((id, endpoint), (NodeId(1), listed));
+                probes += usize::from(action.probe);
+                if action.became_unreachable {
+                    declared.push(ms);
+                }
+            }
+        }
+        assert_eq!(declared, vec![4000]);
+        assert!(probes >= 4 && peers.unreachable(NodeId(1)));
+        assert_eq!(peers.unreachable_peers().collect::<Vec<_>>(), vec![NodeId(1)]);
+        // The answer to a probe (a keepalive) makes it reachable again.
+        let answer = peers.authentic(NodeId(1), listed, 1, false, t(5100)).unwrap();
+        assert!(answer.recovered);
+        assert!(!peers.unreachable(NodeId(1)));
+        assert!(!peers.authentic(NodeId(1), listed, 2, false, t(5200)).unwrap().recovered);
+        // Unsealed tunnels: any datagram from the listed peer counts.
+        for ms in (6000..=11_000).step_by(250) {
+            peers.sent(NodeId(1), Some(listed), false, t(ms));
+            peers.poll_liveness(t(ms), &config);
+        }
+        assert!(peers.unreachable(NodeId(1)));
+        assert!(peers.heard(NodeId(1)));
+        assert!(!peers.heard(NodeId(2)), "unknown peers are not created by control messages");
+        // An unreachable peer that idles out is reported so its instances are not held back forever.
+        for ms in (11_250..=16_000).step_by(250) {
+            peers.sent(NodeId(1), Some(listed), false, t(ms));
+            peers.poll_liveness(t(ms), &config);
+        }
+        assert!(peers.unreachable(NodeId(1)));
+        let mut forgotten = Vec::new();
+        assert_eq!(peers.expire(t(80_000), |id| forgotten.push(id)), 1);
+        assert_eq!(forgotten, vec![NodeId(1)]);
     }
 
     proptest! {
