@@ -248,6 +248,21 @@ impl Testbed {
         serde_json::from_str(body).expect("status JSON")
     }
 
+    /// Replaces a machine's route table (PUT /v1/dataplane/routes).
+    fn put_routes(&self, machine: usize, table: &[u8]) {
+        let mut stream = UnixStream::connect(self.machines[machine].data_dir.join("agent.sock")).unwrap();
+        let head = format!(
+            "PUT /v1/dataplane/routes HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            table.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(table).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "PUT routes: {response}");
+    }
+
     fn stop_everything(&mut self) {
         for (_, mut child) in self.services.drain(..).rev() {
             terminate(&mut child);
@@ -521,4 +536,133 @@ fn server_machine_answers_clients_its_table_does_not_list() {
     let log = std::fs::read_to_string(bed.dir.join("agent-0.log")).unwrap();
     assert!(log.contains("UnknownAddress(10.30.99.99)"), "the standalone agent logs its notices");
     assert_eq!(log.matches("UnknownAddress(10.30.99.99)").count(), 1, "three packets, one notice");
+}
+
+/// Routes from the tree arrive lazily: the client's machine learns the files service only after the client's
+/// first SYN to its ServiceIP (here 300 ms later, by hand). The SYN waits for the table instead of being dropped,
+/// so the connection is up well before TCP's 1 s retransmission. Then machine b dies silently (SIGKILL): a probes
+/// it, declares it unreachable within a few seconds while the client keeps trying, and tells the agent.
+#[test]
+fn first_packets_wait_for_the_route_and_a_silent_machine_becomes_unreachable() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping dataplane_netns: {reason}");
+        return;
+    }
+    let mut bed = Testbed::new('h', true);
+    bed.build_underlay();
+    let routes = bed.write_partial_routes();
+    let full_a = std::fs::read(&routes[0]).unwrap();
+    let mut early_a: serde_json::Value = serde_json::from_slice(&full_a).unwrap();
+    early_a["services"].as_array_mut().unwrap().retain(|s| s["name"] != FILES);
+    std::fs::write(&routes[0], serde_json::to_vec(&early_a).unwrap()).unwrap();
+    bed.start_agents(&routes);
+    let dir = bed.dir.join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("id.txt"), b"files").unwrap();
+    let serve: Vec<String> =
+        ["python3", "-m", "http.server", "8000", "--directory", &dir.to_string_lossy()].map(String::from).to_vec();
+    bed.run_service(0, CLIENT, 0, &["sleep", "600"]);
+    bed.run_service(1, FILES, 0, &refs(&serve));
+    let client_netns = bed.service_netns(0, CLIENT, 0);
+    let files_netns = bed.service_netns(1, FILES, 0);
+    wait_for(Duration::from_secs(20), "the client namespace", || {
+        Path::new(&format!("/run/netns/{client_netns}")).exists()
+    });
+    wait_for(Duration::from_secs(30), "the files service listening", || {
+        let probe = "import socket\nsocket.create_connection(('127.0.0.1', 8000), timeout=1).close()";
+        Path::new(&format!("/run/netns/{files_netns}")).exists()
+            && run_with_timeout(
+                Command::new("ip").args(["netns", "exec", &files_netns, "python3", "-c", probe]),
+                Duration::from_secs(5),
+            )
+            .status
+            .success()
+    });
+
+    // The client connects to a ServiceIP its machine does not know yet; the table follows 300 ms later.
+    let connect = format!(
+        "import socket, time, sys\nsys.stdout.write('ready\\n'); sys.stdout.flush()\nstart = time.monotonic()\n\
+         s = socket.create_connection(('{FILES_SERVICE_IP}', 8000), timeout=5)\n\
+         elapsed = time.monotonic() - start\n\
+         s.sendall(b'GET /id.txt HTTP/1.0\\r\\n\\r\\n')\nreply = b''\nwhile True:\n    chunk = s.recv(4096)\n    \
+         if not chunk:\n        break\n    reply += chunk\nprint(f'{{elapsed:.3f}}', reply.split(b'\\r\\n\\r\\n', 1)[1].decode())"
+    );
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &client_netns, "python3", "-c", &connect])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    stdout.read_exact(&mut ready).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let held = bed.status(0);
+    bed.put_routes(0, &full_a);
+    let mut output = String::new();
+    let reader = std::thread::spawn(move || {
+        stdout.read_to_string(&mut output).unwrap();
+        output
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = client.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = reader.join().unwrap();
+    let (elapsed, body) = output.trim().split_once(' ').unwrap_or_else(|| panic!("client output: {output:?}"));
+    let elapsed: f64 = elapsed.parse().unwrap();
+    eprintln!("first connection to a ServiceIP learned 300 ms after the SYN: {elapsed:.3} s");
+    assert_eq!(body, "files");
+    assert!(elapsed >= 0.25, "the SYN waited for the table: {elapsed} s");
+    assert!(elapsed < 0.9, "no SYN retransmission (1 s) needed: {elapsed} s");
+    assert!(held["held_packets"].as_u64().unwrap() >= 1, "{held}");
+    let a = bed.status(0);
+    assert!(a["counters"]["held_released"].as_u64().unwrap() >= 1, "{a}");
+    assert_eq!(a["held_packets"], 0, "{a}");
+    assert_eq!(a["counters"]["held_expired"], 0, "{a}");
+    assert_eq!(a["counters"]["peers_unreachable"], 0, "{a}");
+
+    // Machine b dies without a word. The client keeps trying; a probes b, gives up and stops choosing its instance.
+    let mut b = bed.agents.remove(1);
+    let killed = Instant::now();
+    let _ = b.kill();
+    let _ = b.wait();
+    let retry = format!(
+        "import socket\ntry:\n    socket.create_connection(('{FILES_SERVICE_IP}', 8000), timeout=9)\nexcept OSError:\n    pass"
+    );
+    let mut retrying = Command::new("ip")
+        .args(["netns", "exec", &client_netns, "python3", "-c", &retry])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut declared = None;
+    let deadline = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < deadline {
+        if bed.status(0)["counters"]["peers_unreachable"].as_u64().unwrap() >= 1 {
+            declared = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    terminate(&mut retrying);
+    let declared = declared.expect("a declares the silent machine unreachable");
+    eprintln!("silent machine declared unreachable {:.2} s after it was killed", declared.as_secs_f64());
+    let a = bed.status(0);
+    assert!(a["counters"]["probes_sent"].as_u64().unwrap() >= 3, "{a}");
+    assert_eq!(a["unreachable_peers"], 1, "{a}");
+    wait_for(Duration::from_secs(5), "the notice in the log", || {
+        let log = std::fs::read_to_string(bed.dir.join("agent-0.log")).unwrap();
+        log.contains(&format!("InstanceUnreachable {{ service: \"{FILES}\", instance: 0 }}"))
+    });
+    // New connections find no instance instead of trying the dead machine.
+    let before = a["counters"]["drop_no_instance"].as_u64().unwrap();
+    let _ = bed.client_python(
+        &format!("import socket\ntry:\n    socket.create_connection(('{FILES_SERVICE_IP}', 8000), timeout=1)\nexcept OSError:\n    pass"),
+        Duration::from_secs(5),
+    );
+    assert!(bed.status(0)["counters"]["drop_no_instance"].as_u64().unwrap() > before);
 }
