@@ -230,9 +230,8 @@ impl Engine {
 
     /// A packet from a local instance, in `batch.slot()[TUN_PAYLOAD..TUN_PAYLOAD + len]`.
     async fn handle_tun_packet(&mut self, batch: &mut SendBatch, len: usize, now: Duration) {
-        let counters = self.counters.clone();
-        Counters::inc(&counters.tun_rx_packets);
-        Counters::add(&counters.tun_rx_bytes, len as u64);
+        Counters::inc(&self.counters.tun_rx_packets);
+        Counters::add(&self.counters.tun_rx_bytes, len as u64);
         self.forward_outgoing(batch, len, now).await;
     }
 
