@@ -463,6 +463,7 @@ impl Routing {
         if ctx.is_root && self.machine.is_empty() {
             self.grant_own_machine(now, ctx);
         }
+        self.own_subnets_in_pool(now, ctx);
         // Children that went away: release their grants, forget their interests and records.
         if self.known_children.iter().any(|k| !ctx.children.iter().any(|(c, _)| c == k)) {
             let gone: Vec<NodeId> =
@@ -1028,6 +1029,8 @@ impl Routing {
     }
 
     fn grant_wants(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, want: Vec<Want>) {
+        // Nothing is granted from our pool before our own subnets in it are marked as ours.
+        self.own_subnets_in_pool(now, ctx);
         let mut granted = Vec::new();
         let mut refused = Vec::new();
         for w in want {
@@ -1204,6 +1207,38 @@ impl Routing {
                     }
                 }
                 self.serve_waiting(now, ctx);
+            }
+        }
+    }
+
+    /// Our machine subnets that lie in our own pool are grants to ourselves there, so they are never granted to a
+    /// child. They get there when the parent's answers cross: a machine subnet granted fresh by the parent while
+    /// we asked it for the same block on a child's behalf (the parent sees one holder and says "kept"), a block
+    /// granted to us that contains our subnet, a takeover. When part of one is already granted to a child, that
+    /// grant is younger than ours or was made in ignorance of it: we move ourselves to a fresh subnet.
+    fn own_subnets_in_pool(&mut self, now: Time, ctx: &TreeCtx) {
+        let me = ctx.me;
+        let inside_pool = |pool: &AddressPool, m: &Ipv4Net| pool.owned().iter().any(|o| o.contains(m) || m.contains(o));
+        let unmarked: Vec<Ipv4Net> = self
+            .machine
+            .iter()
+            .copied()
+            .filter(|m| inside_pool(&self.pool, m) && self.pool.grant(*m).is_none_or(|g| g.holder != me))
+            .collect();
+        let clashing: Vec<Ipv4Net> = unmarked.into_iter().filter(|m| self.pool.claim(*m, me, now).is_err()).collect();
+        for old in clashing {
+            self.machine.retain(|m| *m != old);
+            self.counters.renumbered += 1;
+            match self.pool.alloc(me, old.prefix_len(), now) {
+                Ok(new) => {
+                    self.machine.push(new);
+                    self.events.push(RouteEvent::SubnetChanged { old, new });
+                }
+                Err(_) => {
+                    // No room here: the parent grants a fresh one with the next sync.
+                    self.events.push(RouteEvent::SubnetRevoked { block: old });
+                    self.next_sync = now;
+                }
             }
         }
     }
@@ -1674,6 +1709,8 @@ mod tests {
             refused: vec![],
         };
         coord.on_message(Time::ZERO, &c, parent, kept);
+        // The node polls after every input.
+        coord.poll(Time::ZERO, &c);
         let sent = coord.drain().0;
         let told = sent.iter().find_map(|(to, m)| match m {
             RoutesMessage::SubnetReply { granted, .. } if *to == kid => Some(granted.clone()),
@@ -1702,6 +1739,97 @@ mod tests {
         assert_eq!(told.len(), 1);
         assert_eq!(told[0].replaces, Some(clash));
         assert!(ours.contains(&told[0].block) || elsewhere.contains(&told[0].block), "{told:?}");
+    }
+
+    /// The testbed's duplicate grant: our parent grants us, as our own machine subnet, the very block we are
+    /// asking it for on a child's behalf (it was free there; the answers cross). Seeing one holder, the parent
+    /// then says "kept" for the block as well. The block is ours, but our own subnet in it must never go to the
+    /// child: the child gets a replacement.
+    #[test]
+    fn a_block_kept_for_a_child_that_the_parent_also_granted_as_our_own_subnet_is_not_granted_twice() {
+        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
+        let contested: Ipv4Net = "10.19.7.0/26".parse().unwrap();
+        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c =
+            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let mut coord = Routing::new(RoutingConfig::default());
+        coord.poll(Time::ZERO, &c);
+        let block = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: ours, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, block);
+        let held = vec![Held { purpose: Purpose::Machine, block: contested }];
+        coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
+        coord.drain();
+        // The answer to our own want (a fresh machine subnet) crosses the claim: it is the contested block.
+        let fresh = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Machine, block: contested, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, fresh);
+        let kept = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: contested, replaces: Some(contested) }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, kept);
+        // The node polls after every input.
+        coord.poll(Time::ZERO, &c);
+        let sent = coord.drain().0;
+        let told: Vec<Granted> = sent
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                RoutesMessage::SubnetReply { granted, .. } if to == kid => Some(granted),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(coord.machine_subnets(), &[contested]);
+        assert_eq!(coord.pool().grant(contested).map(|g| g.holder), Some(me), "our own subnet is granted to us");
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].replaces, Some(contested));
+        assert!(!told[0].block.contains(&contested) && !contested.contains(&told[0].block), "{told:?}");
+        assert_eq!(coord.pool().grant(told[0].block).map(|g| g.holder), Some(kid));
+    }
+
+    /// A block granted to us that contains our own subnet (after a takeover, or answers that crossed) while part
+    /// of that subnet already went to a child: we move to a fresh subnet and say so.
+    #[test]
+    fn our_own_subnet_granted_to_a_child_moves_us_to_a_fresh_one() {
+        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
+        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c =
+            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let mut coord = Routing::new(RoutingConfig::default());
+        coord.poll(Time::ZERO, &c);
+        let reply = |granted| RoutesMessage::SubnetReply { granted, refused: vec![] };
+        coord.on_message(
+            Time::ZERO,
+            &c,
+            parent,
+            reply(vec![Granted { purpose: Purpose::Block, block: ours, replaces: None }]),
+        );
+        let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None }];
+        coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held: vec![], want });
+        let kid_block = coord.pool().grants_of(kid).next().expect("the child got a subnet").block;
+        coord.drain();
+        // Our parent's answer says our machine subnet is the one the child just got.
+        coord.on_message(
+            Time::ZERO,
+            &c,
+            parent,
+            reply(vec![Granted { purpose: Purpose::Machine, block: kid_block, replaces: None }]),
+        );
+        coord.poll(Time::ZERO, &c);
+        let events = coord.drain().1;
+        let mine = coord.machine_subnets().to_vec();
+        assert_eq!(mine.len(), 1);
+        assert!(!mine[0].contains(&kid_block) && !kid_block.contains(&mine[0]), "{mine:?}");
+        assert_eq!(coord.pool().grant(mine[0]).map(|g| g.holder), Some(me));
+        assert_eq!(coord.pool().grant(kid_block).map(|g| g.holder), Some(kid));
+        assert!(events.contains(&RouteEvent::SubnetChanged { old: kid_block, new: mine[0] }), "{events:?}");
     }
 
     #[test]

@@ -34,8 +34,11 @@ fn route_events(net: &Net, i: usize, from: usize) -> Vec<RouteEvent> {
         .collect()
 }
 
+/// Two nodes and their overlapping machine subnets.
+type Overlap = (usize, usize, Ipv4Net, Ipv4Net);
+
 /// Every pair of live nodes' machine subnets that overlap.
-fn overlaps(net: &Net) -> Vec<(usize, usize, Ipv4Net, Ipv4Net)> {
+fn overlaps(net: &Net) -> Vec<Overlap> {
     let all: Vec<(usize, Ipv4Net)> =
         net.live().flat_map(|i| net.nodes[i].routing().machine_subnets().iter().map(move |b| (i, *b))).collect();
     let mut out = Vec::new();
@@ -459,4 +462,151 @@ fn the_root_frees_an_instance_ip_only_after_its_instance_stayed_away_for_the_gra
     net.run_for(Duration::from_secs(10));
     assert!(!held(&net, ip0), "instance 0 stayed away longer than the grace period: its InstanceIP is free");
     assert!(held(&net, ip1), "instance 1 came back in time and keeps its InstanceIP");
+}
+
+/// How often machines stall: at most `at_once` at a time, a new one with probability `per_step` every 250 ms.
+#[derive(Debug, Clone, Copy)]
+struct Stalls {
+    at_once: usize,
+    per_step: f64,
+}
+
+/// Testbed conditions (CPU-starved machines on a loaded host): machines stall for a few seconds (their timers run
+/// late and what they send or receive meanwhile is lost), so live parents are declared dead, children re-attach
+/// to new parents, islands form and merge back, machines restart with their persisted subnets, links drop
+/// messages for a while, and joins go on throughout. Returns every overlap of machine subnets that lasted longer
+/// than `limit` (holders, blocks, from, until), and the overlaps left once everything settled.
+fn starved_run(seed: u64, stalls: Stalls, limit: Duration) -> (Vec<String>, Vec<Overlap>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = 30;
+    // Like `agent join` with well-known addresses: nodes 0..3 are everyone's bootstrap list, retried when a node
+    // finds itself detached or the root of an island.
+    let bootstrap: Vec<_> = (0..3).map(|i| common::info(i).id).collect();
+    let mut net = Net::new(n, Config { max_children: 4, bootstrap, ..Config::default() });
+    net.command(0, Command::Start);
+    // Nodes 0..10 join first; the rest join while the faults go on.
+    let mut joined = vec![false; n];
+    joined[0] = true;
+    let step = MS(250);
+    let faults_until = Duration::from_secs(100);
+    let mut frozen: Vec<(usize, Duration)> = Vec::new();
+    let mut cuts: Vec<((usize, usize), Duration)> = Vec::new();
+    let mut restarts = 0u64;
+    // (i, j, a, b) -> first seen.
+    let mut open: std::collections::BTreeMap<Overlap, Duration> = Default::default();
+    let mut long = Vec::new();
+    let report =
+        |long: &mut Vec<String>, (i, j, a, b): (usize, usize, Ipv4Net, Ipv4Net), from: Duration, to: Duration| {
+            if to - from > limit {
+                long.push(format!(
+                    "nodes {i} ({a}) and {j} ({b}) overlapped from {:.1}s to {:.1}s",
+                    from.as_secs_f64(),
+                    to.as_secs_f64()
+                ));
+            }
+        };
+    while net.now < faults_until + Duration::from_secs(60) {
+        net.run_for(step);
+        let now = net.now;
+        // Stalled machines wake up; cut links come back.
+        frozen.retain(|&(i, until)| {
+            if until <= now {
+                net.alive[i] = true;
+                false
+            } else {
+                true
+            }
+        });
+        let blocked: Vec<(usize, usize)> = cuts.iter().filter(|(_, until)| *until > now).map(|(l, _)| *l).collect();
+        cuts.retain(|(_, until)| *until > now);
+        net.blocked = blocked;
+        let running: Vec<usize> = (0..n).filter(|&i| joined[i] && net.alive[i]).collect();
+        if now < faults_until {
+            // About one join a second until everyone is in.
+            if rng.random_bool(0.25)
+                && let Some(i) = (0..n).find(|&i| !joined[i])
+            {
+                let via = running[rng.random_range(0..running.len())];
+                joined[i] = true;
+                let via = net.id(via);
+                net.command(i, Command::Join { via });
+            }
+            // A machine stalls for 2-8 s (up to three at once): its parent and children declare it dead.
+            if frozen.len() < stalls.at_once && rng.random_bool(stalls.per_step) && running.len() > 3 {
+                let i = running[rng.random_range(0..running.len())];
+                net.alive[i] = false;
+                frozen.push((i, now + MS(rng.random_range(2000..8000))));
+            }
+            // A link loses everything for 2-6 s.
+            if rng.random_bool(0.04) && running.len() > 3 {
+                let a = running[rng.random_range(0..running.len())];
+                let b = running[rng.random_range(0..running.len())];
+                if a != b {
+                    cuts.push(((a, b), now + MS(rng.random_range(2000..6000))));
+                }
+            }
+            // A machine restarts with the subnets it persisted.
+            if rng.random_bool(0.02) && running.len() > 3 {
+                let i = running[rng.random_range(0..running.len())];
+                let via = running[rng.random_range(0..running.len())];
+                if i != via {
+                    let subnets = net.nodes[i].routing().machine_subnets().to_vec();
+                    restarts += 1;
+                    let config = net.nodes[i].config().clone();
+                    net.nodes[i] = Node::new(common::info(i), config, 5000 + seed * 100 + restarts, now);
+                    route(&mut net, i, RouteCommand::RestoreSubnets(subnets));
+                    let via = net.id(via);
+                    net.command(i, Command::Join { via });
+                }
+            }
+        }
+        // Machines that run (stalled ones included: they still use their subnets).
+        let holders: Vec<(usize, Ipv4Net)> = (0..n)
+            .filter(|&i| joined[i])
+            .flat_map(|i| net.nodes[i].routing().machine_subnets().iter().map(move |b| (i, *b)))
+            .collect();
+        let mut current = std::collections::BTreeSet::new();
+        for (x, (i, a)) in holders.iter().enumerate() {
+            for (j, b) in &holders[x + 1..] {
+                if a.contains(b) || b.contains(a) {
+                    current.insert((*i, *j, *a, *b));
+                    open.entry((*i, *j, *a, *b)).or_insert(now);
+                }
+            }
+        }
+        let ended: Vec<_> = open.keys().filter(|k| !current.contains(*k)).copied().collect();
+        for k in ended {
+            let from = open.remove(&k).unwrap();
+            report(&mut long, k, from, now);
+        }
+    }
+    for (k, from) in std::mem::take(&mut open) {
+        report(&mut long, k, from, net.now);
+    }
+    let left = overlaps(&net);
+    if let Err(e) = net.check_tree().and_then(|_| match net.roots().len() {
+        1 => Ok(()),
+        n => Err(format!("{n} roots")),
+    }) {
+        long.push(format!("the tree did not settle: {e}"));
+    }
+    (long, left)
+}
+
+/// The testbed's duplicate grants (issue 5): no two machines hold overlapping subnets for longer than one lease
+/// plus one resync, and none at the end, whatever the stalls, re-attachments and restarts.
+#[test]
+fn stalls_reattachments_and_restarts_never_leave_two_machines_on_one_subnet() {
+    let cfg = canopy_overlay::routing::RoutingConfig::default();
+    let limit = cfg.lease + cfg.resync_interval;
+    let mut failures = Vec::new();
+    let stalls = Stalls { at_once: 3, per_step: 0.06 };
+    for seed in 0..12 {
+        let (long, left) = starved_run(seed, stalls, limit);
+        if !long.is_empty() || !left.is_empty() {
+            failures.push(format!("seed {seed}: {long:#?}, left at the end: {left:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
