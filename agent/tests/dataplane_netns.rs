@@ -12,9 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+mod netns_common;
+use netns_common::{ip, refs, run_with_timeout, skip_reason, terminate, wait_for};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const CLIENT: &str = "demo.default.client.default";
@@ -25,49 +26,6 @@ const WEB_SERVICE_IP: &str = "10.30.0.2";
 const FILES_SERVICE_IP: &str = "10.30.0.4";
 const ECHO_SERVICE_IP: &str = "10.30.0.5";
 const BIG_FILE_LEN: usize = 1 << 20;
-
-fn skip_reason() -> Option<&'static str> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root (network namespaces, TUN, netlink)");
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("needs /dev/net/tun");
-    }
-    if Command::new("ip").arg("-V").output().is_err() || Command::new("python3").arg("-V").output().is_err() {
-        return Some("needs the ip tool and python3");
-    }
-    None
-}
-
-/// Runs a command to completion, killing it after `limit`. Output is read while it runs (large outputs would
-/// otherwise fill the pipe and stall the command).
-fn run_with_timeout(command: &mut Command, limit: Duration) -> Output {
-    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a command");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + limit;
-            while !done.load(Ordering::SeqCst) {
-                if Instant::now() > deadline {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    let output = child.wait_with_output().expect("collecting output");
-    done.store(true, Ordering::SeqCst);
-    let _ = watchdog.join();
-    output
-}
-
-fn ip(args: &[&str]) {
-    let output = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
-    assert!(output.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
 
 struct Machine {
     netns: String,
@@ -301,33 +259,6 @@ impl Drop for Testbed {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// SIGTERM, then SIGKILL if the process has not exited after 5 s.
-fn terminate(child: &mut Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn refs(strings: &[String]) -> Vec<&str> {
-    strings.iter().map(String::as_str).collect()
 }
 
 fn big_file() -> Vec<u8> {

@@ -11,9 +11,10 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+mod netns_common;
+use netns_common::{ip, refs, run_with_timeout, skip_reason, terminate, wait_for};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const CLIENT: &str = "demo.default.client.default";
@@ -22,48 +23,6 @@ const ECHO: &str = "demo.default.echo.default";
 const LATE: &str = "demo.default.late.default";
 const WEB_NAME: &str = "demo.default.web.default.any.rr";
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
-
-fn skip_reason() -> Option<&'static str> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("needs root (network namespaces, TUN, netlink)");
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("needs /dev/net/tun");
-    }
-    if Command::new("ip").arg("-V").output().is_err() || Command::new("python3").arg("-V").output().is_err() {
-        return Some("needs the ip tool and python3");
-    }
-    None
-}
-
-/// Runs a command to completion, killing it after `limit`.
-fn run_with_timeout(command: &mut Command, limit: Duration) -> Output {
-    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning a command");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + limit;
-            while !done.load(Ordering::SeqCst) {
-                if Instant::now() > deadline {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-    let output = child.wait_with_output().expect("collecting output");
-    done.store(true, Ordering::SeqCst);
-    let _ = watchdog.join();
-    output
-}
-
-fn ip(args: &[&str]) {
-    let output = run_with_timeout(Command::new("ip").args(args), Duration::from_secs(10));
-    assert!(output.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
 
 struct Machine {
     netns: String,
@@ -276,40 +235,11 @@ impl Drop for Testbed {
     }
 }
 
-/// SIGTERM, then SIGKILL if the process has not exited after 5 s.
-fn terminate(child: &mut Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Polls `condition` until it holds; returns how long that took.
-fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !condition() {
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    started.elapsed()
-}
-
 fn web_server(bed: &Testbed, id: &str) -> Vec<String> {
     let dir = bed.dir.join(id);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("id.txt"), id).unwrap();
     ["python3", "-m", "http.server", "8000", "--directory", &dir.to_string_lossy()].map(String::from).to_vec()
-}
-
-fn refs(strings: &[String]) -> Vec<&str> {
-    strings.iter().map(String::as_str).collect()
 }
 
 #[test]
