@@ -163,24 +163,41 @@ impl Testbed {
     }
 
     fn run_service(&mut self, machine: usize, service: &str, instance: u32, command: &[&str]) {
-        let log = std::fs::File::create(self.dir.join(format!("{service}-{instance}.log"))).unwrap();
-        let child = Command::new(AGENT)
-            .arg("--data-dir")
-            .arg(&self.machines[machine].data_dir)
-            .args(["run", "--service", service, "--instance", &instance.to_string(), "--"])
-            .args(command)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting agent run");
-        self.services.push((format!("{service}/{instance}"), child));
+        let started =
+            netns_common::run_service(&self.machines[machine].data_dir, &self.dir, service, instance, command);
+        self.services.push(started);
     }
 
     fn stop_service(&mut self, service: &str, instance: u32) {
-        let label = format!("{service}/{instance}");
-        let position = self.services.iter().position(|(l, _)| *l == label).expect("service was started");
-        let (_, mut child) = self.services.remove(position);
-        terminate(&mut child);
+        netns_common::stop_service(&mut self.services, service, instance);
+    }
+
+    /// UDP echo through the echo ServiceIP; the reply comes from the ServiceIP the client called.
+    fn assert_udp_echo_from_service_ip(&self) {
+        let udp = self.client_python(
+            &format!(
+                "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+             for attempt in range(5):\n    s.sendto(b'canopy', ('{ECHO_SERVICE_IP}', 7))\n    try:\n        \
+             data, peer = s.recvfrom(100)\n        break\n    except socket.timeout:\n        pass\n\
+             print(data.decode(), peer[0], peer[1])"
+            ),
+            Duration::from_secs(20),
+        );
+        assert!(udp.status.success(), "UDP echo failed: {}", String::from_utf8_lossy(&udp.stderr));
+        assert_eq!(String::from_utf8_lossy(&udp.stdout).trim(), format!("canopy {ECHO_SERVICE_IP} 7"));
+    }
+
+    /// ICMP echo to the files ServiceIP (on the other machine), answered from the ServiceIP.
+    fn assert_ping_from_service_ip(&self) {
+        let ping = run_with_timeout(
+            Command::new("ip")
+                .args(["netns", "exec", &self.service_netns(0, CLIENT, 0), "ping", "-c", "2", "-W", "2"])
+                .arg(FILES_SERVICE_IP),
+            Duration::from_secs(10),
+        );
+        let ping_output = String::from_utf8_lossy(&ping.stdout);
+        assert!(ping.status.success(), "ping failed: {ping_output}");
+        assert!(ping_output.contains(&format!("from {FILES_SERVICE_IP}")), "{ping_output}");
     }
 
     /// Runs a python snippet inside the client's namespace.
@@ -316,28 +333,10 @@ fn scenario(tag: char, sealed: bool) {
     assert!(big == big_file(), "the 1 MB transfer arrived intact");
 
     // UDP echo across machines; the reply comes from the ServiceIP the client called.
-    let udp = bed.client_python(
-        &format!(
-            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(3)\n\
-             for attempt in range(5):\n    s.sendto(b'canopy', ('{ECHO_SERVICE_IP}', 7))\n    try:\n        \
-             data, peer = s.recvfrom(100)\n        break\n    except socket.timeout:\n        pass\n\
-             print(data.decode(), peer[0], peer[1])"
-        ),
-        Duration::from_secs(20),
-    );
-    assert!(udp.status.success(), "UDP echo failed: {}", String::from_utf8_lossy(&udp.stderr));
-    assert_eq!(String::from_utf8_lossy(&udp.stdout).trim(), format!("canopy {ECHO_SERVICE_IP} 7"));
+    bed.assert_udp_echo_from_service_ip();
 
     // ICMP echo to a ServiceIP (on the other machine), answered from the ServiceIP.
-    let ping = run_with_timeout(
-        Command::new("ip")
-            .args(["netns", "exec", &bed.service_netns(0, CLIENT, 0), "ping", "-c", "2", "-W", "2"])
-            .arg(FILES_SERVICE_IP),
-        Duration::from_secs(10),
-    );
-    let ping_output = String::from_utf8_lossy(&ping.stdout);
-    assert!(ping.status.success(), "ping failed: {ping_output}");
-    assert!(ping_output.contains(&format!("from {FILES_SERVICE_IP}")), "{ping_output}");
+    bed.assert_ping_from_service_ip();
 
     // Two instances on two machines: successive new connections alternate.
     wait_for(Duration::from_secs(30), "both web instances", || {
@@ -422,28 +421,10 @@ fn server_machine_answers_clients_its_table_does_not_list() {
     assert!(big == big_file(), "the 1 MB transfer arrived intact ({} bytes)", big.len());
 
     // UDP echo: the reply comes from the ServiceIP the client called.
-    let udp = bed.client_python(
-        &format!(
-            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(3)\n\
-             for attempt in range(5):\n    s.sendto(b'canopy', ('{ECHO_SERVICE_IP}', 7))\n    try:\n        \
-             data, peer = s.recvfrom(100)\n        break\n    except socket.timeout:\n        pass\n\
-             print(data.decode(), peer[0], peer[1])"
-        ),
-        Duration::from_secs(20),
-    );
-    assert!(udp.status.success(), "UDP echo failed: {}", String::from_utf8_lossy(&udp.stderr));
-    assert_eq!(String::from_utf8_lossy(&udp.stdout).trim(), format!("canopy {ECHO_SERVICE_IP} 7"));
+    bed.assert_udp_echo_from_service_ip();
 
     // ICMP echo to the ServiceIP.
-    let ping = run_with_timeout(
-        Command::new("ip")
-            .args(["netns", "exec", &bed.service_netns(0, CLIENT, 0), "ping", "-c", "2", "-W", "2"])
-            .arg(FILES_SERVICE_IP),
-        Duration::from_secs(10),
-    );
-    let ping_output = String::from_utf8_lossy(&ping.stdout);
-    assert!(ping.status.success(), "ping failed: {ping_output}");
-    assert!(ping_output.contains(&format!("from {FILES_SERVICE_IP}")), "{ping_output}");
+    bed.assert_ping_from_service_ip();
 
     // b learned the client's InstanceIP from authentic traffic of a machine its table does not list.
     let b = bed.status(1);

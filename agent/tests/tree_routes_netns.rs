@@ -141,24 +141,13 @@ impl Testbed {
     }
 
     fn run_service(&mut self, machine: usize, service: &str, instance: u32, command: &[&str]) {
-        let log = std::fs::File::create(self.dir.join(format!("{service}-{instance}.log"))).unwrap();
-        let child = Command::new(AGENT)
-            .arg("--data-dir")
-            .arg(&self.machines[machine].data_dir)
-            .args(["run", "--service", service, "--instance", &instance.to_string(), "--"])
-            .args(command)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting agent run");
-        self.services.push((format!("{service}/{instance}"), child));
+        let started =
+            netns_common::run_service(&self.machines[machine].data_dir, &self.dir, service, instance, command);
+        self.services.push(started);
     }
 
     fn stop_service(&mut self, service: &str, instance: u32) {
-        let label = format!("{service}/{instance}");
-        let position = self.services.iter().position(|(l, _)| *l == label).expect("service was started");
-        let (_, mut child) = self.services.remove(position);
-        terminate(&mut child);
+        netns_common::stop_service(&mut self.services, service, instance);
     }
 
     fn service_netns(&self, machine: usize, service: &str, instance: u32) -> String {

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,4 +80,28 @@ pub fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool
 
 pub fn refs(strings: &[String]) -> Vec<&str> {
     strings.iter().map(String::as_str).collect()
+}
+
+/// `agent run --service SERVICE --instance N -- COMMAND` against the agent of `data_dir`, logging to
+/// `log_dir/<service>-<n>.log`; the child is labelled `service/n` for [`stop_service`].
+pub fn run_service(data_dir: &Path, log_dir: &Path, service: &str, instance: u32, command: &[&str]) -> (String, Child) {
+    let log = std::fs::File::create(log_dir.join(format!("{service}-{instance}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_agent"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["run", "--service", service, "--instance", &instance.to_string(), "--"])
+        .args(command)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting agent run");
+    (format!("{service}/{instance}"), child)
+}
+
+/// Stops the `agent run` started for `service/instance` (its instance is detached when it exits).
+pub fn stop_service(services: &mut Vec<(String, Child)>, service: &str, instance: u32) {
+    let label = format!("{service}/{instance}");
+    let position = services.iter().position(|(l, _)| *l == label).expect("service was started");
+    let (_, mut child) = services.remove(position);
+    terminate(&mut child);
 }
