@@ -1675,6 +1675,18 @@ mod tests {
         assert_eq!(root.pool().grant(mine).map(|g| g.holder), Some(kids[0].0));
     }
 
+    /// A coordinator whose parent granted it `block` for its group.
+    fn coordinator_holding(block: Ipv4Net, c: &TreeCtx, parent: NodeId) -> Routing {
+        let mut coord = Routing::new(RoutingConfig::default());
+        coord.poll(Time::ZERO, c);
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, c, parent, reply);
+        coord
+    }
+
     #[test]
     fn a_coordinator_asks_its_parent_for_a_block_outside_its_pool_instead_of_renumbering() {
         let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
@@ -1683,13 +1695,7 @@ mod tests {
         let kids = [(kid, Position::new(1.0, 1.0))];
         let c =
             TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
-        let mut coord = Routing::new(RoutingConfig::default());
-        coord.poll(Time::ZERO, &c);
-        let block = RoutesMessage::SubnetReply {
-            granted: vec![Granted { purpose: Purpose::Block, block: ours, replaces: None }],
-            refused: vec![],
-        };
-        coord.on_message(Time::ZERO, &c, parent, block);
+        let mut coord = coordinator_holding(ours, &c, parent);
         coord.drain();
         // The child held `foreign` under another parent: we ask ours for it rather than replace it.
         let held = vec![Held { purpose: Purpose::Machine, block: foreign }];
@@ -1753,13 +1759,7 @@ mod tests {
         let kids = [(kid, Position::new(1.0, 1.0))];
         let c =
             TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
-        let mut coord = Routing::new(RoutingConfig::default());
-        coord.poll(Time::ZERO, &c);
-        let block = RoutesMessage::SubnetReply {
-            granted: vec![Granted { purpose: Purpose::Block, block: ours, replaces: None }],
-            refused: vec![],
-        };
-        coord.on_message(Time::ZERO, &c, parent, block);
+        let mut coord = coordinator_holding(ours, &c, parent);
         let held = vec![Held { purpose: Purpose::Machine, block: contested }];
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
         coord.drain();
