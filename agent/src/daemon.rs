@@ -509,15 +509,13 @@ async fn keep_services(dataplane: DataPlane, store: StateStore) {
     loop {
         tick.tick().await;
         let services = saved_services(&dataplane.attachments().await);
-        match store.load() {
-            Ok(mut state) if state.services != services => {
-                state.services = services;
-                if let Err(err) = store.save(&state) {
-                    tracing::warn!("cannot save attached services: {err:#}");
-                }
-            }
-            Ok(_) => {}
-            Err(err) => tracing::warn!("{err:#}"),
+        let changed = store.update(|state| {
+            let changed = state.services != services;
+            state.services = services;
+            changed
+        });
+        if let Err(err) = changed {
+            tracing::warn!("cannot save attached services: {err:#}");
         }
     }
 }

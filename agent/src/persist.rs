@@ -11,6 +11,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::runtime::admission::NetworkKey;
 
@@ -22,7 +24,10 @@ pub const STATE_FILE: &str = "state.json";
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    // Unique per write: two tasks of one process saving the same file must not share a temporary file.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let serial = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp.{}.{serial}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -151,6 +156,9 @@ pub struct State {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Serializes the load-modify-save cycles on state files within this process.
+static STATE_WRITES: Mutex<()> = Mutex::new(());
+
 /// The state file in a data dir.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -174,7 +182,20 @@ impl StateStore {
         }
     }
 
-    pub fn save(&self, state: &State) -> anyhow::Result<()> {
+    /// Loads, lets `change` edit, and saves if it returns true, with no other write of this process in between (the
+    /// driver, the routes task and the services keeper each own some fields of the one file). Returns whether it
+    /// saved.
+    pub fn update(&self, change: impl FnOnce(&mut State) -> bool) -> anyhow::Result<bool> {
+        let _writing = STATE_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.load()?;
+        if !change(&mut state) {
+            return Ok(false);
+        }
+        self.write(&state)?;
+        Ok(true)
+    }
+
+    fn write(&self, state: &State) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(state)?;
         write_atomic(&self.path, &bytes, 0o600)
     }
@@ -231,6 +252,44 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The driver, the routes task and the services keeper write one file from different threads: no update may
+    /// overwrite another's field.
+    #[test]
+    fn concurrent_updates_of_different_fields_all_land() {
+        let dir = temp_dir("concurrent");
+        prepare_data_dir(&dir).unwrap();
+        let store = StateStore::new(&dir);
+        std::thread::scope(|scope| {
+            for writer in 0..4u64 {
+                let store = store.clone();
+                scope.spawn(move || {
+                    for round in 0..50u64 {
+                        store
+                            .update(|state| {
+                                match writer {
+                                    0 => state.term = round,
+                                    1 => state.grants = vec![serde_json::json!(round)],
+                                    2 => state.services = vec![serde_json::json!(round)],
+                                    _ => state.parent = Some(round.to_string()),
+                                }
+                                true
+                            })
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let state = store.load().unwrap();
+        assert_eq!(state.term, 49);
+        assert_eq!(state.grants, vec![serde_json::json!(49)]);
+        assert_eq!(state.services, vec![serde_json::json!(49)]);
+        assert_eq!(state.parent.as_deref(), Some("49"));
+        let leftovers: Vec<_> =
+            fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != STATE_FILE).collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn state_round_trip_keeps_unknown_fields() {
         let dir = temp_dir("state");
@@ -238,12 +297,19 @@ mod tests {
         let store = StateStore::new(&dir);
         assert_eq!(store.load().unwrap(), State::default());
         fs::write(dir.join(STATE_FILE), r#"{"term": 3, "routes_cache": [1, 2]}"#).unwrap();
-        let mut state = store.load().unwrap();
-        assert_eq!(state.term, 3);
-        state.known_peers.push(KnownPeer { peer_id: "p".into(), addrs: vec!["/ip4/1.2.3.4/tcp/1".into()] });
-        store.save(&state).unwrap();
+        let peer = KnownPeer { peer_id: "p".into(), addrs: vec!["/ip4/1.2.3.4/tcp/1".into()] };
+        assert!(
+            store
+                .update(|state| {
+                    assert_eq!(state.term, 3);
+                    state.known_peers.push(peer.clone());
+                    true
+                })
+                .unwrap()
+        );
+        assert!(!store.update(|_| false).unwrap());
         let back = store.load().unwrap();
-        assert_eq!(back, state);
+        assert_eq!((back.term, back.known_peers), (3, vec![peer]));
         assert!(back.other.contains_key("routes_cache"));
         fs::write(dir.join(STATE_FILE), "{").unwrap();
         assert!(store.load().unwrap_err().to_string().contains("corrupt"));

@@ -976,14 +976,16 @@ impl Driver {
         if !force && state == self.saved_state {
             return;
         }
-        // Reload first so fields other subsystems wrote since are kept.
-        if let Ok(current) = self.state_store.load() {
-            state.grants = current.grants;
-            state.services = current.services;
-            state.other = current.other;
-        }
-        match self.state_store.save(&state) {
-            Ok(()) => self.saved_state = state,
+        // Only the driver's fields change: grants, services and the rest belong to other subsystems.
+        let written = self.state_store.update(|current| {
+            current.role = state.role.clone();
+            current.term = state.term;
+            current.parent = state.parent.clone();
+            current.known_peers = state.known_peers.clone();
+            true
+        });
+        match written {
+            Ok(_) => self.saved_state = state,
             Err(err) => tracing::warn!("cannot save the state file: {err:#}"),
         }
     }

@@ -161,6 +161,7 @@ impl Pending {
             installed: None,
             skipped: Skipped::default(),
             saved_services,
+            restoring_until: None,
             next_renew: Instant::now() + RENEW_INTERVAL,
         };
         tokio::spawn(task.run(self.rx));
@@ -248,7 +249,9 @@ struct Task {
     dirty: bool,
     installed: Option<RouteTable>,
     skipped: Skipped,
+    /// The previous run's services not attached again yet; kept in the state file until `restoring_until`.
     saved_services: Vec<serde_json::Value>,
+    restoring_until: Option<Instant>,
     next_renew: Instant,
 }
 
@@ -529,6 +532,9 @@ impl Task {
             Ok(attachment) => {
                 self.last_used.insert(name, Instant::now());
                 self.command(RouteCommand::RegisterInstance(record)).await;
+                // Saved now, not at the next tick: an agent killed right after an attach must still adopt the
+                // instance when it restarts.
+                self.save_services(&dataplane.attachments().await);
                 Ok(attachment)
             }
             Err(err) => {
@@ -560,6 +566,7 @@ impl Task {
         };
         let attachment = dataplane.detach(&service.to_string(), number).await?;
         self.unhost(service, number).await;
+        self.save_services(&dataplane.attachments().await);
         Ok(attachment)
     }
 
@@ -634,7 +641,10 @@ impl Task {
         self.dirty = true;
         self.install_table().await;
         tracing::info!(%subnet, tunnel_port = self.config.tunnel_port, "data plane running");
-        self.saved_services.clear();
+        // Until they are attached again (or given up on), the saved entries stay in the state file: a second crash
+        // during the restore must not forget them.
+        self.saved_services.retain(|entry| restore.iter().any(|r| saved_entry_is(entry, &r.service, r.instance)));
+        self.restoring_until = Some(Instant::now() + RESTORE_PAUSE * (RESTORE_ATTEMPTS + 1));
         self.restore_later(restore);
     }
 
@@ -776,8 +786,16 @@ impl Task {
         });
     }
 
-    fn save_services(&self, attachments: &[Attachment]) {
-        let services = crate::daemon::saved_services(attachments);
+    fn save_services(&mut self, attachments: &[Attachment]) {
+        let mut services = crate::daemon::saved_services(attachments);
+        if self.restoring_until.is_some_and(|until| Instant::now() < until) {
+            self.saved_services
+                .retain(|entry| !attachments.iter().any(|a| saved_entry_is(entry, &a.service, a.instance)));
+            services.extend(self.saved_services.iter().cloned());
+        } else {
+            self.restoring_until = None;
+            self.saved_services.clear();
+        }
         self.update_state(|state| {
             let changed = state.services != services;
             state.services = services.clone();
@@ -786,15 +804,8 @@ impl Task {
     }
 
     fn update_state(&self, change: impl FnOnce(&mut crate::persist::State) -> bool) {
-        match self.config.state.load() {
-            Ok(mut state) => {
-                if change(&mut state)
-                    && let Err(err) = self.config.state.save(&state)
-                {
-                    tracing::warn!("cannot save the state file: {err:#}");
-                }
-            }
-            Err(err) => tracing::warn!("{err:#}"),
+        if let Err(err) = self.config.state.update(change) {
+            tracing::warn!("cannot save the state file: {err:#}");
         }
     }
 }
@@ -805,6 +816,11 @@ fn record_version() -> u64 {
 }
 
 /// The subnets this machine held before it restarted (from the state file).
+/// Whether a state-file service entry (see `daemon::saved_services`) is instance `instance` of `service`.
+fn saved_entry_is(entry: &serde_json::Value, service: &str, instance: u32) -> bool {
+    entry["service"].as_str() == Some(service) && entry["instance"].as_u64() == Some(u64::from(instance))
+}
+
 pub fn saved_subnets(state: &crate::persist::State) -> Vec<Ipv4Net> {
     state.grants.iter().filter_map(|g| g["machine_subnet"].as_str()?.parse().ok()).collect()
 }
