@@ -37,6 +37,8 @@ use std::time::Duration;
 const MAX_HOPS: u8 = 64;
 /// Contacts a node keeps for rejoining and merging after partitions.
 const MAX_CONTACTS: usize = 48;
+/// Retry intervals between two rounds of asking the anchors again (see `refill_contacts`).
+const ANCHOR_RETRY_INTERVALS: u32 = 10;
 /// Peers whose addresses we remember beyond parent, children and view (joiners we must answer).
 const MAX_PEER_CACHE: usize = 1024;
 /// Coordinators replaced by a successor that we remember, to tell them to step down if they come back.
@@ -315,6 +317,10 @@ pub struct Node {
     orphan: Option<Orphan>,
     pending: Pending,
     contacts: VecDeque<NodeId>,
+    /// Contacts we were given (bootstrap, `Join { via }`, `AddContact`): contacts found inside our own tree are
+    /// dropped, but these come back when no contact is left, so a node that ends up alone still finds the tree.
+    anchors: Vec<NodeId>,
+    anchors_retry_at: Time,
     next_contact: usize,
     retry_at: Time,
     /// Since when we have had no parent without being root (reset on attaching or becoming root).
@@ -344,7 +350,8 @@ impl Node {
         // Random id base: a restarted node does not reuse ids a peer's dedup window still holds.
         let next_msg_id = rng.random::<u32>() as u64 * (1 << 24);
         let first_tick = now + config.heartbeat_interval.mul_f64(rng.random::<f64>());
-        let contacts = config.bootstrap.iter().copied().filter(|c| *c != info.id).collect();
+        let anchors: Vec<NodeId> = config.bootstrap.iter().copied().filter(|c| *c != info.id).collect();
+        let contacts = anchors.iter().copied().collect();
         // Until the driver measures it, all of the machine's capacity counts as free.
         let grids = Grids::new(config.grids.clone(), info.position, info.capacity);
         let routing = Routing::new(config.routes.clone());
@@ -368,6 +375,8 @@ impl Node {
             orphan: None,
             pending: Pending::None,
             contacts,
+            anchors,
+            anchors_retry_at: now,
             next_contact: 0,
             retry_at: now,
             detached_since: None,
@@ -577,12 +586,16 @@ impl Node {
                 }
             }
             Command::Join { via } => {
+                self.add_anchor(via);
                 self.add_contact_front(via);
                 if self.parent.is_none() && !self.is_root && self.pending == Pending::None {
                     self.send_join(now, via);
                 }
             }
-            Command::AddContact(id) => self.add_contact(id),
+            Command::AddContact(id) => {
+                self.add_anchor(id);
+                self.add_contact(id);
+            }
             Command::Leave => self.leave(),
             Command::Route(cmd) => self.with_routing(|r, ctx| r.on_command(now, ctx, cmd)),
             Command::SetCapacity(free) => self.grids.set_own_free(free),
@@ -1136,6 +1149,7 @@ impl Node {
             // A lone detached node asks one contact at a time: parallel accepts would make parents adopt and
             // drop it again. A root brings a tree and merges are rare, so it asks several.
             let fanout = if self.is_root { CONTACTS_PER_RETRY } else { 1 };
+            self.refill_contacts(now);
             for _ in 0..fanout.min(self.contacts.len()) {
                 if let Some(contact) = self.pick_contact()
                     && first != Some(contact)
@@ -1494,6 +1508,28 @@ impl Node {
         self.contacts.push_front(id);
         self.contacts.truncate(MAX_CONTACTS);
         self.next_contact = 0;
+    }
+
+    fn add_anchor(&mut self, id: NodeId) {
+        if id != self.info.id && !self.anchors.contains(&id) {
+            self.anchors.push(id);
+            if self.anchors.len() > MAX_CONTACTS {
+                self.anchors.remove(0);
+            }
+        }
+    }
+
+    /// With no contact left outside our own subtree, the anchors become contacts again, at most every
+    /// `ANCHOR_RETRY_INTERVALS` retries (a lone tree's root would otherwise keep asking its own members).
+    fn refill_contacts(&mut self, now: Time) {
+        let usable = self.contacts.iter().any(|c| !self.children.iter().any(|k| k.info.id == *c));
+        if usable || now < self.anchors_retry_at {
+            return;
+        }
+        self.anchors_retry_at = now + self.config.retry_interval * ANCHOR_RETRY_INTERVALS;
+        for anchor in self.anchors.clone() {
+            self.add_contact(anchor);
+        }
     }
 
     /// Round-robin over contacts that are not our own children (those are in our tree for sure).
