@@ -613,14 +613,18 @@ impl DataPlane {
             .attachments
             .remove(&(service.to_string(), instance))
             .ok_or_else(|| anyhow!("instance {instance} of {service} is not attached"))?;
-        self.release(&attachment).await?;
+        self.release(&attachment, false).await?;
         Ok(attachment)
     }
 
-    async fn release(&self, attachment: &Attachment) -> anyhow::Result<()> {
+    /// Removes the instance's link; its named namespace too unless `keep_namespace` (a data plane restarting on
+    /// a new subnet adopts it again, with the instance's process still inside).
+    async fn release(&self, attachment: &Attachment, keep_namespace: bool) -> anyhow::Result<()> {
         let _ = self.send(Command::Detach { namespace_ip: attachment.namespace_ip });
         setup::delete_link(&self.inner.netlink, &attachment.host_interface).await?;
-        if let Some(name) = &attachment.netns_name {
+        if let Some(name) = &attachment.netns_name
+            && !keep_namespace
+        {
             netns::delete_named(name).await?;
         }
         tracing::info!(service = %attachment.service, instance = attachment.instance, "instance detached");
@@ -685,6 +689,16 @@ impl DataPlane {
 
     /// Stops the packet loop and removes everything the data plane installed.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
+        self.stop(false).await
+    }
+
+    /// Like `shutdown`, but the named namespaces of attached instances stay (with their processes), for a data
+    /// plane started next with them in `keep_netns` to adopt (`AttachTarget::Adopt`), e.g. after a renumbering.
+    pub async fn shutdown_keeping_namespaces(&self) -> anyhow::Result<()> {
+        self.stop(true).await
+    }
+
+    async fn stop(&self, keep_namespaces: bool) -> anyhow::Result<()> {
         let mut state = self.inner.state.lock().await;
         if state.stopped {
             return Ok(());
@@ -698,7 +712,7 @@ impl DataPlane {
         let mut first_error = None;
         let attachments: Vec<Attachment> = std::mem::take(&mut state.attachments).into_values().collect();
         for attachment in &attachments {
-            if let Err(err) = self.release(attachment).await {
+            if let Err(err) = self.release(attachment, keep_namespaces).await {
                 first_error.get_or_insert(err);
             }
         }

@@ -293,7 +293,7 @@ impl Task {
                 self.install_table().await;
             }
         }
-        self.stop_dataplane().await;
+        self.stop_dataplane(false).await;
     }
 
     async fn on_message(&mut self, message: Inbox) -> std::ops::ControlFlow<()> {
@@ -343,7 +343,7 @@ impl Task {
                 let _ = reply.send(self.resolver.as_ref().map(RunningResolver::status));
             }
             Inbox::Shutdown(reply) => {
-                self.stop_dataplane().await;
+                self.stop_dataplane(false).await;
                 let _ = reply.send(());
                 return std::ops::ControlFlow::Break(());
             }
@@ -371,13 +371,13 @@ impl Task {
             }
             RouteEvent::SubnetChanged { old, new } if self.subnet == Some(old) => {
                 tracing::warn!(%old, %new, "this machine's subnet was renumbered; restarting the data plane");
-                let reattach = self.stop_dataplane().await;
+                // The instances' namespaces stay; the new data plane adopts them with namespace IPs of `new`.
+                self.saved_services = self.stop_dataplane(true).await;
                 self.start_dataplane(new).await;
-                self.restore_later(reattach);
             }
             RouteEvent::SubnetRevoked { block } if self.subnet == Some(block) => {
                 tracing::error!(subnet = %block, "the tree revoked this machine's subnet; instances here are detached");
-                self.stop_dataplane().await;
+                self.stop_dataplane(false).await;
                 // The next grant starts the data plane again.
                 self.subnet = None;
                 self.save_grants();
@@ -648,8 +648,9 @@ impl Task {
         self.restore_later(restore);
     }
 
-    /// Stops the resolver and the data plane; returns what was attached (to attach again after a renumbering).
-    async fn stop_dataplane(&mut self) -> Vec<AttachRequest> {
+    /// Stops the resolver and the data plane; returns what was attached, as state-file entries (to attach again
+    /// after a renumbering, when `keep_namespaces` left the instances' namespaces in place).
+    async fn stop_dataplane(&mut self, keep_namespaces: bool) -> Vec<serde_json::Value> {
         if let Some(resolver) = self.resolver.take() {
             resolver.shutdown().await;
         }
@@ -659,11 +660,15 @@ impl Task {
         for (service, number) in hosted {
             self.unhost(&service, number).await;
         }
-        if let Err(err) = dataplane.shutdown().await {
+        let stopped = match keep_namespaces {
+            true => dataplane.shutdown_keeping_namespaces().await,
+            false => dataplane.shutdown().await,
+        };
+        if let Err(err) = stopped {
             tracing::warn!("stopping the data plane: {err:#}");
         }
         self.installed = None;
-        crate::daemon::restorable(&crate::daemon::saved_services(&attachments))
+        crate::daemon::saved_services(&attachments)
     }
 
     /// Attaches instances again in the background (their deployments need the tree, which may still be forming).
