@@ -324,6 +324,8 @@ pub struct RoutingCounters {
     pub not_found: u64,
     pub updates_down: u64,
     pub rejected: u64,
+    /// Own deployments sent again (new parent, or unanswered for a resync interval).
+    pub deploys_resent: u64,
 }
 
 pub struct Routing {
@@ -359,6 +361,9 @@ pub struct Routing {
     pending: HashMap<QueryKey, Vec<Asker>>,
     allocator: Option<ServiceIpAllocator>,
     next_renew: Time,
+    /// Our own deployments on their way to the root, with when they were sent: sent again through a new parent,
+    /// or when unanswered for a resync interval (the answer retraces the path up, which a parent change breaks).
+    own_deploys: Vec<(OwnDeploy, Time)>,
 
     out: Vec<(NodeId, RoutesMessage)>,
     events: Vec<RouteEvent>,
@@ -392,6 +397,7 @@ impl Routing {
             pending: HashMap::new(),
             allocator: None,
             next_renew: Time::ZERO,
+            own_deploys: Vec::new(),
             out: Vec::new(),
             events: Vec::new(),
             counters: RoutingCounters::default(),
@@ -522,6 +528,7 @@ impl Routing {
         if self.claims_up.len() != before {
             self.serve_waiting(now, ctx);
         }
+        self.resend_deploys(now, ctx, now.saturating_sub(self.cfg.resync_interval));
         if let Some(parent) = ctx.parent
             && now >= self.next_renew
         {
@@ -670,6 +677,7 @@ impl Routing {
             self.send(parent, RoutesMessage::Query { key, position: ctx.position });
         }
         self.next_renew = now + self.cfg.renew_interval;
+        self.resend_deploys(now, ctx, Time::MAX);
     }
 
     /// What we hold from the parent: machine subnets (except those inside our own blocks, granted to ourselves
@@ -733,6 +741,11 @@ impl Routing {
     pub fn on_command(&mut self, now: Time, ctx: &TreeCtx, cmd: RouteCommand) {
         match cmd {
             RouteCommand::DeployService { name, request, instances } => {
+                if !ctx.is_root && ctx.parent.is_some() {
+                    let deploy = OwnDeploy { name: name.clone(), request: request.clone(), instances };
+                    self.own_deploys.retain(|(d, _)| d.name != name);
+                    self.own_deploys.push((deploy, now));
+                }
                 self.on_deploy(now, ctx, ctx.me, name, request, instances, Vec::new())
             }
             RouteCommand::RegisterInstance(record) => {
@@ -969,7 +982,7 @@ impl Routing {
                     self.send(next, RoutesMessage::Deployed { name, result, path })
                 }
                 Some(_) => self.counters.rejected += 1,
-                None => self.events.push(deploy_event(name, result)),
+                None => self.deploy_answered(name, result),
             },
             RoutesMessage::MergeAllocator(state) if from_child => {
                 if ctx.is_root {
@@ -1401,9 +1414,39 @@ impl Routing {
     fn deployed(&mut self, name: ServiceName, result: DeployResult, mut path: Vec<NodeId>) {
         match path.pop() {
             Some(next) => self.send(next, RoutesMessage::Deployed { name, result, path }),
-            None => self.events.push(deploy_event(name, result)),
+            None => self.deploy_answered(name, result),
         }
     }
+
+    /// The answer to one of our own deployments (the first one counts; a resent deployment may answer twice).
+    fn deploy_answered(&mut self, name: ServiceName, result: DeployResult) {
+        self.own_deploys.retain(|(d, _)| d.name != name);
+        self.events.push(deploy_event(name, result));
+    }
+
+    /// Sends our unanswered deployments again, those sent before `older_than` (all of them: `now`).
+    fn resend_deploys(&mut self, now: Time, ctx: &TreeCtx, older_than: Time) {
+        if !ctx.is_root && ctx.parent.is_none() {
+            // Detached: the next parent gets them (a node that became root answers them itself).
+            return;
+        }
+        let due: Vec<OwnDeploy> =
+            self.own_deploys.iter().filter(|(_, sent)| *sent < older_than).map(|(d, _)| d.clone()).collect();
+        for deploy in due {
+            self.counters.deploys_resent += 1;
+            self.own_deploys.retain(|(d, _)| d.name != deploy.name);
+            self.own_deploys.push((deploy.clone(), now));
+            self.on_deploy(now, ctx, ctx.me, deploy.name, deploy.request, deploy.instances, Vec::new());
+        }
+    }
+}
+
+/// A deployment this node asked for (kept to send again).
+#[derive(Debug, Clone)]
+struct OwnDeploy {
+    name: ServiceName,
+    request: AddressRequest,
+    instances: u32,
 }
 
 /// The root's answer to a deployment: the addresses and InstanceIPs, or why not.
@@ -1582,6 +1625,41 @@ mod tests {
         let holders: Vec<NodeId> = root.pool().grants().map(|g| g.holder).collect();
         assert!(!holders.contains(&NodeId::from_u64(4)));
         assert!(holders.contains(&NodeId::from_u64(2)) && holders.contains(&NodeId::from_u64(3)));
+    }
+
+    /// The answer to a deployment retraces the path it went up; a parent change on the way loses it. The
+    /// deployment goes again through the new parent, and again after a resync interval without an answer.
+    #[test]
+    fn an_unanswered_deployment_is_sent_again_through_a_new_parent_and_after_a_resync_interval() {
+        let mut node = Routing::new(RoutingConfig::default());
+        let deploys_to = |node: &mut Routing| -> Vec<NodeId> {
+            let (out, _) = node.drain();
+            out.into_iter().filter(|(_, m)| matches!(m, RoutesMessage::Deploy { .. })).map(|(to, _)| to).collect()
+        };
+        let t0 = Time::from_secs(1);
+        node.poll(t0, &ctx(1, Some(2), false, &[]));
+        node.drain();
+        let cmd = RouteCommand::DeployService { name: svc(), request: AddressRequest::default(), instances: 1 };
+        node.on_command(t0, &ctx(1, Some(2), false, &[]), cmd);
+        assert_eq!(deploys_to(&mut node), vec![NodeId::from_u64(2)]);
+
+        node.poll(t0, &ctx(1, Some(3), false, &[]));
+        assert_eq!(deploys_to(&mut node), vec![NodeId::from_u64(3)], "sent again through the new parent");
+        node.tick(t0 + Time::from_secs(1), &ctx(1, Some(3), false, &[]));
+        assert!(deploys_to(&mut node).is_empty(), "not again before a resync interval");
+        let later = t0 + RoutingConfig::default().resync_interval + Time::from_secs(1);
+        node.tick(later, &ctx(1, Some(3), false, &[]));
+        assert_eq!(deploys_to(&mut node), vec![NodeId::from_u64(3)], "unanswered: sent again");
+
+        // Answered: never again.
+        let addresses = ServiceIpAllocator::default().deploy(&svc(), &AddressRequest::default()).unwrap();
+        let answer = RoutesMessage::Deployed { name: svc(), result: Ok((addresses, vec![])), path: vec![] };
+        node.on_message(later, &ctx(1, Some(3), false, &[]), NodeId::from_u64(3), answer);
+        assert!(matches!(node.drain().1.as_slice(), [RouteEvent::ServiceDeployed { .. }]));
+        node.poll(later, &ctx(1, Some(4), false, &[]));
+        node.tick(later * 3, &ctx(1, Some(4), false, &[]));
+        assert!(deploys_to(&mut node).is_empty(), "an answered deployment is not sent again");
+        assert_eq!(node.counters().deploys_resent, 2);
     }
 
     #[test]
