@@ -866,7 +866,8 @@ impl Simulation {
         let (subnets, service_ips) = crate::route_load::conflicts(&nodes, &parents, self.now);
         state.subnet_conflicts = subnets;
         state.serviceip_conflicts = service_ips;
-        self.route_load.take().map(|l| l.report())
+        let node = |i: u32| nodes.get(i as usize).copied().flatten();
+        self.route_load.take().map(|l| l.report(self.now, &node))
     }
 
     fn final_check(&mut self) -> (FinalState, TreeCheck) {

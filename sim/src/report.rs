@@ -183,6 +183,10 @@ impl Report {
         stats(&mut s, "rejoin", &self.rejoin_ms);
         stats(&mut s, "reattach", &self.reattach_ms);
         stats(&mut s, "root failover", &self.root_failover_ms);
+        if let Some(routes) = &self.routes {
+            stats(&mut s, "route cold", &routes.route_cold_ms);
+            stats(&mut s, "route update", &routes.route_update_ms);
+        }
         let f = &self.r#final;
         let _ = writeln!(
             s,
@@ -213,6 +217,20 @@ impl Report {
             self.grid_bytes_per_node_per_s.coordinator,
             self.grid_bytes_per_node_per_s.all
         );
+        if let Some(routes) = &self.routes {
+            let _ = writeln!(
+                s,
+                "  routes: {} services deployed ({} failed), {} queries ({} not found), {} updates unmeasured \
+                 (interest lapsed first), subnet conflicts {}, ServiceIP conflicts {}",
+                routes.services_deployed,
+                routes.deploy_failures,
+                routes.queries,
+                routes.not_found,
+                routes.route_updates_unmeasured,
+                f.subnet_conflicts,
+                f.serviceip_conflicts
+            );
+        }
         if let Some(e) = &self.closest_experiment {
             let _ = writeln!(
                 s,

@@ -74,6 +74,9 @@ pub struct RoutesReport {
     pub route_cold_ms: Stats,
     /// Instance change until every node that held an interest at the time reported it.
     pub route_update_ms: Stats,
+    /// Changes not measured: every node still waiting for them died or dropped its interest first (its interest
+    /// lapsed, so the tree rightly stopped sending it updates).
+    pub route_updates_unmeasured: u64,
 }
 
 /// InstanceIPs reserved per service, so churn can add instances with fresh numbers.
@@ -159,8 +162,7 @@ impl RouteLoad {
         node: &dyn Fn(u32) -> Option<&'a Node>,
     ) -> (Vec<(u32, RouteCommand)>, Option<u64>) {
         let mut out = Vec::new();
-        self.updates.iter_mut().for_each(|u| u.waiting.retain(|&i| node(i).is_some()));
-        self.complete_updates(now);
+        self.drop_lapsed_waiters(now, node);
         if live.is_empty() {
             return (out, Some(now + 1_000_000_000));
         }
@@ -302,6 +304,20 @@ impl RouteLoad {
         out.push((host, RouteCommand::RegisterInstance(record)));
     }
 
+    /// Waiters that died or no longer want the service will not report the change; a change left waiting only for
+    /// such nodes is not measured (its time would be when we noticed, not when it arrived).
+    fn drop_lapsed_waiters<'a>(&mut self, now: u64, node: &dyn Fn(u32) -> Option<&'a Node>) {
+        let mut unmeasured = 0;
+        self.updates.retain_mut(|u| {
+            let before = u.waiting.len();
+            u.waiting.retain(|&i| node(i).is_some_and(|n| n.routing().interests().is_wanted(&u.service, ns(now))));
+            let lapsed_only = u.waiting.is_empty() && before > 0;
+            unmeasured += u64::from(lapsed_only);
+            !lapsed_only
+        });
+        self.report.route_updates_unmeasured += unmeasured;
+    }
+
     fn complete_updates(&mut self, now: u64) {
         let samples = &mut self.update_samples;
         self.updates.retain(|u| {
@@ -370,7 +386,9 @@ impl RouteLoad {
         out
     }
 
-    pub fn report(mut self) -> RoutesReport {
+    /// The report; `node` gives the live nodes at the end (waiters whose interest lapsed do not count as incomplete).
+    pub fn report<'a>(mut self, now: u64, node: &dyn Fn(u32) -> Option<&'a Node>) -> RoutesReport {
+        self.drop_lapsed_waiters(now, node);
         let cold_incomplete = self.cold.len();
         let update_incomplete = self.updates.len();
         self.report.route_cold_ms = Stats::from_samples(&self.cold_samples, cold_incomplete);
