@@ -34,7 +34,8 @@ const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: position, listen, tunnel_port, tunnel_endpoints, network_key_file, mdns, metrics,
-    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children. Flags and CANOPY_* variables override it.
+    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children, machine_prefix. Flags and CANOPY_*
+    /// variables override it.
     #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This machine's position, latitude,longitude in degrees (e.g. 48.14,11.58).
@@ -74,6 +75,10 @@ pub struct DaemonArgs {
     /// Most children a node accepts before its group splits (the tree's fan-out; every agent should use the same).
     #[arg(long, env = "CANOPY_MAX_CHILDREN", value_name = "N", value_parser = clap::value_parser!(u16).range(2..=256))]
     pub max_children: Option<u16>,
+    /// Prefix length of the machine subnets the tree grants (default 26: 61 instances each; a machine that fills
+    /// one gets another). Every agent of an overlay must use the same.
+    #[arg(long, env = "CANOPY_MACHINE_PREFIX", value_name = "BITS", value_parser = clap::value_parser!(u8).range(25..=29))]
+    pub machine_prefix: Option<u8>,
     /// TOML file overriding the measured free capacity (`cpu = .., mem_mb = .., bandwidth_mbps = ..`, any subset);
     /// re-read when it changes, so experiments can change it live.
     #[arg(long, env = "CANOPY_CAPACITY_FILE", value_name = "FILE")]
@@ -106,6 +111,7 @@ struct FileConfig {
     dataplane: Option<bool>,
     capacity_file: Option<PathBuf>,
     max_children: Option<u16>,
+    machine_prefix: Option<u8>,
 }
 
 /// Effective settings after merging flags, environment and config file.
@@ -124,6 +130,7 @@ pub struct Settings {
     pub dataplane: bool,
     pub capacity_file: Option<PathBuf>,
     pub max_children: Option<u16>,
+    pub machine_prefix: u8,
 }
 
 impl DaemonArgs {
@@ -177,6 +184,12 @@ impl DaemonArgs {
             max_children: match self.max_children.or(file.max_children) {
                 Some(n) if n < 2 => bail!("config file: max_children must be at least 2"),
                 n => n,
+            },
+            machine_prefix: match self.machine_prefix.or(file.machine_prefix) {
+                Some(bits) if !(25..=29).contains(&bits) => {
+                    bail!("config file: machine_prefix must be between 25 and 29 (a /24 block holds the subnets)")
+                }
+                bits => bits.unwrap_or(canopy_overlay::routing::RoutingConfig::default().machine_prefix),
             },
         })
     }
@@ -341,7 +354,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
             position: settings.position,
             capacity: capacity_watch,
             tunnel_key: Some(crate::tree_routes::tunnel_key(&network_key.to_hex())),
-            machine_prefix: canopy_overlay::routing::RoutingConfig::default().machine_prefix,
+            machine_prefix: settings.machine_prefix,
             domain: domain.clone(),
             state: StateStore::new(data_dir),
         };
@@ -423,6 +436,7 @@ fn overlay_config(settings: &Settings) -> canopy_overlay::Config {
     if let Some(n) = settings.max_children {
         config.max_children = usize::from(n);
     }
+    config.routes.machine_prefix = settings.machine_prefix;
     config
 }
 

@@ -1338,19 +1338,26 @@ impl Routing {
     fn on_answer(&mut self, now: Time, ctx: &TreeCtx, key: QueryKey, answer: QueryAnswer) {
         let service = answer.service.clone();
         self.cache.store(&service, answer.addresses, answer.instances, now);
-        let mut askers = self.pending.remove(&key).unwrap_or_default();
+        // Who asked by this key gets an answer to it (by InstanceIP: with that instance, pruned or not).
+        let mut askers: Vec<(Asker, QueryKey)> =
+            self.pending.remove(&key).unwrap_or_default().into_iter().map(|a| (a, key.clone())).collect();
         let name_key = QueryKey::Name(service.clone());
+        let add = |askers: &mut Vec<(Asker, QueryKey)>, asker: Asker| {
+            if !askers.iter().any(|(a, _)| *a == asker) {
+                askers.push((asker, name_key.clone()));
+            }
+        };
         if key != name_key {
-            askers.extend(self.pending.remove(&name_key).unwrap_or_default());
+            for asker in self.pending.remove(&name_key).unwrap_or_default() {
+                add(&mut askers, asker);
+            }
         }
         // Everyone interested gets the fuller answer (it now includes instances outside this subtree).
         for child in self.interests.recipients(&service, now) {
-            if !askers.contains(&Asker::Child(child)) {
-                askers.push(Asker::Child(child));
-            }
+            add(&mut askers, Asker::Child(child));
         }
         let k = self.cfg.k_per_policy;
-        for asker in askers {
+        for (asker, asked) in askers {
             let (via, position) = match asker {
                 Asker::Local => (Via::Local, ctx.position),
                 Asker::Child(c) => match ctx.child_position(c) {
@@ -1359,7 +1366,7 @@ impl Routing {
                 },
             };
             let decision =
-                decide(&self.registry, &self.cache, &mut self.interests, via, &name_key, position, k, ctx.is_root, now);
+                decide(&self.registry, &self.cache, &mut self.interests, via, &asked, position, k, ctx.is_root, now);
             let QueryDecision::Answer { answer, .. } = decision else { continue };
             match asker {
                 Asker::Local => self.events.push(RouteEvent::RouteAnswer { key: key.clone(), answer }),

@@ -141,7 +141,7 @@ impl DataPlaneConfig {
     }
 
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+        gateway_of(self.subnet)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -152,12 +152,7 @@ impl DataPlaneConfig {
         if self.notice_queue == 0 {
             bail!("the notice queue needs room for at least one notice");
         }
-        if self.subnet.prefix_len() > 29 {
-            bail!("subnet {} is too small for a gateway and instances", self.subnet);
-        }
-        if self.subnet.trunc() != self.subnet {
-            bail!("subnet {} has host bits set (did you mean {}?)", self.subnet, self.subnet.trunc());
-        }
+        check_instance_subnet(self.subnet)?;
         if usize::from(self.underlay_mtu) < 576 + tunnel::OVERHEAD
             || usize::from(self.underlay_mtu) > tunnel::MAX_PACKET
         {
@@ -226,6 +221,9 @@ pub struct DataPlaneStatus {
     pub node: String,
     pub node_id: NodeId,
     pub subnet: Ipv4Net,
+    /// Subnets granted after the first filled up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_subnets: Vec<Ipv4Net>,
     pub gateway: Ipv4Addr,
     pub service_range: Ipv4Net,
     pub listen: SocketAddr,
@@ -254,6 +252,8 @@ type StartedEngine =
 
 struct State {
     routes: RouteTable,
+    /// Subnets added after the start (`add_subnet`), beside `config.subnet`.
+    extra_subnets: Vec<Ipv4Net>,
     attachments: BTreeMap<(String, u32), Attachment>,
     /// Routes we installed into the TUN.
     installed: BTreeSet<Ipv4Net>,
@@ -312,6 +312,7 @@ impl DataPlane {
                 notices: std::sync::Mutex::new(Some(notices)),
                 state: Mutex::new(State {
                     routes: RouteTable::default(),
+                    extra_subnets: Vec::new(),
                     attachments: BTreeMap::new(),
                     installed: BTreeSet::new(),
                     next_veth: 0,
@@ -470,9 +471,10 @@ impl DataPlane {
         answer.await.map_err(|_| anyhow!("the data plane has stopped"))??;
         let config = &self.inner.config;
         let mut wanted: BTreeSet<Ipv4Net> =
-            table.nodes.iter().filter(|n| n.name != config.node_name).map(|n| n.subnet).collect();
+            table.nodes.iter().filter(|n| n.name != config.node_name).flat_map(|n| n.subnets()).collect();
         wanted.insert(config.service_range);
         let mut state = self.inner.state.lock().await;
+        let own: Vec<Ipv4Net> = std::iter::once(config.subnet).chain(state.extra_subnets.iter().copied()).collect();
         let stale: Vec<Ipv4Net> = state.installed.difference(&wanted).copied().collect();
         for net in stale {
             setup::delete_route(&self.inner.netlink, net, self.inner.tun_index).await?;
@@ -480,8 +482,8 @@ impl DataPlane {
         }
         let missing: Vec<Ipv4Net> = wanted.difference(&state.installed).copied().collect();
         for net in missing {
-            if net == config.subnet {
-                bail!("node list gives another machine this machine's subnet {net}");
+            if let Some(mine) = own.iter().find(|o| o.contains(&net.network()) || net.contains(&o.network())) {
+                bail!("node list gives another machine {net}, which overlaps this machine's subnet {mine}");
             }
             setup::add_route(&self.inner.netlink, net, self.inner.tun_index).await?;
             state.installed.insert(net);
@@ -494,6 +496,26 @@ impl DataPlane {
     /// The route table in force now and whenever it is replaced.
     pub fn watch_routes(&self) -> watch::Receiver<RouteTable> {
         self.inner.routes_watch.subscribe()
+    }
+
+    /// Adds another instance subnet (the tree granted it when the first ones filled up): the bridge takes its `.1`,
+    /// the instances' gateway there.
+    pub async fn add_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        check_instance_subnet(subnet)?;
+        let config = &self.inner.config;
+        let mut state = self.inner.state.lock().await;
+        if state.stopped {
+            bail!("the data plane has stopped");
+        }
+        let own = std::iter::once(config.subnet).chain(state.extra_subnets.iter().copied());
+        if let Some(mine) = own.into_iter().find(|o| o.contains(&subnet.network()) || subnet.contains(&o.network())) {
+            bail!("subnet {subnet} overlaps this machine's subnet {mine}");
+        }
+        let gateway = Ipv4Net::new(gateway_of(subnet), subnet.prefix_len()).expect("prefix checked");
+        setup::add_address(&self.inner.netlink, self.inner.bridge_index, gateway).await?;
+        state.extra_subnets.push(subnet);
+        tracing::info!(%subnet, "instance subnet added");
+        Ok(())
     }
 
     /// Attaches an instance's namespace: a veth on the bridge, its namespace IP, routes, and (for namespaces the
@@ -523,8 +545,13 @@ impl DataPlane {
             );
         }
         let (namespace_ip, instance_ip) = (instance.namespace_ip, instance.instance_ip);
-        if !config.subnet.contains(&namespace_ip) || namespace_ip == config.gateway() {
-            bail!("namespace IP {namespace_ip} is not usable in this machine's subnet {}", config.subnet);
+        let subnet = std::iter::once(config.subnet)
+            .chain(state.extra_subnets.iter().copied())
+            .find(|s| s.contains(&namespace_ip))
+            .ok_or_else(|| anyhow!("namespace IP {namespace_ip} lies in none of this machine's subnets"))?;
+        let gateway = gateway_of(subnet);
+        if namespace_ip == gateway || namespace_ip == subnet.network() || namespace_ip == subnet.broadcast() {
+            bail!("namespace IP {namespace_ip} is not usable in this machine's subnet {subnet}");
         }
         let (netns_ref, netns_name) = match &request.target {
             AttachTarget::Create { owner_pid } => {
@@ -563,8 +590,8 @@ impl DataPlane {
                 &netns_path,
             )
             .await?;
-            let address = Ipv4Net::new(namespace_ip, config.subnet.prefix_len()).expect("prefix checked");
-            netns::configure_inside(&netns_path, &peer_interface, address, config.gateway()).await?;
+            let address = Ipv4Net::new(namespace_ip, subnet.prefix_len()).expect("prefix checked");
+            netns::configure_inside(&netns_path, &peer_interface, address, gateway).await?;
             let resolv_conf = match &netns_name {
                 Some(name) => {
                     netns::write_resolv_conf(name, config.gateway())?;
@@ -591,7 +618,7 @@ impl DataPlane {
             instance: request.instance,
             namespace_ip,
             instance_ip,
-            gateway: config.gateway(),
+            gateway,
             mtu: config.mtu(),
             netns_path,
             netns_name,
@@ -645,6 +672,7 @@ impl DataPlane {
             node: config.node_name.clone(),
             node_id: NodeId::from_name(&config.node_name),
             subnet: config.subnet,
+            extra_subnets: state.extra_subnets.clone(),
             gateway: config.gateway(),
             service_range: config.service_range,
             listen: config.listen,
@@ -728,6 +756,21 @@ impl DataPlane {
         tracing::info!("data plane stopped and cleaned up");
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The bridge's address in an instance subnet (`.1`): the instances' gateway.
+pub fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+fn check_instance_subnet(subnet: Ipv4Net) -> anyhow::Result<()> {
+    if subnet.prefix_len() > 29 {
+        bail!("subnet {subnet} is too small for a gateway and instances");
+    }
+    if subnet.trunc() != subnet {
+        bail!("subnet {subnet} has host bits set (did you mean {}?)", subnet.trunc());
+    }
+    Ok(())
 }
 
 /// Socket buffer size for the tunnel: room for bursts while the packet loop is busy (the kernel default of about

@@ -98,6 +98,7 @@ mod tests {
             table.nodes.push(NodeRoute {
                 name: "c".into(),
                 subnet: "10.16.0.128/26".parse().unwrap(),
+                extra_subnets: Vec::new(),
                 endpoint: "192.0.2.3:50103".parse().unwrap(),
                 position: Some(Position::new(48.21, 16.37)),
             });

@@ -41,6 +41,9 @@ pub struct NodeRoute {
     pub name: String,
     /// The machine's instance subnet (its bridge holds `.1`).
     pub subnet: Ipv4Net,
+    /// Further subnets of the machine, granted when the first one filled up (the bridge holds `.1` of each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_subnets: Vec<Ipv4Net>,
     /// Where its tunnel socket listens.
     pub endpoint: SocketAddr,
     /// Where the machine is (`{ lat = .., lon = .. }`): the `closest` policy picks the instance nearest the client.
@@ -89,11 +92,19 @@ impl RouteTable {
     }
 }
 
+impl NodeRoute {
+    /// The machine's subnets, the first one first.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        std::iter::once(self.subnet).chain(self.extra_subnets.iter().copied())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Node {
     pub name: String,
     pub id: NodeId,
-    pub subnet: Ipv4Net,
+    /// The first subnet first.
+    pub subnets: Vec<Ipv4Net>,
     pub endpoint: SocketAddr,
     pub position: Option<Position>,
 }
@@ -163,19 +174,24 @@ impl RouteIndex {
             if index.node_by_name.contains_key(&node.name) {
                 bail!("node {} is listed twice", node.name);
             }
-            if let Some(other) = index
-                .nodes
-                .iter()
-                .find(|n| n.subnet.contains(&node.subnet.network()) || node.subnet.contains(&n.subnet.network()))
-            {
-                bail!("subnets of nodes {} ({}) and {} ({}) overlap", other.name, other.subnet, node.name, node.subnet);
+            let subnets: Vec<Ipv4Net> = node.subnets().collect();
+            for (i, subnet) in subnets.iter().enumerate() {
+                let overlaps = |other: &Ipv4Net| other.contains(&subnet.network()) || subnet.contains(&other.network());
+                if let Some(other) = subnets[..i].iter().find(|other| overlaps(other)) {
+                    bail!("subnets {other} and {subnet} of node {} overlap", node.name);
+                }
+                if let Some((other, net)) =
+                    index.nodes.iter().find_map(|n| n.subnets.iter().find(|net| overlaps(net)).map(|net| (n, net)))
+                {
+                    bail!("subnets of nodes {} ({net}) and {} ({subnet}) overlap", other.name, node.name);
+                }
             }
             index.node_by_name.insert(node.name.clone(), index.nodes.len());
             index.node_by_id.insert(id, index.nodes.len());
             index.nodes.push(Node {
                 name: node.name.clone(),
                 id,
-                subnet: node.subnet,
+                subnets,
                 endpoint: node.endpoint,
                 position: node.position.and_then(|p| p.normalized()),
             });
@@ -197,12 +213,17 @@ impl RouteIndex {
                 let Some(&node) = index.node_by_name.get(&instance.node) else {
                     bail!("{label} is on unknown node {}", instance.node);
                 };
-                let subnet = index.nodes[node].subnet;
-                if !subnet.contains(&instance.namespace_ip) || instance.namespace_ip == subnet.network() {
+                let subnets = &index.nodes[node].subnets;
+                let host_of = |subnet: &Ipv4Net| {
+                    subnet.contains(&instance.namespace_ip) && instance.namespace_ip != subnet.network()
+                };
+                if !subnets.iter().any(host_of) {
+                    let listed: Vec<String> = subnets.iter().map(|s| s.to_string()).collect();
                     bail!(
-                        "{label}: namespace IP {} is not a host of node {}'s subnet {subnet}",
+                        "{label}: namespace IP {} is not a host of node {}'s subnets {}",
                         instance.namespace_ip,
-                        instance.node
+                        instance.node,
+                        listed.join(", ")
                     );
                 }
                 let instance_index = index.instances.len();
@@ -243,8 +264,10 @@ impl RouteIndex {
     }
 
     fn claim_overlay_ip(&mut self, ip: Ipv4Addr, target: Target, label: &str) -> anyhow::Result<()> {
-        if let Some(node) = self.nodes.iter().find(|n| n.subnet.contains(&ip)) {
-            bail!("{label}: overlay address {ip} lies in node {}'s subnet {}", node.name, node.subnet);
+        if let Some((node, subnet)) =
+            self.nodes.iter().find_map(|n| n.subnets.iter().find(|s| s.contains(&ip)).map(|s| (n, s)))
+        {
+            bail!("{label}: overlay address {ip} lies in node {}'s subnet {subnet}", node.name);
         }
         if self.by_overlay_ip.insert(ip, target).is_some() {
             bail!("{label}: address {ip} is used twice");
@@ -270,7 +293,7 @@ impl RouteIndex {
 
     /// The node whose subnet holds `ip` (direct namespace-IP traffic).
     pub fn node_for_subnet_address(&self, ip: Ipv4Addr) -> Option<usize> {
-        self.nodes.iter().position(|n| n.subnet.contains(&ip))
+        self.nodes.iter().position(|n| n.subnets.iter().any(|s| s.contains(&ip)))
     }
 
     /// Name of the service an instance (route-index position) belongs to.
@@ -364,5 +387,35 @@ pub(crate) mod tests {
         let mut table = two_machine_table();
         table.nodes[1].subnet = "10.16.0.0/25".parse().unwrap();
         assert!(RouteIndex::build(&table).unwrap_err().to_string().contains("overlap"));
+    }
+
+    /// A machine whose first subnet filled up got another: instances in either are its, and nobody else may use it.
+    #[test]
+    fn a_machine_with_a_second_subnet() {
+        let mut table = two_machine_table();
+        table.nodes[1].extra_subnets = vec!["10.16.1.0/26".parse().unwrap()];
+        table.services[1].instances[1].namespace_ip = "10.16.1.5".parse().unwrap();
+        let index = RouteIndex::build(&table).unwrap();
+        let b = index.node_by_name("b");
+        assert_eq!(index.node_for_subnet_address("10.16.1.9".parse().unwrap()), b);
+        assert_eq!(index.node_for_subnet_address("10.16.0.70".parse().unwrap()), b);
+        let web1 = index.find_instance("demo.default.web.default", 1).unwrap();
+        assert_eq!(index.instance_by_namespace_ip("10.16.1.5".parse().unwrap()), Some(web1));
+
+        let text = toml::to_string(&table).unwrap();
+        assert!(text.contains("extra_subnets"), "{text}");
+        assert_eq!(toml::from_str::<RouteTable>(&text).unwrap(), table);
+        assert!(!toml::to_string(&two_machine_table()).unwrap().contains("extra_subnets"), "omitted when empty");
+
+        let mut clash = table.clone();
+        clash.nodes[0].extra_subnets = vec!["10.16.1.0/27".parse().unwrap()];
+        assert!(RouteIndex::build(&clash).unwrap_err().to_string().contains("overlap"));
+        let mut own = table.clone();
+        own.nodes[1].extra_subnets.push("10.16.0.64/27".parse().unwrap());
+        assert!(RouteIndex::build(&own).unwrap_err().to_string().contains("of node b overlap"));
+        let mut outside = table;
+        outside.services[1].instances[1].namespace_ip = "10.16.2.5".parse().unwrap();
+        let err = RouteIndex::build(&outside).unwrap_err().to_string();
+        assert!(err.contains("not a host of node b's subnets 10.16.0.64/26, 10.16.1.0/26"), "{err}");
     }
 }

@@ -75,13 +75,17 @@ pub async fn create_bridge(handle: &Handle, name: &str, gateway: Ipv4Net, mtu: u
         .await
         .with_context(|| format!("creating bridge {name}"))?;
     let index = link_index(handle, name).await?.ok_or_else(|| anyhow!("bridge {name} vanished after creation"))?;
+    add_address(handle, index, gateway).await.with_context(|| format!("setting up bridge {name}"))?;
+    Ok(index)
+}
+
+pub async fn add_address(handle: &Handle, interface: u32, address: Ipv4Net) -> anyhow::Result<()> {
     handle
         .address()
-        .add(index, gateway.addr().into(), gateway.prefix_len())
+        .add(interface, address.addr().into(), address.prefix_len())
         .execute()
         .await
-        .with_context(|| format!("adding {gateway} to bridge {name}"))?;
-    Ok(index)
+        .with_context(|| format!("adding {address} to interface {interface}"))
 }
 
 fn route_to(destination: Ipv4Net, interface: u32) -> netlink_packet_route::route::RouteMessage {

@@ -29,7 +29,7 @@ use canopy_overlay::routing::{RouteCommand, RouteEvent};
 use canopy_overlay::{Capacity, NodeId, Position};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// Re-attaching the instances of the previous run: attempts, and the pause between them.
 const RESTORE_ATTEMPTS: u32 = 10;
 const RESTORE_PAUSE: Duration = Duration::from_secs(3);
+/// Free namespace IPs left when another subnet is asked for (Oakestra's ceiling was one subnet per machine).
+const SPARE_ADDRESSES: usize = 4;
 
 pub struct TreeRoutesConfig {
     pub me: NodeId,
@@ -151,7 +153,8 @@ impl Pending {
             runtime,
             me: handle.clone(),
             known: Known::default(),
-            subnet: None,
+            subnets: Vec::new(),
+            subnet_requested: false,
             dataplane: None,
             resolver: None,
             deploys: HashMap::new(),
@@ -240,7 +243,10 @@ struct Task {
     runtime: Handle,
     me: TreeRoutes,
     known: Known,
-    subnet: Option<Ipv4Net>,
+    /// This machine's instance subnets, the one the data plane started with first.
+    subnets: Vec<Ipv4Net>,
+    /// Another subnet was asked for (the free addresses ran low) and not granted yet.
+    subnet_requested: bool,
     dataplane: Option<DataPlane>,
     resolver: Option<RunningResolver>,
     deploys: HashMap<ServiceName, Vec<DeployWaiter>>,
@@ -361,27 +367,45 @@ impl Task {
 
     async fn on_event(&mut self, event: RouteEvent) {
         match event {
+            RouteEvent::SubnetGranted { block } if self.subnets.contains(&block) => {}
             RouteEvent::SubnetGranted { block } => {
-                if self.subnet.is_none() {
+                self.subnet_requested = false;
+                if self.subnets.is_empty() {
                     tracing::info!(subnet = %block, "the tree granted this machine's subnet");
-                    self.start_dataplane(block).await;
-                } else {
-                    tracing::info!(subnet = %block, "an extra subnet was granted; the data plane uses one for now");
+                    self.start_dataplane(vec![block]).await;
+                } else if let Some(dataplane) = self.dataplane.clone() {
+                    match dataplane.add_subnet(block).await {
+                        Ok(()) => {
+                            tracing::info!(subnet = %block, "the tree granted this machine another subnet");
+                            self.subnets.push(block);
+                            self.save_grants();
+                            self.dirty = true;
+                        }
+                        Err(err) => tracing::warn!(subnet = %block, "cannot use the granted subnet: {err:#}"),
+                    }
                 }
             }
-            RouteEvent::SubnetChanged { old, new } if self.subnet == Some(old) => {
+            RouteEvent::SubnetChanged { old, new } if self.subnets.contains(&old) => {
                 tracing::warn!(%old, %new, "this machine's subnet was renumbered; restarting the data plane");
-                // The instances' namespaces stay; the new data plane adopts them with namespace IPs of `new`.
+                let subnets: Vec<Ipv4Net> = self.subnets.iter().map(|&s| if s == old { new } else { s }).collect();
+                // The instances' namespaces stay; the new data plane adopts them with new namespace IPs.
                 self.saved_services = self.stop_dataplane(true).await;
-                self.start_dataplane(new).await;
+                self.start_dataplane(subnets).await;
             }
-            RouteEvent::SubnetRevoked { block } if self.subnet == Some(block) => {
-                tracing::error!(subnet = %block, "the tree revoked this machine's subnet; instances here are detached");
-                self.stop_dataplane(false).await;
-                // The next grant starts the data plane again.
-                self.subnet = None;
-                self.save_grants();
-                self.command(RouteCommand::RequestSubnet).await;
+            RouteEvent::SubnetRevoked { block } if self.subnets.contains(&block) => {
+                let rest: Vec<Ipv4Net> = self.subnets.iter().copied().filter(|&s| s != block).collect();
+                if rest.is_empty() {
+                    tracing::error!(subnet = %block, "the tree revoked this machine's subnet; instances here are detached");
+                    self.stop_dataplane(false).await;
+                    // The next grant starts the data plane again.
+                    self.subnets.clear();
+                    self.save_grants();
+                    self.command(RouteCommand::RequestSubnet).await;
+                } else {
+                    tracing::warn!(subnet = %block, "the tree revoked one of this machine's subnets; restarting the data plane");
+                    self.saved_services = self.stop_dataplane(true).await;
+                    self.start_dataplane(rest).await;
+                }
             }
             RouteEvent::SubnetChanged { .. } | RouteEvent::SubnetRevoked { .. } => {}
             RouteEvent::ServiceDeployed { addresses, instance_ips } => {
@@ -408,7 +432,7 @@ impl Task {
             RouteEvent::AllocationFailed { reason } => tracing::warn!("the tree refused an allocation: {reason}"),
             RouteEvent::RouteAnswer { key, answer } => {
                 let service = answer.service.clone();
-                self.dirty |= self.known.apply_answer(answer);
+                self.dirty |= self.known.apply_answer(&key, answer);
                 self.last_used.entry(service.clone()).or_insert_with(Instant::now);
                 let routes = self.known.service(&service).cloned();
                 for k in [key, QueryKey::Name(service)] {
@@ -504,7 +528,7 @@ impl Task {
         addresses: ServiceAddresses,
         instance_ip: Ipv4Addr,
     ) -> anyhow::Result<Attachment> {
-        let (Some(dataplane), Some(subnet)) = (self.dataplane.clone(), self.subnet) else {
+        let Some(dataplane) = self.dataplane.clone() else {
             bail!(
                 "this machine has no data plane yet: it starts when the parent grants a subnet (`agent status` shows \
                  it) and needs root"
@@ -514,7 +538,16 @@ impl Task {
         if self.known.is_hosted(&name, request.instance) {
             bail!("instance {} of {} is already attached", request.instance, request.service);
         }
-        let namespace_ip = self.free_namespace_ip(subnet)?;
+        let namespace_ip = match self.free_namespace_ips().first() {
+            Some(&ip) => ip,
+            None => {
+                self.request_subnet().await;
+                bail!(
+                    "this machine's subnets ({}) are full; another one was asked from the tree: try again in a moment",
+                    self.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        };
         let record = InstanceRecord {
             service: name.clone(),
             number: request.instance,
@@ -530,6 +563,10 @@ impl Task {
         self.install_table().await;
         match dataplane.attach(request).await {
             Ok(attachment) => {
+                if self.free_namespace_ips().len() <= SPARE_ADDRESSES {
+                    // Ask before the last address goes, so the next instances do not wait for the grant.
+                    self.request_subnet().await;
+                }
                 self.last_used.insert(name, Instant::now());
                 self.command(RouteCommand::RegisterInstance(record)).await;
                 // Saved now, not at the next tick: an agent killed right after an attach must still adopt the
@@ -545,19 +582,29 @@ impl Task {
         }
     }
 
-    /// The lowest address of the subnet that is neither the network, the gateway (`.1`), the broadcast, nor taken.
-    fn free_namespace_ip(&self, subnet: Ipv4Net) -> anyhow::Result<Ipv4Addr> {
-        let taken: Vec<Ipv4Addr> = self
+    /// The addresses of this machine's subnets, in order, that are neither a network, a gateway (`.1`), a
+    /// broadcast, nor taken by an instance.
+    fn free_namespace_ips(&self) -> Vec<Ipv4Addr> {
+        let taken: HashSet<Ipv4Addr> = self
             .known
             .hosted()
             .filter_map(|(service, number)| self.known.service(service)?.instances.get(number))
             .map(|r| r.namespace_ip)
             .collect();
-        let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
-        subnet
-            .hosts()
-            .find(|ip| *ip != gateway && !taken.contains(ip))
-            .ok_or_else(|| anyhow!("this machine's subnet {subnet} is full ({} instances)", taken.len()))
+        self.subnets
+            .iter()
+            .flat_map(|&subnet| subnet.hosts().filter(move |ip| *ip != crate::dataplane::gateway_of(subnet)))
+            .filter(|ip| !taken.contains(ip))
+            .collect()
+    }
+
+    /// Asks the tree for one more machine subnet (once until it is granted).
+    async fn request_subnet(&mut self) {
+        if !self.subnet_requested {
+            self.subnet_requested = true;
+            tracing::info!("this machine's subnets are nearly full; asking the tree for another one");
+            self.command(RouteCommand::RequestSubnet).await;
+        }
     }
 
     async fn detach(&mut self, service: &ServiceName, number: u32) -> anyhow::Result<Attachment> {
@@ -596,8 +643,10 @@ impl Task {
 
     // ---- the data plane ----
 
-    async fn start_dataplane(&mut self, subnet: Ipv4Net) {
-        self.subnet = Some(subnet);
+    /// Starts the data plane on `subnets` (the first one is the bridge's main address and the DNS resolver's).
+    async fn start_dataplane(&mut self, subnets: Vec<Ipv4Net>) {
+        let Some(&subnet) = subnets.first() else { return };
+        self.subnets = subnets;
         self.save_grants();
         let mut config = DataPlaneConfig::new(node_name(&self.config.me), subnet);
         config.listen = SocketAddr::from(([0, 0, 0, 0], self.config.tunnel_port));
@@ -614,6 +663,11 @@ impl Task {
                 return;
             }
         };
+        for &extra in &self.subnets[1..] {
+            if let Err(err) = dataplane.add_subnet(extra).await {
+                tracing::warn!(subnet = %extra, "cannot use this machine's subnet: {err:#}");
+            }
+        }
         if let Some(mut notices) = dataplane.take_notices() {
             let inbox = self.me.inbox.clone();
             tokio::spawn(async move {
@@ -698,11 +752,12 @@ impl Task {
 
     async fn install_table(&mut self) {
         self.dirty = false;
-        let (Some(dataplane), Some(subnet)) = (&self.dataplane, self.subnet) else { return };
+        let (Some(dataplane), Some(&subnet)) = (&self.dataplane, self.subnets.first()) else { return };
         let Some(&endpoint) = self.config.tunnel_endpoints.first() else { return };
         let machine = Machine {
             id: self.config.me,
             subnet,
+            extra_subnets: self.subnets[1..].to_vec(),
             endpoint,
             position: self.config.position,
             tunnel_key: self.config.tunnel_key.clone(),
@@ -783,7 +838,7 @@ impl Task {
 
     fn save_grants(&self) {
         let grants: Vec<serde_json::Value> =
-            self.subnet.iter().map(|s| serde_json::json!({"machine_subnet": s.to_string()})).collect();
+            self.subnets.iter().map(|s| serde_json::json!({"machine_subnet": s.to_string()})).collect();
         self.update_state(|state| {
             let changed = state.grants != grants;
             state.grants = grants.clone();

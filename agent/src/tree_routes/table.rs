@@ -7,7 +7,9 @@
 
 use crate::dataplane::routes::{InstanceRoute, NodeRoute, RouteTable, ServiceRoute};
 use crate::runtime::node_name;
-use canopy_overlay::routes::{InstanceRecord, PolicyKind, QueryAnswer, RouteChange, ServiceAddresses, ServiceName};
+use canopy_overlay::routes::{
+    InstanceRecord, PolicyKind, QueryAnswer, QueryKey, RouteChange, ServiceAddresses, ServiceName,
+};
 use canopy_overlay::{NodeId, Position};
 use ipnet::Ipv4Net;
 use serde::Serialize;
@@ -19,6 +21,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 pub struct Machine {
     pub id: NodeId,
     pub subnet: Ipv4Net,
+    /// Subnets granted when the first one filled up.
+    pub extra_subnets: Vec<Ipv4Net>,
     pub endpoint: SocketAddr,
     pub position: Position,
     /// The data plane's tunnel key (hex): every member derives the same one from the network key.
@@ -38,6 +42,9 @@ pub struct Known {
     services: BTreeMap<ServiceName, ServiceRoutes>,
     /// Instances hosted here: only this machine says what they are (the tree's echo of them is ignored).
     hosted: HashSet<(ServiceName, u32)>,
+    /// Instances asked for by their InstanceIP: kept when a later answer (pruned to the k most relevant
+    /// instances) leaves them out, until they are removed or the service is forgotten.
+    addressed: HashSet<(ServiceName, u32)>,
 }
 
 /// Entries left out of the last table, and why (for logs and the status API).
@@ -90,14 +97,24 @@ impl Known {
     }
 
     /// A route answer from the tree replaces what we knew of the service (except our own instances).
-    pub fn apply_answer(&mut self, answer: QueryAnswer) -> bool {
+    /// The tree's answer to a query by `key`: its instances replace those known (pruned answers leave some out),
+    /// except the ones hosted here and the ones asked for by InstanceIP.
+    pub fn apply_answer(&mut self, key: &QueryKey, answer: QueryAnswer) -> bool {
+        if let QueryKey::Address(ip) = key
+            && let Some(record) = answer.instances.iter().find(|r| r.instance_ip == *ip)
+        {
+            self.addressed.insert((answer.service.clone(), record.number));
+        }
         let before = self.services.get(&answer.service).cloned();
         let entry = self.services.entry(answer.service.clone()).or_default();
         if answer.addresses.is_some() {
             entry.addresses = answer.addresses;
         }
-        let hosted = &self.hosted;
-        entry.instances.retain(|number, _| hosted.contains(&(answer.service.clone(), *number)));
+        let (hosted, addressed) = (&self.hosted, &self.addressed);
+        entry.instances.retain(|number, _| {
+            let key = (answer.service.clone(), *number);
+            hosted.contains(&key) || addressed.contains(&key)
+        });
         let mut fresh = Vec::new();
         for record in answer.instances {
             if !hosted.contains(&(record.service.clone(), record.number)) {
@@ -150,7 +167,10 @@ impl Known {
                 }
                 let Some(entry) = self.services.get_mut(&service) else { return false };
                 match entry.instances.get(&number) {
-                    Some(known) if known.version <= version => entry.instances.remove(&number).is_some(),
+                    Some(known) if known.version <= version => {
+                        self.addressed.remove(&(service, number));
+                        entry.instances.remove(&number).is_some()
+                    }
                     _ => false,
                 }
             }
@@ -162,6 +182,7 @@ impl Known {
         if self.is_hosted(service, number) {
             return false;
         }
+        self.addressed.remove(&(service.clone(), number));
         self.services.get_mut(service).is_some_and(|entry| entry.instances.remove(&number).is_some())
     }
 
@@ -170,6 +191,7 @@ impl Known {
         if self.hosted.iter().any(|(name, _)| name == service) {
             return false;
         }
+        self.addressed.retain(|(name, _)| name != service);
         self.services.remove(service).is_some()
     }
 
@@ -192,6 +214,7 @@ impl Known {
         let mut nodes = vec![NodeRoute {
             name: my_name.clone(),
             subnet: me.subnet,
+            extra_subnets: me.extra_subnets.clone(),
             endpoint: me.endpoint,
             position: Some(me.position),
         }];
@@ -266,8 +289,9 @@ impl Known {
             .collect()
     }
 
-    /// The table index of the machine hosting `record`, adding it when new; `None` when the record contradicts
-    /// what the table already says about machines (another subnet for the same machine, an overlapping one).
+    /// The table index of the machine hosting `record`, adding it (or another subnet of it: a machine gets more
+    /// when its first fills up) when new; `None` when the record contradicts what the table already says about
+    /// machines (a subnet overlapping another machine's, an instance of ours we do not host).
     fn node_for(
         &self,
         record: &InstanceRecord,
@@ -276,20 +300,35 @@ impl Known {
         nodes: &mut Vec<NodeRoute>,
         node_of: &mut HashMap<NodeId, usize>,
     ) -> Option<usize> {
-        if let Some(&index) = node_of.get(&record.host) {
-            return nodes[index].subnet.contains(&record.namespace_ip).then_some(index);
+        let known = node_of.get(&record.host).copied();
+        if let Some(index) = known
+            && nodes[index].subnets().any(|s| s.contains(&record.namespace_ip))
+        {
+            return Some(index);
         }
         if record.host == me.id {
             return None;
         }
         let subnet = Ipv4Net::new(record.namespace_ip, machine_prefix).ok()?.trunc();
-        let overlaps =
-            nodes.iter().any(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network()));
-        let endpoint = pick_endpoint(&record.tunnel)?;
+        let overlaps = nodes
+            .iter()
+            .flat_map(|n| n.subnets())
+            .any(|n| n.contains(&subnet.network()) || subnet.contains(&n.network()));
         if overlaps {
             return None;
         }
-        nodes.push(NodeRoute { name: node_name(&record.host), subnet, endpoint, position: Some(record.position) });
+        if let Some(index) = known {
+            nodes[index].extra_subnets.push(subnet);
+            return Some(index);
+        }
+        let endpoint = pick_endpoint(&record.tunnel)?;
+        nodes.push(NodeRoute {
+            name: node_name(&record.host),
+            subnet,
+            extra_subnets: Vec::new(),
+            endpoint,
+            position: Some(record.position),
+        });
         node_of.insert(record.host, nodes.len() - 1);
         Some(nodes.len() - 1)
     }
@@ -355,6 +394,7 @@ mod tests {
         Machine {
             id: peer(1),
             subnet: "10.16.0.0/26".parse().unwrap(),
+            extra_subnets: Vec::new(),
             endpoint: "192.0.2.1:50103".parse().unwrap(),
             position: Position::new(48.1, 11.6),
             tunnel_key: Some("ab".repeat(32)),
@@ -371,7 +411,7 @@ mod tests {
             addresses: Some(addresses(&web, 0)),
             instances: vec![record(&web, 1, peer(2), [10, 16, 1, 2], 1), record(&web, 0, peer(9), [10, 16, 9, 2], 7)],
         };
-        assert!(known.apply_answer(answer));
+        assert!(known.apply_answer(&QueryKey::Name(web.clone()), answer));
         // Our own instance 0 stays ours even though the answer carried another record for it.
         assert_eq!(known.service(&web).unwrap().instances[&0].host, peer(1));
         let (table, skipped) = known.route_table(&me(), 26);
@@ -425,6 +465,53 @@ mod tests {
         assert_eq!(web_route.instances.len(), 1, "the newer web record won");
     }
 
+    /// Answers are pruned to the k most relevant instances: one a client asked for by its InstanceIP stays known
+    /// when a later answer leaves it out, until the tree says it is gone.
+    #[test]
+    fn an_instance_asked_for_by_instance_ip_outlives_pruned_answers() {
+        let mut known = Known::default();
+        let web = web();
+        let (near, far) = (record(&web, 0, peer(2), [10, 16, 1, 2], 1), record(&web, 7, peer(3), [10, 16, 2, 2], 1));
+        let answer = |instances: Vec<InstanceRecord>| QueryAnswer {
+            service: web.clone(),
+            addresses: Some(addresses(&web, 0)),
+            instances,
+        };
+        known.apply_answer(&QueryKey::Address(far.instance_ip), answer(vec![near.clone(), far.clone()]));
+        known.apply_answer(&QueryKey::Name(web.clone()), answer(vec![near.clone()]));
+        let numbers = |known: &Known| known.service(&web).unwrap().instances.keys().copied().collect::<Vec<_>>();
+        assert_eq!(numbers(&known), vec![0, 7], "kept though the name answer pruned it");
+        known.apply_change(RouteChange::Removed { service: web.clone(), number: 7, version: 1 });
+        known.apply_answer(&QueryKey::Name(web.clone()), answer(vec![near.clone()]));
+        assert_eq!(numbers(&known), vec![0]);
+        // Not asked for by address: a pruned answer replaces it.
+        known.apply_answer(&QueryKey::Name(web.clone()), answer(vec![near.clone(), far.clone()]));
+        known.apply_answer(&QueryKey::Name(web.clone()), answer(vec![near]));
+        assert_eq!(numbers(&known), vec![0]);
+    }
+
+    /// A machine whose first subnet filled up got another: its instances in both are routed to it.
+    #[test]
+    fn a_machine_with_two_subnets() {
+        let mut known = Known::default();
+        let web = web();
+        known.set_addresses(addresses(&web, 0));
+        for change in [record(&web, 0, peer(2), [10, 16, 1, 2], 1), record(&web, 1, peer(2), [10, 16, 5, 2], 1)] {
+            known.apply_change(RouteChange::Upsert(change));
+        }
+        let mut me = me();
+        me.extra_subnets = vec!["10.16.7.0/26".parse().unwrap()];
+        let (table, skipped) = known.route_table(&me, 26);
+        let index = RouteIndex::build(&table).expect("valid");
+        assert_eq!(skipped, Skipped::default());
+        assert_eq!(table.nodes[0].extra_subnets, me.extra_subnets, "our own second subnet");
+        let machine = &table.nodes[1];
+        assert_eq!((machine.subnet.to_string(), machine.extra_subnets.len()), ("10.16.1.0/26".to_string(), 1));
+        assert_eq!(machine.extra_subnets[0].to_string(), "10.16.5.0/26");
+        assert_eq!(table.services[0].instances.len(), 2);
+        assert_eq!(index.node_for_subnet_address("10.16.5.9".parse().unwrap()), Some(1));
+    }
+
     #[test]
     fn conflicting_records_are_left_out_not_fatal() {
         let mut known = Known::default();
@@ -433,10 +520,10 @@ mod tests {
         known.set_addresses(addresses(&copy, 0)); // same ServiceIPs as web: a partition duplicate
         for change in [
             record(&web, 0, peer(2), [10, 16, 1, 2], 1),
-            // Same machine, another subnet: contradicts the first record.
-            record(&web, 1, peer(2), [10, 16, 5, 2], 1),
-            // Another machine inside this machine's subnet: a stale record of a renumbered machine.
-            record(&web, 2, peer(3), [10, 16, 0, 9], 1),
+            // Another machine inside machine 2's subnet: a stale record of a renumbered machine.
+            record(&web, 1, peer(3), [10, 16, 1, 9], 1),
+            // Another machine inside this machine's subnet.
+            record(&web, 2, peer(4), [10, 16, 0, 9], 1),
         ] {
             known.apply_change(RouteChange::Upsert(change));
         }

@@ -99,8 +99,16 @@ pub fn decide(
         return QueryDecision::AskParent;
     }
     let records: Vec<InstanceRecord> = instances.into_values().cloned().collect();
-    let answer =
-        QueryAnswer { service, addresses: addresses.cloned(), instances: prune_for_child(&records, k, viewer) };
+    let mut kept = prune_for_child(&records, k, viewer);
+    // Asked for one instance by its InstanceIP: that one is in the answer even when it is not among the k.
+    if let QueryKey::Address(ip) = key
+        && let Some(addressed) = records.iter().find(|r| r.instance_ip == *ip)
+        && !kept.iter().any(|r| r.number == addressed.number)
+    {
+        kept.push(addressed.clone());
+        kept.sort_by_key(|r| r.number);
+    }
+    let answer = QueryAnswer { service, addresses: addresses.cloned(), instances: kept };
     // Without the ServiceIPs (a coordinator that indexes its subtree's instances but was never told the addresses)
     // the answer is incomplete: the parent completes it.
     let incomplete = answer.addresses.is_none();
@@ -275,5 +283,26 @@ mod tests {
         }
         assert!(kept.windows(2).all(|w| w[0].number < w[1].number));
         assert_eq!(prune_for_child(&records[..2], 3, Position::new(0.0, 0.0)).len(), 2);
+    }
+
+    /// A query by InstanceIP is for that instance: it is in the answer even when pruning would leave it out.
+    #[test]
+    fn a_query_by_instance_ip_answers_with_that_instance() {
+        let mut root = Coordinator::new(true);
+        let far = |i: u32| {
+            let mut r = record("a.b.c.d", i, u64::from(i), 1);
+            r.position = Position::new(48.0, 11.0 + f64::from(i));
+            r
+        };
+        for i in 0..20 {
+            root.registry.upsert(far(i), child(100 + u64::from(i)), secs(0));
+        }
+        let by_name = root.query(Via::Local, QueryKey::Name(name("a.b.c.d")), secs(1));
+        let QueryDecision::Answer { answer, .. } = by_name else { panic!("known") };
+        assert!(!answer.instances.iter().any(|r| r.number == 19), "the farthest is pruned from a name answer");
+        let by_address = root.query(Via::Local, QueryKey::Address(far(19).instance_ip), secs(1));
+        let QueryDecision::Answer { answer, .. } = by_address else { panic!("known") };
+        assert!(answer.instances.iter().any(|r| r.number == 19), "asked for by its InstanceIP");
+        assert!(answer.instances.windows(2).all(|w| w[0].number < w[1].number));
     }
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Scenario many-instances: a machine runs more instances than one machine subnet holds. Oakestra gave each
+machine one /26 (a ceiling of 61 instances); here a machine whose subnet runs low asks the tree for another
+(issue 5). With `--machine-prefix 29` (5 instances per subnet) nine instances on m2 need a second subnet (a third is
+asked for when the free addresses run low); every instance answers at its InstanceIP from m1, also those that
+answers to m1 leave out (pruned to the k most relevant instances per policy): m1 asks for them by InstanceIP.
+
+Measured: the subnets m2 ends up with, and the seconds from the first `agent run` until all instances answer."""
+
+import sys
+import time
+
+from _runner import main, step
+from canopy_netns import TestbedError
+from common import SERVICE, expect, fetch, local_instances, start_tree, start_web, url, wait_local_instances
+
+INSTANCES = 9
+PREFIX = "29"
+
+
+def scenario(tb, figures):
+    segment = tb.add_segment("wan")
+    hosts = {name: tb.add_host(name, segment, position=(48.1 + i * 0.05, 11.5)) for i, name in enumerate(["m1", "m2"])}
+    tb.install_routes()
+    machines = list(hosts.values())
+    figures.update(start_tree(tb, machines, extra_args={h.name: ["--machine-prefix", PREFIX] for h in machines}))
+    client, server = hosts["m1"], hosts["m2"]
+    step(f"one tree over 2 agents in {figures['tree_s']} s; machine subnets are /{PREFIX} (5 instances each)")
+
+    started = time.monotonic()
+    for number in range(INSTANCES):
+        start_web(tb, server, number)
+        wait_local_instances(tb, server, SERVICE, number + 1)
+    instance_ips = local_instances(tb, server, SERVICE)
+    expect(len(set(instance_ips.values())) == INSTANCES, f"InstanceIPs are not distinct: {instance_ips}")
+    dataplane = tb.api(server, "GET", "/v1/dataplane")
+    subnets = [dataplane["subnet"]] + dataplane.get("extra_subnets", [])
+    figures["subnets"] = subnets
+    step(f"{INSTANCES} instances on {server.name}, which holds the subnets {subnets}")
+    expect(len(subnets) >= 2, f"{server.name} ran {INSTANCES} instances on /{PREFIX} subnets but holds only {subnets}")
+    namespace_ips = sorted(a["namespace_ip"] for a in dataplane["attachments"])
+    step(f"namespace IPs {namespace_ips}")
+
+    urls = [url(ip) for _, ip in sorted(instance_ips.items())]
+    reply = fetch(tb, client, urls, [("each", u, 1) for u in urls], warmup=60)
+    figures["all_answer_s"] = round(time.monotonic() - started, 1)
+    answered = {r["answer"] for r in reply["results"]}
+    if answered != {f"hello from {server.name}"}:
+        raise TestbedError(f"the InstanceIPs answered {answered}")
+    step(f"{client.name} reaches all {INSTANCES} instances at their InstanceIPs ({figures['all_answer_s']} s after the first run)")
+
+
+if __name__ == "__main__":
+    sys.exit(main("many-instances", scenario))
