@@ -492,7 +492,7 @@ pub(crate) fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
                     _ => return None,
                 }
             };
-            Some(AttachRequest { service, instance, target })
+            Some(AttachRequest { service, instance, target, addresses: None })
         })
         .collect()
 }
@@ -626,7 +626,12 @@ mod tests {
         let back = restorable(&saved);
         assert_eq!(
             back,
-            vec![AttachRequest { service: "app.ns.web.ns".into(), instance: 1, target: AttachTarget::Pid(me) }]
+            vec![AttachRequest {
+                service: "app.ns.web.ns".into(),
+                instance: 1,
+                target: AttachTarget::Pid(me),
+                addresses: None
+            }]
         );
         assert!(restorable(&[serde_json::json!({"service": 3})]).is_empty());
     }

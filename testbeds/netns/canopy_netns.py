@@ -701,12 +701,13 @@ table ip canopy_nat {{
             raise TestbedError(f"no agent on {host.name}")
         terminate(agent.process, 0 if kill else GRACEFUL_STOP_SECONDS)
 
-    def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None, log_name: str | None = None) -> subprocess.Popen:
-        """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] -- CMD...` in the background on a host; its output
-        goes to `logs/<log_name>.log` (default: named after host, service and instance)."""
+    def run_service(self, host: Node, service: str, cmd: Sequence[str], instance: int | None = None, log_name: str | None = None, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        """`agent run --service APP.APPNS.SVC.SVCNS [--instance N] [EXTRA_ARGS] -- CMD...` in the background on a host;
+        its output goes to `logs/<log_name>.log` (default: named after host, service and instance)."""
         argv = [str(self.find_agent_binary()), "run", "--data-dir", str(self.data_dir(host)), "--service", service]
         if instance is not None:
             argv += ["--instance", str(instance)]
+        argv += list(extra_args)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service)
         log_name = log_name or f"service-{host.name}-{safe}-{instance if instance is not None else 'x'}"
         return self.spawn(host, [*argv, "--", *cmd], log_name=log_name)

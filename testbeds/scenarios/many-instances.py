@@ -4,6 +4,8 @@ machine one /26 (a ceiling of 61 instances); here a machine whose subnet runs lo
 (issue 5). With `--machine-prefix 29` (5 instances per subnet) nine instances on m2 need a second subnet (a third is
 asked for when the free addresses run low); every instance answers at its InstanceIP from m1, also those that
 answers to m1 leave out (pruned to the k most relevant instances per policy): m1 asks for them by InstanceIP.
+Then a service deployed with a fixed rr ServiceIP and an InstanceIP rule gets exactly those addresses (seed 002
+section 3.6.3), and another service asking for the same ServiceIP is refused with a message naming the holder.
 
 Measured: the subnets m2 ends up with, and the seconds from the first `agent run` until all instances answer."""
 
@@ -12,7 +14,12 @@ import time
 
 from _runner import main, step
 from canopy_netns import TestbedError
-from common import SERVICE, expect, fetch, local_instances, start_tree, start_web, url, wait_local_instances
+from common import API_SERVICE as API, SERVICE, WEB_SERVER, answers, expect, fetch, local_instances, start_tree, start_web, url, wait_local_instances
+
+FIXED_RR = "10.30.25.3"
+FIXED_BASE = "10.30.25.5"
+FIXED_INSTANCE_1 = "10.30.25.6"
+CLASH = "demo.canopy.clash.test"
 
 INSTANCES = 9
 PREFIX = "29"
@@ -48,6 +55,23 @@ def scenario(tb, figures):
     if answered != {f"hello from {server.name}"}:
         raise TestbedError(f"the InstanceIPs answered {answered}")
     step(f"{client.name} reaches all {INSTANCES} instances at their InstanceIPs ({figures['all_answer_s']} s after the first run)")
+
+    # Fixed addresses (seed 002 section 3.6.3): a ServiceIP for rr and an InstanceIP rule; a second service asking
+    # for the same ServiceIP is refused with a message naming it.
+    fixed = ["--service-ip", f"rr={FIXED_RR}", "--instance-ips", f"0..4={FIXED_BASE}"]
+    tb.run_service(client, API, ["python3", "-c", WEB_SERVER, client.name], instance=1, extra_args=fixed)
+    api_ips = wait_local_instances(tb, client, API, 1)
+    expect(api_ips == {1: FIXED_INSTANCE_1}, f"{API} instance 1 got {api_ips}, not {FIXED_INSTANCE_1} from the rule")
+    rr_ip = tb.wait_for(lambda: tb.resolve(server, f"{API}.any.rr"), 60, f"{API}.any.rr to resolve on {server.name}")
+    expect(rr_ip == FIXED_RR, f"{API}'s rr ServiceIP resolves to {rr_ip}, not the fixed {FIXED_RR}")
+    reply = fetch(tb, server, [url(FIXED_RR)], [("fixed", url(FIXED_RR), 2)], warmup=60)
+    expect(answers(reply, "fixed") == {f"hello from {client.name}": 2}, f"the fixed ServiceIP answered {reply}")
+    step(f"{API}: fixed rr ServiceIP {FIXED_RR} and InstanceIP {FIXED_INSTANCE_1} (rule 0..4={FIXED_BASE}), reachable from {server.name}")
+    clash = tb.exec(client, [str(tb.find_agent_binary()), "run", "--data-dir", str(tb.data_dir(client)), "--service", CLASH,
+                             "--service-ip", f"rr={FIXED_RR}", "--", "true"], check=False, timeout=60)
+    expect(clash.returncode != 0 and FIXED_RR in clash.stderr, f"a second service got {FIXED_RR}: exit {clash.returncode} {clash.stderr[-300:]}")
+    figures["taken_address_error"] = clash.stderr.strip().splitlines()[-1][-160:]
+    step(f"{CLASH} asking for {FIXED_RR} is refused: {figures['taken_address_error']}")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ use crate::api::{self, client::Client};
 use crate::cli::GlobalArgs;
 use crate::netns;
 use anyhow::{Context, bail};
+use canopy_overlay::routes::{AddressRequest, PolicyKind};
 use ipnet::Ipv4Net;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -60,6 +61,8 @@ pub struct RunArgs {
     pub service: String,
     #[arg(long, default_value_t = 0)]
     pub instance: u32,
+    #[command(flatten)]
+    pub addresses: FixedAddressArgs,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -79,6 +82,59 @@ pub struct AttachArgs {
     /// Name of a namespace under /run/netns.
     #[arg(long)]
     pub netns: Option<String>,
+    #[command(flatten)]
+    pub addresses: FixedAddressArgs,
+}
+
+/// Addresses a deployment may fix instead of letting the root pick them (seed 002 section 3.6.3). All must be
+/// free: an address another service holds fails the deployment with a message naming it.
+#[derive(Debug, Default, clap::Args)]
+pub struct FixedAddressArgs {
+    /// A fixed ServiceIP for one routing policy (rr, closest, hc, closest-hc, latency), e.g. rr=10.30.25.3
+    /// (repeatable).
+    #[arg(long = "service-ip", value_name = "POLICY=IP", value_parser = parse_service_ip)]
+    pub service_ips: Vec<(PolicyKind, Ipv4Addr)>,
+    /// InstanceIPs by rule: instances FROM up to (not including) TO get consecutive addresses from BASE, e.g.
+    /// 0..10=10.30.25.5.
+    #[arg(long = "instance-ips", value_name = "FROM..TO=BASE", value_parser = parse_instance_ips)]
+    pub instance_ips: Option<(u32, u32, Ipv4Addr)>,
+}
+
+impl FixedAddressArgs {
+    fn request(&self) -> anyhow::Result<Option<AddressRequest>> {
+        if self.service_ips.is_empty() && self.instance_ips.is_none() {
+            return Ok(None);
+        }
+        let mut service_ips = std::collections::BTreeMap::new();
+        for &(policy, ip) in &self.service_ips {
+            if service_ips.insert(policy, ip).is_some() {
+                bail!("--service-ip gives policy {policy} twice");
+            }
+        }
+        Ok(Some(AddressRequest { service_ips, instances: self.instance_ips }))
+    }
+}
+
+fn parse_service_ip(text: &str) -> Result<(PolicyKind, Ipv4Addr), String> {
+    let (policy, ip) = text.split_once('=').ok_or_else(|| format!("{text:?} is not POLICY=IP (e.g. rr=10.30.25.3)"))?;
+    let policy: PolicyKind = policy
+        .trim()
+        .parse()
+        .map_err(|_| format!("unknown policy {policy:?} (one of rr, closest, hc, closest-hc, latency)"))?;
+    let ip = ip.trim().parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+    Ok((policy, ip))
+}
+
+fn parse_instance_ips(text: &str) -> Result<(u32, u32, Ipv4Addr), String> {
+    let usage = || format!("{text:?} is not FROM..TO=BASE (e.g. 0..10=10.30.25.5)");
+    let (range, base) = text.split_once('=').ok_or_else(usage)?;
+    let (from, to) = range.split_once("..").ok_or_else(usage)?;
+    let (from, to): (u32, u32) = (from.trim().parse().map_err(|_| usage())?, to.trim().parse().map_err(|_| usage())?);
+    if to <= from {
+        return Err(format!("instance range {from}..{to} is empty (TO is not included)"));
+    }
+    let base = base.trim().parse().map_err(|_| format!("{base:?} is not an IPv4 address"))?;
+    Ok((from, to, base))
 }
 
 /// Detach an instance: remove its interface (and the namespace, if the agent created it).
@@ -163,6 +219,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
             service: args.service.clone(),
             instance: args.instance,
             target: AttachTarget::Create { owner_pid: std::process::id() },
+            addresses: args.addresses.request()?,
         };
         let attachment: Attachment = client.post("/v1/instances", &request).await?;
         tracing::info!(
@@ -224,7 +281,12 @@ pub fn attach(global: &GlobalArgs, args: &AttachArgs) -> anyhow::Result<()> {
         _ => bail!("give exactly one of --pid and --netns"),
     };
     runtime()?.block_on(async {
-        let request = AttachRequest { service: args.service.clone(), instance: args.instance, target };
+        let request = AttachRequest {
+            service: args.service.clone(),
+            instance: args.instance,
+            target,
+            addresses: args.addresses.request()?,
+        };
         let attachment: Attachment = Client::new(&global.data_dir).post("/v1/instances", &request).await?;
         println!("{}", serde_json::to_string_pretty(&attachment)?);
         Ok(())
@@ -238,4 +300,38 @@ pub fn detach(global: &GlobalArgs, args: &DetachArgs) -> anyhow::Result<()> {
         println!("detached {} instance {} ({})", attachment.service, attachment.instance, attachment.namespace_ip);
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_address_flags_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_service_ip("rr=10.30.25.3"), Ok((PolicyKind::Rr, "10.30.25.3".parse().unwrap())));
+        assert_eq!(parse_service_ip("closest-hc = 10.30.1.1").unwrap().0, PolicyKind::ClosestHc);
+        assert!(parse_service_ip("fastest=10.30.1.1").unwrap_err().contains("unknown policy"));
+        assert!(parse_service_ip("rr").unwrap_err().contains("POLICY=IP"));
+        assert!(parse_service_ip("rr=10.30.300.1").unwrap_err().contains("not an IPv4 address"));
+
+        assert_eq!(parse_instance_ips("0..10=10.30.25.5"), Ok((0, 10, "10.30.25.5".parse().unwrap())));
+        assert!(parse_instance_ips("5..5=10.30.25.5").unwrap_err().contains("empty"));
+        assert!(parse_instance_ips("0-10=10.30.25.5").unwrap_err().contains("FROM..TO=BASE"));
+        assert!(parse_instance_ips("0..10=nowhere").unwrap_err().contains("not an IPv4 address"));
+
+        let none = FixedAddressArgs::default();
+        assert_eq!(none.request().unwrap(), None, "no flags: the root picks every address");
+        let twice = FixedAddressArgs {
+            service_ips: vec![parse_service_ip("rr=10.30.0.1").unwrap(), parse_service_ip("rr=10.30.0.2").unwrap()],
+            instance_ips: None,
+        };
+        assert!(twice.request().unwrap_err().to_string().contains("twice"));
+        let both = FixedAddressArgs {
+            service_ips: vec![parse_service_ip("hc=10.30.0.1").unwrap()],
+            instance_ips: Some(parse_instance_ips("0..4=10.30.25.5").unwrap()),
+        };
+        let request = both.request().unwrap().unwrap();
+        assert_eq!(request.service_ips[&PolicyKind::Hc], "10.30.0.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(request.instances, Some((0, 4, "10.30.25.5".parse().unwrap())));
+    }
 }

@@ -195,6 +195,10 @@ pub struct AttachRequest {
     pub service: String,
     pub instance: u32,
     pub target: AttachTarget,
+    /// Tree mode: fixed ServiceIPs and an InstanceIP rule for the service's deployment (seed 002 section 3.6.3);
+    /// a static route table already fixes every address, so the data plane refuses them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<canopy_overlay::routes::AddressRequest>,
 }
 
 /// An attached instance, as the API reports it.
@@ -525,6 +529,11 @@ impl DataPlane {
         let mut state = self.inner.state.lock().await;
         if state.stopped {
             bail!("the data plane has stopped");
+        }
+        if request.addresses.is_some() {
+            bail!(
+                "fixed addresses need routes from the tree: with a static route table, the table gives the addresses"
+            );
         }
         let key = (request.service.clone(), request.instance);
         if state.attachments.contains_key(&key) {

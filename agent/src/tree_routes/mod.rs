@@ -73,10 +73,27 @@ pub struct TreeRoutesConfig {
 enum Inbox {
     Event(RouteEvent),
     Notice(Notice),
-    Deploy { name: ServiceName, instance: u32, reply: oneshot::Sender<Result<(ServiceAddresses, Ipv4Addr), String>> },
-    Attach { request: AttachRequest, addresses: ServiceAddresses, instance_ip: Ipv4Addr, reply: Reply<Attachment> },
-    Detach { service: ServiceName, number: u32, reply: Reply<Attachment> },
-    Lookup { key: QueryKey, reply: oneshot::Sender<Option<ServiceRoutes>> },
+    Deploy {
+        name: ServiceName,
+        instance: u32,
+        request: AddressRequest,
+        reply: oneshot::Sender<Result<(ServiceAddresses, Ipv4Addr), String>>,
+    },
+    Attach {
+        request: AttachRequest,
+        addresses: ServiceAddresses,
+        instance_ip: Ipv4Addr,
+        reply: Reply<Attachment>,
+    },
+    Detach {
+        service: ServiceName,
+        number: u32,
+        reply: Reply<Attachment>,
+    },
+    Lookup {
+        key: QueryKey,
+        reply: oneshot::Sender<Option<ServiceRoutes>>,
+    },
     Services(oneshot::Sender<Vec<ServiceReport>>),
     Instances(oneshot::Sender<Vec<Attachment>>),
     Table(oneshot::Sender<Option<TableReport>>),
@@ -188,7 +205,8 @@ impl TreeRoutes {
             .map_err(|e| anyhow!("{:?} is not a service name (APP.APPNS.SVC.SVCNS): {e}", request.service))?;
         request.service = name.to_string();
         let instance = request.instance;
-        let deployed = self.ask(|reply| Inbox::Deploy { name: name.clone(), instance, reply });
+        let fixed = request.addresses.take().unwrap_or_default();
+        let deployed = self.ask(|reply| Inbox::Deploy { name: name.clone(), instance, request: fixed, reply });
         let (addresses, instance_ip) = tokio::time::timeout(DEPLOY_TIMEOUT, deployed)
             .await
             .map_err(|_| {
@@ -306,18 +324,13 @@ impl Task {
         match message {
             Inbox::Event(event) => self.on_event(event).await,
             Inbox::Notice(notice) => self.on_notice(notice).await,
-            Inbox::Deploy { name, instance, reply } => {
+            Inbox::Deploy { name, instance, request, reply } => {
                 self.deploys.entry(name.clone()).or_default().push(DeployWaiter {
                     since: Instant::now(),
                     instance,
                     reply,
                 });
-                self.command(RouteCommand::DeployService {
-                    name,
-                    request: AddressRequest::default(),
-                    instances: instance + 1,
-                })
-                .await;
+                self.command(RouteCommand::DeployService { name, request, instances: instance + 1 }).await;
             }
             Inbox::Attach { request, addresses, instance_ip, reply } => {
                 let result = self.attach(request, addresses, instance_ip).await;
