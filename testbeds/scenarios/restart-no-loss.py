@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Scenario restart-no-loss: `kill -9` the agent of a machine hosting two instances, start it again with the same
 data dir; it keeps its peer id and its subnet, and its instances answer again at the same InstanceIPs (measured:
-seconds from the restart until every instance answers a new connection from another machine)."""
+seconds from the restart until every instance answers a new connection from another machine). Then the same after
+a graceful stop (SIGTERM, as for an upgrade): the instances keep running and are adopted again."""
 
 import sys
 import time
@@ -56,6 +57,23 @@ def scenario(tb, figures):
     if answered != {f"hello from {server.name}"}:
         raise TestbedError(f"after the restart the InstanceIPs answered {answered}")
     step(f"both instances answer at the same InstanceIPs {instance_urls} {figures['instances_answer_s']} s after the restart")
+
+    # A planned stop (an upgrade): SIGTERM, start again; the instances keep running and answer again.
+    tb.stop_agent(server)
+    step(f"stopped the agent on {server.name} (SIGTERM)")
+    alive = sum(run.poll() is None for run in runs)
+    expect(alive == len(runs), f"only {alive} of {len(runs)} `agent run` processes outlived a graceful stop")
+    restarted = time.monotonic()
+    tb.join_agent(server, tb.join_command(hosts["m1"]))
+    tb.wait_one_tree(machines, timeout=90)
+    after = wait_local_instances(tb, server, SERVICE, 2)
+    expect(after == before, f"InstanceIPs changed across the graceful restart: {before} -> {after}")
+    reply = fetch(tb, client, instance_urls, [("graceful", u, 1) for u in instance_urls], warmup=90)
+    figures["graceful_restart_answer_s"] = round(time.monotonic() - restarted, 1)
+    answered = {r["answer"] for r in reply["results"]}
+    if answered != {f"hello from {server.name}"}:
+        raise TestbedError(f"after the graceful restart the InstanceIPs answered {answered}")
+    step(f"after a graceful stop and start both instances answer again {figures['graceful_restart_answer_s']} s after the start")
 
 
 if __name__ == "__main__":

@@ -317,7 +317,7 @@ impl Task {
                 self.install_table().await;
             }
         }
-        self.stop_dataplane(false).await;
+        self.stop_dataplane(true).await;
     }
 
     async fn on_message(&mut self, message: Inbox) -> std::ops::ControlFlow<()> {
@@ -362,7 +362,9 @@ impl Task {
                 let _ = reply.send(self.resolver.as_ref().map(RunningResolver::status));
             }
             Inbox::Shutdown(reply) => {
-                self.stop_dataplane(false).await;
+                // Instances started with `agent run` outlive the agent: their namespaces stay (and the state file
+                // lists them), so the next start adopts them, as after a crash (an upgrade loses no instance).
+                self.stop_dataplane(true).await;
                 let _ = reply.send(());
                 return std::ops::ControlFlow::Break(());
             }
@@ -723,6 +725,10 @@ impl Task {
         }
         let Some(dataplane) = self.dataplane.take() else { return Vec::new() };
         let attachments = dataplane.attachments().await;
+        if keep_namespaces {
+            // Whatever stops us next, the instances can be adopted again.
+            self.save_services(&attachments);
+        }
         let hosted: Vec<(ServiceName, u32)> = self.known.hosted().cloned().collect();
         for (service, number) in hosted {
             self.unhost(&service, number).await;
