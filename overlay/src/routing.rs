@@ -1051,6 +1051,17 @@ impl Routing {
                 refused.push((w, format!("prefix /{} is not allowed", w.prefix)));
                 continue;
             }
+            if w.purpose == Purpose::Machine && w.prefix != self.cfg.machine_prefix {
+                // Every machine derives other machines' subnets from their instances' addresses with its own
+                // prefix: mixed sizes would route to the wrong machines.
+                let reason = format!(
+                    "this overlay grants /{} machine subnets, this machine asked for a /{}: give every agent the same \
+                     --machine-prefix",
+                    self.cfg.machine_prefix, w.prefix
+                );
+                refused.push((w, reason));
+                continue;
+            }
             if let Some(old) = w.replaces
                 && old.prefix_len() == w.prefix
             {
@@ -1667,6 +1678,25 @@ mod tests {
         node.tick(later * 3, &ctx(1, Some(4), false, &[]));
         assert!(deploys_to(&mut node).is_empty(), "an answered deployment is not sent again");
         assert_eq!(node.counters().deploys_resent, 2);
+    }
+
+    #[test]
+    fn a_machine_asking_for_another_subnet_size_is_refused_with_the_reason() {
+        let mut root = Routing::new(RoutingConfig::default());
+        let kids = [(NodeId::from_u64(2), Position::new(1.0, 1.0))];
+        root.poll(Time::ZERO, &ctx(1, None, true, &kids));
+        root.drain();
+        let want = Want { purpose: Purpose::Machine, prefix: 29, replaces: None };
+        let sync = RoutesMessage::SubnetSync { held: vec![], want: vec![want] };
+        root.on_message(Time::ZERO, &ctx(1, None, true, &kids), NodeId::from_u64(2), sync);
+        let (out, _) = root.drain();
+        let refusal = out.iter().find_map(|(_, m)| match m {
+            RoutesMessage::SubnetReply { granted, refused } if granted.is_empty() => refused.first().cloned(),
+            _ => None,
+        });
+        let (_, reason) = refusal.expect("refused");
+        assert!(reason.contains("grants /26 machine subnets") && reason.contains("--machine-prefix"), "{reason}");
+        assert!(root.pool().grants().all(|g| g.holder != NodeId::from_u64(2)));
     }
 
     #[test]
