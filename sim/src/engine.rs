@@ -7,7 +7,7 @@
 use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::network::{Attachment, NetworkModel};
-use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, Stats, Violation};
+use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, StateSizes, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
 use crate::wire_size;
 use canopy_overlay::grids::GroupGrids;
@@ -959,6 +959,35 @@ impl Simulation {
         }
     }
 
+    /// Per-node protocol state over the live nodes.
+    fn state_sizes(&self) -> StateSizes {
+        let mut sizes = StateSizes::default();
+        let (mut total, mut live) = (0usize, 0usize);
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(node) = n.node.as_ref().filter(|_| n.alive()) else { continue };
+            let routing = node.routing();
+            let pool = routing.pool();
+            let grants = pool.grants().count();
+            live += 1;
+            total += grants;
+            if grants > sizes.pool_grants_max {
+                sizes.pool_grants_max = grants;
+                sizes.pool_grants_max_node = Some(i);
+            }
+            let mut per_holder: std::collections::HashMap<NodeId, usize> = std::collections::HashMap::new();
+            for g in pool.grants() {
+                *per_holder.entry(g.holder).or_default() += 1;
+            }
+            sizes.grants_per_holder_max =
+                sizes.grants_per_holder_max.max(per_holder.values().copied().max().unwrap_or(0));
+            sizes.pool_owned_max = sizes.pool_owned_max.max(pool.owned().len());
+            sizes.registry_entries_max = sizes.registry_entries_max.max(routing.registry().len());
+            sizes.cache_entries_max = sizes.cache_entries_max.max(routing.cache().len());
+        }
+        sizes.pool_grants_mean = if live == 0 { 0.0 } else { total as f64 / live as f64 };
+        sizes
+    }
+
     /// Scores the routing policies on what the nodes hold at the end of the run.
     fn run_experiment(&mut self) -> Option<ExperimentReport> {
         let setup = self.experiment.clone()?;
@@ -1028,6 +1057,7 @@ impl Simulation {
             violations_total: self.violations_total,
             violations: std::mem::take(&mut self.violations),
             routes,
+            state_sizes: self.state_sizes(),
         };
         let views = self.views();
         let final_tree = views

@@ -46,6 +46,25 @@ pub struct Report {
     /// The routes workload (see `route_load`), when the scenario runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<crate::route_load::RoutesReport>,
+    /// How much per-node protocol state the live nodes hold at the end (to spot state growing with N).
+    #[serde(default)]
+    pub state_sizes: StateSizes,
+}
+
+/// Per-node state at the end of a run, over the live nodes: maximum and mean.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateSizes {
+    /// Grants in a node's address pool (blocks it handed to its children and itself).
+    pub pool_grants_max: usize,
+    pub pool_grants_mean: f64,
+    /// The node with the most grants.
+    pub pool_grants_max_node: Option<usize>,
+    /// Most grants one holder has in one pool.
+    pub grants_per_holder_max: usize,
+    /// Blocks a node's pool owns (granted to it from above).
+    pub pool_owned_max: usize,
+    pub registry_entries_max: usize,
+    pub cache_entries_max: usize,
 }
 
 /// Percentiles by nearest rank; `None` when there were no samples.
@@ -259,6 +278,19 @@ impl Report {
                 );
             }
         }
+        let z = &self.state_sizes;
+        let _ = writeln!(
+            s,
+            "  state per node: pool grants max {} (node {}) mean {:.2}, per holder max {}, owned blocks max {}, \
+             registry max {}, cache max {}",
+            z.pool_grants_max,
+            z.pool_grants_max_node.map_or("-".into(), |n| n.to_string()),
+            z.pool_grants_mean,
+            z.grants_per_holder_max,
+            z.pool_owned_max,
+            z.registry_entries_max,
+            z.cache_entries_max
+        );
         let m = &self.messages;
         let _ = writeln!(
             s,
