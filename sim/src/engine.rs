@@ -185,6 +185,7 @@ pub struct Simulation {
     /// [leaf, coordinator]
     traffic: [Traffic; 2],
     counts: MessageCounts,
+    kinds: crate::kinds::KindCounter,
     violations: Vec<Violation>,
     violations_total: usize,
     applied: Vec<AppliedEvent>,
@@ -336,6 +337,7 @@ impl Simulation {
             failovers: Vec::new(),
             traffic: [Traffic::default(); 2],
             counts: MessageCounts::default(),
+            kinds: crate::kinds::KindCounter::default(),
             violations: Vec::new(),
             violations_total: 0,
             applied: Vec::new(),
@@ -463,6 +465,7 @@ impl Simulation {
         let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);
+        self.kinds.count(&envelope.body, bytes as usize);
         let b = bucket(self.nodes[from as usize].role);
         self.traffic[b].msgs += 1;
         self.traffic[b].bytes += u64::from(bytes);
@@ -1052,7 +1055,7 @@ impl Simulation {
             bytes_per_node_per_s: bytes,
             grid_bytes_per_node_per_s: grid_bytes,
             closest_experiment,
-            messages: self.counts.clone(),
+            messages: MessageCounts { by_kind: self.kinds.report(all.node_ns as f64 / 1e9), ..self.counts.clone() },
             applied_events: std::mem::take(&mut self.applied),
             violations_total: self.violations_total,
             violations: std::mem::take(&mut self.violations),

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod check;
 pub mod engine;
 pub mod experiment;
+pub mod kinds;
 pub mod network;
 pub mod plot;
 pub mod report;

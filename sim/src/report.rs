@@ -121,6 +121,9 @@ pub struct MessageCounts {
     pub dropped_dead: u64,
     /// Addressed to an id that is no node of this simulation.
     pub dropped_unknown: u64,
+    /// Sent messages and bytes per message kind.
+    #[serde(default)]
+    pub by_kind: std::collections::BTreeMap<String, crate::kinds::KindTraffic>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -297,6 +300,16 @@ impl Report {
             "  messages: {} sent, {} delivered, dropped: {} loss, {} partition, {} dead, {} unknown",
             m.sent, m.delivered, m.dropped_loss, m.dropped_partition, m.dropped_dead, m.dropped_unknown
         );
+        let mut kinds: Vec<_> = m.by_kind.iter().collect();
+        kinds.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
+        let top: Vec<String> = kinds
+            .iter()
+            .take(6)
+            .map(|(k, t)| format!("{k} {:.2} msgs / {:.0} B", t.msgs_per_node_per_s, t.bytes_per_node_per_s))
+            .collect();
+        if !top.is_empty() {
+            let _ = writeln!(s, "  sent per node per s, by kind (most bytes first): {}", top.join(", "));
+        }
         let _ = writeln!(s, "  converged: {}, violations: {}", f.converged(), self.violations_total);
         for v in self.violations.iter().take(5) {
             let node = v.node.map_or("-".into(), |n| n.to_string());
