@@ -147,6 +147,15 @@ def fetch(tb: Testbed, client: Node, warm_urls: list[str], fetches: list[tuple[s
     return reply
 
 
+def expect_served_by(tb: Testbed, client: Node, urls: list[str], server: Node, label: str, warmup: float = 90) -> None:
+    """One new connection from `client` to each URL (waiting up to `warmup` seconds for all to answer); every answer
+    must come from `server`'s web service."""
+    reply = fetch(tb, client, urls, [(label, u, 1) for u in urls], warmup=warmup)
+    answered = {r["answer"] for r in reply["results"]}
+    if answered != {f"hello from {server.name}"}:
+        raise TestbedError(f"{label}: {urls} answered {answered}, not only {server.name}")
+
+
 def answers(reply: dict, label: str) -> dict[str, int]:
     """How often each answer came back for the fetches labelled `label`."""
     counts: dict[str, int] = {}

@@ -8,8 +8,8 @@ import sys
 import time
 
 from _runner import main, step
-from canopy_netns import TestbedError, tree_view
-from common import SERVICE, expect, fetch, six_machines, start_tree, start_web, url, wait_local_instances
+from canopy_netns import tree_view
+from common import SERVICE, expect, expect_served_by, fetch, six_machines, start_tree, start_web, url, wait_local_instances
 
 
 def scenario(tb, figures):
@@ -51,11 +51,8 @@ def scenario(tb, figures):
     step(f"same subnet {subnet_after}")
     after = wait_local_instances(tb, server, SERVICE, 2)
     expect(after == before, f"InstanceIPs changed across the restart: {before} -> {after}")
-    reply = fetch(tb, client, instance_urls, [("after", u, 1) for u in instance_urls], warmup=90)
+    expect_served_by(tb, client, instance_urls, server, "after the restart")
     figures["instances_answer_s"] = round(time.monotonic() - restarted, 1)
-    answered = {r["answer"] for r in reply["results"]}
-    if answered != {f"hello from {server.name}"}:
-        raise TestbedError(f"after the restart the InstanceIPs answered {answered}")
     step(f"both instances answer at the same InstanceIPs {instance_urls} {figures['instances_answer_s']} s after the restart")
 
     # A planned stop (an upgrade): SIGTERM, start again; the instances keep running and answer again.
@@ -68,11 +65,8 @@ def scenario(tb, figures):
     tb.wait_one_tree(machines, timeout=90)
     after = wait_local_instances(tb, server, SERVICE, 2)
     expect(after == before, f"InstanceIPs changed across the graceful restart: {before} -> {after}")
-    reply = fetch(tb, client, instance_urls, [("graceful", u, 1) for u in instance_urls], warmup=90)
+    expect_served_by(tb, client, instance_urls, server, "after the graceful restart")
     figures["graceful_restart_answer_s"] = round(time.monotonic() - restarted, 1)
-    answered = {r["answer"] for r in reply["results"]}
-    if answered != {f"hello from {server.name}"}:
-        raise TestbedError(f"after the graceful restart the InstanceIPs answered {answered}")
     step(f"after a graceful stop and start both instances answer again {figures['graceful_restart_answer_s']} s after the start")
 
 
