@@ -1026,10 +1026,15 @@ impl Routing {
         for b in stale {
             let _ = self.pool.free(b);
         }
+        // One renewal covers every lease of the child (a coordinator lists many blocks).
+        let mut renewed = false;
         for h in &held {
             let ours = self.pool.grant(h.block).is_some_and(|g| g.holder == child);
             if ours {
-                self.pool.renew(child, now);
+                if !renewed {
+                    self.pool.renew(child, now);
+                    renewed = true;
+                }
             } else if self.pool.claim(h.block, child, now).is_err() {
                 want.push(Want { purpose: h.purpose, prefix: h.block.prefix_len(), replaces: Some(h.block) });
             }

@@ -314,6 +314,11 @@ impl AddressPool {
     }
 
     fn why_not_free(&self, block: Ipv4Net) -> PoolError {
+        let overlaps = |n: &Ipv4Net| n.contains(&block) || block.contains(n);
+        if !self.owned.iter().any(overlaps) && !self.excluded.iter().any(overlaps) {
+            // Outside the pool: no grant can be there either (grants lie inside owned blocks); skips the scan.
+            return PoolError::NotOwned(block);
+        }
         if let Some(g) = self.grants.values().find(|g| g.block.contains(&block) || block.contains(&g.block)) {
             return PoolError::Taken { block, held: g.block, holder: g.holder };
         }
@@ -428,7 +433,7 @@ impl AddressPool {
     }
 
     pub fn grants_of(&self, holder: NodeId) -> impl Iterator<Item = &Grant> {
-        self.grants.values().filter(move |g| g.holder == holder)
+        self.by_holder.get(&holder).into_iter().flatten().map(|b| &self.grants[b])
     }
 
     /// Free blocks, sorted by address.
