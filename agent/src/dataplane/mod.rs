@@ -266,6 +266,13 @@ struct State {
     stopped: bool,
 }
 
+impl State {
+    /// This machine's instance subnets: the one it started with, then those added.
+    fn subnets<'a>(&'a self, config: &DataPlaneConfig) -> impl Iterator<Item = Ipv4Net> + 'a {
+        std::iter::once(config.subnet).chain(self.extra_subnets.iter().copied())
+    }
+}
+
 struct Inner {
     config: DataPlaneConfig,
     netlink: rtnetlink::Handle,
@@ -478,7 +485,7 @@ impl DataPlane {
             table.nodes.iter().filter(|n| n.name != config.node_name).flat_map(|n| n.subnets()).collect();
         wanted.insert(config.service_range);
         let mut state = self.inner.state.lock().await;
-        let own: Vec<Ipv4Net> = std::iter::once(config.subnet).chain(state.extra_subnets.iter().copied()).collect();
+        let own: Vec<Ipv4Net> = state.subnets(config).collect();
         let stale: Vec<Ipv4Net> = state.installed.difference(&wanted).copied().collect();
         for net in stale {
             setup::delete_route(&self.inner.netlink, net, self.inner.tun_index).await?;
@@ -511,8 +518,9 @@ impl DataPlane {
         if state.stopped {
             bail!("the data plane has stopped");
         }
-        let own = std::iter::once(config.subnet).chain(state.extra_subnets.iter().copied());
-        if let Some(mine) = own.into_iter().find(|o| o.contains(&subnet.network()) || subnet.contains(&o.network())) {
+        if let Some(mine) =
+            state.subnets(config).find(|o| o.contains(&subnet.network()) || subnet.contains(&o.network()))
+        {
             bail!("subnet {subnet} overlaps this machine's subnet {mine}");
         }
         let gateway = Ipv4Net::new(gateway_of(subnet), subnet.prefix_len()).expect("prefix checked");
@@ -554,8 +562,8 @@ impl DataPlane {
             );
         }
         let (namespace_ip, instance_ip) = (instance.namespace_ip, instance.instance_ip);
-        let subnet = std::iter::once(config.subnet)
-            .chain(state.extra_subnets.iter().copied())
+        let subnet = state
+            .subnets(config)
             .find(|s| s.contains(&namespace_ip))
             .ok_or_else(|| anyhow!("namespace IP {namespace_ip} lies in none of this machine's subnets"))?;
         let gateway = gateway_of(subnet);
