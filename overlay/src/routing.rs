@@ -1247,7 +1247,7 @@ impl Routing {
     /// grant is younger than ours or was made in ignorance of it: we move ourselves to a fresh subnet.
     fn own_subnets_in_pool(&mut self, now: Time, ctx: &TreeCtx) {
         let me = ctx.me;
-        let inside_pool = |pool: &AddressPool, m: &Ipv4Net| pool.owned().iter().any(|o| o.contains(m) || m.contains(o));
+        let inside_pool = |pool: &AddressPool, m: &Ipv4Net| pool.overlaps_owned(*m);
         let unmarked: Vec<Ipv4Net> = self
             .machine
             .iter()
