@@ -986,6 +986,14 @@ impl Simulation {
             sizes.pool_owned_max = sizes.pool_owned_max.max(pool.owned().len());
             sizes.registry_entries_max = sizes.registry_entries_max.max(routing.registry().len());
             sizes.cache_entries_max = sizes.cache_entries_max.max(routing.cache().len());
+            let size = |b: &canopy_overlay::routes::Grant| 1u64 << (32 - u32::from(b.block.prefix_len()));
+            sizes.machine_addresses +=
+                routing.machine_subnets().iter().map(|m| 1u64 << (32 - u32::from(m.prefix_len()))).sum::<u64>();
+            if node.role() == canopy_overlay::Role::Root {
+                sizes.root_granted_addresses += pool.grants().map(size).sum::<u64>();
+            } else {
+                sizes.idle_pool_addresses += pool.free_addresses();
+            }
         }
         sizes.pool_grants_mean = if live == 0 { 0.0 } else { total as f64 / live as f64 };
         sizes

@@ -65,6 +65,16 @@ pub struct StateSizes {
     pub pool_owned_max: usize,
     pub registry_entries_max: usize,
     pub cache_entries_max: usize,
+    /// Addresses in live machines' subnets.
+    #[serde(default)]
+    pub machine_addresses: u64,
+    /// Addresses the roots have granted (to machines and coordinators' blocks): what the tree takes from the
+    /// platform range.
+    #[serde(default)]
+    pub root_granted_addresses: u64,
+    /// Free addresses in non-root pools: held by coordinators, granted to nobody.
+    #[serde(default)]
+    pub idle_pool_addresses: u64,
 }
 
 /// Percentiles by nearest rank; `None` when there were no samples.
@@ -285,14 +295,17 @@ impl Report {
         let _ = writeln!(
             s,
             "  state per node: pool grants max {} (node {}) mean {:.2}, per holder max {}, owned blocks max {}, \
-             registry max {}, cache max {}",
+             registry max {}, cache max {}; addresses: machines {}, granted by roots {}, idle in coordinator pools {}",
             z.pool_grants_max,
             z.pool_grants_max_node.map_or("-".into(), |n| n.to_string()),
             z.pool_grants_mean,
             z.grants_per_holder_max,
             z.pool_owned_max,
             z.registry_entries_max,
-            z.cache_entries_max
+            z.cache_entries_max,
+            z.machine_addresses,
+            z.root_granted_addresses,
+            z.idle_pool_addresses
         );
         let m = &self.messages;
         let _ = writeln!(

@@ -162,6 +162,11 @@ fn block_at(start: u32, prefix: u8) -> Ipv4Net {
     Ipv4Net::new_assert(Ipv4Addr::from(start), prefix)
 }
 
+/// Aligned blocks overlap exactly when one contains the other.
+fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b) || b.contains(&a)
+}
+
 fn block_size(prefix: u8) -> u64 {
     1u64 << (32 - u32::from(prefix))
 }
@@ -173,6 +178,10 @@ struct BlockSet(BTreeMap<u32, Ipv4Net>);
 impl BlockSet {
     fn insert(&mut self, block: Ipv4Net) {
         self.0.insert(span(block).0, block);
+    }
+
+    fn from_blocks(blocks: &[Ipv4Net]) -> Self {
+        BlockSet(blocks.iter().map(|&b| (span(b).0, b)).collect())
     }
 
     /// Some block of the set overlapping `block` (aligned blocks either nest or are disjoint).
@@ -192,6 +201,8 @@ impl BlockSet {
 pub struct AddressPool {
     /// Disjoint, aggregated.
     owned: Vec<Ipv4Net>,
+    /// `owned` for overlap lookups: a coordinator near the root of a large tree owns many blocks.
+    owned_index: BlockSet,
     /// Disjoint, aggregated; never granted even where owned.
     excluded: Vec<Ipv4Net>,
     lease: Duration,
@@ -212,8 +223,15 @@ impl AddressPool {
     ) -> Self {
         let owned = Ipv4Net::aggregate(&owned.into_iter().map(|n| n.trunc()).collect());
         let excluded = Ipv4Net::aggregate(&excluded.into_iter().map(|n| n.trunc()).collect());
-        let mut pool =
-            AddressPool { owned, excluded, lease, grants: BTreeMap::new(), by_holder: BTreeMap::new(), free: vec![] };
+        let mut pool = AddressPool {
+            owned_index: BlockSet::from_blocks(&owned),
+            owned,
+            excluded,
+            lease,
+            grants: BTreeMap::new(),
+            by_holder: BTreeMap::new(),
+            free: vec![],
+        };
         pool.rebuild_free();
         pool
     }
@@ -258,13 +276,68 @@ impl AddressPool {
     /// Adds a block (e.g. a further grant from the parent when this pool ran out).
     pub fn add_owned(&mut self, block: Ipv4Net) -> Result<(), PoolError> {
         let block = block.trunc();
-        if self.owned.iter().any(|o| o.contains(&block) || block.contains(o)) {
+        if self.owned_index.overlapping(block).is_some() {
             return Err(PoolError::AlreadyOwned(block));
         }
-        self.owned.push(block);
-        self.owned = Ipv4Net::aggregate(&self.owned);
+        self.set_owned([&self.owned[..], &[block]].concat());
+        // Only the new block's space becomes free (minus exclusions and any grant already made inside it), so a
+        // pool of many blocks is not carved again from scratch for each one.
+        let mut holes: Vec<Ipv4Net> = self.excluded.iter().copied().filter(|e| overlap(*e, block)).collect();
+        holes.extend(self.grants_overlapping(block).map(|g| g.block));
+        for piece in carve(&[block], &holes) {
+            self.release_block(piece);
+        }
+        Ok(())
+    }
+
+    /// Gives owned blocks back (e.g. to the parent): each must lie in an owned block and hold no grant.
+    pub fn remove_owned(&mut self, blocks: &[Ipv4Net]) -> Result<(), PoolError> {
+        let blocks: Vec<Ipv4Net> = blocks.iter().map(|b| b.trunc()).collect();
+        for &b in &blocks {
+            if !self.grantable_or_excluded(b) {
+                return Err(PoolError::NotOwned(b));
+            }
+            if let Some(g) = self.grants_overlapping(b).next() {
+                return Err(PoolError::Taken { block: b, held: g.block, holder: g.holder });
+            }
+        }
+        let owned = carve(&self.owned, &blocks);
+        self.set_owned(owned);
         self.rebuild_free();
         Ok(())
+    }
+
+    /// Whether `block` is free as a whole: owned, not excluded, no grant inside.
+    pub fn is_free(&self, block: Ipv4Net) -> bool {
+        let block = block.trunc();
+        self.grantable(block) && self.grants_overlapping(block).next().is_none()
+    }
+
+    fn grantable_or_excluded(&self, block: Ipv4Net) -> bool {
+        self.owned_index.overlapping(block).is_some_and(|o| o.contains(&block))
+    }
+
+    /// Whether some owned block overlaps `block`.
+    pub fn overlaps_owned(&self, block: Ipv4Net) -> bool {
+        self.owned_index.overlapping(block.trunc()).is_some()
+    }
+
+    fn set_owned(&mut self, owned: Vec<Ipv4Net>) {
+        self.owned = Ipv4Net::aggregate(&owned);
+        self.owned_index = BlockSet::from_blocks(&self.owned);
+    }
+
+    /// The grants overlapping `block`: one containing it, or those inside it (grants are disjoint).
+    fn grants_overlapping(&self, block: Ipv4Net) -> impl Iterator<Item = &Grant> {
+        let (start, end) = span(block);
+        let containing = self
+            .grants
+            .range(..=block_at(start, 32))
+            .next_back()
+            .map(|(_, g)| g)
+            .filter(|g| g.block.prefix_len() < block.prefix_len() && g.block.contains(&block));
+        let inside = self.grants.range(block_at(start, 0)..=block_at(end, 32)).map(|(_, g)| g);
+        containing.into_iter().chain(inside.filter(move |g| block.contains(&g.block)))
     }
 
     /// Grants the smallest free block that fits a /`prefix` (lowest address first) to `holder`.
@@ -314,15 +387,14 @@ impl AddressPool {
     }
 
     fn why_not_free(&self, block: Ipv4Net) -> PoolError {
-        let overlaps = |n: &Ipv4Net| n.contains(&block) || block.contains(n);
-        if !self.owned.iter().any(overlaps) && !self.excluded.iter().any(overlaps) {
-            // Outside the pool: no grant can be there either (grants lie inside owned blocks); skips the scan.
+        if !self.overlaps_owned(block) && !self.excluded.iter().any(|e| overlap(*e, block)) {
+            // Outside the pool: no grant can be there either (grants lie inside owned blocks).
             return PoolError::NotOwned(block);
         }
-        if let Some(g) = self.grants.values().find(|g| g.block.contains(&block) || block.contains(&g.block)) {
+        if let Some(g) = self.grants_overlapping(block).next() {
             return PoolError::Taken { block, held: g.block, holder: g.holder };
         }
-        if self.excluded.iter().any(|e| e.contains(&block) || block.contains(e)) {
+        if self.excluded.iter().any(|e| overlap(*e, block)) {
             return PoolError::Excluded(block);
         }
         PoolError::NotOwned(block)
@@ -412,6 +484,15 @@ impl AddressPool {
         blocks.len()
     }
 
+    /// Hands one grant to another holder with a fresh lease (its holder moved under `to`).
+    pub fn reassign(&mut self, block: Ipv4Net, to: NodeId, now: Time) -> bool {
+        let Some(mut g) = self.take_grant(block.trunc()) else { return false };
+        g.holder = to;
+        g.expires_at = g.expires_at.max(now + self.lease);
+        self.put_grant(g);
+        true
+    }
+
     /// Reclaims every grant whose lease ran out at or before `now`; returns them sorted by block.
     pub fn expire(&mut self, now: Time) -> Vec<Grant> {
         let expired: Vec<Ipv4Net> = self.grants.values().filter(|g| g.expires_at <= now).map(|g| g.block).collect();
@@ -460,7 +541,7 @@ impl AddressPool {
     pub fn inherit(&mut self, state: &PoolState, now: Time) -> Vec<Renumbered> {
         let mut owned = self.owned.clone();
         owned.extend(state.owned.iter().map(|n| n.trunc()));
-        self.owned = Ipv4Net::aggregate(&owned);
+        self.set_owned(owned);
         let mut excluded = self.excluded.clone();
         excluded.extend(state.excluded.iter().map(|n| n.trunc()));
         self.excluded = Ipv4Net::aggregate(&excluded);
@@ -511,7 +592,7 @@ impl AddressPool {
 
     /// Inside an owned block and clear of every excluded range.
     fn grantable(&self, block: Ipv4Net) -> bool {
-        self.owned.iter().any(|o| o.contains(&block))
+        self.owned_index.overlapping(block).is_some_and(|o| o.contains(&block))
             && !self.excluded.iter().any(|e| e.contains(&block) || block.contains(e))
     }
 
@@ -551,7 +632,7 @@ impl AddressPool {
         }
         let mut owned = remaining;
         owned.push(new);
-        self.owned = Ipv4Net::aggregate(&owned);
+        self.set_owned(owned);
         self.rebuild_free();
         Ok(moved)
     }
@@ -654,6 +735,29 @@ mod tests {
         );
         assert_eq!(pool.claim(net("10.17.0.0/26"), node(2), secs(0)), Err(PoolError::NotOwned(net("10.17.0.0/26"))));
         assert_eq!(pool.free_addresses(), (1 << 16) - 256 - 64);
+    }
+
+    /// Blocks from the parent come and go one at a time: the free space is updated in place (and matches a
+    /// rebuild from scratch), a block with a grant inside cannot go, a grant can follow its holder elsewhere.
+    #[test]
+    fn blocks_are_added_and_given_back_without_rebuilding_the_pool() {
+        let mut pool = AddressPool::new([net("10.16.0.0/24")], [], LEASE);
+        let a = pool.alloc(node(1), 26, secs(0)).unwrap();
+        pool.add_owned(net("10.16.1.0/24")).unwrap();
+        pool.add_owned(net("10.16.3.0/24")).unwrap();
+        assert_eq!(pool.add_owned(net("10.16.1.128/25")), Err(PoolError::AlreadyOwned(net("10.16.1.128/25"))));
+        assert_eq!(pool.owned(), &[net("10.16.0.0/23"), net("10.16.3.0/24")]);
+        let mut rebuilt = pool.clone();
+        rebuilt.rebuild_free();
+        assert_eq!(rebuilt.free_blocks(), pool.free_blocks());
+        assert!(pool.is_free(net("10.16.3.0/24")) && !pool.is_free(net("10.16.0.0/24")));
+        assert!(matches!(pool.remove_owned(&[net("10.16.0.0/24")]), Err(PoolError::Taken { .. })));
+        pool.remove_owned(&[net("10.16.1.0/24"), net("10.16.3.0/24")]).unwrap();
+        assert_eq!(pool.owned(), &[net("10.16.0.0/24")]);
+        assert_eq!(pool.free_addresses(), 256 - 64);
+        assert!(pool.reassign(a, node(2), secs(1)));
+        assert_eq!(pool.grant(a).map(|g| g.holder), Some(node(2)));
+        assert_eq!(pool.grants_of(node(1)).count(), 0);
     }
 
     #[test]
