@@ -909,11 +909,10 @@ impl Node {
             orphaned_from,
             term,
         };
-        if purpose != AttachPurpose::Direct {
-            // Recovery is on the clock (re-attach within 3 s): send twice, so that one lost message does not
-            // cost an attach timeout and a detour to the next candidate. Attach is idempotent.
-            self.send(target, Message::Attach(Box::new(attach.clone())));
-        }
+        // Recovery and moves (a split or leave redirects whole groups) are on the clock: send twice, so that one
+        // lost message does not cost an attach timeout and a detour through the bootstrap contacts. Attach is
+        // idempotent.
+        self.send(target, Message::Attach(Box::new(attach.clone())));
         self.send(target, Message::Attach(Box::new(attach)));
         self.pending = Pending::Attach { target, deadline: now + self.config.attach_timeout, purpose };
     }

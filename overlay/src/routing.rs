@@ -62,7 +62,7 @@ use crate::routes::{
 use crate::{Position, Time};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -182,7 +182,7 @@ pub enum RouteEvent {
 }
 
 /// What a grant is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Purpose {
     /// The holder's own machine subnet.
     Machine,
@@ -196,12 +196,16 @@ pub struct Held {
     pub block: Ipv4Net,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Want {
     pub purpose: Purpose,
     pub prefix: u8,
     /// The block this one replaces (renumbering).
     pub replaces: Option<Ipv4Net>,
+    /// Whose block `replaces` is, when a coordinator asks on behalf of a node below it: the node that granted it
+    /// can hand the grant over even before it notices that node left its group (a split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +322,8 @@ enum Asker {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutingCounters {
     pub grants_made: u64,
+    /// Idle blocks a coordinator returned to its parent.
+    pub blocks_given_back: u64,
     pub renumbered: u64,
     pub queries_up: u64,
     pub answers: u64,
@@ -338,15 +344,18 @@ pub struct Routing {
     pool: AddressPool,
     pool_is_platform: bool,
     /// Children's wants waiting for a block from the parent.
-    waiting: Vec<(NodeId, Want)>,
+    waiting: BTreeSet<(NodeId, Want)>,
     block_asked_at: Option<Time>,
     extra_machine_wanted: bool,
     /// Machine subnets from before a restart, asked back from the parent (or claimed at a root).
     restoring: Vec<Ipv4Net>,
     /// Blocks a child wants kept that lie outside our pool: asked from our parent for ourselves, with when.
-    claims_up: Vec<(Ipv4Net, Time)>,
+    claims_up: BTreeMap<Ipv4Net, Time>,
+    /// Replacements granted lately, by (child, replaced block): a child repeats its syncs before our answer
+    /// arrives, and each repeat must get the same replacement, not another fresh block.
+    replacements: BTreeMap<(NodeId, Ipv4Net), (Ipv4Net, Time)>,
     /// Blocks our parent could not keep for us: a child's want for one of them gets a fresh block instead.
-    unavailable_up: Vec<Ipv4Net>,
+    unavailable_up: BTreeSet<Ipv4Net>,
     /// The group blocks of our parent (what we inherit when we take its place).
     parent_group: Vec<Ipv4Net>,
     synced_parent: Option<NodeId>,
@@ -382,12 +391,13 @@ impl Routing {
             machine: Vec::new(),
             parent_blocks: Vec::new(),
             pool_is_platform: false,
-            waiting: Vec::new(),
+            waiting: BTreeSet::new(),
             block_asked_at: None,
             extra_machine_wanted: false,
             restoring: Vec::new(),
-            claims_up: Vec::new(),
-            unavailable_up: Vec::new(),
+            claims_up: BTreeMap::new(),
+            replacements: BTreeMap::new(),
+            unavailable_up: BTreeSet::new(),
             parent_group: Vec::new(),
             synced_parent: None,
             next_sync: Time::ZERO,
@@ -522,9 +532,12 @@ impl Routing {
         }
         // Unanswered claims are asked again (through the waiting wants); refusals matter while someone waits.
         let before = self.claims_up.len();
-        self.claims_up.retain(|(_, at)| now.saturating_sub(*at) <= self.cfg.resync_interval);
-        let waiting = &self.waiting;
-        self.unavailable_up.retain(|b| waiting.iter().any(|(_, w)| w.replaces == Some(*b)));
+        self.claims_up.retain(|_, at| now.saturating_sub(*at) <= self.cfg.resync_interval);
+        self.replacements.retain(|_, (_, at)| now.saturating_sub(*at) <= self.cfg.resync_interval * 2);
+        if !self.unavailable_up.is_empty() {
+            let waited_for: BTreeSet<Ipv4Net> = self.waiting.iter().filter_map(|(_, w)| w.replaces).collect();
+            self.unavailable_up.retain(|b| waited_for.contains(b));
+        }
         if self.claims_up.len() != before {
             self.serve_waiting(now, ctx);
         }
@@ -693,26 +706,62 @@ impl Routing {
     fn sync(&mut self, now: Time, ctx: &TreeCtx) {
         let Some(parent) = ctx.parent else { return };
         self.next_sync = now + self.cfg.resync_interval;
+        self.give_back_idle_blocks();
         let held = self.held();
         let mut want = Vec::new();
         if (self.machine.is_empty() && self.restoring.is_empty()) || self.extra_machine_wanted {
-            want.push(Want { purpose: Purpose::Machine, prefix: self.cfg.machine_prefix, replaces: None });
+            want.push(Want {
+                purpose: Purpose::Machine,
+                prefix: self.cfg.machine_prefix,
+                replaces: None,
+                on_behalf: None,
+            });
         }
         // Restored subnets are asked back by name: the parent keeps each or answers with a replacement.
         want.extend(self.restoring.iter().map(|&old| Want {
             purpose: Purpose::Machine,
             prefix: old.prefix_len(),
             replaces: Some(old),
+            on_behalf: None,
         }));
         self.send(parent, RoutesMessage::SubnetSync { held, want });
+    }
+
+    /// Blocks from the parent in which nothing is granted go back (they are left out of the sync, and the parent
+    /// frees what a child stops listing), keeping one block's worth of free space for the next child: splits,
+    /// moves and answers to repeated requests otherwise leave idle blocks behind, and the platform range is finite.
+    fn give_back_idle_blocks(&mut self) {
+        if !self.waiting.is_empty() || self.pool_is_platform {
+            return;
+        }
+        let headroom = 1u64 << (32 - u32::from(self.cfg.block_prefix));
+        let mut free = self.pool.free_addresses();
+        let mut idle = Vec::new();
+        for &b in &self.parent_blocks {
+            let size = 1u64 << (32 - u32::from(b.prefix_len()));
+            if free >= headroom + size && self.pool.is_free(b) {
+                free -= size;
+                idle.push(b);
+            }
+        }
+        if idle.is_empty() || self.pool.remove_owned(&idle).is_err() {
+            return;
+        }
+        self.counters.blocks_given_back += idle.len() as u64;
+        let idle: BTreeSet<Ipv4Net> = idle.into_iter().collect();
+        self.parent_blocks.retain(|b| !idle.contains(b));
     }
 
     fn ask_block(&mut self, now: Time, ctx: &TreeCtx, prefix: u8) {
         let Some(parent) = ctx.parent else { return };
         self.block_asked_at = Some(now);
-        let prefix = prefix.min(self.cfg.block_prefix);
+        // Each further block is as large as all we hold (up to a /18), so a coordinator holds a few blocks rather
+        // than one per child: its syncs, and the claims when it moves under another parent, stay small.
+        let owned: u64 = self.parent_blocks.iter().map(|b| 1u64 << (32 - u32::from(b.prefix_len()))).sum();
+        let doubling = 32 - owned.max(1).ilog2().min(14) as u8;
+        let prefix = prefix.min(self.cfg.block_prefix).min(doubling);
         let held = self.held();
-        let want = vec![Want { purpose: Purpose::Block, prefix, replaces: None }];
+        let want = vec![Want { purpose: Purpose::Block, prefix, replaces: None, on_behalf: None }];
         self.send(parent, RoutesMessage::SubnetSync { held, want });
     }
 
@@ -903,10 +952,9 @@ impl Routing {
                 }
                 for (want, reason) in refused {
                     if let Some(old) = want.replaces {
-                        if self.claims_up.iter().any(|(b, _)| *b == old) {
+                        if self.claims_up.remove(&old).is_some() {
                             // Our parent cannot keep it: the child that wanted it gets a fresh block from us.
-                            self.claims_up.retain(|(b, _)| *b != old);
-                            self.unavailable_up.push(old);
+                            self.unavailable_up.insert(old);
                             continue;
                         }
                         self.revoke(now, old);
@@ -1036,11 +1084,16 @@ impl Routing {
                     renewed = true;
                 }
             } else if self.pool.claim(h.block, child, now).is_err() {
-                want.push(Want { purpose: h.purpose, prefix: h.block.prefix_len(), replaces: Some(h.block) });
+                want.push(Want {
+                    purpose: h.purpose,
+                    prefix: h.block.prefix_len(),
+                    replaces: Some(h.block),
+                    on_behalf: None,
+                });
             }
         }
         // A want repeated by a resync while it waits counts once.
-        want.retain(|w| !self.waiting.iter().any(|(c, x)| *c == child && x == w));
+        want.retain(|w| !self.waiting.contains(&(child, *w)));
         self.grant_wants(now, ctx, child, want);
         // Every sync learns the group's blocks, so any child can take this node's place.
         self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));
@@ -1070,26 +1123,36 @@ impl Routing {
             if let Some(old) = w.replaces
                 && old.prefix_len() == w.prefix
             {
-                match self.keep(now, ctx, child, old) {
+                match self.keep(now, ctx, child, old, w.on_behalf.unwrap_or(child)) {
                     Keep::Kept => {
                         granted.push(Granted { purpose: w.purpose, block: old, replaces: Some(old) });
                         continue;
                     }
                     Keep::AskedUp => {
-                        self.waiting.push((child, w));
+                        self.waiting.insert((child, w));
                         continue;
                     }
                     Keep::No => {}
                 }
             }
+            if let Some(old) = w.replaces
+                && let Some(&(new, _)) = self.replacements.get(&(child, old))
+                && self.pool.grant(new).is_some_and(|g| g.holder == child)
+            {
+                granted.push(Granted { purpose: w.purpose, block: new, replaces: Some(old) });
+                continue;
+            }
             match self.pool.alloc(child, w.prefix, now) {
                 Ok(block) => {
                     self.counters.grants_made += 1;
+                    if let Some(old) = w.replaces {
+                        self.replacements.insert((child, old), (block, now));
+                    }
                     granted.push(Granted { purpose: w.purpose, block, replaces: w.replaces });
                 }
                 Err(e) if ctx.is_root => refused.push((w, e.to_string())),
                 Err(_) => {
-                    self.waiting.push((child, w));
+                    self.waiting.insert((child, w));
                     if self.block_asked_at.is_none() {
                         self.ask_block(now, ctx, w.prefix);
                     }
@@ -1104,13 +1167,28 @@ impl Routing {
     /// Whether a child may keep `old` (a block it held elsewhere, or before a restart): yes when it is free in our
     /// pool; when it lies outside our pool, we ask our parent for it as a block of our own (and so on up to the
     /// root, which owns the platform range), so blocks that clash with nothing are never renumbered.
-    fn keep(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, old: Ipv4Net) -> Keep {
+    fn keep(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, old: Ipv4Net, holder_below: NodeId) -> Keep {
         if self.pool.grant(old).is_some_and(|g| g.holder == child) {
             self.pool.renew(child, now);
             return Keep::Kept;
         }
+        // Already asked up: the answer serves it (re-checking every waiting want against the pool would cost
+        // each new block a pass over all of them).
+        if self.claims_up.contains_key(&old) && !self.pool.overlaps_owned(old) {
+            return Keep::AskedUp;
+        }
         match self.pool.claim(old, child, now) {
             Ok(()) => Keep::Kept,
+            // Held by a node that is no longer our child: it moved under `child` (a split, a re-attachment) and
+            // `child` asks for it on its behalf. The grant follows it, so nothing is renumbered.
+            Err(PoolError::Taken { held, holder, .. })
+                if held == old.trunc()
+                    && holder != ctx.me
+                    && (holder == holder_below || !ctx.children.iter().any(|(c, _)| *c == holder)) =>
+            {
+                self.pool.reassign(old, child, now);
+                Keep::Kept
+            }
             Err(PoolError::NotOwned(_)) if !ctx.is_root && is_machine_block(&old) => {
                 let Some(parent) = ctx.parent else { return Keep::No };
                 // Our own subnets come from the parent too (it would see them as ours and say "kept").
@@ -1121,10 +1199,15 @@ impl Routing {
                 {
                     return Keep::No;
                 }
-                if !self.claims_up.iter().any(|(b, _)| *b == old) {
-                    self.claims_up.push((old, now));
+                if let std::collections::btree_map::Entry::Vacant(claim) = self.claims_up.entry(old) {
+                    claim.insert(now);
                     let held = self.held();
-                    let want = vec![Want { purpose: Purpose::Block, prefix: old.prefix_len(), replaces: Some(old) }];
+                    let want = vec![Want {
+                        purpose: Purpose::Block,
+                        prefix: old.prefix_len(),
+                        replaces: Some(old),
+                        on_behalf: Some(holder_below),
+                    }];
                     self.send(parent, RoutesMessage::SubnetSync { held, want });
                 }
                 Keep::AskedUp
@@ -1138,11 +1221,12 @@ impl Routing {
             return;
         }
         let waiting = std::mem::take(&mut self.waiting);
+        // Ordered by child: each child's wants are consecutive.
         let mut by_child: Vec<(NodeId, Vec<Want>)> = Vec::new();
         for (c, w) in waiting {
-            match by_child.iter_mut().find(|(x, _)| *x == c) {
-                Some((_, v)) => v.push(w),
-                None => by_child.push((c, vec![w])),
+            match by_child.last_mut() {
+                Some((x, v)) if *x == c => v.push(w),
+                _ => by_child.push((c, vec![w])),
             }
         }
         for (c, wants) in by_child {
@@ -1212,10 +1296,10 @@ impl Routing {
                     }
                     // The answer to a block we asked for on a child's behalf: ours either way; when it is not
                     // the block asked for, the child's want gets a fresh block from our pool.
-                    Some(old) if self.claims_up.iter().any(|(b, _)| *b == old) => {
-                        self.claims_up.retain(|(b, _)| *b != old);
+                    Some(old) if self.claims_up.contains_key(&old) => {
+                        self.claims_up.remove(&old);
                         if g.block != old {
-                            self.unavailable_up.push(old);
+                            self.unavailable_up.insert(old);
                         }
                         if !self.parent_blocks.contains(&g.block) {
                             self.parent_blocks.push(g.block);
@@ -1547,11 +1631,14 @@ mod tests {
         let samples = vec![
             RoutesMessage::SubnetSync {
                 held: vec![Held { purpose: Purpose::Machine, block }],
-                want: vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None }],
+                want: vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }],
             },
             RoutesMessage::SubnetReply {
                 granted: vec![Granted { purpose: Purpose::Machine, block, replaces: Some(block) }],
-                refused: vec![(Want { purpose: Purpose::Block, prefix: 20, replaces: None }, "full".into())],
+                refused: vec![(
+                    Want { purpose: Purpose::Block, prefix: 20, replaces: None, on_behalf: None },
+                    "full".into(),
+                )],
             },
             RoutesMessage::Moved { old: block, new: None },
             RoutesMessage::GroupBlocks(vec![block]),
@@ -1600,7 +1687,7 @@ mod tests {
         assert!(Envelope::decode(&envelope(path).encode()).is_err());
         let bad_prefix = RoutesMessage::SubnetSync {
             held: vec![],
-            want: vec![Want { purpose: Purpose::Machine, prefix: 40, replaces: None }],
+            want: vec![Want { purpose: Purpose::Machine, prefix: 40, replaces: None, on_behalf: None }],
         };
         assert!(Envelope::decode(&envelope(bad_prefix).encode()).is_err());
     }
@@ -1624,7 +1711,7 @@ mod tests {
         assert_eq!(root.machine_subnets().len(), 1, "the root grants itself a subnet");
         let mut granted = vec![root.machine_subnets()[0]];
         for (kid, _) in &kids {
-            let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None }];
+            let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None }];
             root.on_message(t0, &ctx(1, None, true, &kids), *kid, RoutesMessage::SubnetSync { held: vec![], want });
         }
         for (_, m) in root.drain().0 {
@@ -1691,7 +1778,7 @@ mod tests {
         let kids = [(NodeId::from_u64(2), Position::new(1.0, 1.0))];
         root.poll(Time::ZERO, &ctx(1, None, true, &kids));
         root.drain();
-        let want = Want { purpose: Purpose::Machine, prefix: 29, replaces: None };
+        let want = Want { purpose: Purpose::Machine, prefix: 29, replaces: None, on_behalf: None };
         let sync = RoutesMessage::SubnetSync { held: vec![], want: vec![want] };
         root.on_message(Time::ZERO, &ctx(1, None, true, &kids), NodeId::from_u64(2), sync);
         let (out, _) = root.drain();
@@ -1747,8 +1834,8 @@ mod tests {
         assert_eq!(
             wants,
             vec![
-                Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(kept) },
-                Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(lost) }
+                Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(kept), on_behalf: None },
+                Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(lost), on_behalf: None }
             ]
         );
         let parent = NodeId::from_u64(9);
@@ -1776,8 +1863,8 @@ mod tests {
         // A child asks for its old subnet (free) and for the root's (taken): it keeps the first only.
         let mine: Ipv4Net = "10.20.0.0/26".parse().unwrap();
         let want = vec![
-            Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(mine) },
-            Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(old) },
+            Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(mine), on_behalf: None },
+            Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(old), on_behalf: None },
         ];
         root.on_message(Time::ZERO, &root_ctx, kids[0].0, RoutesMessage::SubnetSync { held: vec![], want });
         let granted: Vec<Granted> = root
@@ -1821,7 +1908,7 @@ mod tests {
         let held = vec![Held { purpose: Purpose::Machine, block: foreign }];
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
         let sent = coord.drain().0;
-        let up = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(foreign) };
+        let up = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(foreign), on_behalf: Some(kid) };
         assert!(
             sent.iter().any(
                 |(to, m)| *to == parent && matches!(m, RoutesMessage::SubnetSync { want, .. } if want == &vec![up])
@@ -1931,7 +2018,7 @@ mod tests {
             parent,
             reply(vec![Granted { purpose: Purpose::Block, block: ours, replaces: None }]),
         );
-        let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None }];
+        let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None }];
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held: vec![], want });
         let kid_block = coord.pool().grants_of(kid).next().expect("the child got a subnet").block;
         coord.drain();
@@ -1950,6 +2037,107 @@ mod tests {
         assert_eq!(coord.pool().grant(mine[0]).map(|g| g.holder), Some(me));
         assert_eq!(coord.pool().grant(kid_block).map(|g| g.holder), Some(kid));
         assert!(events.contains(&RouteEvent::SubnetChanged { old: kid_block, new: mine[0] }), "{events:?}");
+    }
+
+    /// A split moves a child's child under a sibling before the old parent notices: the sibling asks for the moved
+    /// node's block on its behalf and the grant follows it, nothing is renumbered.
+    #[test]
+    fn a_block_asked_for_on_behalf_of_its_holder_is_handed_over_not_renumbered() {
+        let (root, old_parent, new_parent) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(3));
+        let kids = [(old_parent, Position::new(1.0, 1.0)), (new_parent, Position::new(2.0, 2.0))];
+        let c = TreeCtx { me: root, position: Position::new(48.0, 11.0), parent: None, is_root: true, children: &kids };
+        let mut node = Routing::new(RoutingConfig::default());
+        node.poll(Time::ZERO, &c);
+        let want = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
+        node.on_message(Time::ZERO, &c, old_parent, RoutesMessage::SubnetSync { held: vec![], want });
+        let block = node.pool().grants_of(old_parent).next().expect("granted").block;
+        node.drain();
+        // `old_parent` itself moved under `new_parent`, which asks for its block.
+        let claim = Want { purpose: Purpose::Block, prefix: 24, replaces: Some(block), on_behalf: Some(old_parent) };
+        let held = vec![];
+        node.on_message(Time::ZERO, &c, new_parent, RoutesMessage::SubnetSync { held, want: vec![claim] });
+        assert_eq!(node.pool().grant(block).map(|g| g.holder), Some(new_parent));
+        let kept = Granted { purpose: Purpose::Block, block, replaces: Some(block) };
+        assert!(node.drain().0.iter().any(|(to, m)| *to == new_parent
+            && matches!(m, RoutesMessage::SubnetReply { granted, .. } if granted == &vec![kept])));
+    }
+
+    /// A child repeats its sync before our answer arrives: every repeat gets the same replacement block.
+    #[test]
+    fn a_repeated_want_for_a_replacement_gets_the_same_block() {
+        let (root, a, b) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(3));
+        let kids = [(a, Position::new(1.0, 1.0)), (b, Position::new(2.0, 2.0))];
+        let c = TreeCtx { me: root, position: Position::new(48.0, 11.0), parent: None, is_root: true, children: &kids };
+        let mut node = Routing::new(RoutingConfig::default());
+        node.poll(Time::ZERO, &c);
+        let fresh = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
+        node.on_message(Time::ZERO, &c, a, RoutesMessage::SubnetSync { held: vec![], want: fresh });
+        let taken = node.pool().grants_of(a).next().expect("granted").block;
+        node.drain();
+        // `b` holds `taken` too (another side of a partition): it cannot keep it, and asks twice.
+        let mut answers = Vec::new();
+        for t in [0, 5] {
+            let held = vec![Held { purpose: Purpose::Block, block: taken }];
+            node.on_message(Time::from_millis(t), &c, b, RoutesMessage::SubnetSync { held, want: vec![] });
+            for (to, m) in node.drain().0 {
+                if let (true, RoutesMessage::SubnetReply { granted, .. }) = (to == b, m) {
+                    answers.extend(granted);
+                }
+            }
+        }
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        assert_eq!(answers[0], answers[1]);
+        assert_ne!(answers[0].block, taken);
+        assert_eq!(node.pool().grants_of(b).count(), 1, "one replacement, not one per sync");
+    }
+
+    /// Blocks a coordinator no longer grants from go back to its parent (left out of its sync), and a coordinator
+    /// asks for blocks as large as what it holds, so it holds a few blocks, not one per child.
+    #[test]
+    fn idle_blocks_go_back_and_further_blocks_double() {
+        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c =
+            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let first: Ipv4Net = "10.16.0.0/24".parse().unwrap();
+        let mut coord = coordinator_holding(first, &c, parent);
+        let second: Ipv4Net = "10.16.4.0/24".parse().unwrap();
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: second, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::ZERO, &c, parent, reply);
+        coord.drain();
+        // Nothing is granted from either: one goes back at the next sync, one stays as room for the next child.
+        coord.poll(Time::from_secs(11), &c);
+        let sent = coord.drain().0;
+        let held: Vec<Ipv4Net> = sent
+            .iter()
+            .find_map(|(to, m)| match m {
+                RoutesMessage::SubnetSync { held, .. } if *to == parent => {
+                    Some(held.iter().filter(|h| h.purpose == Purpose::Block).map(|h| h.block).collect())
+                }
+                _ => None,
+            })
+            .expect("a sync");
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(coord.counters().blocks_given_back, 1);
+        assert!(coord.pool().owned() == held.as_slice(), "{:?}", coord.pool().owned());
+        // Asking again: the block asked for is as large as what we hold (here the /24 left).
+        let wants: Vec<Want> =
+            (0..5).map(|_| Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None }).collect();
+        coord.on_message(Time::from_secs(11), &c, kid, RoutesMessage::SubnetSync { held: vec![], want: wants });
+        let asked: Vec<Want> = coord
+            .drain()
+            .0
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                RoutesMessage::SubnetSync { want, .. } if to == parent => Some(want),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
     }
 
     #[test]
