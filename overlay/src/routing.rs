@@ -480,8 +480,11 @@ impl Routing {
             self.grant_own_machine(now, ctx);
         }
         self.own_subnets_in_pool(now, ctx);
-        // Children that went away: release their grants, forget their interests and records.
-        if self.known_children.iter().any(|k| !ctx.children.iter().any(|(c, _)| c == k)) {
+        // Children that went away: release their grants, forget their interests and records. (Runs after every
+        // input: the common case, the same children in the same order, is checked without the pairwise scan.)
+        let same_children = self.known_children.len() == ctx.children.len()
+            && self.known_children.iter().zip(ctx.children).all(|(k, (c, _))| k == c);
+        if !same_children && self.known_children.iter().any(|k| !ctx.children.iter().any(|(c, _)| c == k)) {
             let gone: Vec<NodeId> =
                 self.known_children.iter().copied().filter(|k| !ctx.children.iter().any(|(c, _)| c == k)).collect();
             for child in gone {
@@ -495,7 +498,9 @@ impl Routing {
             }
             self.sent_group = blocks;
         }
-        self.known_children = ctx.children.iter().map(|(c, _)| *c).collect();
+        if !same_children {
+            self.known_children = ctx.children.iter().map(|(c, _)| *c).collect();
+        }
         if ctx.parent != self.synced_parent {
             self.synced_parent = ctx.parent;
             if let Some(parent) = ctx.parent {
