@@ -77,6 +77,9 @@ pub const MAX_LIST: usize = 4096;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RoutingConfig {
+    /// The range machine subnets come from (the root owns it); it must hold the ServiceIP range, which is never
+    /// granted. The same on every agent.
+    pub platform_range: Ipv4Net,
     /// Prefix length of a machine subnet.
     pub machine_prefix: u8,
     /// Prefix length of the blocks a coordinator asks its parent for (more when it runs out).
@@ -101,6 +104,7 @@ pub struct RoutingConfig {
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
+            platform_range: PLATFORM_RANGE,
             machine_prefix: DEFAULT_MACHINE_PREFIX,
             block_prefix: 24,
             lease: Duration::from_secs(30),
@@ -584,7 +588,7 @@ impl Routing {
     }
 
     fn become_root(&mut self, now: Time, ctx: &TreeCtx) {
-        let mut pool = AddressPool::platform_root(self.cfg.lease);
+        let mut pool = AddressPool::new([self.cfg.platform_range], [SERVICE_IP_RANGE], self.cfg.lease);
         for g in self.pool.grants() {
             let _ = pool.claim(g.block, g.holder, now);
         }
@@ -628,7 +632,7 @@ impl Routing {
     fn restore(&mut self, now: Time, ctx: &TreeCtx, blocks: Vec<Ipv4Net>) {
         for block in blocks.into_iter().map(|b| b.trunc()) {
             let limit = self.restoring.len() + self.machine.len() >= MAX_RESTORED;
-            if limit || !is_machine_block(&block) || block.prefix_len() > 30 {
+            if limit || !is_machine_block_in(self.cfg.platform_range, &block) || block.prefix_len() > 30 {
                 self.counters.rejected += 1;
                 let reason = format!("cannot restore {block}: not a machine subnet of the platform range");
                 self.events.push(RouteEvent::AllocationFailed { reason });
@@ -1194,7 +1198,7 @@ impl Routing {
                 self.pool.reassign(old, child, now);
                 Keep::Kept
             }
-            Err(PoolError::NotOwned(_)) if !ctx.is_root && is_machine_block(&old) => {
+            Err(PoolError::NotOwned(_)) if !ctx.is_root && is_machine_block_in(self.cfg.platform_range, &old) => {
                 let Some(parent) = ctx.parent else { return Keep::No };
                 // Our own subnets come from the parent too (it would see them as ours and say "kept").
                 let overlaps = |b: &Ipv4Net| b.contains(&old) || old.contains(b);
@@ -1573,7 +1577,12 @@ fn deploy_event(name: ServiceName, result: DeployResult) -> RouteEvent {
 
 /// Whether an address may be a machine subnet at all (inside the platform range, outside the ServiceIP range).
 pub fn is_machine_block(block: &Ipv4Net) -> bool {
-    PLATFORM_RANGE.contains(block) && !SERVICE_IP_RANGE.contains(block) && !block.contains(&SERVICE_IP_RANGE)
+    is_machine_block_in(PLATFORM_RANGE, block)
+}
+
+/// Whether `block` may be a machine subnet (or a block of them) in `platform`: inside it, clear of the ServiceIPs.
+pub fn is_machine_block_in(platform: Ipv4Net, block: &Ipv4Net) -> bool {
+    platform.contains(block) && !SERVICE_IP_RANGE.contains(block) && !block.contains(&SERVICE_IP_RANGE)
 }
 
 /// Which two services claim the same ServiceIP or InstanceIP in `tables` (for checks).

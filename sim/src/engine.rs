@@ -74,6 +74,12 @@ pub fn overlay_config(scenario: &Scenario) -> Config {
     if let Some(every) = scenario.overlay.grid_refresh {
         config.grids.refresh_every = every;
     }
+    if let Some(range) = scenario.overlay.platform_range {
+        config.routes.platform_range = range;
+    }
+    if let Some(prefix) = scenario.overlay.machine_prefix {
+        config.routes.machine_prefix = prefix;
+    }
     config
 }
 

@@ -90,6 +90,13 @@ pub struct OverlayTuning {
     /// Resend unchanged grids every this many heartbeats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_refresh: Option<u32>,
+    /// The range machine subnets come from, e.g. "10.0.0.0/8" (default 10.16.0.0/12, which holds about 15,000
+    /// machines of /26: larger fleets need a larger range or smaller machine subnets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_range: Option<ipnet::Ipv4Net>,
+    /// Prefix length of machine subnets (default 26).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_prefix: Option<u8>,
 }
 
 /// A binary tree of switches, `levels` deep (level 0 is one switch), every link `hop_latency_ms` long,
@@ -290,6 +297,20 @@ impl Scenario {
         if self.overlay.grid_refresh == Some(0) {
             return bad("overlay.grid_refresh", "must be at least 1");
         }
+        if let Some(range) = self.overlay.platform_range {
+            let services = canopy_overlay::routes::pool::SERVICE_IP_RANGE;
+            if range.trunc() != range || !range.contains(&services) || !(8..=15).contains(&range.prefix_len()) {
+                return bad(
+                    "overlay.platform_range",
+                    "must be a network address (host bits zero) of /8../15 holding 10.30.0.0/16",
+                );
+            }
+        }
+        if let Some(prefix) = self.overlay.machine_prefix
+            && !(22..=30).contains(&prefix)
+        {
+            return bad("overlay.machine_prefix", "must be between 22 and 30");
+        }
         if let Some(e) = &self.experiment {
             e.validate(self.nodes.count)?;
         }
@@ -441,6 +462,20 @@ kind = "heal"
             let err = Scenario::from_toml(&EXAMPLE.replace(from, to), "x").unwrap_err().to_string();
             assert!(err.contains(expected), "{from} -> {to}: {err}");
         }
+    }
+
+    #[test]
+    fn platform_range_and_machine_prefix_are_checked() {
+        let with = |overlay: &str| Scenario::from_toml(&format!("{EXAMPLE}\n[overlay]\n{overlay}\n"), "x");
+        let ok = with("platform_range = \"10.0.0.0/8\"\nmachine_prefix = 28").unwrap();
+        let config = crate::engine::overlay_config(&ok);
+        assert_eq!(config.routes.platform_range, "10.0.0.0/8".parse().unwrap());
+        assert_eq!(config.routes.machine_prefix, 28);
+        for bad in ["platform_range = \"10.0.0.1/8\"", "platform_range = \"10.16.0.0/14\"", "machine_prefix = 31"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("overlay."), "{bad}: {err}");
+        }
+        assert!(with("platform_range = \"ten\"").is_err());
     }
 
     #[test]
