@@ -1151,7 +1151,15 @@ impl Routing {
                 granted.push(Granted { purpose: w.purpose, block: new, replaces: Some(old) });
                 continue;
             }
-            match self.pool.alloc(child, w.prefix, now) {
+            let mut allocated = self.pool.alloc(child, w.prefix, now);
+            if allocated.is_err() && w.purpose == Purpose::Block && w.replaces.is_none() {
+                // A coordinator asks for blocks as large as what it holds: when that much is not free here, a
+                // smaller one (down to the usual block size) still serves it.
+                allocated = (w.prefix + 1..=self.cfg.block_prefix)
+                    .find_map(|p| self.pool.alloc(child, p, now).ok())
+                    .ok_or(PoolError::Exhausted(w.prefix));
+            }
+            match allocated {
                 Ok(block) => {
                     self.counters.grants_made += 1;
                     if let Some(old) = w.replaces {
@@ -2103,6 +2111,32 @@ mod tests {
         assert_eq!(answers[0], answers[1]);
         assert_ne!(answers[0].block, taken);
         assert_eq!(node.pool().grants_of(b).count(), 1, "one replacement, not one per sync");
+    }
+
+    /// A coordinator asks for a block as large as what it holds; when no such block is free, it gets the largest
+    /// free one (down to the usual block size) rather than a refusal or a wait.
+    #[test]
+    fn a_block_too_large_for_the_free_space_is_served_smaller() {
+        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c =
+            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let mut coord = coordinator_holding("10.16.0.0/23".parse().unwrap(), &c, parent);
+        coord.drain();
+        let want = vec![Want { purpose: Purpose::Block, prefix: 22, replaces: None, on_behalf: None }];
+        coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held: vec![], want });
+        let granted: Vec<Granted> = coord
+            .drain()
+            .0
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                RoutesMessage::SubnetReply { granted, .. } if to == kid => Some(granted),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(granted.len(), 1, "{granted:?}");
+        assert_eq!(granted[0].block.prefix_len(), 23, "the largest free block, not a refusal: {granted:?}");
     }
 
     /// Blocks a coordinator no longer grants from go back to its parent (left out of its sync), and a coordinator
