@@ -1905,6 +1905,24 @@ mod tests {
     }
 
     /// A coordinator whose parent granted it `block` for its group.
+    /// The grants in the subnet replies sent to `to`.
+    fn granted_to(sent: Vec<(NodeId, RoutesMessage)>, to: NodeId) -> Vec<Granted> {
+        let replies = sent.into_iter().filter_map(|(at, m)| match m {
+            RoutesMessage::SubnetReply { granted, .. } if at == to => Some(granted),
+            _ => None,
+        });
+        replies.flatten().collect()
+    }
+
+    /// The wants in the subnet syncs sent to `to`.
+    fn wanted_of(sent: Vec<(NodeId, RoutesMessage)>, to: NodeId) -> Vec<Want> {
+        let syncs = sent.into_iter().filter_map(|(at, m)| match m {
+            RoutesMessage::SubnetSync { want, .. } if at == to => Some(want),
+            _ => None,
+        });
+        syncs.flatten().collect()
+    }
+
     fn coordinator_holding(block: Ipv4Net, c: &TreeCtx, parent: NodeId) -> Routing {
         let mut coord = Routing::new(RoutingConfig::default());
         coord.poll(Time::ZERO, c);
@@ -2101,11 +2119,7 @@ mod tests {
         for t in [0, 5] {
             let held = vec![Held { purpose: Purpose::Block, block: taken }];
             node.on_message(Time::from_millis(t), &c, b, RoutesMessage::SubnetSync { held, want: vec![] });
-            for (to, m) in node.drain().0 {
-                if let (true, RoutesMessage::SubnetReply { granted, .. }) = (to == b, m) {
-                    answers.extend(granted);
-                }
-            }
+            answers.extend(granted_to(node.drain().0, b));
         }
         assert_eq!(answers.len(), 2, "{answers:?}");
         assert_eq!(answers[0], answers[1]);
@@ -2125,16 +2139,7 @@ mod tests {
         coord.drain();
         let want = vec![Want { purpose: Purpose::Block, prefix: 22, replaces: None, on_behalf: None }];
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held: vec![], want });
-        let granted: Vec<Granted> = coord
-            .drain()
-            .0
-            .into_iter()
-            .filter_map(|(to, m)| match m {
-                RoutesMessage::SubnetReply { granted, .. } if to == kid => Some(granted),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let granted = granted_to(coord.drain().0, kid);
         assert_eq!(granted.len(), 1, "{granted:?}");
         assert_eq!(granted[0].block.prefix_len(), 23, "the largest free block, not a refusal: {granted:?}");
     }
@@ -2175,16 +2180,7 @@ mod tests {
         let wants: Vec<Want> =
             (0..5).map(|_| Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None }).collect();
         coord.on_message(Time::from_secs(11), &c, kid, RoutesMessage::SubnetSync { held: vec![], want: wants });
-        let asked: Vec<Want> = coord
-            .drain()
-            .0
-            .into_iter()
-            .filter_map(|(to, m)| match m {
-                RoutesMessage::SubnetSync { want, .. } if to == parent => Some(want),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let asked = wanted_of(coord.drain().0, parent);
         assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
     }
 
