@@ -53,7 +53,7 @@
 //!   moved instances keep their address); a later instance with that number needs a new deployment.
 
 use crate::id::NodeId;
-use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE};
+use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE, block_size};
 use crate::routes::{
     AddressPool, AddressRequest, AllocatorState, CacheLookup, InstanceRecord, InterestTable, PoolError, QueryAnswer,
     QueryDecision, QueryKey, Registry, RouteCache, RouteChange, ServiceAddresses, ServiceIpAllocator, ServiceName, Via,
@@ -588,7 +588,7 @@ impl Routing {
     }
 
     fn become_root(&mut self, now: Time, ctx: &TreeCtx) {
-        let mut pool = AddressPool::new([self.cfg.platform_range], [SERVICE_IP_RANGE], self.cfg.lease);
+        let mut pool = AddressPool::platform_root(self.cfg.platform_range, self.cfg.lease);
         for g in self.pool.grants() {
             let _ = pool.claim(g.block, g.holder, now);
         }
@@ -743,11 +743,11 @@ impl Routing {
         if !self.waiting.is_empty() || self.pool_is_platform {
             return;
         }
-        let headroom = 1u64 << (32 - u32::from(self.cfg.block_prefix));
+        let headroom = block_size(self.cfg.block_prefix);
         let mut free = self.pool.free_addresses();
         let mut idle = Vec::new();
         for &b in &self.parent_blocks {
-            let size = 1u64 << (32 - u32::from(b.prefix_len()));
+            let size = block_size(b.prefix_len());
             if free >= headroom + size && self.pool.is_free(b) {
                 free -= size;
                 idle.push(b);
@@ -766,7 +766,7 @@ impl Routing {
         self.block_asked_at = Some(now);
         // Each further block is as large as all we hold (up to a /18), so a coordinator holds a few blocks rather
         // than one per child: its syncs, and the claims when it moves under another parent, stay small.
-        let owned: u64 = self.parent_blocks.iter().map(|b| 1u64 << (32 - u32::from(b.prefix_len()))).sum();
+        let owned: u64 = self.parent_blocks.iter().map(|b| block_size(b.prefix_len())).sum();
         let doubling = 32 - owned.max(1).ilog2().min(14) as u8;
         let prefix = prefix.min(self.cfg.block_prefix).min(doubling);
         let held = self.held();

@@ -12,6 +12,7 @@ use crate::scenario::{EventKind, Scenario, Target};
 use crate::wire_size;
 use canopy_overlay::grids::GroupGrids;
 use canopy_overlay::message::Heartbeat;
+use canopy_overlay::routes::pool::block_size;
 use canopy_overlay::{
     Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
 };
@@ -992,11 +993,10 @@ impl Simulation {
             sizes.pool_owned_max = sizes.pool_owned_max.max(pool.owned().len());
             sizes.registry_entries_max = sizes.registry_entries_max.max(routing.registry().len());
             sizes.cache_entries_max = sizes.cache_entries_max.max(routing.cache().len());
-            let size = |b: &canopy_overlay::routes::Grant| 1u64 << (32 - u32::from(b.block.prefix_len()));
             sizes.machine_addresses +=
-                routing.machine_subnets().iter().map(|m| 1u64 << (32 - u32::from(m.prefix_len()))).sum::<u64>();
+                routing.machine_subnets().iter().map(|m| block_size(m.prefix_len())).sum::<u64>();
             if node.role() == canopy_overlay::Role::Root {
-                sizes.root_granted_addresses += pool.grants().map(size).sum::<u64>();
+                sizes.root_granted_addresses += pool.grants().map(|g| block_size(g.block.prefix_len())).sum::<u64>();
             } else {
                 sizes.idle_pool_addresses += pool.free_addresses();
             }

@@ -70,7 +70,7 @@ mod flow_tests {
         let now = secs(0);
 
         // Subnets: R grants C a block for its subtree, C grants machine subnets out of it.
-        let mut root_pool = AddressPool::platform_root(LEASE);
+        let mut root_pool = AddressPool::platform_root(pool::PLATFORM_RANGE, LEASE);
         let c_block = root_pool.alloc(c.id, 20, now).unwrap();
         let mut c_pool = AddressPool::new([c_block], [], LEASE);
         let w1_subnet = c_pool.alloc(w1.id, pool::DEFAULT_MACHINE_PREFIX, now).unwrap();

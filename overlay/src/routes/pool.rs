@@ -167,7 +167,8 @@ fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b) || b.contains(&a)
 }
 
-fn block_size(prefix: u8) -> u64 {
+/// Addresses in a block of prefix length `prefix`.
+pub fn block_size(prefix: u8) -> u64 {
     1u64 << (32 - u32::from(prefix))
 }
 
@@ -237,8 +238,8 @@ impl AddressPool {
     }
 
     /// The root's pool: the platform range minus the ServiceIP range.
-    pub fn platform_root(lease: Duration) -> Self {
-        Self::new([PLATFORM_RANGE], [SERVICE_IP_RANGE], lease)
+    pub fn platform_root(platform: Ipv4Net, lease: Duration) -> Self {
+        Self::new([platform], [SERVICE_IP_RANGE], lease)
     }
 
     /// Restores a pool exactly (e.g. after a restart); fails when the state is inconsistent.
@@ -294,7 +295,7 @@ impl AddressPool {
     pub fn remove_owned(&mut self, blocks: &[Ipv4Net]) -> Result<(), PoolError> {
         let blocks: Vec<Ipv4Net> = blocks.iter().map(|b| b.trunc()).collect();
         for &b in &blocks {
-            if !self.grantable_or_excluded(b) {
+            if !self.inside_owned(b) {
                 return Err(PoolError::NotOwned(b));
             }
             if let Some(g) = self.grants_overlapping(b).next() {
@@ -313,7 +314,7 @@ impl AddressPool {
         self.grantable(block) && self.grants_overlapping(block).next().is_none()
     }
 
-    fn grantable_or_excluded(&self, block: Ipv4Net) -> bool {
+    fn inside_owned(&self, block: Ipv4Net) -> bool {
         self.owned_index.overlapping(block).is_some_and(|o| o.contains(&block))
     }
 
@@ -592,8 +593,7 @@ impl AddressPool {
 
     /// Inside an owned block and clear of every excluded range.
     fn grantable(&self, block: Ipv4Net) -> bool {
-        self.owned_index.overlapping(block).is_some_and(|o| o.contains(&block))
-            && !self.excluded.iter().any(|e| e.contains(&block) || block.contains(e))
+        self.inside_owned(block) && !self.excluded.iter().any(|e| e.contains(&block) || block.contains(e))
     }
 
     /// Recomputes the free blocks from scratch: owned minus excluded minus granted, as maximal aligned blocks.
@@ -678,7 +678,7 @@ mod tests {
 
     #[test]
     fn the_root_pool_excludes_the_service_ip_range() {
-        let mut pool = AddressPool::platform_root(LEASE);
+        let mut pool = AddressPool::platform_root(PLATFORM_RANGE, LEASE);
         assert_eq!(pool.usable_addresses(), (1 << 20) - (1 << 16));
         assert_eq!(
             pool.free_blocks(),
