@@ -38,7 +38,7 @@ const MAX_HOPS: u8 = 64;
 /// Contacts a node keeps for rejoining and merging after partitions.
 const MAX_CONTACTS: usize = 48;
 /// Retry intervals between two rounds of asking the anchors again (see `refill_contacts`).
-const ANCHOR_RETRY_INTERVALS: u32 = 10;
+const ANCHOR_RETRY_INTERVALS: u32 = 3;
 /// Peers whose addresses we remember beyond parent, children and view (joiners we must answer).
 const MAX_PEER_CACHE: usize = 1024;
 /// Coordinators replaced by a successor that we remember, to tell them to step down if they come back.
@@ -1518,16 +1518,29 @@ impl Node {
         }
     }
 
-    /// With no contact left outside our own subtree, the anchors become contacts again, at most every
-    /// `ANCHOR_RETRY_INTERVALS` retries (a lone tree's root would otherwise keep asking its own members).
+    /// The anchors become contacts again every `ANCHOR_RETRY_INTERVALS` retries (not every retry: in a lone tree
+    /// they are the root's own members), also while other contacts are listed: those may all be dead, and an
+    /// anchor dropped as "inside our tree" during a partition may be the way to the other side after the heal
+    /// (two island roots whose only contacts had crashed kept asking them and never merged).
     fn refill_contacts(&mut self, now: Time) {
-        let usable = self.contacts.iter().any(|c| !self.children.iter().any(|k| k.info.id == *c));
-        if usable || now < self.anchors_retry_at {
+        if now < self.anchors_retry_at {
             return;
         }
         self.anchors_retry_at = now + self.config.retry_interval * ANCHOR_RETRY_INTERVALS;
         for anchor in self.anchors.clone() {
             self.add_contact(anchor);
+        }
+        // The anchors may all be gone (crashed roots): a few peers we once heard of, newest first, besides.
+        let heard: Vec<NodeId> = self
+            .peer_order
+            .iter()
+            .rev()
+            .copied()
+            .filter(|p| !self.children.iter().any(|c| c.info.id == *p) && !self.contacts.contains(p))
+            .take(CONTACTS_PER_RETRY)
+            .collect();
+        for peer in heard {
+            self.add_contact(peer);
         }
     }
 

@@ -68,6 +68,8 @@ use std::time::Duration;
 
 /// Most machine subnets a node restores after a restart.
 pub const MAX_RESTORED: usize = 64;
+/// The largest block a coordinator asks its parent for at once (16,384 addresses).
+const MAX_BLOCK_PREFIX: u8 = 18;
 /// Longest path a deployment request records on its way up (deeper trees are a bug).
 pub const MAX_PATH: usize = 64;
 /// Bounds on lists in routes messages.
@@ -82,8 +84,6 @@ pub struct RoutingConfig {
     pub platform_range: Ipv4Net,
     /// Prefix length of a machine subnet.
     pub machine_prefix: u8,
-    /// Prefix length of the blocks a coordinator asks its parent for (more when it runs out).
-    pub block_prefix: u8,
     /// Lease of a grant; renewed every tick while the holder is a child.
     pub lease: Duration,
     /// How often a child repeats its subnet sync (lost messages, reclaimed grants).
@@ -106,7 +106,6 @@ impl Default for RoutingConfig {
         RoutingConfig {
             platform_range: PLATFORM_RANGE,
             machine_prefix: DEFAULT_MACHINE_PREFIX,
-            block_prefix: 24,
             lease: Duration::from_secs(30),
             resync_interval: Duration::from_secs(10),
             interest_ttl: Duration::from_secs(60),
@@ -515,7 +514,7 @@ impl Routing {
         }
         // A coordinator needs a block to grant from.
         if !ctx.is_root && !ctx.children.is_empty() && self.pool.owned().is_empty() && self.block_asked_at.is_none() {
-            self.ask_block(now, ctx, self.cfg.block_prefix);
+            self.ask_block(now, ctx);
         }
     }
 
@@ -538,6 +537,10 @@ impl Routing {
         }
         if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > self.cfg.resync_interval) {
             self.block_asked_at = None;
+            // Lost or refused: what still waits asks again.
+            if !self.waiting.is_empty() {
+                self.ask_block(now, ctx);
+            }
         }
         // Unanswered claims are asked again (through the waiting wants); refusals matter while someone waits.
         let before = self.claims_up.len();
@@ -737,13 +740,14 @@ impl Routing {
     }
 
     /// Blocks from the parent in which nothing is granted go back (they are left out of the sync, and the parent
-    /// frees what a child stops listing), keeping one block's worth of free space for the next child: splits,
+    /// frees what a child stops listing), keeping room for four machines: splits,
     /// moves and answers to repeated requests otherwise leave idle blocks behind, and the platform range is finite.
     fn give_back_idle_blocks(&mut self) {
         if !self.waiting.is_empty() || self.pool_is_platform {
             return;
         }
-        let headroom = block_size(self.cfg.block_prefix);
+        // Room for four machines: children that crashed come back to the subnets they had, without asking up.
+        let headroom = 4 * block_size(self.cfg.machine_prefix);
         let mut free = self.pool.free_addresses();
         let mut idle = Vec::new();
         for &b in &self.parent_blocks {
@@ -761,14 +765,18 @@ impl Routing {
         self.parent_blocks.retain(|b| !idle.contains(b));
     }
 
-    fn ask_block(&mut self, now: Time, ctx: &TreeCtx, prefix: u8) {
+    /// Asks the parent for a block sized to what waits (at least one machine subnet), and at least as large as all
+    /// we hold, up to a /18. Sized to demand, a coordinator of two machines holds a /25, not a /24 three quarters
+    /// idle (at 10k nodes, coordinators of one to three children left a third of the platform range idle); growing
+    /// with what is held, a busy coordinator holds a few blocks rather than one per child, so its syncs, and the
+    /// claims when it moves under another parent, stay small.
+    fn ask_block(&mut self, now: Time, ctx: &TreeCtx) {
         let Some(parent) = ctx.parent else { return };
         self.block_asked_at = Some(now);
-        // Each further block is as large as all we hold (up to a /18), so a coordinator holds a few blocks rather
-        // than one per child: its syncs, and the claims when it moves under another parent, stay small.
-        let owned: u64 = self.parent_blocks.iter().map(|b| block_size(b.prefix_len())).sum();
-        let doubling = 32 - owned.max(1).ilog2().min(14) as u8;
-        let prefix = prefix.min(self.cfg.block_prefix).min(doubling);
+        let held: u64 = self.parent_blocks.iter().map(|b| block_size(b.prefix_len())).sum();
+        let waiting: u64 = self.waiting.iter().map(|(_, w)| block_size(w.prefix)).sum();
+        let size = held.max(waiting).max(block_size(self.cfg.machine_prefix)).min(block_size(MAX_BLOCK_PREFIX));
+        let prefix = 32 - size.next_power_of_two().ilog2() as u8;
         let held = self.held();
         let want = vec![Want { purpose: Purpose::Block, prefix, replaces: None, on_behalf: None }];
         self.send(parent, RoutesMessage::SubnetSync { held, want });
@@ -955,7 +963,10 @@ impl Routing {
         match m {
             RoutesMessage::SubnetSync { held, want } if from_child => self.on_sync(now, ctx, from, held, want),
             RoutesMessage::SubnetReply { granted, refused } if from_parent => {
-                self.block_asked_at = None;
+                // A refused block is not asked for again before a resync interval: asking at once makes a full
+                // platform range a message storm (62,000 refusals to one coordinator in 50 s at 10k nodes).
+                let block_refused = refused.iter().any(|(w, _)| w.purpose == Purpose::Block && w.replaces.is_none());
+                self.block_asked_at = block_refused.then_some(now);
                 for g in granted {
                     self.apply_granted(now, ctx, g);
                 }
@@ -1113,8 +1124,9 @@ impl Routing {
         self.own_subnets_in_pool(now, ctx);
         let mut granted = Vec::new();
         let mut refused = Vec::new();
+        let mut short = false;
         for w in want {
-            if w.prefix > 32 || w.prefix < self.cfg.block_prefix.min(self.cfg.machine_prefix).saturating_sub(8) {
+            if w.prefix > 32 || w.prefix < MAX_BLOCK_PREFIX {
                 refused.push((w, format!("prefix /{} is not allowed", w.prefix)));
                 continue;
             }
@@ -1154,8 +1166,8 @@ impl Routing {
             let mut allocated = self.pool.alloc(child, w.prefix, now);
             if allocated.is_err() && w.purpose == Purpose::Block && w.replaces.is_none() {
                 // A coordinator asks for blocks as large as what it holds: when that much is not free here, a
-                // smaller one (down to the usual block size) still serves it.
-                allocated = (w.prefix + 1..=self.cfg.block_prefix)
+                // smaller one (down to one machine subnet) still serves it.
+                allocated = (w.prefix + 1..=self.cfg.machine_prefix)
                     .find_map(|p| self.pool.alloc(child, p, now).ok())
                     .ok_or(PoolError::Exhausted(w.prefix));
             }
@@ -1170,11 +1182,12 @@ impl Routing {
                 Err(e) if ctx.is_root => refused.push((w, e.to_string())),
                 Err(_) => {
                     self.waiting.insert((child, w));
-                    if self.block_asked_at.is_none() {
-                        self.ask_block(now, ctx, w.prefix);
-                    }
+                    short = true;
                 }
             }
+        }
+        if short && self.block_asked_at.is_none() {
+            self.ask_block(now, ctx);
         }
         if !granted.is_empty() || !refused.is_empty() {
             self.send(child, RoutesMessage::SubnetReply { granted, refused });
@@ -2180,6 +2193,39 @@ mod tests {
         let wants: Vec<Want> =
             (0..5).map(|_| Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None }).collect();
         coord.on_message(Time::from_secs(11), &c, kid, RoutesMessage::SubnetSync { held: vec![], want: wants });
+        let asked = wanted_of(coord.drain().0, parent);
+        assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
+    }
+
+    #[test]
+    fn a_block_is_sized_to_what_waits_and_a_refusal_is_not_asked_again_at_once() {
+        let (me, parent) = (NodeId::from_u64(1), NodeId::from_u64(9));
+        let kids: Vec<(NodeId, Position)> = (2..5).map(|k| (NodeId::from_u64(k), Position::new(1.0, 1.0))).collect();
+        let c =
+            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let mut coord = Routing::new(RoutingConfig::default());
+        let machine = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
+        let sync = || RoutesMessage::SubnetSync { held: vec![], want: vec![machine] };
+        // Two machines wait for a subnet: a /25 is asked for, not a /24 half idle.
+        coord.on_message(Time::ZERO, &c, kids[0].0, sync());
+        coord.on_message(Time::ZERO, &c, kids[1].0, sync());
+        let asked = wanted_of(coord.drain().0, parent);
+        let first = Want { purpose: Purpose::Block, prefix: 26, replaces: None, on_behalf: None };
+        assert_eq!(asked, vec![first], "the first machine's sync asks for one subnet's room");
+        let refusal = |prefix: u8| RoutesMessage::SubnetReply {
+            granted: vec![],
+            refused: vec![(
+                Want { purpose: Purpose::Block, prefix, replaces: None, on_behalf: None },
+                format!("no free /{prefix} block left in the pool"),
+            )],
+        };
+        // The parent has nothing left: the next machine's sync is not passed up again at once.
+        coord.on_message(Time::from_millis(10), &c, parent, refusal(26));
+        coord.on_message(Time::from_millis(20), &c, kids[2].0, sync());
+        assert_eq!(wanted_of(coord.drain().0, parent), vec![]);
+        // After a resync interval the block is asked for again, sized to the three machines waiting.
+        let later = Time::ZERO + RoutingConfig::default().resync_interval + Duration::from_secs(1);
+        coord.tick(later, &c);
         let asked = wanted_of(coord.drain().0, parent);
         assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
     }

@@ -181,6 +181,8 @@ pub struct Simulation {
     net_rng: ChaCha8Rng,
     choice_rng: ChaCha8Rng,
     out_buf: Vec<Output>,
+    /// `AllocationFailed` events from all nodes.
+    allocation_failures: u64,
     /// Live nodes whose last role event said Root.
     roots: BTreeSet<u32>,
     pending: Vec<PendingReattach>,
@@ -335,6 +337,7 @@ impl Simulation {
             net_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 2)),
             choice_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 3)),
             out_buf: Vec::new(),
+            allocation_failures: 0,
             roots: BTreeSet::new(),
             pending: Vec::new(),
             join_samples: Vec::new(),
@@ -690,7 +693,12 @@ impl Simulation {
                 }
                 self.settle_pending();
             }
-            Event::Route(e) => self.route_event(i, &e),
+            Event::Route(e) => {
+                if matches!(e, canopy_overlay::routing::RouteEvent::AllocationFailed { .. }) {
+                    self.allocation_failures += 1;
+                }
+                self.route_event(i, &e)
+            }
             _ => {}
         }
     }
@@ -971,7 +979,7 @@ impl Simulation {
 
     /// Per-node protocol state over the live nodes.
     fn state_sizes(&self) -> StateSizes {
-        let mut sizes = StateSizes::default();
+        let mut sizes = StateSizes { allocation_failures: self.allocation_failures, ..StateSizes::default() };
         let (mut total, mut live) = (0usize, 0usize);
         for (i, n) in self.nodes.iter().enumerate() {
             let Some(node) = n.node.as_ref().filter(|_| n.alive()) else { continue };
@@ -995,6 +1003,7 @@ impl Simulation {
             sizes.cache_entries_max = sizes.cache_entries_max.max(routing.cache().len());
             sizes.machine_addresses +=
                 routing.machine_subnets().iter().map(|m| block_size(m.prefix_len())).sum::<u64>();
+            sizes.machines_without_subnet += usize::from(routing.machine_subnets().is_empty());
             if node.role() == canopy_overlay::Role::Root {
                 sizes.root_granted_addresses += pool.grants().map(|g| block_size(g.block.prefix_len())).sum::<u64>();
             } else {

@@ -75,6 +75,13 @@ pub struct StateSizes {
     /// Free addresses in non-root pools: held by coordinators, granted to nobody.
     #[serde(default)]
     pub idle_pool_addresses: u64,
+    /// Live nodes holding no machine subnet at the end.
+    #[serde(default)]
+    pub machines_without_subnet: usize,
+    /// Subnets and blocks that could not be granted during the run (`AllocationFailed` events): the platform range
+    /// is too small for the fleet (set `[overlay] platform_range`).
+    #[serde(default)]
+    pub allocation_failures: u64,
 }
 
 /// Percentiles by nearest rank; `None` when there were no samples.
@@ -295,7 +302,8 @@ impl Report {
         let _ = writeln!(
             s,
             "  state per node: pool grants max {} (node {}) mean {:.2}, per holder max {}, owned blocks max {}, \
-             registry max {}, cache max {}; addresses: machines {}, granted by roots {}, idle in coordinator pools {}",
+             registry max {}, cache max {}; addresses: machines {}, granted by roots {}, idle in coordinator pools {}; \
+             machines without a subnet {}, allocation failures {}, subnet conflicts {}",
             z.pool_grants_max,
             z.pool_grants_max_node.map_or("-".into(), |n| n.to_string()),
             z.pool_grants_mean,
@@ -305,7 +313,10 @@ impl Report {
             z.cache_entries_max,
             z.machine_addresses,
             z.root_granted_addresses,
-            z.idle_pool_addresses
+            z.idle_pool_addresses,
+            z.machines_without_subnet,
+            z.allocation_failures,
+            f.subnet_conflicts
         );
         let m = &self.messages;
         let _ = writeln!(

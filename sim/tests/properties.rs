@@ -140,3 +140,18 @@ proptest! {
         prop_assert_eq!(report.r#final.component_sizes.len(), 1, "{}", replay_hint(&scenario, report));
     }
 }
+
+/// Property cases that once failed, kept as scenarios (the random schedules move when the protocol changes).
+#[test]
+fn former_property_failures_converge() {
+    let cases = [
+        ("island_roots_with_only_dead_contacts", include_str!("regressions/island_roots_with_only_dead_contacts.toml")),
+        ("island_roots_whose_anchors_are_gone", include_str!("regressions/island_roots_whose_anchors_are_gone.toml")),
+    ];
+    for (name, text) in cases {
+        let scenario = canopy_sim::scenario::Scenario::from_toml(text, name).expect("a valid scenario");
+        let report = run(&scenario, name).report;
+        assert!(report.r#final.converged(), "{name}: {}", report.summary());
+        assert_eq!(report.r#final.component_sizes.len(), 1, "{name}");
+    }
+}
