@@ -1103,7 +1103,7 @@ impl Routing {
                     self.pool.renew(child, now);
                     renewed = true;
                 }
-            } else if self.pool.claim(h.block, child, now).is_err() {
+            } else if self.pool.claim_merging(h.block, child, now).is_err() {
                 want.push(Want {
                     purpose: h.purpose,
                     prefix: h.block.prefix_len(),
@@ -1207,7 +1207,7 @@ impl Routing {
         if self.claims_up.contains_key(&old) && !self.pool.overlaps_owned(old) {
             return Keep::AskedUp;
         }
-        match self.pool.claim(old, child, now) {
+        match self.pool.claim_merging(old, child, now) {
             Ok(()) => Keep::Kept,
             // Held by a node that is no longer our child: it moved under `child` (a split, a re-attachment) and
             // `child` asks for it on its behalf. The grant follows it, so nothing is renumbered.
@@ -1331,26 +1331,30 @@ impl Routing {
                         if g.block != old {
                             self.unavailable_up.insert(old);
                         }
-                        if !self.parent_blocks.contains(&g.block) {
-                            self.parent_blocks.push(g.block);
-                            if self.pool.add_owned(g.block).is_err() {
-                                self.rebuild_pool(now, ctx);
-                            }
-                        }
+                        self.add_parent_block(now, ctx, g.block);
                     }
                     Some(_) => {}
                     None => {
                         if self.parent_blocks.contains(&g.block) {
                             return;
                         }
-                        self.parent_blocks.push(g.block);
-                        if self.pool.add_owned(g.block).is_err() {
-                            self.rebuild_pool(now, ctx);
-                        }
+                        self.add_parent_block(now, ctx, g.block);
                     }
                 }
                 self.serve_waiting(now, ctx);
             }
+        }
+    }
+
+    /// A block from the parent joins our pool, unless a block we hold already covers it (an answer to a claim that
+    /// crossed a larger grant: the parent merges the two when we list them).
+    fn add_parent_block(&mut self, now: Time, ctx: &TreeCtx, block: Ipv4Net) {
+        if self.parent_blocks.iter().any(|b| b.contains(&block)) {
+            return;
+        }
+        self.parent_blocks.push(block);
+        if self.pool.add_owned(block).is_err() {
+            self.rebuild_pool(now, ctx);
         }
     }
 

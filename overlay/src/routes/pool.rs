@@ -387,6 +387,24 @@ impl AddressPool {
         Ok(())
     }
 
+    /// Claims `block` for `holder`, who may already hold parts of it, or a block containing it, here: a holder
+    /// that moved brings blocks split or merged elsewhere. Its grants inside `block` become one grant of `block`;
+    /// a grant of its that contains `block` already covers it. Blocks of other holders make it fail as `claim`.
+    pub fn claim_merging(&mut self, block: Ipv4Net, holder: NodeId, now: Time) -> Result<(), PoolError> {
+        let block = block.trunc();
+        let overlapping: Vec<(Ipv4Net, NodeId)> = self.grants_overlapping(block).map(|g| (g.block, g.holder)).collect();
+        if overlapping.is_empty() || overlapping.iter().any(|(_, h)| *h != holder) {
+            return self.claim(block, holder, now);
+        }
+        if overlapping.iter().any(|(b, _)| b.prefix_len() <= block.prefix_len()) {
+            return Ok(());
+        }
+        for (b, _) in overlapping {
+            self.free(b)?;
+        }
+        self.claim(block, holder, now)
+    }
+
     fn why_not_free(&self, block: Ipv4Net) -> PoolError {
         if !self.overlaps_owned(block) && !self.excluded.iter().any(|e| overlap(*e, block)) {
             // Outside the pool: no grant can be there either (grants lie inside owned blocks).
@@ -758,6 +776,27 @@ mod tests {
         assert!(pool.reassign(a, node(2), secs(1)));
         assert_eq!(pool.grant(a).map(|g| g.holder), Some(node(2)));
         assert_eq!(pool.grants_of(node(1)).count(), 0);
+    }
+
+    /// A holder that moved lists a block it holds here in parts, or a part of a block it holds here: either way
+    /// its claim succeeds without renumbering, and no one else's grant is merged.
+    #[test]
+    fn a_claim_merges_the_holder_s_own_grants_and_stops_at_others() {
+        let mut pool = AddressPool::new([net("10.16.0.0/22")], [], LEASE);
+        pool.claim(net("10.16.0.192/26"), node(1), secs(0)).unwrap();
+        pool.claim(net("10.16.0.0/26"), node(1), secs(0)).unwrap();
+        pool.claim(net("10.16.1.0/25"), node(2), secs(0)).unwrap();
+        pool.claim_merging(net("10.16.0.0/24"), node(1), secs(1)).unwrap();
+        assert_eq!(pool.grants_of(node(1)).map(|g| g.block).collect::<Vec<_>>(), vec![net("10.16.0.0/24")]);
+        pool.claim_merging(net("10.16.0.64/26"), node(1), secs(2)).unwrap();
+        assert_eq!(pool.grants_of(node(1)).count(), 1, "a part of its own grant is already its own");
+        assert!(matches!(
+            pool.claim_merging(net("10.16.1.0/24"), node(1), secs(3)),
+            Err(PoolError::Taken { holder, .. }) if holder == node(2)
+        ));
+        let mut rebuilt = pool.clone();
+        rebuilt.rebuild_free();
+        assert_eq!(rebuilt.free_blocks(), pool.free_blocks());
     }
 
     #[test]
