@@ -465,7 +465,9 @@ pub(crate) fn saved_services(attachments: &[Attachment]) -> Vec<serde_json::Valu
                 }
                 (target, _) => serde_json::to_value(target).ok()?,
             };
-            Some(serde_json::json!({"service": a.service, "instance": a.instance, "target": target}))
+            Some(serde_json::json!({
+                "service": a.service, "instance": a.instance, "target": target, "namespace_ip": a.namespace_ip
+            }))
         })
         .collect()
 }
@@ -492,7 +494,8 @@ pub(crate) fn restorable(saved: &[serde_json::Value]) -> Vec<AttachRequest> {
                     _ => return None,
                 }
             };
-            Some(AttachRequest { service, instance, target, addresses: None })
+            let namespace_ip = entry["namespace_ip"].as_str().and_then(|ip| ip.parse().ok());
+            Some(AttachRequest { service, instance, target, addresses: None, namespace_ip })
         })
         .collect()
 }
@@ -630,7 +633,8 @@ mod tests {
                 service: "app.ns.web.ns".into(),
                 instance: 1,
                 target: AttachTarget::Pid(me),
-                addresses: None
+                addresses: None,
+                namespace_ip: Some([10, 16, 0, 2].into()),
             }]
         );
         assert!(restorable(&[serde_json::json!({"service": 3})]).is_empty());

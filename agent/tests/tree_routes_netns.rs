@@ -373,13 +373,15 @@ fn services_reach_each_other_with_routes_from_the_tree() {
     // kill -9 the agent hosting web#1 (c) and restart it: same peer id, same subnet, web#1 reachable again at the
     // same InstanceIP (its process kept running).
     let before = bed.status(2).unwrap();
-    let instance_ip = |bed: &Testbed| -> Option<String> {
-        let services: serde_json::Value = serde_json::from_slice(&bed.cli(3, &["services", "--json"]).stdout).ok()?;
+    // Web#1's InstanceIP, or its namespace IP, as agent `i` knows it.
+    let web1_address = |bed: &Testbed, i: usize, field: &str| -> Option<String> {
+        let services: serde_json::Value = serde_json::from_slice(&bed.cli(i, &["services", "--json"]).stdout).ok()?;
         let web = services.as_array()?.iter().find(|s| s["name"] == WEB)?.clone();
         let one = web["instances"].as_array()?.iter().find(|i| i["number"] == 1)?.clone();
-        one["instance_ip"].as_str().map(str::to_string)
+        one[field].as_str().map(str::to_string)
     };
-    let web1_ip = instance_ip(&bed).expect("d knows web#1");
+    let web1_ip = web1_address(&bed, 3, "instance_ip").expect("d knows web#1");
+    let web1_namespace_ip = web1_address(&bed, 2, "namespace_ip").expect("c hosts web#1");
     bed.kill_agent(2);
     let restarted_at = Instant::now();
     bed.start_agent(2, &["join".into(), bootstrap.clone(), "--network-key-file".into(), key.clone()]);
@@ -393,4 +395,7 @@ fn services_reach_each_other_with_routes_from_the_tree() {
         bed.http_get(&web1_ip).is_ok_and(|id| id == "web1")
     });
     eprintln!("web#1 reachable at {web1_ip} {back:?} after the restart ({:?} since the kill)", restarted_at.elapsed());
+    // Adopted back at its old namespace IP (restores run in parallel; first-free addresses would swap instances
+    // and the routes other machines hold would lead to the wrong one).
+    assert_eq!(web1_address(&bed, 2, "namespace_ip"), Some(web1_namespace_ip));
 }

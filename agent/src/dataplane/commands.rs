@@ -220,6 +220,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
             instance: args.instance,
             target: AttachTarget::Create { owner_pid: std::process::id() },
             addresses: args.addresses.request()?,
+            namespace_ip: None,
         };
         let attachment: Attachment = client.post("/v1/instances", &request).await?;
         tracing::info!(
@@ -286,6 +287,7 @@ pub fn attach(global: &GlobalArgs, args: &AttachArgs) -> anyhow::Result<()> {
             instance: args.instance,
             target,
             addresses: args.addresses.request()?,
+            namespace_ip: None,
         };
         let attachment: Attachment = Client::new(&global.data_dir).post("/v1/instances", &request).await?;
         println!("{}", serde_json::to_string_pretty(&attachment)?);

@@ -199,6 +199,10 @@ pub struct AttachRequest {
     /// a static route table already fixes every address, so the data plane refuses them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<canopy_overlay::routes::AddressRequest>,
+    /// Tree mode: the namespace IP the instance had before the agent restarted, kept when still free, so the
+    /// routes other machines hold for it stay right (restores run in parallel: first-free would shuffle them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_ip: Option<Ipv4Addr>,
 }
 
 /// An attached instance, as the API reports it.

@@ -553,8 +553,9 @@ impl Task {
         if self.known.is_hosted(&name, request.instance) {
             bail!("instance {} of {} is already attached", request.instance, request.service);
         }
-        let namespace_ip = match self.free_namespace_ips().first() {
-            Some(&ip) => ip,
+        let free = self.free_namespace_ips();
+        let namespace_ip = match request.namespace_ip.filter(|ip| free.contains(ip)).or(free.first().copied()) {
+            Some(ip) => ip,
             None => {
                 self.request_subnet().await;
                 bail!(
