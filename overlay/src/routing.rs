@@ -337,6 +337,9 @@ pub struct RoutingCounters {
     pub deploys_resent: u64,
 }
 
+/// Children's wants, ordered by child.
+type Waiting = BTreeSet<(NodeId, Want)>;
+
 pub struct Routing {
     cfg: RoutingConfig,
     /// This machine's subnets.
@@ -347,7 +350,7 @@ pub struct Routing {
     pool: AddressPool,
     pool_is_platform: bool,
     /// Children's wants waiting for a block from the parent.
-    waiting: BTreeSet<(NodeId, Want)>,
+    waiting: Waiting,
     block_asked_at: Option<Time>,
     extra_machine_wanted: bool,
     /// Machine subnets from before a restart, asked back from the parent (or claimed at a root).
@@ -1250,7 +1253,25 @@ impl Routing {
         if self.waiting.is_empty() {
             return;
         }
-        let waiting = std::mem::take(&mut self.waiting);
+        // Only wants the pool may serve now are tried again; the others stay where they are. A coordinator near the
+        // root of 100k nodes had thousands waiting, and each block that arrived took them all out and put them
+        // back (most of the run in set inserts).
+        let largest_free = self.pool.largest_free_prefix();
+        let machine_prefix = self.cfg.machine_prefix;
+        let (claims_up, pool) = (&self.claims_up, &self.pool);
+        let may_serve = |w: &Want| match w.replaces {
+            // Still asked up (as in `keep`): the answer serves it.
+            Some(old) if claims_up.contains_key(&old) && !pool.overlaps_owned(old) => false,
+            Some(_) => true,
+            None => largest_free
+                .is_some_and(|free| free <= w.prefix || (w.purpose == Purpose::Block && free <= machine_prefix)),
+        };
+        let (waiting, rest): (Waiting, Waiting) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|(_, w)| may_serve(w));
+        self.waiting = rest;
+        if waiting.is_empty() {
+            return;
+        }
         // Ordered by child: each child's wants are consecutive.
         let mut by_child: Vec<(NodeId, Vec<Want>)> = Vec::new();
         for (c, w) in waiting {

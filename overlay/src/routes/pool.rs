@@ -545,6 +545,11 @@ impl AddressPool {
     }
 
     /// Number of free addresses.
+    /// Prefix length of the largest free block (`None`: nothing is free).
+    pub fn largest_free_prefix(&self) -> Option<u8> {
+        (0..=32u8).find(|&p| !self.free[usize::from(p)].is_empty())
+    }
+
     pub fn free_addresses(&self) -> u64 {
         (0..=32u8).map(|p| self.free[usize::from(p)].len() as u64 * block_size(p)).sum()
     }
@@ -794,6 +799,7 @@ mod tests {
             pool.claim_merging(net("10.16.1.0/24"), node(1), secs(3)),
             Err(PoolError::Taken { holder, .. }) if holder == node(2)
         ));
+        assert_eq!(pool.largest_free_prefix(), Some(23), "10.16.2.0/23 is the largest free block");
         let mut rebuilt = pool.clone();
         rebuilt.rebuild_free();
         assert_eq!(rebuilt.free_blocks(), pool.free_blocks());
