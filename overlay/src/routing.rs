@@ -1266,9 +1266,7 @@ impl Routing {
             None => largest_free
                 .is_some_and(|free| free <= w.prefix || (w.purpose == Purpose::Block && free <= machine_prefix)),
         };
-        let (waiting, rest): (Waiting, Waiting) =
-            std::mem::take(&mut self.waiting).into_iter().partition(|(_, w)| may_serve(w));
-        self.waiting = rest;
+        let waiting: Vec<(NodeId, Want)> = self.waiting.extract_if(.., |(_, w)| may_serve(w)).collect();
         if waiting.is_empty() {
             return;
         }
