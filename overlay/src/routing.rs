@@ -351,6 +351,10 @@ pub struct Routing {
     pool_is_platform: bool,
     /// Children's wants waiting for a block from the parent.
     waiting: Waiting,
+    /// Children's wants to keep a block we asked our parent for (`claims_up`), by that block: they wait for its
+    /// answer (or for the block to come into our pool), not for every block that arrives (a coordinator near the
+    /// root of 100k nodes had thousands, each tried again per arriving block).
+    waiting_up: BTreeMap<Ipv4Net, Waiting>,
     block_asked_at: Option<Time>,
     extra_machine_wanted: bool,
     /// Machine subnets from before a restart, asked back from the parent (or claimed at a root).
@@ -398,6 +402,7 @@ impl Routing {
             parent_blocks: Vec::new(),
             pool_is_platform: false,
             waiting: BTreeSet::new(),
+            waiting_up: BTreeMap::new(),
             block_asked_at: None,
             extra_machine_wanted: false,
             restoring: Vec::new(),
@@ -541,16 +546,22 @@ impl Routing {
         if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > self.cfg.resync_interval) {
             self.block_asked_at = None;
             // Lost or refused: what still waits asks again.
-            if !self.waiting.is_empty() {
+            if !self.waiting.is_empty() || !self.waiting_up.is_empty() {
                 self.ask_block(now, ctx);
             }
         }
         // Unanswered claims are asked again (through the waiting wants); refusals matter while someone waits.
         let before = self.claims_up.len();
-        self.claims_up.retain(|_, at| now.saturating_sub(*at) <= self.cfg.resync_interval);
+        let resync = self.cfg.resync_interval;
+        let expired: Vec<Ipv4Net> =
+            self.claims_up.iter().filter(|(_, at)| now.saturating_sub(**at) > resync).map(|(b, _)| *b).collect();
+        for old in expired {
+            self.claim_answered(old);
+        }
         self.replacements.retain(|_, (_, at)| now.saturating_sub(*at) <= self.cfg.resync_interval * 2);
         if !self.unavailable_up.is_empty() {
-            let waited_for: BTreeSet<Ipv4Net> = self.waiting.iter().filter_map(|(_, w)| w.replaces).collect();
+            let waited_for: BTreeSet<Ipv4Net> =
+                self.waiting.iter().filter_map(|(_, w)| w.replaces).chain(self.waiting_up.keys().copied()).collect();
             self.unavailable_up.retain(|b| waited_for.contains(b));
         }
         if self.claims_up.len() != before {
@@ -606,7 +617,9 @@ impl Routing {
         self.parent_blocks.clear();
         self.parent_group.clear();
         self.block_asked_at = None;
-        self.claims_up.clear();
+        for old in self.claims_up.keys().copied().collect::<Vec<_>>() {
+            self.claim_answered(old);
+        }
         self.unavailable_up.clear();
         self.restore_at_root(now, ctx);
         if self.allocator.is_none() {
@@ -746,7 +759,7 @@ impl Routing {
     /// frees what a child stops listing), keeping room for four machines: splits,
     /// moves and answers to repeated requests otherwise leave idle blocks behind, and the platform range is finite.
     fn give_back_idle_blocks(&mut self) {
-        if !self.waiting.is_empty() || self.pool_is_platform {
+        if !self.waiting.is_empty() || !self.waiting_up.is_empty() || self.pool_is_platform {
             return;
         }
         // Room for four machines: children that crashed come back to the subnets they had, without asking up.
@@ -777,7 +790,8 @@ impl Routing {
         let Some(parent) = ctx.parent else { return };
         self.block_asked_at = Some(now);
         let held: u64 = self.parent_blocks.iter().map(|b| block_size(b.prefix_len())).sum();
-        let waiting: u64 = self.waiting.iter().map(|(_, w)| block_size(w.prefix)).sum();
+        let waiting: u64 =
+            self.waiting.iter().chain(self.waiting_up.values().flatten()).map(|(_, w)| block_size(w.prefix)).sum();
         let size = held.max(waiting).max(block_size(self.cfg.machine_prefix)).min(block_size(MAX_BLOCK_PREFIX));
         let prefix = 32 - size.next_power_of_two().ilog2() as u8;
         let held = self.held();
@@ -788,6 +802,10 @@ impl Routing {
     fn child_lost(&mut self, now: Time, ctx: &TreeCtx, child: NodeId) {
         self.pool.release_holder(child);
         self.waiting.retain(|(c, _)| *c != child);
+        self.waiting_up.retain(|_, wants| {
+            wants.retain(|(c, _)| *c != child);
+            !wants.is_empty()
+        });
         self.interests.remove_child(child);
         let removals = self.registry.remove_via(child);
         if removals.is_empty() {
@@ -975,7 +993,8 @@ impl Routing {
                 }
                 for (want, reason) in refused {
                     if let Some(old) = want.replaces {
-                        if self.claims_up.remove(&old).is_some() {
+                        if self.claims_up.contains_key(&old) {
+                            self.claim_answered(old);
                             // Our parent cannot keep it: the child that wanted it gets a fresh block from us.
                             self.unavailable_up.insert(old);
                             continue;
@@ -1116,7 +1135,10 @@ impl Routing {
             }
         }
         // A want repeated by a resync while it waits counts once.
-        want.retain(|w| !self.waiting.contains(&(child, *w)));
+        let waiting_up = |w: &Want| {
+            w.replaces.and_then(|old| self.waiting_up.get(&old)).is_some_and(|set| set.contains(&(child, *w)))
+        };
+        want.retain(|w| !self.waiting.contains(&(child, *w)) && !waiting_up(w));
         self.grant_wants(now, ctx, child, want);
         // Every sync learns the group's blocks, so any child can take this node's place.
         self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));
@@ -1153,7 +1175,7 @@ impl Routing {
                         continue;
                     }
                     Keep::AskedUp => {
-                        self.waiting.insert((child, w));
+                        self.waiting_up.entry(old).or_default().insert((child, w));
                         continue;
                     }
                     Keep::No => {}
@@ -1250,21 +1272,36 @@ impl Routing {
     }
 
     fn serve_waiting(&mut self, now: Time, ctx: &TreeCtx) {
-        if self.waiting.is_empty() {
+        if self.waiting.is_empty() && self.waiting_up.is_empty() {
             return;
         }
         // Only wants the pool may serve now are tried again; the others stay where they are. A coordinator near the
         // root of 100k nodes had thousands waiting, and each block that arrived took them all out and put them
         // back (most of the run in set inserts).
+        // Claims asked up for blocks that came into our pool meanwhile are ours to answer (as in `keep`).
+        let in_pool: Vec<Ipv4Net> = self
+            .pool
+            .owned()
+            .iter()
+            .flat_map(|&b| {
+                let inside = self.waiting_up.range(b..).map(|(old, _)| *old).take_while(move |old| b.contains(old));
+                let containing = (0..b.prefix_len())
+                    .filter_map(move |p| Ipv4Net::new(b.network(), p).ok().map(|n| n.trunc()))
+                    .filter(|n| self.waiting_up.contains_key(n));
+                inside.chain(containing).collect::<Vec<_>>()
+            })
+            .collect();
+        for old in in_pool {
+            if let Some(wants) = self.waiting_up.remove(&old) {
+                self.waiting.extend(wants);
+            }
+        }
         let largest_free = self.pool.largest_free_prefix();
         let machine_prefix = self.cfg.machine_prefix;
-        let (claims_up, pool) = (&self.claims_up, &self.pool);
-        let may_serve = |w: &Want| match w.replaces {
-            // Still asked up (as in `keep`): the answer serves it.
-            Some(old) if claims_up.contains_key(&old) && !pool.overlaps_owned(old) => false,
-            Some(_) => true,
-            None => largest_free
-                .is_some_and(|free| free <= w.prefix || (w.purpose == Purpose::Block && free <= machine_prefix)),
+        let may_serve = |w: &Want| {
+            w.replaces.is_some()
+                || largest_free
+                    .is_some_and(|free| free <= w.prefix || (w.purpose == Purpose::Block && free <= machine_prefix))
         };
         let waiting: Vec<(NodeId, Want)> = self.waiting.extract_if(.., |(_, w)| may_serve(w)).collect();
         if waiting.is_empty() {
@@ -1346,7 +1383,7 @@ impl Routing {
                     // The answer to a block we asked for on a child's behalf: ours either way; when it is not
                     // the block asked for, the child's want gets a fresh block from our pool.
                     Some(old) if self.claims_up.contains_key(&old) => {
-                        self.claims_up.remove(&old);
+                        self.claim_answered(old);
                         if g.block != old {
                             self.unavailable_up.insert(old);
                         }
@@ -1362,6 +1399,14 @@ impl Routing {
                 }
                 self.serve_waiting(now, ctx);
             }
+        }
+    }
+
+    /// The claim for `old` is answered (or given up): the wants that waited for it are tried again.
+    fn claim_answered(&mut self, old: Ipv4Net) {
+        self.claims_up.remove(&old);
+        if let Some(wants) = self.waiting_up.remove(&old) {
+            self.waiting.extend(wants);
         }
     }
 
