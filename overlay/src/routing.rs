@@ -355,6 +355,8 @@ pub struct Routing {
     /// answer (or for the block to come into our pool), not for every block that arrives (a coordinator near the
     /// root of 100k nodes had thousands, each tried again per arriving block).
     waiting_up: BTreeMap<Ipv4Net, Waiting>,
+    /// Our pool's blocks when `waiting_up` was last checked against them.
+    owned_checked: Vec<Ipv4Net>,
     block_asked_at: Option<Time>,
     extra_machine_wanted: bool,
     /// Machine subnets from before a restart, asked back from the parent (or claimed at a root).
@@ -403,6 +405,7 @@ impl Routing {
             pool_is_platform: false,
             waiting: BTreeSet::new(),
             waiting_up: BTreeMap::new(),
+            owned_checked: Vec::new(),
             block_asked_at: None,
             extra_machine_wanted: false,
             restoring: Vec::new(),
@@ -1278,12 +1281,19 @@ impl Routing {
         // Only wants the pool may serve now are tried again; the others stay where they are. A coordinator near the
         // root of 100k nodes had thousands waiting, and each block that arrived took them all out and put them
         // back (most of the run in set inserts).
-        // Claims asked up for blocks that came into our pool meanwhile are ours to answer (as in `keep`).
-        let in_pool: Vec<Ipv4Net> = self
-            .pool
-            .owned()
-            .iter()
-            .flat_map(|&b| {
+        // Claims asked up for blocks that came into our pool meanwhile are ours to answer (as in `keep`). Only new
+        // blocks can hold them: a claim is asked up because its block was outside the pool.
+        let owned = self.pool.owned();
+        let new_blocks: Vec<Ipv4Net> = if self.owned_checked.as_slice() == owned {
+            Vec::new()
+        } else {
+            let new = owned.iter().filter(|b| self.owned_checked.binary_search(b).is_err()).copied().collect();
+            self.owned_checked = owned.to_vec();
+            new
+        };
+        let in_pool: Vec<Ipv4Net> = new_blocks
+            .into_iter()
+            .flat_map(|b| {
                 let inside = self.waiting_up.range(b..).map(|(old, _)| *old).take_while(move |old| b.contains(old));
                 let containing = (0..b.prefix_len())
                     .filter_map(move |p| Ipv4Net::new(b.network(), p).ok().map(|n| n.trunc()))
