@@ -1110,10 +1110,11 @@ impl Routing {
     fn on_sync(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, held: Vec<Held>, mut want: Vec<Want>) {
         // Grants of this child it no longer lists (handed to it by a transfer, or replaced) are freed once they
         // are old enough not to be in flight.
+        let listed: BTreeSet<Ipv4Net> = held.iter().map(|h| h.block).collect();
         let stale: Vec<Ipv4Net> = self
             .pool
             .grants_of(child)
-            .filter(|g| !held.iter().any(|h| h.block == g.block) && g.age(now) > self.cfg.resync_interval)
+            .filter(|g| !listed.contains(&g.block) && g.age(now) > self.cfg.resync_interval)
             .map(|g| g.block)
             .collect();
         for b in stale {
