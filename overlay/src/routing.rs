@@ -2030,10 +2030,9 @@ mod tests {
     fn a_coordinator_asks_its_parent_for_a_block_outside_its_pool_instead_of_renumbering() {
         let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
         let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
-        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
         let kids = [(kid, Position::new(1.0, 1.0))];
-        let c =
-            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let c = ctx(1, Some(9), false, &kids);
         let mut coord = coordinator_holding(ours, &c, parent);
         coord.drain();
         // The child held `foreign` under another parent: we ask ours for it rather than replace it.
@@ -2096,8 +2095,7 @@ mod tests {
         let contested: Ipv4Net = "10.19.7.0/26".parse().unwrap();
         let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
         let kids = [(kid, Position::new(1.0, 1.0))];
-        let c =
-            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let c = ctx(1, Some(9), false, &kids);
         let mut coord = coordinator_holding(ours, &c, parent);
         let held = vec![Held { purpose: Purpose::Machine, block: contested }];
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
@@ -2139,8 +2137,7 @@ mod tests {
         let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
         let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
         let kids = [(kid, Position::new(1.0, 1.0))];
-        let c =
-            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let c = ctx(1, Some(9), false, &kids);
         let mut coord = Routing::new(RoutingConfig::default());
         coord.poll(Time::ZERO, &c);
         let reply = |granted| RoutesMessage::SubnetReply { granted, refused: vec![] };
@@ -2220,13 +2217,12 @@ mod tests {
     }
 
     /// A coordinator asks for a block as large as what it holds; when no such block is free, it gets the largest
-    /// free one (down to the usual block size) rather than a refusal or a wait.
+    /// free one (down to one machine subnet) rather than a refusal or a wait.
     #[test]
     fn a_block_too_large_for_the_free_space_is_served_smaller() {
-        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
         let kids = [(kid, Position::new(1.0, 1.0))];
-        let c =
-            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let c = ctx(1, Some(9), false, &kids);
         let mut coord = coordinator_holding("10.16.0.0/23".parse().unwrap(), &c, parent);
         coord.drain();
         let want = vec![Want { purpose: Purpose::Block, prefix: 22, replaces: None, on_behalf: None }];
@@ -2240,10 +2236,9 @@ mod tests {
     /// asks for blocks as large as what it holds, so it holds a few blocks, not one per child.
     #[test]
     fn idle_blocks_go_back_and_further_blocks_double() {
-        let (me, parent, kid) = (NodeId::from_u64(1), NodeId::from_u64(9), NodeId::from_u64(2));
+        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
         let kids = [(kid, Position::new(1.0, 1.0))];
-        let c =
-            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let c = ctx(1, Some(9), false, &kids);
         let first: Ipv4Net = "10.16.0.0/24".parse().unwrap();
         let mut coord = coordinator_holding(first, &c, parent);
         let second: Ipv4Net = "10.16.4.0/24".parse().unwrap();
@@ -2278,10 +2273,9 @@ mod tests {
 
     #[test]
     fn a_block_is_sized_to_what_waits_and_a_refusal_is_not_asked_again_at_once() {
-        let (me, parent) = (NodeId::from_u64(1), NodeId::from_u64(9));
+        let parent = NodeId::from_u64(9);
         let kids: Vec<(NodeId, Position)> = (2..5).map(|k| (NodeId::from_u64(k), Position::new(1.0, 1.0))).collect();
-        let c =
-            TreeCtx { me, position: Position::new(48.0, 11.0), parent: Some(parent), is_root: false, children: &kids };
+        let c = ctx(1, Some(9), false, &kids);
         let mut coord = Routing::new(RoutingConfig::default());
         let machine = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
         let sync = || RoutesMessage::SubnetSync { held: vec![], want: vec![machine] };
