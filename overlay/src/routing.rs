@@ -759,8 +759,8 @@ impl Routing {
     }
 
     /// Blocks from the parent in which nothing is granted go back (they are left out of the sync, and the parent
-    /// frees what a child stops listing), keeping room for four machines: splits,
-    /// moves and answers to repeated requests otherwise leave idle blocks behind, and the platform range is finite.
+    /// frees what a child stops listing), keeping room for four machines: splits, moves and answers to repeated
+    /// requests otherwise leave idle blocks behind, and the platform range is finite.
     fn give_back_idle_blocks(&mut self) {
         if !self.waiting.is_empty() || !self.waiting_up.is_empty() || self.pool_is_platform {
             return;
@@ -1279,34 +1279,26 @@ impl Routing {
         if self.waiting.is_empty() && self.waiting_up.is_empty() {
             return;
         }
+        // Claims asked up for blocks that came into our pool meanwhile are ours to answer (as in `keep`). Only new
+        // pool blocks can hold them: a claim is asked up because its block was outside the pool.
+        let owned = self.pool.owned();
+        if self.owned_checked.as_slice() != owned {
+            let new: Vec<Ipv4Net> =
+                owned.iter().filter(|b| self.owned_checked.binary_search(b).is_err()).copied().collect();
+            self.owned_checked = owned.to_vec();
+            let mut in_pool = Vec::new();
+            for b in new {
+                in_pool.extend(self.waiting_up.range(b..).map(|(old, _)| *old).take_while(|old| b.contains(old)));
+                let supernets = (0..b.prefix_len()).filter_map(|p| Ipv4Net::new(b.network(), p).ok());
+                in_pool.extend(supernets.map(|n| n.trunc()).filter(|n| self.waiting_up.contains_key(n)));
+            }
+            for old in in_pool {
+                self.requeue_claim(old);
+            }
+        }
         // Only wants the pool may serve now are tried again; the others stay where they are. A coordinator near the
         // root of 100k nodes had thousands waiting, and each block that arrived took them all out and put them
         // back (most of the run in set inserts).
-        // Claims asked up for blocks that came into our pool meanwhile are ours to answer (as in `keep`). Only new
-        // blocks can hold them: a claim is asked up because its block was outside the pool.
-        let owned = self.pool.owned();
-        let new_blocks: Vec<Ipv4Net> = if self.owned_checked.as_slice() == owned {
-            Vec::new()
-        } else {
-            let new = owned.iter().filter(|b| self.owned_checked.binary_search(b).is_err()).copied().collect();
-            self.owned_checked = owned.to_vec();
-            new
-        };
-        let in_pool: Vec<Ipv4Net> = new_blocks
-            .into_iter()
-            .flat_map(|b| {
-                let inside = self.waiting_up.range(b..).map(|(old, _)| *old).take_while(move |old| b.contains(old));
-                let containing = (0..b.prefix_len())
-                    .filter_map(move |p| Ipv4Net::new(b.network(), p).ok().map(|n| n.trunc()))
-                    .filter(|n| self.waiting_up.contains_key(n));
-                inside.chain(containing).collect::<Vec<_>>()
-            })
-            .collect();
-        for old in in_pool {
-            if let Some(wants) = self.waiting_up.remove(&old) {
-                self.waiting.extend(wants);
-            }
-        }
         let largest_free = self.pool.largest_free_prefix();
         let machine_prefix = self.cfg.machine_prefix;
         let may_serve = |w: &Want| {
@@ -1416,6 +1408,11 @@ impl Routing {
     /// The claim for `old` is answered (or given up): the wants that waited for it are tried again.
     fn claim_answered(&mut self, old: Ipv4Net) {
         self.claims_up.remove(&old);
+        self.requeue_claim(old);
+    }
+
+    /// The wants waiting for the claim of `old` go back to the wants tried when the pool may serve them.
+    fn requeue_claim(&mut self, old: Ipv4Net) {
         if let Some(wants) = self.waiting_up.remove(&old) {
             self.waiting.extend(wants);
         }
@@ -1996,7 +1993,6 @@ mod tests {
         assert_eq!(root.pool().grant(mine).map(|g| g.holder), Some(kids[0].0));
     }
 
-    /// A coordinator whose parent granted it `block` for its group.
     /// The grants in the subnet replies sent to `to`.
     fn granted_to(sent: Vec<(NodeId, RoutesMessage)>, to: NodeId) -> Vec<Granted> {
         let replies = sent.into_iter().filter_map(|(at, m)| match m {
@@ -2015,6 +2011,7 @@ mod tests {
         syncs.flatten().collect()
     }
 
+    /// A coordinator whose parent granted it `block` for its group.
     fn coordinator_holding(block: Ipv4Net, c: &TreeCtx, parent: NodeId) -> Routing {
         let mut coord = Routing::new(RoutingConfig::default());
         coord.poll(Time::ZERO, c);

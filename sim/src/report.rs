@@ -78,8 +78,8 @@ pub struct StateSizes {
     /// Live nodes holding no machine subnet at the end.
     #[serde(default)]
     pub machines_without_subnet: usize,
-    /// Subnets and blocks that could not be granted during the run (`AllocationFailed` events): the platform range
-    /// is too small for the fleet (set `[overlay] platform_range`).
+    /// Subnets and blocks that could not be granted during the run (`AllocationFailed` events); many mean the
+    /// platform range is too small for the fleet (set `[overlay] platform_range`).
     #[serde(default)]
     pub allocation_failures: u64,
 }

@@ -544,12 +544,12 @@ impl AddressPool {
         blocks
     }
 
-    /// Number of free addresses.
     /// Prefix length of the largest free block (`None`: nothing is free).
     pub fn largest_free_prefix(&self) -> Option<u8> {
         (0..=32u8).find(|&p| !self.free[usize::from(p)].is_empty())
     }
 
+    /// Number of free addresses.
     pub fn free_addresses(&self) -> u64 {
         (0..=32u8).map(|p| self.free[usize::from(p)].len() as u64 * block_size(p)).sum()
     }
