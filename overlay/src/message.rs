@@ -7,6 +7,7 @@ use crate::rank::Rank;
 use crate::summary::Summary;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Bumped on every incompatible change; a node drops envelopes with another version (and counts them).
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -119,15 +120,18 @@ pub struct Accept {
 }
 
 /// What a child knows about its place: the chain above it and its group.
+///
+/// The lists are shared (`Arc`): one view goes to every child of a group, and the child keeps the lists as they
+/// came (and passes its group on as its children's uncles) without copying them. On the wire they are plain lists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct View {
     pub version: u64,
     /// Root first, the parent last.
-    pub ancestors: Vec<NodeInfo>,
+    pub ancestors: Arc<[NodeInfo]>,
     /// The parent's children (the receiver included), with their ranks: every child computes the same successor.
-    pub members: Vec<Member>,
+    pub members: Arc<[Member]>,
     /// The parent's own siblings: contacts to merge with when a partition islands several parts of the tree.
-    pub uncles: Vec<Member>,
+    pub uncles: Arc<[Member]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,13 +171,13 @@ pub struct Attach {
 pub struct Heartbeat {
     pub term: u64,
     pub view_version: u64,
-    /// The full view, when the child reported an older version.
-    pub view: Option<View>,
+    /// The full view, when the child reported an older version (shared by the heartbeats of one round).
+    pub view: Option<Arc<View>>,
     /// The group's address block (filled in by the routes issue).
     pub address_block: Option<Ipv4Net>,
     /// The children's subtree grids and the grid of the rest of the tree, when one changed (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grids: Option<std::sync::Arc<GroupGrids>>,
+    pub grids: Option<Arc<GroupGrids>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,7 +247,7 @@ fn check_view(view: &View) -> Result<(), &'static str> {
         return Err("view too long");
     }
     view.ancestors.iter().try_for_each(check_info)?;
-    view.members.iter().chain(&view.uncles).try_for_each(|m| check_info(&m.info))
+    view.members.iter().chain(view.uncles.iter()).try_for_each(|m| check_info(&m.info))
 }
 
 impl Message {
@@ -267,7 +271,7 @@ impl Message {
                 if h.grids.as_ref().is_some_and(|g| !g.is_valid()) {
                     return Err("invalid group grids");
                 }
-                h.view.as_ref().map_or(Ok(()), check_view)
+                h.view.as_deref().map_or(Ok(()), check_view)
             }
             Message::Report(r) => {
                 if r.grid.as_ref().is_some_and(|g| !g.is_valid()) {
@@ -324,9 +328,9 @@ mod tests {
         let summary = Summary::leaf(Position::new(1.0, 2.0));
         let view = View {
             version: 3,
-            ancestors: vec![info(1)],
-            members: vec![Member { info: info(2), rank }],
-            uncles: vec![],
+            ancestors: Arc::from([info(1)]),
+            members: Arc::from([Member { info: info(2), rank }]),
+            uncles: Arc::default(),
         };
         vec![
             Message::JoinRequest(Box::new(JoinRequest {
@@ -351,7 +355,7 @@ mod tests {
             Message::Heartbeat(Heartbeat {
                 term: 1,
                 view_version: 3,
-                view: Some(view),
+                view: Some(Arc::new(view)),
                 address_block: Some("10.17.0.0/20".parse().unwrap()),
                 grids: None,
             }),

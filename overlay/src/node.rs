@@ -31,6 +31,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Join requests travelling further than this are dropped (a loop in stale state).
@@ -258,7 +259,7 @@ struct Orphan {
     old_parent: NodeId,
     old_term: u64,
     /// Members (siblings) and ancestors above the old parent, grandparent last.
-    members: Vec<Member>,
+    members: Arc<[Member]>,
     climb: Vec<NodeInfo>,
     /// Candidates that did not answer.
     tried: Vec<NodeId>,
@@ -303,11 +304,11 @@ pub struct Node {
     is_root: bool,
     parent: Option<ParentLink>,
     /// Root first, the parent last (kept while orphaned, for cycle checks).
-    ancestors: Vec<NodeInfo>,
+    ancestors: Arc<[NodeInfo]>,
     /// Our parent's children (us included), from the parent's view.
-    members: Vec<Member>,
+    members: Arc<[Member]>,
     /// Our parent's siblings, from the parent's view.
-    uncles: Vec<Member>,
+    uncles: Arc<[Member]>,
     children: Vec<Child>,
     /// Version of the view we send our children; bumped on any change to it.
     view_version: u64,
@@ -365,9 +366,9 @@ impl Node {
             term: 0,
             is_root: false,
             parent: None,
-            ancestors: Vec::new(),
-            members: Vec::new(),
-            uncles: Vec::new(),
+            ancestors: Arc::default(),
+            members: Arc::default(),
+            uncles: Arc::default(),
             children: Vec::new(),
             view_version: 1,
             view_dirty: false,
@@ -822,7 +823,7 @@ impl Node {
 
     fn attach_under(&mut self, now: Time, parent: NodeInfo, term: u64, view: View) {
         let detector = Detector::new(now, self.config.suspect_after, self.config.probe_timeout);
-        for anc in &view.ancestors {
+        for anc in view.ancestors.iter() {
             if anc.id != parent.id {
                 self.remember_peer(anc.clone());
             }
@@ -944,7 +945,7 @@ impl Node {
             c.acked_version = view.version;
             c.sent_version = view.version;
         }
-        let accept = Accept { parent: self.info.clone(), term: self.term, view };
+        let accept = Accept { parent: self.info.clone(), term: self.term, view: Arc::unwrap_or_clone(view) };
         self.send(id, Message::Accept(Box::new(accept)));
         // Over-full groups split on the next tick, so transient extra children (a joiner that also got another
         // accept and will decline ours) do not cause a split.
@@ -1022,9 +1023,9 @@ impl Node {
         if view.ancestors != self.ancestors || view.members != self.members {
             self.mark_view_changed();
         }
-        self.ancestors = view.ancestors;
-        self.members = view.members;
-        self.uncles = view.uncles;
+        self.ancestors = Arc::clone(&view.ancestors);
+        self.members = Arc::clone(&view.members);
+        self.uncles = Arc::clone(&view.uncles);
     }
 
     fn on_report(&mut self, now: Time, from: NodeId, r: Report) {
@@ -1202,15 +1203,12 @@ impl Node {
         }
     }
 
-    fn view_for_children(&self) -> View {
-        let mut ancestors = Vec::with_capacity(self.ancestors.len() + 1);
-        if self.parent.is_some() {
-            ancestors.extend(self.ancestors.iter().cloned());
-        }
-        ancestors.push(self.info.clone());
+    fn view_for_children(&self) -> Arc<View> {
+        let above = if self.parent.is_some() { &self.ancestors[..] } else { &[] };
+        let ancestors = above.iter().chain([&self.info]).cloned().collect();
         let members = self.children.iter().map(|c| Member { info: c.info.clone(), rank: c.rank }).collect();
-        let uncles = if self.parent.is_some() { self.members.clone() } else { Vec::new() };
-        View { version: self.view_version, ancestors, members, uncles }
+        let uncles = if self.parent.is_some() { Arc::clone(&self.members) } else { Arc::default() };
+        Arc::new(View { version: self.view_version, ancestors, members, uncles })
     }
 
     fn mark_view_changed(&mut self) {
@@ -1344,9 +1342,9 @@ impl Node {
     fn become_root(&mut self) {
         self.is_root = true;
         self.parent = None;
-        self.ancestors.clear();
-        self.members.clear();
-        self.uncles.clear();
+        self.ancestors = Arc::default();
+        self.members = Arc::default();
+        self.uncles = Arc::default();
         self.mark_view_changed();
     }
 
@@ -1414,7 +1412,7 @@ impl Node {
             self.send(to, Message::Leaving);
         }
         if let Some(heir) = self.children.iter().max_by_key(|c| c.rank).map(|c| c.info.clone()) {
-            let ancestors = if self.parent.is_some() { self.ancestors.clone() } else { Vec::new() };
+            let ancestors = if self.parent.is_some() { self.ancestors.to_vec() } else { Vec::new() };
             self.send(heir.id, Message::Handover { term: self.term + 1, ancestors });
             let others: Vec<NodeId> = self.children.iter().map(|c| c.info.id).filter(|id| *id != heir.id).collect();
             for id in others {

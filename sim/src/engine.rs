@@ -53,9 +53,23 @@ pub struct TreeNode {
 
 /// Runs a scenario to its end. `name` only labels the report.
 pub fn run(scenario: &Scenario, name: &str) -> Outcome {
+    run_with_progress(scenario, name, |_| {})
+}
+
+/// How far a run has come: handed to the progress callback at every periodic tree check (each simulated 5 s).
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub sim_seconds: f64,
+    pub wall_seconds: f64,
+    pub live: usize,
+    pub messages_sent: u64,
+}
+
+/// Like [`run`], calling `progress` at every periodic check, so a long run shows its speed before it ends.
+pub fn run_with_progress(scenario: &Scenario, name: &str, progress: impl FnMut(Progress)) -> Outcome {
     let started = Instant::now();
     let mut sim = Simulation::new(scenario);
-    sim.run();
+    sim.run_reporting(started, progress);
     sim.finish(name, started.elapsed().as_secs_f64())
 }
 
@@ -381,6 +395,10 @@ impl Simulation {
     }
 
     pub fn run(&mut self) {
+        self.run_reporting(Instant::now(), |_| {});
+    }
+
+    fn run_reporting(&mut self, started: Instant, mut progress: impl FnMut(Progress)) {
         while let Some(Reverse(next)) = self.queue.peek().copied() {
             if next.at > self.end {
                 break;
@@ -398,6 +416,12 @@ impl Simulation {
                 What::Check => {
                     self.periodic_check();
                     self.schedule(self.now + CHECK_INTERVAL_NS, What::Check);
+                    progress(Progress {
+                        sim_seconds: self.now as f64 / 1e9,
+                        wall_seconds: started.elapsed().as_secs_f64(),
+                        live: self.nodes.iter().filter(|n| n.alive()).count(),
+                        messages_sent: self.counts.sent,
+                    });
                 }
             }
         }

@@ -16,6 +16,6 @@ pub mod route_load;
 pub mod scenario;
 pub mod wire_size;
 
-pub use engine::{Outcome, run};
+pub use engine::{Outcome, Progress, run, run_with_progress};
 pub use report::Report;
 pub use scenario::Scenario;

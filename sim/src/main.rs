@@ -1,7 +1,7 @@
 //! `canopy-sim`: run a scenario (`run`) or the scaling benchmark (`bench`).
 
 use anyhow::Context;
-use canopy_sim::{Scenario, bench, plot, run};
+use canopy_sim::{Progress, Scenario, bench, plot, run_with_progress};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +34,9 @@ enum Cmd {
         /// Exit with status 1 unless the final tree converged (one root per component, all attached, no cycles).
         #[arg(long)]
         check: bool,
+        /// Print a line to stderr every simulated 5 s: simulated and wall time, speed, live nodes, messages.
+        #[arg(long)]
+        progress: bool,
     },
     /// Run the 1k, 10k and 100k node benchmark scenarios and check the scaling and speed targets.
     Bench {
@@ -66,9 +69,25 @@ fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<(
     }
 }
 
+/// One progress line: totals so far, and the speed since the previous line (the interesting figure in a long run).
+fn progress_line(now: &Progress, previous: Option<&Progress>) -> String {
+    let (sim0, wall0, msgs0) = previous.map_or((0.0, 0.0, 0), |p| (p.sim_seconds, p.wall_seconds, p.messages_sent));
+    let wall = (now.wall_seconds - wall0).max(1e-9);
+    format!(
+        "t={:>6.1} sim s  wall {:>8.1} s  total {:>6.1}x  last {:>6.1}x  live {}  msgs {} ({:.0}/wall s)",
+        now.sim_seconds,
+        now.wall_seconds,
+        now.sim_seconds / now.wall_seconds.max(1e-9),
+        (now.sim_seconds - sim0) / wall,
+        now.live,
+        now.messages_sent,
+        (now.messages_sent - msgs0) as f64 / wall,
+    )
+}
+
 fn real_main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
-        Cmd::Run { scenario: path, seed, nodes, json, plot: plot_dir, check } => {
+        Cmd::Run { scenario: path, seed, nodes, json, plot: plot_dir, check, progress } => {
             let mut scenario = Scenario::from_file(&path)?;
             if let Some(seed) = seed {
                 scenario.seed = seed;
@@ -78,7 +97,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
             scenario.validate().map_err(|(key, problem)| anyhow::anyhow!("`{key}` {problem}"))?;
             let name = path.file_stem().map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
-            let outcome = run(&scenario, &name);
+            let mut last: Option<Progress> = None;
+            let outcome = run_with_progress(&scenario, &name, |p| {
+                if progress {
+                    eprintln!("{}", progress_line(&p, last.as_ref()));
+                    last = Some(p);
+                }
+            });
             if json.as_ref().is_none_or(|p| p.as_os_str() != "-") {
                 print!("{}", outcome.report.summary());
             }
