@@ -70,6 +70,8 @@ use std::time::Duration;
 pub const MAX_RESTORED: usize = 64;
 /// The largest block a coordinator asks its parent for at once (16,384 addresses).
 const MAX_BLOCK_PREFIX: u8 = 18;
+/// Lease renewals and sweeps per lease.
+const LEASE_SWEEPS: u32 = 6;
 /// Longest path a deployment request records on its way up (deeper trees are a bug).
 pub const MAX_PATH: usize = 64;
 /// Bounds on lists in routes messages.
@@ -382,6 +384,11 @@ pub struct Routing {
     pending: HashMap<QueryKey, Vec<Asker>>,
     allocator: Option<ServiceIpAllocator>,
     next_renew: Time,
+    /// When the children's leases are next renewed and lapsed grants swept (a few times per lease, not every tick:
+    /// a root holds thousands of grants).
+    next_lease_sweep: Time,
+    /// The pool version and machine subnets `own_subnets_in_pool` last found in order (it runs after every input).
+    own_checked: Option<(u64, Vec<Ipv4Net>)>,
     /// Our own deployments on their way to the root, with when they were sent: sent again through a new parent,
     /// or when unanswered for a resync interval (the answer retraces the path up, which a parent change breaks).
     own_deploys: Vec<(OwnDeploy, Time)>,
@@ -407,6 +414,8 @@ impl Routing {
             waiting_up: BTreeMap::new(),
             owned_checked: Vec::new(),
             block_asked_at: None,
+            next_lease_sweep: Time::ZERO,
+            own_checked: None,
             extra_machine_wanted: false,
             restoring: Vec::new(),
             claims_up: BTreeMap::new(),
@@ -531,12 +540,17 @@ impl Routing {
 
     /// Every heartbeat interval: renew children's leases, expire what lapsed, renew interests upwards.
     pub fn tick(&mut self, now: Time, ctx: &TreeCtx) {
-        for (c, _) in ctx.children {
-            self.pool.renew(*c, now);
+        if now >= self.next_lease_sweep {
+            // Renewed every sixth of a lease, a live child's grant never lapses; a lapsed one is freed at most that
+            // much late.
+            self.next_lease_sweep = now + self.cfg.lease / LEASE_SWEEPS;
+            for (c, _) in ctx.children {
+                self.pool.renew(*c, now);
+            }
+            self.pool.renew(ctx.me, now);
+            let expired = self.pool.expire(now);
+            self.counters.renumbered += expired.len() as u64;
         }
-        self.pool.renew(ctx.me, now);
-        let expired = self.pool.expire(now);
-        self.counters.renumbered += expired.len() as u64;
         let lapsed = self.interests.expire(now);
         for service in &lapsed.unwanted {
             self.cache.remove(service);
@@ -1436,6 +1450,14 @@ impl Routing {
     /// granted to us that contains our subnet, a takeover. When part of one is already granted to a child, that
     /// grant is younger than ours or was made in ignorance of it: we move ourselves to a fresh subnet.
     fn own_subnets_in_pool(&mut self, now: Time, ctx: &TreeCtx) {
+        if self.own_checked.as_ref().is_some_and(|(v, m)| *v == self.pool.version() && *m == self.machine) {
+            return;
+        }
+        self.mark_own_subnets(now, ctx);
+        self.own_checked = Some((self.pool.version(), self.machine.clone()));
+    }
+
+    fn mark_own_subnets(&mut self, now: Time, ctx: &TreeCtx) {
         let me = ctx.me;
         let inside_pool = |pool: &AddressPool, m: &Ipv4Net| pool.overlaps_owned(*m);
         let unmarked: Vec<Ipv4Net> = self

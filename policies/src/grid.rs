@@ -179,22 +179,32 @@ impl CapacityGrid {
 
     /// Every cell, row by row from the south-west corner.
     pub fn cells(&self) -> impl Iterator<Item = GridCell> + '_ {
+        (0..self.nodes.len()).map(|cell| self.cell(cell))
+    }
+
+    fn cell(&self, cell: usize) -> GridCell {
         let size = usize::from(self.size);
-        (0..size * size).map(move |cell| {
-            let (row, col) = (cell / size, cell % size);
-            let idx = CellIndex::new(self.origin.col + col as i32, self.origin.row + row as i32);
-            GridCell {
-                row: row as u16,
-                col: col as u16,
-                bounds: CellBounds::of_cells(idx, 1, 1, self.level),
-                region: self.region(cell),
-            }
-        })
+        let (row, col) = (cell / size, cell % size);
+        let idx = CellIndex::new(self.origin.col + col as i32, self.origin.row + row as i32);
+        GridCell {
+            row: row as u16,
+            col: col as u16,
+            bounds: CellBounds::of_cells(idx, 1, 1, self.level),
+            region: self.region(cell),
+        }
     }
 
     /// Cells that hold at least one node.
     pub fn occupied_cells(&self) -> impl Iterator<Item = GridCell> + '_ {
-        self.cells().filter(|c| c.region.nodes > 0)
+        (0..self.nodes.len()).filter(|&cell| self.nodes[cell] > 0).map(|cell| self.cell(cell))
+    }
+
+    /// The (col, row) within the window of each cell that holds a node: the cheap part of `occupied_cells`.
+    pub(crate) fn occupied_offsets(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        let size = usize::from(self.size);
+        (0..self.nodes.len())
+            .filter(|&cell| self.nodes[cell] > 0)
+            .map(move |cell| ((cell % size) as u16, (cell / size) as u16))
     }
 
     /// Whether `other` is different enough that a node should resend its grid. `threshold` is a fraction

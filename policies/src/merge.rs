@@ -59,7 +59,7 @@ impl CapacityGrid {
         for input in inputs {
             match input {
                 GridInput::Grid(grid) => {
-                    let mut cells = grid.occupied_cells().map(|c| (c.col, c.row)).peekable();
+                    let mut cells = grid.occupied_offsets().peekable();
                     if cells.peek().is_none() {
                         continue;
                     }

@@ -7,6 +7,7 @@
 use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::network::{Attachment, NetworkModel};
+use crate::queue::{EventQueue, Timed};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, StateSizes, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
 use crate::wire_size;
@@ -19,8 +20,7 @@ use canopy_overlay::{
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,12 @@ struct Scheduled {
     what: What,
 }
 
+impl Timed for Scheduled {
+    fn at(&self) -> u64 {
+        self.at
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum What {
     /// Deliver the message in this slab slot.
@@ -185,7 +191,7 @@ pub struct Simulation {
     now: u64,
     end: u64,
     seq: u64,
-    queue: BinaryHeap<Reverse<Scheduled>>,
+    queue: EventQueue<Scheduled>,
     slab: Vec<Option<InFlight>>,
     free_slots: Vec<u32>,
     nodes: Vec<SimNode>,
@@ -342,7 +348,7 @@ impl Simulation {
             now: 0,
             end: scenario.duration().as_nanos() as u64,
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::new(),
             slab: Vec::new(),
             free_slots: Vec::new(),
             nodes,
@@ -391,7 +397,7 @@ impl Simulation {
 
     fn schedule(&mut self, at: u64, what: What) {
         self.seq += 1;
-        self.queue.push(Reverse(Scheduled { at, seq: self.seq, what }));
+        self.queue.push(Scheduled { at, seq: self.seq, what });
     }
 
     pub fn run(&mut self) {
@@ -399,7 +405,7 @@ impl Simulation {
     }
 
     fn run_reporting(&mut self, started: Instant, mut progress: impl FnMut(Progress)) {
-        while let Some(Reverse(next)) = self.queue.peek().copied() {
+        while let Some(next) = self.queue.peek().copied() {
             if next.at > self.end {
                 break;
             }

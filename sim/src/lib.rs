@@ -11,6 +11,7 @@ pub mod experiment;
 pub mod kinds;
 pub mod network;
 pub mod plot;
+pub mod queue;
 pub mod report;
 pub mod route_load;
 pub mod scenario;

@@ -19,6 +19,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The platform range: machine subnets and the ServiceIP range live in it.
@@ -212,6 +213,15 @@ pub struct AddressPool {
     by_holder: BTreeMap<NodeId, BTreeSet<Ipv4Net>>,
     /// `free[p]` holds the first addresses of the free /p blocks.
     free: Vec<BTreeSet<u32>>,
+    /// Changes whenever the owned blocks or the grants change, and differs between pools (see [`Self::version`]).
+    version: u64,
+}
+
+/// Pool versions are drawn from one counter, so a pool built to replace another never repeats its version.
+static POOL_VERSIONS: AtomicU64 = AtomicU64::new(1);
+
+fn next_pool_version() -> u64 {
+    POOL_VERSIONS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl AddressPool {
@@ -232,6 +242,7 @@ impl AddressPool {
             grants: BTreeMap::new(),
             by_holder: BTreeMap::new(),
             free: vec![],
+            version: next_pool_version(),
         };
         pool.rebuild_free();
         pool
@@ -264,6 +275,12 @@ impl AddressPool {
 
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// Equal versions mean the same owned blocks and grants (lease times aside): a caller can skip checks that
+    /// already ran against this version.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn owned(&self) -> &[Ipv4Net] {
@@ -324,6 +341,7 @@ impl AddressPool {
     }
 
     fn set_owned(&mut self, owned: Vec<Ipv4Net>) {
+        self.version = next_pool_version();
         self.owned = Ipv4Net::aggregate(&owned);
         self.owned_index = BlockSet::from_blocks(&self.owned);
     }
@@ -426,6 +444,7 @@ impl AddressPool {
 
     /// Records a grant in both indexes (replacing any grant of the same block).
     fn put_grant(&mut self, grant: Grant) {
+        self.version = next_pool_version();
         let (block, holder) = (grant.block, grant.holder);
         if let Some(old) = self.grants.insert(block, grant) {
             self.unindex(old.holder, old.block);
@@ -436,6 +455,7 @@ impl AddressPool {
     /// Removes a grant from both indexes.
     fn take_grant(&mut self, block: Ipv4Net) -> Option<Grant> {
         let grant = self.grants.remove(&block)?;
+        self.version = next_pool_version();
         self.unindex(grant.holder, grant.block);
         Some(grant)
     }
@@ -590,6 +610,7 @@ impl AddressPool {
         let resolution = resolve_overlaps(current.chain(inside));
         self.grants.clear();
         self.by_holder.clear();
+        self.version = next_pool_version();
         for g in &resolution.keep {
             let grant = Grant {
                 block: g.block,
@@ -697,6 +718,26 @@ mod tests {
 
     fn secs(s: u64) -> Time {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn the_version_moves_with_grants_and_owned_blocks_but_not_with_renewals() {
+        let mut pool = AddressPool::new([net("10.16.0.0/24")], [], LEASE);
+        let other = AddressPool::new([net("10.16.0.0/24")], [], LEASE);
+        assert_ne!(pool.version(), other.version(), "a replacement pool never repeats a version");
+        let v0 = pool.version();
+        let block = pool.alloc(node(2), 26, secs(0)).unwrap();
+        let v1 = pool.version();
+        assert_ne!(v1, v0);
+        pool.renew(node(2), secs(5));
+        assert_eq!(pool.version(), v1, "a renewal changes no grant");
+        assert!(pool.claim(block, node(3), secs(5)).is_err());
+        assert_eq!(pool.version(), v1, "a refused claim changes nothing");
+        pool.free(block).unwrap();
+        let v2 = pool.version();
+        assert_ne!(v2, v1);
+        pool.add_owned(net("10.16.1.0/24")).unwrap();
+        assert_ne!(pool.version(), v2);
     }
 
     #[test]
