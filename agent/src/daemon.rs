@@ -34,8 +34,8 @@ const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: position, listen, tunnel_port, tunnel_endpoints, network_key_file, mdns, metrics,
-    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children, machine_prefix. Flags and CANOPY_*
-    /// variables override it.
+    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children, machine_prefix, cpu_latency_us.
+    /// Flags and CANOPY_* variables override it.
     #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// This machine's position, latitude,longitude in degrees (e.g. 48.14,11.58).
@@ -83,6 +83,10 @@ pub struct DaemonArgs {
     /// re-read when it changes, so experiments can change it live.
     #[arg(long, env = "CANOPY_CAPACITY_FILE", value_name = "FILE")]
     pub capacity_file: Option<PathBuf>,
+    /// Bound CPU wake-up latency while the data plane runs (0 = idle CPUs poll): lower tunnel latency on idle
+    /// machines for more idle power. Needs /dev/cpu_dma_latency (root). Off by default.
+    #[arg(long, env = "CANOPY_CPU_LATENCY_US", value_name = "MICROSECONDS")]
+    pub cpu_latency_us: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +116,7 @@ struct FileConfig {
     capacity_file: Option<PathBuf>,
     max_children: Option<u16>,
     machine_prefix: Option<u8>,
+    cpu_latency_us: Option<u32>,
 }
 
 /// Effective settings after merging flags, environment and config file.
@@ -131,6 +136,7 @@ pub struct Settings {
     pub capacity_file: Option<PathBuf>,
     pub max_children: Option<u16>,
     pub machine_prefix: u8,
+    pub cpu_latency_us: Option<u32>,
 }
 
 impl DaemonArgs {
@@ -191,6 +197,7 @@ impl DaemonArgs {
                 }
                 bits => bits.unwrap_or(canopy_overlay::routing::RoutingConfig::default().machine_prefix),
             },
+            cpu_latency_us: self.cpu_latency_us.or(file.cpu_latency_us),
         })
     }
 }
@@ -355,6 +362,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
             capacity: capacity_watch,
             tunnel_key: Some(crate::tree_routes::tunnel_key(&network_key.to_hex())),
             machine_prefix: settings.machine_prefix,
+            cpu_latency_us: settings.cpu_latency_us,
             domain: domain.clone(),
             state: StateStore::new(data_dir),
         };
@@ -418,6 +426,7 @@ async fn start_dataplane(settings: &Settings, node_name: &str, data_dir: &Path) 
     config.listen = SocketAddr::from(([0, 0, 0, 0], settings.tunnel_port));
     config.netns_prefix = netns_prefix(node_name);
     config.keep_netns = adopted_netns(&restorable(&StateStore::new(data_dir).load()?.services));
+    config.cpu_latency_us = settings.cpu_latency_us;
     let dataplane =
         DataPlane::start(config).await.context("starting the data plane (it needs root or CAP_NET_ADMIN)")?;
     if let Some(table) = table

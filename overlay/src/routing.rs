@@ -1157,6 +1157,12 @@ impl Routing {
             w.replaces.and_then(|old| self.waiting_up.get(&old)).is_some_and(|set| set.contains(&(child, *w)))
         };
         want.retain(|w| !self.waiting.contains(&(child, *w)) && !waiting_up(w));
+        // A coordinator has one block request open: a new one (sized to what waits there now) replaces the one
+        // that waits here, else both would be granted.
+        let is_block_ask = |w: &Want| w.purpose == Purpose::Block && w.replaces.is_none() && w.on_behalf.is_none();
+        if want.iter().any(is_block_ask) {
+            self.waiting.retain(|(c, w)| *c != child || !is_block_ask(w));
+        }
         self.grant_wants(now, ctx, child, want);
         // Every sync learns the group's blocks, so any child can take this node's place.
         self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));

@@ -7,19 +7,26 @@
 #   (3) boringtun (userspace WireGuard; installed with `cargo install boringtun-cli` when missing),
 # and prints a table with ratios to (1). Needs root, iproute2, iperf3, ping, python3, openssl.
 #
-# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY]
+# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS]
 # Without -a the script builds the release agent (cargo build --release -p canopy-agent).
+# With -l the agents run with --cpu-latency-us MICROSECONDS, and the bound is held for the whole run, so every row
+# (direct and boringtun too) is measured on a machine whose idle CPUs wake the same way.
 set -euo pipefail
 
 DURATION=10
 AGENT=""
-while getopts "t:a:" opt; do
+CPU_LATENCY=""
+while getopts "t:a:l:" opt; do
     case "$opt" in
         t) DURATION="$OPTARG" ;;
         a) AGENT="$OPTARG" ;;
-        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY]" >&2; exit 2 ;;
+        l) CPU_LATENCY="$OPTARG" ;;
+        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS]" >&2; exit 2 ;;
     esac
 done
+if [[ -n "$CPU_LATENCY" && ! "$CPU_LATENCY" =~ ^[0-9]+$ ]]; then
+    echo "-l takes a whole number of microseconds, not $CPU_LATENCY" >&2; exit 2
+fi
 
 if [[ $EUID -ne 0 ]]; then echo "needs root" >&2; exit 1; fi
 for tool in ip iperf3 ping python3 openssl; do
@@ -58,6 +65,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+AGENT_FLAGS=()
+if [[ -n "$CPU_LATENCY" ]]; then
+    AGENT_FLAGS=(--cpu-latency-us "$CPU_LATENCY")
+    # The same bound for the whole run (the kernel applies the lowest request held).
+    python3 -c 'import os, struct, sys, time
+fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY); os.write(fd, struct.pack("i", int(sys.argv[1]))); time.sleep(1e9)' \
+        "$CPU_LATENCY" &
+    PIDS+=($!)
+fi
+
 ip netns add "$NS_A"; ip netns add "$NS_B"
 ip link add "u$ID" netns "$NS_A" type veth peer name "v$ID" netns "$NS_B"
 ip -n "$NS_A" addr add 172.31.251.1/24 dev "u$ID"; ip -n "$NS_A" link set "u$ID" up; ip -n "$NS_A" link set lo up
@@ -74,12 +91,12 @@ throughput() {
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])' "$WORK/iperf.json"
 }
 
-# rtt NETNS ADDRESS -> average idle round-trip time in microseconds (200 pings, 5 ms apart)
+# rtt NETNS ADDRESS -> "MEAN,MEDIAN" idle round-trip time in microseconds (200 pings, 5 ms apart)
 rtt() {
-    ip netns exec "$1" ping -q -c 200 -i 0.005 "$2" | python3 -c '
-import re, sys
-m = re.search(r"= [\d.]+/([\d.]+)/", sys.stdin.read())
-print(float(m.group(1)) * 1000)'
+    ip netns exec "$1" ping -c 200 -i 0.005 "$2" | python3 -c '
+import re, statistics, sys
+times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", sys.stdin.read())]
+print(f"{statistics.mean(times)},{statistics.median(times)}")'
 }
 
 declare -A GBPS RTT MSS
@@ -102,7 +119,7 @@ JSON
 start_agent() { # NETNS NODE SUBNET ADDRESS PREFIX
     ip netns exec "$1" true # fail early if the namespace is missing
     nsenter --net="/run/netns/$1" "$AGENT" --data-dir "$WORK/$2" dataplane --node "$2" --subnet "$3" \
-        --routes "$WORK/routes.json" --listen "$4:50103" --prefix "$5" > "$WORK/agent-$2.log" 2>&1 &
+        --routes "$WORK/routes.json" --listen "$4:50103" --prefix "$5" "${AGENT_FLAGS[@]}" > "$WORK/agent-$2.log" 2>&1 &
     PIDS+=($!)
 }
 start_agent "$NS_A" a 10.16.0.0/26 172.31.251.1 "$PREFIX_A"
@@ -209,19 +226,22 @@ MSS[boringtun]=1400
 GBPS[boringtun]=$(throughput "$NS_A" "$NS_B" 192.168.251.2)
 RTT[boringtun]=$(rtt "$NS_A" 192.168.251.2)
 
-python3 - "$DURATION" \
+python3 - "$DURATION" "$CPU_LATENCY" \
     "(1) direct veth" "${MSS[direct]}" "${GBPS[direct]}" "${RTT[direct]}" \
     "(2) canopy tunnel" "${MSS[canopy]}" "${GBPS[canopy]}" "${RTT[canopy]}" \
     "(2b) canopy sealed" "${MSS[sealed]}" "${GBPS[sealed]}" "${RTT[sealed]}" \
     "(3) boringtun" "${MSS[boringtun]}" "${GBPS[boringtun]}" "${RTT[boringtun]}" <<'PY'
 import sys
-rows = [(sys.argv[i], sys.argv[i + 1], float(sys.argv[i + 2]), float(sys.argv[i + 3])) for i in range(2, 18, 4)]
-print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT = mean of 200 pings")
-print("| path               | MSS  | Gbit/s | x direct | RTT us | +RTT us |")
-print("|--------------------|------|--------|----------|--------|---------|")
-_, _, d_bps, d_rtt = rows[0]
-for name, mss, bps, rtt in rows:
-    print(f"| {name:<18} | {mss} | {bps/1e9:6.2f} | {bps/d_bps:8.2f} | {rtt:6.0f} | {rtt-d_rtt:7.0f} |")
+rows = [(sys.argv[i], sys.argv[i + 1], float(sys.argv[i + 2]), [float(v) for v in sys.argv[i + 3].split(",")])
+        for i in range(3, 19, 4)]
+latency = f"CPU wake-up latency bound {sys.argv[2]} us held" if sys.argv[2] else "no CPU latency bound"
+print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT of 200 pings, mean / median; {latency}")
+print("| path               | MSS  | Gbit/s | x direct | RTT us mean / median | +RTT us mean / median |")
+print("|--------------------|------|--------|----------|----------------------|-----------------------|")
+_, _, d_bps, (d_mean, d_median) = rows[0]
+for name, mss, bps, (mean, median) in rows:
+    print(f"| {name:<18} | {mss} | {bps/1e9:6.2f} | {bps/d_bps:8.2f} | {mean:9.0f} / {median:6.0f}   "
+          f"| {mean-d_mean:10.0f} / {median-d_median:6.0f}   |")
 b_bps = rows[3][2]
 print(f"canopy / boringtun throughput: plain {rows[1][2]/b_bps:.2f}x, sealed {rows[2][2]/b_bps:.2f}x")
 PY

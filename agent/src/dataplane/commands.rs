@@ -39,6 +39,9 @@ pub struct DataplaneArgs {
     /// Range of ServiceIPs and InstanceIPs.
     #[arg(long, default_value = super::DEFAULT_SERVICE_RANGE)]
     pub service_range: Ipv4Net,
+    /// Bound CPU wake-up latency while the data plane runs (0 = idle CPUs poll); needs /dev/cpu_dma_latency.
+    #[arg(long, value_name = "MICROSECONDS")]
+    pub cpu_latency_us: Option<u32>,
 }
 
 impl DataplaneArgs {
@@ -49,6 +52,7 @@ impl DataplaneArgs {
         config.prefix = self.prefix.clone();
         config.netns_prefix = format!("{}-", self.prefix);
         config.service_range = self.service_range;
+        config.cpu_latency_us = self.cpu_latency_us;
         config
     }
 }

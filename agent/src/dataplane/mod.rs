@@ -33,6 +33,7 @@ pub mod api;
 pub mod batch;
 pub mod commands;
 pub mod counters;
+pub mod cpu_latency;
 pub mod crypto;
 pub mod device;
 pub mod engine;
@@ -106,6 +107,9 @@ pub struct DataPlaneConfig {
     pub reply_route_capacity: NonZeroUsize,
     /// Notices waiting for the agent; more are dropped (and counted).
     pub notice_queue: usize,
+    /// Bound on CPU wake-up latency held while the data plane runs (see `cpu_latency`); `None` leaves the
+    /// machine's idle states alone.
+    pub cpu_latency_us: Option<u32>,
 }
 
 impl DataPlaneConfig {
@@ -127,6 +131,7 @@ impl DataPlaneConfig {
             liveness: liveness::LivenessConfig::default(),
             reply_route_capacity: NonZeroUsize::new(16384).expect("non-zero"),
             notice_queue: 1024,
+            cpu_latency_us: None,
         }
     }
 
@@ -289,6 +294,8 @@ struct Inner {
     state: Mutex<State>,
     /// The route table in force, for those who derive something from it (the DNS resolver's names).
     routes_watch: watch::Sender<RouteTable>,
+    /// Held for the data plane's lifetime when configured.
+    _cpu_latency: Option<cpu_latency::CpuLatencyRequest>,
 }
 
 /// Handle to a running data plane; cheap to clone.
@@ -302,6 +309,10 @@ impl DataPlane {
     /// runtime (the netlink connection lives there); needs root.
     pub async fn start(config: DataPlaneConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        let cpu_latency = config.cpu_latency_us.map(cpu_latency::CpuLatencyRequest::hold).transpose()?;
+        if let Some(request) = &cpu_latency {
+            tracing::info!(microseconds = request.microseconds, "holding the CPU wake-up latency bound");
+        }
         let netlink = setup::connect()?;
         Self::remove_leftovers(&netlink, &config.prefix, &config.netns_prefix, &config.keep_netns).await?;
         let mtu = config.mtu();
@@ -335,6 +346,7 @@ impl DataPlane {
                     stopped: false,
                 }),
                 routes_watch: watch::Sender::new(RouteTable::default()),
+                _cpu_latency: cpu_latency,
             }),
         };
         if let Err(err) = dataplane.configure_kernel().await {

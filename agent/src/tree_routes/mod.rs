@@ -65,6 +65,8 @@ pub struct TreeRoutesConfig {
     /// Hex key for the data plane's sealed tunnels (derived from the network key: every member has it).
     pub tunnel_key: Option<String>,
     pub machine_prefix: u8,
+    /// See `DataPlaneConfig::cpu_latency_us`.
+    pub cpu_latency_us: Option<u32>,
     pub domain: ServiceDomain,
     pub state: StateStore,
 }
@@ -669,6 +671,7 @@ impl Task {
         config.netns_prefix = crate::daemon::netns_prefix(&config.node_name);
         let restore = crate::daemon::restorable(&self.saved_services);
         config.keep_netns = crate::daemon::adopted_netns(&restore);
+        config.cpu_latency_us = self.config.cpu_latency_us;
         let dataplane = match DataPlane::start(config).await {
             Ok(dataplane) => dataplane,
             Err(err) => {
