@@ -62,6 +62,21 @@ pub struct LoopStatus {
     pub unreachable_peers: usize,
 }
 
+/// Reused buffers and metadata for `recvmmsg` on the tunnel socket.
+struct ReceiveBuffers {
+    buffers: [Box<[u8]>; RECV_MESSAGES],
+    meta: [quinn_udp::RecvMeta; RECV_MESSAGES],
+}
+
+impl ReceiveBuffers {
+    fn new(len: usize) -> Self {
+        Self {
+            buffers: std::array::from_fn(|_| vec![0u8; len].into_boxed_slice()),
+            meta: [quinn_udp::RecvMeta::default(); RECV_MESSAGES],
+        }
+    }
+}
+
 pub struct Engine {
     pub proxy: Proxy,
     pub peers: PeerTable,
@@ -105,10 +120,7 @@ impl Engine {
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let epoch = Instant::now();
         let mut batch = SendBatch::new(TUN_PAYLOAD, self.udp.max_gso_segments());
-        let recv_buffer_len = recv_buffer_len(self.udp.gro_segments(), self.max_datagram);
-        let mut recv_buffers: [Box<[u8]>; RECV_MESSAGES] =
-            std::array::from_fn(|_| vec![0u8; recv_buffer_len].into_boxed_slice());
-        let mut recv_meta = [quinn_udp::RecvMeta::default(); RECV_MESSAGES];
+        let mut receive = ReceiveBuffers::new(recv_buffer_len(self.udp.gro_segments(), self.max_datagram));
         let mut tick = tokio::time::interval(TICK);
         let mut liveness_tick = tokio::time::interval(LIVENESS_TICK);
         liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -135,36 +147,7 @@ impl Engine {
                         tracing::error!("tunnel socket failed: {err}");
                         return;
                     }
-                    let now = epoch.elapsed();
-                    for _ in 0..BATCH / RECV_MESSAGES {
-                        let mut slices = recv_buffers.each_mut().map(|buffer| IoSliceMut::new(&mut buffer[..]));
-                        let received = self.socket.try_io(Interest::READABLE, || {
-                            self.udp.recv((&self.socket).into(), &mut slices, &mut recv_meta)
-                        });
-                        match received {
-                            Ok(messages) => {
-                                Counters::inc(&self.counters.tunnel_rx_reads);
-                                for (buffer, meta) in recv_buffers.iter_mut().zip(&recv_meta).take(messages) {
-                                    let stride = meta.stride.max(1);
-                                    for datagram in buffer[..meta.len].chunks_mut(stride) {
-                                        let len = datagram.len();
-                                        self.handle_tunnel_datagram(datagram, len, meta.addr, now).await;
-                                    }
-                                }
-                            }
-                            Err(err) if err.kind() == ErrorKind::WouldBlock => break,
-                            // ICMP errors (port unreachable) surface here on Linux; nothing to do but go on.
-                            Err(err) => {
-                                tracing::debug!("tunnel socket: {err}");
-                                break;
-                            }
-                        }
-                    }
-                    // What we just wrote to the TUN reached local services within the write (the kernel runs
-                    // their stack before the call returns): an answer (an echo reply, a TCP ACK) is often queued
-                    // on the TUN already. Reading it now sends it on without a trip through the event loop, a
-                    // wake-up less per round trip on an idle machine.
-                    self.drain_tun(&mut batch, epoch.elapsed()).await;
+                    self.drain_socket(&mut receive, epoch.elapsed()).await;
                 }
                 _ = tick.tick() => self.housekeeping(epoch.elapsed()).await,
                 _ = liveness_tick.tick() => self.check_liveness(epoch.elapsed()).await,
@@ -185,6 +168,34 @@ impl Engine {
             }
         }
         self.flush(batch).await;
+    }
+
+    /// Reads and handles what waits on the tunnel socket (up to a batch).
+    async fn drain_socket(&mut self, receive: &mut ReceiveBuffers, now: Duration) {
+        for _ in 0..BATCH / RECV_MESSAGES {
+            let mut slices = receive.buffers.each_mut().map(|buffer| IoSliceMut::new(&mut buffer[..]));
+            let received = self
+                .socket
+                .try_io(Interest::READABLE, || self.udp.recv((&self.socket).into(), &mut slices, &mut receive.meta));
+            match received {
+                Ok(messages) => {
+                    Counters::inc(&self.counters.tunnel_rx_reads);
+                    for (buffer, meta) in receive.buffers.iter_mut().zip(&receive.meta).take(messages) {
+                        let stride = meta.stride.max(1);
+                        for datagram in buffer[..meta.len].chunks_mut(stride) {
+                            let len = datagram.len();
+                            self.handle_tunnel_datagram(datagram, len, meta.addr, now).await;
+                        }
+                    }
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                // ICMP errors (port unreachable) surface here on Linux; nothing to do but go on.
+                Err(err) => {
+                    tracing::debug!("tunnel socket: {err}");
+                    break;
+                }
+            }
+        }
     }
 
     /// Handles a control command; returns true when a new route table is in force.
