@@ -48,6 +48,8 @@ const MAX_REPLACED: usize = 32;
 const CONTACTS_PER_RETRY: usize = 3;
 /// Indirect probes we run for siblings at a time.
 const MAX_RELAYS: usize = 32;
+/// An over-full group splits a heartbeat interval divided by this after it became over-full.
+const SPLIT_GRACE_DIVISOR: u32 = 4;
 
 /// Tunables. Defaults follow the design: 1 s heartbeats, 16 children per coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +337,8 @@ pub struct Node {
     probe_seq: u64,
     dedup: Dedup,
     next_tick: Time,
+    /// When an over-full group splits (see `adopt`); the tick splits too, as a fallback.
+    split_due: Option<Time>,
     counters: Counters,
 
     last_role: (Role, u64),
@@ -389,6 +393,7 @@ impl Node {
             probe_seq: 0,
             dedup: Dedup::new(64),
             next_tick: first_tick,
+            split_due: None,
             counters: Counters::default(),
             last_role: (Role::Detached, 0),
             last_parent: None,
@@ -537,6 +542,9 @@ impl Node {
         if let Some(deadline) = self.grids.next_deadline() {
             t = t.min(deadline);
         }
+        if let Some(due) = self.split_due {
+            t = t.min(due);
+        }
         Some(t)
     }
 
@@ -548,6 +556,12 @@ impl Node {
         self.check_pending(now);
         for (tag, candidates) in self.grids.expire_placements(now) {
             self.push_event(Event::PlacementResult { tag, candidates });
+        }
+        if self.split_due.is_some_and(|due| now >= due) {
+            self.split_due = None;
+            if self.children.len() > self.config.max_children {
+                self.split();
+            }
         }
         if now >= self.next_tick {
             self.next_tick = (self.next_tick + self.config.heartbeat_interval).max(now);
@@ -891,6 +905,12 @@ impl Node {
             }
         }
         self.adopt(now, a.info, a.rank, a.summary);
+        // A group over-filled by an attach (orphans after a failover, a coordinator moved up by a split below)
+        // splits after a short grace rather than at the next tick: such splits cascade level by level (each moves
+        // a coordinator up and over-fills the level above), and a tick per level kept subtrees moving for seconds.
+        if self.children.len() > self.config.max_children && self.split_due.is_none() {
+            self.split_due = Some(now + self.config.heartbeat_interval / SPLIT_GRACE_DIVISOR);
+        }
     }
 
     fn send_attach(&mut self, now: Time, target: NodeId, replaces: Option<NodeId>, purpose: AttachPurpose) {
@@ -948,7 +968,7 @@ impl Node {
         let accept = Accept { parent: self.info.clone(), term: self.term, view: Arc::unwrap_or_clone(view) };
         self.send(id, Message::Accept(Box::new(accept)));
         // Over-full groups split on the next tick, so transient extra children (a joiner that also got another
-        // accept and will decline ours) do not cause a split.
+        // accept and will decline ours) do not cause a split, and one split serves a burst of joiners.
     }
 
     fn split(&mut self) {

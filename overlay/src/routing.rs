@@ -227,6 +227,10 @@ pub enum RoutesMessage {
         held: Vec<Held>,
         want: Vec<Want>,
     },
+    /// Child -> parent: wants between full syncs (a block for what waits, a claim on behalf of a node below).
+    /// What the child holds rides on its periodic `SubnetSync` only: a coordinator high in a large tree holds
+    /// thousands of blocks, too many to list with every request.
+    SubnetWant(Vec<Want>),
     SubnetReply {
         granted: Vec<Granted>,
         refused: Vec<(Want, String)>,
@@ -275,6 +279,10 @@ impl RoutesMessage {
         match self {
             RoutesMessage::SubnetSync { held, want } => {
                 ok(held.len() + want.len())?;
+                want.iter().try_for_each(|w| prefix_ok(w.prefix))
+            }
+            RoutesMessage::SubnetWant(want) => {
+                ok(want.len())?;
                 want.iter().try_for_each(|w| prefix_ok(w.prefix))
             }
             RoutesMessage::SubnetReply { granted, refused } => ok(granted.len() + refused.len()),
@@ -811,9 +819,8 @@ impl Routing {
             self.waiting.iter().chain(self.waiting_up.values().flatten()).map(|(_, w)| block_size(w.prefix)).sum();
         let size = held.max(waiting).max(block_size(self.cfg.machine_prefix)).min(block_size(MAX_BLOCK_PREFIX));
         let prefix = 32 - size.next_power_of_two().ilog2() as u8;
-        let held = self.held();
         let want = vec![Want { purpose: Purpose::Block, prefix, replaces: None, on_behalf: None }];
-        self.send(parent, RoutesMessage::SubnetSync { held, want });
+        self.send(parent, RoutesMessage::SubnetWant(want));
     }
 
     fn child_lost(&mut self, now: Time, ctx: &TreeCtx, child: NodeId) {
@@ -1000,6 +1007,7 @@ impl Routing {
         let from_child = ctx.children.iter().any(|(c, _)| *c == from);
         match m {
             RoutesMessage::SubnetSync { held, want } if from_child => self.on_sync(now, ctx, from, held, want),
+            RoutesMessage::SubnetWant(want) if from_child => self.on_wants(now, ctx, from, want),
             RoutesMessage::SubnetReply { granted, refused } if from_parent => {
                 // A refused block is not asked for again before a resync interval: asking at once makes a full
                 // platform range a message storm (62,000 refusals to one coordinator in 50 s at 10k nodes).
@@ -1152,6 +1160,12 @@ impl Routing {
                 });
             }
         }
+        self.on_wants(now, ctx, child, want);
+        // Every sync learns the group's blocks, so any child can take this node's place.
+        self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));
+    }
+
+    fn on_wants(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, mut want: Vec<Want>) {
         // A want repeated by a resync while it waits counts once.
         let waiting_up = |w: &Want| {
             w.replaces.and_then(|old| self.waiting_up.get(&old)).is_some_and(|set| set.contains(&(child, *w)))
@@ -1164,8 +1178,6 @@ impl Routing {
             self.waiting.retain(|(c, w)| *c != child || !is_block_ask(w));
         }
         self.grant_wants(now, ctx, child, want);
-        // Every sync learns the group's blocks, so any child can take this node's place.
-        self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));
     }
 
     fn grant_wants(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, want: Vec<Want>) {
@@ -1282,14 +1294,13 @@ impl Routing {
                 }
                 if let std::collections::btree_map::Entry::Vacant(claim) = self.claims_up.entry(old) {
                     claim.insert(now);
-                    let held = self.held();
                     let want = vec![Want {
                         purpose: Purpose::Block,
                         prefix: old.prefix_len(),
                         replaces: Some(old),
                         on_behalf: Some(holder_below),
                     }];
-                    self.send(parent, RoutesMessage::SubnetSync { held, want });
+                    self.send(parent, RoutesMessage::SubnetWant(want));
                 }
                 Keep::AskedUp
             }
@@ -2032,10 +2043,10 @@ mod tests {
         replies.flatten().collect()
     }
 
-    /// The wants in the subnet syncs sent to `to`.
+    /// The wants in the subnet syncs and wants sent to `to`.
     fn wanted_of(sent: Vec<(NodeId, RoutesMessage)>, to: NodeId) -> Vec<Want> {
         let syncs = sent.into_iter().filter_map(|(at, m)| match m {
-            RoutesMessage::SubnetSync { want, .. } if at == to => Some(want),
+            RoutesMessage::SubnetSync { want, .. } | RoutesMessage::SubnetWant(want) if at == to => Some(want),
             _ => None,
         });
         syncs.flatten().collect()
@@ -2068,9 +2079,8 @@ mod tests {
         let sent = coord.drain().0;
         let up = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(foreign), on_behalf: Some(kid) };
         assert!(
-            sent.iter().any(
-                |(to, m)| *to == parent && matches!(m, RoutesMessage::SubnetSync { want, .. } if want == &vec![up])
-            ),
+            sent.iter()
+                .any(|(to, m)| *to == parent && matches!(m, RoutesMessage::SubnetWant(want) if want == &vec![up])),
             "{sent:?}"
         );
         assert!(!sent.iter().any(|(to, m)| *to == kid && matches!(m, RoutesMessage::SubnetReply { .. })));

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Every kind, in [`kind_of`]'s numbering. Routes messages are named by their inner kind.
-pub const KIND_NAMES: [&str; 30] = [
+pub const KIND_NAMES: [&str; 31] = [
     "JoinRequest",
     "Accept",
     "Refuse",
@@ -37,6 +37,7 @@ pub const KIND_NAMES: [&str; 30] = [
     "Routes.Deploy",
     "Routes.Deployed",
     "Routes.MergeAllocator",
+    "Routes.SubnetWant",
 ];
 
 /// The index of a message's kind in [`KIND_NAMES`] (the match is exhaustive: a new variant needs a name).
@@ -73,6 +74,7 @@ pub fn kind_of(message: &Message) -> usize {
             RoutesMessage::Deploy { .. } => 27,
             RoutesMessage::Deployed { .. } => 28,
             RoutesMessage::MergeAllocator(_) => 29,
+            RoutesMessage::SubnetWant(_) => 30,
         },
     }
 }

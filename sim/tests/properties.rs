@@ -147,6 +147,7 @@ fn former_property_failures_converge() {
     let cases = [
         ("island_roots_with_only_dead_contacts", include_str!("regressions/island_roots_with_only_dead_contacts.toml")),
         ("island_roots_whose_anchors_are_gone", include_str!("regressions/island_roots_whose_anchors_are_gone.toml")),
+        ("split_cascade_after_root_crash", include_str!("regressions/split_cascade_after_root_crash.toml")),
     ];
     for (name, text) in cases {
         let scenario = canopy_sim::scenario::Scenario::from_toml(text, name).expect("a valid scenario");
