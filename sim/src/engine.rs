@@ -12,7 +12,7 @@ use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, Sta
 use crate::scenario::{EventKind, Scenario, Target};
 use crate::wire_size;
 use canopy_overlay::grids::GroupGrids;
-use canopy_overlay::message::Heartbeat;
+use canopy_overlay::message::{Heartbeat, View};
 use canopy_overlay::routes::pool::block_size;
 use canopy_overlay::{
     Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
@@ -223,7 +223,7 @@ pub struct Simulation {
     experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
     /// The group grids sized last (see [`sized`]).
-    last_group_sized: Option<(Arc<GroupGrids>, usize)>,
+    shared_sizes: SharedSizes,
 }
 
 fn bucket(role: Role) -> usize {
@@ -260,18 +260,47 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
 /// The grids field of a message struct (depth 2: inside the envelope).
 const GRID_FIELDS: [&str; 2] = ["grid", "grids"];
 
+/// The parts a coordinator shares among its children's heartbeats of a round, with their sizes, sized once per
+/// round. Holding the last one sized keeps its address from being reused by another.
+#[derive(Default)]
+struct SharedSizes {
+    group: Option<(Arc<GroupGrids>, usize)>,
+    view: Option<(Arc<View>, usize)>,
+}
+
 /// The exact encoded length of a message and the CBOR bytes of the capacity grids it carries, in one walk. The
-/// group grids a coordinator shares among its children's heartbeats are sized once per round: `last_group` keeps
-/// the last one sized (holding it keeps its address from being reused by another).
-fn sized(envelope: &Envelope, last_group: &mut Option<(Arc<GroupGrids>, usize)>) -> (usize, usize) {
+/// grids and the view a heartbeat shares with the others of its round are walked once (`shared`).
+fn sized(envelope: &Envelope, shared: &mut SharedSizes) -> (usize, usize) {
     let (len, grids) = match &envelope.body {
-        Message::Heartbeat(Heartbeat { grids: Some(group), .. }) => match last_group {
+        Message::Heartbeat(Heartbeat { view: Some(view), grids, .. }) => {
+            let view_len = match &shared.view {
+                Some((sized, len)) if Arc::ptr_eq(sized, view) => *len,
+                _ => {
+                    let len = wire_size::cbor_len(&**view);
+                    shared.view = Some((Arc::clone(view), len));
+                    len
+                }
+            };
+            let known_grids = match (grids, &shared.group) {
+                (Some(group), Some((sized, grid_len))) if Arc::ptr_eq(sized, group) => Some(*grid_len),
+                _ => None,
+            };
+            let (len, grid_len) =
+                wire_size::cbor_len_with_known_parts(envelope, 2, &GRID_FIELDS, known_grids, ("view", view_len));
+            if let Some(group) = grids
+                && known_grids.is_none()
+            {
+                shared.group = Some((Arc::clone(group), grid_len));
+            }
+            (len, grid_len)
+        }
+        Message::Heartbeat(Heartbeat { grids: Some(group), .. }) => match &shared.group {
             Some((sized, grid_len)) if Arc::ptr_eq(sized, group) => {
                 (wire_size::cbor_len_with_known_fields(envelope, 2, &GRID_FIELDS, *grid_len), *grid_len)
             }
             _ => {
                 let (len, grid_len) = wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS);
-                *last_group = Some((Arc::clone(group), grid_len));
+                shared.group = Some((Arc::clone(group), grid_len));
                 (len, grid_len)
             }
         },
@@ -374,7 +403,7 @@ impl Simulation {
             depth_max: 0,
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
-            last_group_sized: None,
+            shared_sizes: SharedSizes::default(),
             experiment,
         };
         if let Some(e) = &scenario.experiment {
@@ -501,7 +530,7 @@ impl Simulation {
     }
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
-        let (bytes, grid_bytes) = sized(&envelope, &mut self.last_group_sized);
+        let (bytes, grid_bytes) = sized(&envelope, &mut self.shared_sizes);
         let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);
