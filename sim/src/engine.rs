@@ -10,6 +10,7 @@ use crate::network::{Attachment, NetworkModel};
 use crate::queue::{EventQueue, Timed};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, StateSizes, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
+use crate::trace::{Tracer, describe, describe_event};
 use crate::wire_size;
 use canopy_overlay::grids::GroupGrids;
 use canopy_overlay::message::{Heartbeat, View};
@@ -67,8 +68,14 @@ pub struct Progress {
 
 /// Like [`run`], calling `progress` at every periodic check, so a long run shows its speed before it ends.
 pub fn run_with_progress(scenario: &Scenario, name: &str, progress: impl FnMut(Progress)) -> Outcome {
+    run_traced(scenario, name, progress, None)
+}
+
+/// Like [`run_with_progress`], handing what the nodes `tracer` traces do to its sink as the run goes.
+pub fn run_traced(scenario: &Scenario, name: &str, progress: impl FnMut(Progress), tracer: Option<Tracer>) -> Outcome {
     let started = Instant::now();
     let mut sim = Simulation::new(scenario);
+    sim.tracer = tracer;
     sim.run_reporting(started, progress);
     sim.finish(name, started.elapsed().as_secs_f64())
 }
@@ -186,6 +193,8 @@ struct Traffic {
 }
 
 pub struct Simulation {
+    /// `--trace`: what chosen nodes receive, send and report.
+    tracer: Option<Tracer>,
     scenario: Scenario,
     config: Config,
     now: u64,
@@ -404,6 +413,7 @@ impl Simulation {
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
             shared_sizes: SharedSizes::default(),
+            tracer: None,
             experiment,
         };
         if let Some(e) = &scenario.experiment {
@@ -484,6 +494,12 @@ impl Simulation {
     /// Feeds one input, fires a due timer, drains outputs and re-arms the wakeup.
     fn feed(&mut self, i: u32, input: Option<Input>) {
         let now = self.now_time();
+        if self.nodes[i as usize].node.is_none() {
+            return;
+        }
+        if let Some(Input::Message { from, envelope }) = &input {
+            self.trace(i, |sim| format!("<- {} {}", sim.name(from), describe(&envelope.body, |id| sim.name(id))));
+        }
         let Some(node) = self.nodes[i as usize].node.as_mut() else { return };
         let mut outputs = std::mem::take(&mut self.out_buf);
         {
@@ -530,6 +546,7 @@ impl Simulation {
     }
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
+        self.trace(from, |sim| format!("-> {} {}", sim.name(&to), describe(&envelope.body, |id| sim.name(id))));
         let (bytes, grid_bytes) = sized(&envelope, &mut self.shared_sizes);
         let bytes = bytes as u32;
         self.counts.sent += 1;
@@ -585,6 +602,20 @@ impl Simulation {
         self.traffic[b].bytes += u64::from(flight.bytes);
         let input = Input::Message { from: node_id(flight.from), envelope: flight.envelope };
         self.feed(flight.to, Some(input));
+    }
+
+    /// Hands `what` to the tracer when it traces node `i` (built only then).
+    fn trace(&mut self, i: u32, what: impl FnOnce(&Self) -> String) {
+        if self.tracer.as_ref().is_some_and(|t| t.traces(i)) {
+            let line = what(self);
+            let now = self.now;
+            self.tracer.as_mut().expect("checked above").emit(now, i, line);
+        }
+    }
+
+    /// `n<index>` for a simulated node, the id itself for anything else.
+    fn name(&self, id: &NodeId) -> String {
+        self.index_of(id).map_or_else(|| id.to_string(), |i| format!("n{i}"))
     }
 
     fn index_of(&self, id: &NodeId) -> Option<u32> {
@@ -692,6 +723,7 @@ impl Simulation {
             .filter(|&j| self.nodes[j as usize].alive() && self.nodes[j as usize].parent == Some(i))
             .collect();
         let component = self.net.component(&self.nodes[i as usize].at);
+        self.trace(i, |_| "crashed".into());
         self.take_down(i, Life::Crashed);
         let pending = PendingReattach { crashed: i, since: self.now, orphans, component };
         if role == Role::Root {
@@ -707,6 +739,7 @@ impl Simulation {
         if self.nodes[i as usize].life != Life::Crashed {
             return;
         }
+        self.trace(i, |_| "restarted".into());
         self.bring_up(i);
         self.start_or_join(i, true);
     }
@@ -716,6 +749,7 @@ impl Simulation {
             return;
         }
         self.nodes[i as usize].life = Life::Leaving;
+        self.trace(i, |_| "leaving".into());
         self.feed(i, Some(Input::Command(Command::Leave)));
         let grace = (self.scenario.nodes.leave_grace_s * 1e9) as u64;
         self.schedule(self.now + grace, What::LeaveDone(i));
@@ -730,6 +764,7 @@ impl Simulation {
     // ---- events from nodes ---------------------------------------------------------------------------------
 
     fn on_event(&mut self, i: u32, event: Event) {
+        self.trace(i, |sim| describe_event(&event, |id| sim.name(id)));
         match event {
             Event::RoleChanged { role, .. } => {
                 self.close_bucket(i);

@@ -15,8 +15,9 @@ pub mod queue;
 pub mod report;
 pub mod route_load;
 pub mod scenario;
+pub mod trace;
 pub mod wire_size;
 
-pub use engine::{Outcome, Progress, run, run_with_progress};
+pub use engine::{Outcome, Progress, run, run_traced, run_with_progress};
 pub use report::Report;
 pub use scenario::Scenario;

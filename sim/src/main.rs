@@ -1,7 +1,8 @@
 //! `canopy-sim`: run a scenario (`run`) or the scaling benchmark (`bench`).
 
 use anyhow::Context;
-use canopy_sim::{Progress, Scenario, bench, plot, run_with_progress};
+use canopy_sim::trace::Tracer;
+use canopy_sim::{Progress, Scenario, bench, plot, run_traced};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Cmd {
         /// Print a line to stderr every simulated 5 s: simulated and wall time, speed, live nodes, messages.
         #[arg(long)]
         progress: bool,
+        /// Print to stderr what these nodes (indices, comma-separated) receive, send and report, as the run goes.
+        #[arg(long, value_delimiter = ',', value_name = "NODES")]
+        trace: Vec<u32>,
     },
     /// Run the 1k, 10k and 100k node benchmark scenarios and check the scaling and speed targets.
     Bench {
@@ -87,7 +91,7 @@ fn progress_line(now: &Progress, previous: Option<&Progress>) -> String {
 
 fn real_main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
-        Cmd::Run { scenario: path, seed, nodes, json, plot: plot_dir, check, progress } => {
+        Cmd::Run { scenario: path, seed, nodes, json, plot: plot_dir, check, progress, trace } => {
             let mut scenario = Scenario::from_file(&path)?;
             if let Some(seed) = seed {
                 scenario.seed = seed;
@@ -97,13 +101,19 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
             scenario.validate().map_err(|(key, problem)| anyhow::anyhow!("`{key}` {problem}"))?;
             let name = path.file_stem().map_or("scenario".into(), |s| s.to_string_lossy().into_owned());
+            let count = scenario.nodes.count;
+            if let Some(&missing) = trace.iter().find(|&&n| n as usize >= count) {
+                anyhow::bail!("--trace {missing}: the scenario has {count} nodes, numbered 0 to {}", count - 1);
+            }
+            let tracer = (!trace.is_empty()).then(|| Tracer::new(&trace, |line| eprintln!("{line}")));
             let mut last: Option<Progress> = None;
-            let outcome = run_with_progress(&scenario, &name, |p| {
+            let progress = |p: Progress| {
                 if progress {
                     eprintln!("{}", progress_line(&p, last.as_ref()));
                     last = Some(p);
                 }
-            });
+            };
+            let outcome = run_traced(&scenario, &name, progress, tracer);
             if json.as_ref().is_none_or(|p| p.as_os_str() != "-") {
                 print!("{}", outcome.report.summary());
             }

@@ -42,3 +42,21 @@ fn the_vineio_and_benchmark_scenarios_parse() {
     }
     assert!(parsed >= 8, "only {parsed} scenarios");
 }
+
+#[test]
+fn tracing_a_node_shows_its_life_and_does_not_change_the_run() {
+    use std::sync::{Arc, Mutex};
+    let scenario = small_scenario();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let tracer = canopy_sim::trace::Tracer::new(&[5], move |line| sink.lock().unwrap().push(line.clone()));
+    let traced = canopy_sim::run_traced(&scenario, "small_churn", |_| {}, Some(tracer));
+    let plain = run(&scenario, "small_churn");
+    let json = |o: &canopy_sim::Outcome| serde_json::to_string(&o.report.without_wall_time()).unwrap();
+    assert_eq!(json(&traced), json(&plain), "tracing only watches");
+    let lines = lines.lock().unwrap();
+    assert!(lines.iter().all(|l| l.node == 5));
+    assert!(lines.iter().any(|l| l.what.starts_with("joined under")), "node 5 joins");
+    assert!(lines.iter().any(|l| l.what.starts_with("<- ")) && lines.iter().any(|l| l.what.starts_with("-> ")));
+    assert!(lines.windows(2).all(|w| w[0].at_ns <= w[1].at_ns), "in time order");
+}

@@ -106,7 +106,8 @@ fn replay_hint(scenario: &Scenario, report: &Report) -> String {
         Err(e) => format!("could not write {}: {e}", path.display()),
     };
     format!(
-        "\nseed {} did not converge. Replay: cargo run -p canopy-sim -- run {} --plot /tmp/failing\n\
+        "\nseed {} did not converge. Replay: cargo run -p canopy-sim -- run {} --plot /tmp/failing (and --trace \
+         with the indices of the unattached nodes below to follow them)\n\
          --- scenario ({written}) ---\n{toml}--- summary ---\n{}",
         scenario.seed,
         path.display(),
