@@ -38,15 +38,7 @@ pub fn cbor_len_with_known_parts<T: Serialize + ?Sized>(
     known: Option<usize>,
     other: (&str, usize),
 ) -> (usize, usize) {
-    let mut size = SizeCounter {
-        total: 0,
-        depth: 0,
-        tracked_depth: depth,
-        tracked_names: names,
-        tracked: 0,
-        known,
-        known_other: Some(other),
-    };
+    let mut size = SizeCounter::new(depth, names, known, Some(other));
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
         // The parts given are sized already; a fallback inside the rest is sized the long way.
@@ -55,15 +47,7 @@ pub fn cbor_len_with_known_parts<T: Serialize + ?Sized>(
 }
 
 fn sized_walk<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str], known: Option<usize>) -> (usize, usize) {
-    let counter = |known| SizeCounter {
-        total: 0,
-        depth: 0,
-        tracked_depth: depth,
-        tracked_names: names,
-        tracked: 0,
-        known,
-        known_other: None,
-    };
+    let counter = |known| SizeCounter::new(depth, names, known, None);
     let mut size = counter(known);
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
@@ -190,7 +174,11 @@ impl ser::Error for Fallback {
 const TAG_NAME: &str = "@@TAG@@";
 const UNTAGGED: &str = "@@UNTAGGED@@";
 
-impl SizeCounter<'_> {
+impl<'n> SizeCounter<'n> {
+    fn new(depth: u32, names: &'n [&'n str], known: Option<usize>, known_other: Option<(&'n str, usize)>) -> Self {
+        Self { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0, known, known_other }
+    }
+
     fn add(&mut self, n: usize) {
         self.total += n;
     }
