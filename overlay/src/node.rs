@@ -50,6 +50,8 @@ const CONTACTS_PER_RETRY: usize = 3;
 const MAX_RELAYS: usize = 32;
 /// An over-full group splits a heartbeat interval divided by this after it became over-full.
 const SPLIT_GRACE_DIVISOR: u32 = 4;
+/// Changes of a coordinator's view reach its children at most once per heartbeat interval divided by this.
+const VIEW_PUSH_DIVISOR: u32 = 10;
 
 /// Tunables. Defaults follow the design: 1 s heartbeats, 16 children per coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -339,6 +341,8 @@ pub struct Node {
     next_tick: Time,
     /// When an over-full group splits (see `adopt`); the tick splits too, as a fallback.
     split_due: Option<Time>,
+    /// The earliest time changes of the view are pushed to the children again (see `finish`).
+    next_view_push: Time,
     counters: Counters,
 
     last_role: (Role, u64),
@@ -394,6 +398,7 @@ impl Node {
             dedup: Dedup::new(64),
             next_tick: first_tick,
             split_due: None,
+            next_view_push: Time::ZERO,
             counters: Counters::default(),
             last_role: (Role::Detached, 0),
             last_parent: None,
@@ -544,6 +549,9 @@ impl Node {
         }
         if let Some(due) = self.split_due {
             t = t.min(due);
+        }
+        if self.view_dirty {
+            t = t.min(self.next_view_push);
         }
         Some(t)
     }
@@ -1589,8 +1597,11 @@ impl Node {
     /// After every input: push changed views to children and report role/parent changes.
     fn finish(&mut self, now: Time) {
         self.with_routing(|r, ctx| r.poll(now, ctx));
-        if self.view_dirty {
+        // View changes go out at once, then at most every `VIEW_PUSH_DIVISOR`th of a heartbeat: while thousands
+        // join, a coordinator's view changed with every joiner, and each change sent the whole view to every child.
+        if self.view_dirty && now >= self.next_view_push {
             self.view_dirty = false;
+            self.next_view_push = now + self.config.heartbeat_interval / VIEW_PUSH_DIVISOR;
             self.send_heartbeats(true);
         }
         let role = (self.role(), self.term);

@@ -264,3 +264,21 @@ fn garbage_and_duplicates_are_counted_not_fatal() {
     net.run_for(Duration::from_secs(2));
     net.check_tree().unwrap();
 }
+
+#[test]
+fn a_burst_of_joiners_pushes_the_view_a_few_times_not_once_per_joiner() {
+    // Sixteen joiners within 32 ms under one root: pushing every change of the view to every child would send
+    // 1 + 2 + ... + 15 heartbeats with views; coalesced, a few rounds to all children.
+    let mut net = Net::new(17, Config::default());
+    net.build(MS(2));
+    net.run_for(MS(300));
+    assert_eq!(net.nodes[0].children().count(), 16);
+    let heartbeats = net.traffic.get("Heartbeat").map_or(0, |(msgs, _)| *msgs);
+    assert!(heartbeats <= 3 * 16, "{heartbeats} heartbeats in the first 332 ms");
+    // And the tree is whole.
+    net.run_for(Duration::from_secs(2));
+    for i in 1..17 {
+        assert_eq!(net.nodes[i].status().parent, Some(net.id(0)));
+    }
+    assert!(net.check_tree().is_ok());
+}
