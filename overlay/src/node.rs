@@ -48,7 +48,7 @@ const MAX_REPLACED: usize = 32;
 const CONTACTS_PER_RETRY: usize = 3;
 /// Indirect probes we run for siblings at a time.
 const MAX_RELAYS: usize = 32;
-/// An over-full group splits a heartbeat interval divided by this after it became over-full.
+/// A group over-filled by an attach splits a heartbeat interval divided by this later (see `on_attach`).
 const SPLIT_GRACE_DIVISOR: u32 = 4;
 /// Changes of a coordinator's view reach its children at most once per heartbeat interval divided by this.
 const VIEW_PUSH_DIVISOR: u32 = 10;
@@ -339,7 +339,7 @@ pub struct Node {
     probe_seq: u64,
     dedup: Dedup,
     next_tick: Time,
-    /// When an over-full group splits (see `adopt`); the tick splits too, as a fallback.
+    /// When a group over-filled by an attach splits (see `on_attach`); the tick splits any over-full group too.
     split_due: Option<Time>,
     /// The earliest time changes of the view are pushed to the children again (see `finish`).
     next_view_push: Time,
