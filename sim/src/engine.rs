@@ -231,7 +231,7 @@ pub struct Simulation {
     fanout_max: usize,
     experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
-    /// The group grids sized last (see [`sized`]).
+    /// The shared parts of heartbeats sized last (see [`sized`]).
     shared_sizes: SharedSizes,
 }
 
@@ -281,21 +281,26 @@ struct SharedSizes {
 /// grids and the view a heartbeat shares with the others of its round are walked once (`shared`).
 fn sized(envelope: &Envelope, shared: &mut SharedSizes) -> (usize, usize) {
     let (len, grids) = match &envelope.body {
-        Message::Heartbeat(Heartbeat { view: Some(view), grids, .. }) => {
-            let view_len = match &shared.view {
+        Message::Heartbeat(Heartbeat { view, grids, .. }) if view.is_some() || grids.is_some() => {
+            let view_len = view.as_ref().map(|view| match &shared.view {
                 Some((sized, len)) if Arc::ptr_eq(sized, view) => *len,
                 _ => {
                     let len = wire_size::cbor_len(&**view);
                     shared.view = Some((Arc::clone(view), len));
                     len
                 }
-            };
+            });
             let known_grids = match (grids, &shared.group) {
                 (Some(group), Some((sized, grid_len))) if Arc::ptr_eq(sized, group) => Some(*grid_len),
                 _ => None,
             };
-            let (len, grid_len) =
-                wire_size::cbor_len_with_known_parts(envelope, 2, &GRID_FIELDS, known_grids, ("view", view_len));
+            let (len, grid_len) = wire_size::cbor_len_with_known_parts(
+                envelope,
+                2,
+                &GRID_FIELDS,
+                known_grids,
+                view_len.map(|len| ("view", len)),
+            );
             if let Some(group) = grids
                 && known_grids.is_none()
             {
@@ -303,16 +308,6 @@ fn sized(envelope: &Envelope, shared: &mut SharedSizes) -> (usize, usize) {
             }
             (len, grid_len)
         }
-        Message::Heartbeat(Heartbeat { grids: Some(group), .. }) => match &shared.group {
-            Some((sized, grid_len)) if Arc::ptr_eq(sized, group) => {
-                (wire_size::cbor_len_with_known_fields(envelope, 2, &GRID_FIELDS, *grid_len), *grid_len)
-            }
-            _ => {
-                let (len, grid_len) = wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS);
-                shared.group = Some((Arc::clone(group), grid_len));
-                (len, grid_len)
-            }
-        },
         Message::Report(r) if r.grid.is_some() => wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS),
         _ => (wire_size::cbor_len(envelope), 0),
     };
@@ -500,7 +495,7 @@ impl Simulation {
         if let Some(Input::Message { from, envelope }) = &input {
             self.trace(i, |sim| format!("<- {} {}", sim.name(from), describe(&envelope.body, |id| sim.name(id))));
         }
-        let Some(node) = self.nodes[i as usize].node.as_mut() else { return };
+        let node = self.nodes[i as usize].node.as_mut().expect("checked above");
         let mut outputs = std::mem::take(&mut self.out_buf);
         {
             if let Some(input) = input {

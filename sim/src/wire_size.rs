@@ -18,43 +18,38 @@ pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
 /// The exact CBOR length of `value`, and how many of those bytes are the values of the struct fields called one of
 /// `names` in structs nested `depth` deep (1: `value` itself). One walk sizes a message and a part of it.
 pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
-    sized_walk(value, depth, names, None)
+    sized_walk(value, depth, names)
 }
 
-/// The exact CBOR length of `value` when the struct fields called one of `names`, `depth` deep, are already known to
-/// take `known` bytes each (a shared part sized once, e.g. the grids every heartbeat of a round carries): they are
-/// counted, not walked. The caller vouches for `known`; debug builds should compare with [`encoded_len`].
-pub fn cbor_len_with_known_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str], known: usize) -> usize {
-    sized_walk(value, depth, names, Some(known)).0
-}
-
-/// Like [`cbor_len_with_fields`] (`known`: as in [`cbor_len_with_known_fields`], when `Some`), with one more field
-/// `depth` deep whose value's size is known and which is not tracked: `other = (name, size)`. Used for the view a
-/// coordinator sends with every heartbeat of a round. The caller vouches for the sizes.
+/// The exact CBOR length of `value` and of its tracked fields (as in [`cbor_len_with_fields`]) when parts of it are
+/// sized already (shared parts sized once, e.g. the grids and the view every heartbeat of a round carries): the
+/// tracked fields `depth` deep take `known` bytes each when that is `Some`, and the untracked field named in
+/// `other` takes the size given with it. Those are counted, not walked. The caller vouches for the sizes; debug
+/// builds should compare with [`encoded_len`].
 pub fn cbor_len_with_known_parts<T: Serialize + ?Sized>(
     value: &T,
     depth: u32,
     names: &[&str],
     known: Option<usize>,
-    other: (&str, usize),
+    other: Option<(&str, usize)>,
 ) -> (usize, usize) {
-    let mut size = SizeCounter::new(depth, names, known, Some(other));
+    let mut size = SizeCounter::new(depth, names, known, other);
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
         // The parts given are sized already; a fallback inside the rest is sized the long way.
-        Err(Fallback) => sized_walk(value, depth, names, None),
+        Err(Fallback) => sized_walk(value, depth, names),
     }
 }
 
-fn sized_walk<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str], known: Option<usize>) -> (usize, usize) {
-    let counter = |known| SizeCounter::new(depth, names, known, None);
-    let mut size = counter(known);
+fn sized_walk<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
+    let counter = || SizeCounter::new(depth, names, None, None);
+    let mut size = counter();
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
         Err(Fallback) => {
             let total = encoded_len(value);
             // Only a NaN or a CBOR tag inside a tracked field makes its own walk fail too; then it counts as zero.
-            let mut size = counter(None);
+            let mut size = counter();
             let _ = value.serialize(&mut size);
             (total, size.tracked)
         }
@@ -589,8 +584,12 @@ mod tests {
     fn known_fields_are_counted_not_walked() {
         let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
         let (total, inner) = cbor_len_with_fields(&value, 2, &["grid"]);
-        assert_eq!(cbor_len_with_known_fields(&value, 2, &["grid"], inner), total);
-        assert_eq!(cbor_len_with_known_fields(&value, 2, &["grid"], inner + 7), total + 7, "taken on trust");
+        assert_eq!(cbor_len_with_known_parts(&value, 2, &["grid"], Some(inner), None).0, total);
+        assert_eq!(
+            cbor_len_with_known_parts(&value, 2, &["grid"], Some(inner + 7), None).0,
+            total + 7,
+            "taken on trust"
+        );
     }
 
     #[test]
@@ -598,8 +597,9 @@ mod tests {
         let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
         let inner_len = encoded_len(&Inner { grid: vec![0.3; 30] });
         let (total, tracked) = cbor_len_with_fields(&value, 1, &["grid"]);
-        assert_eq!(cbor_len_with_known_parts(&value, 1, &["grid"], None, ("inner", inner_len)), (total, tracked));
-        let taken_on_trust = cbor_len_with_known_parts(&value, 1, &["grid"], Some(tracked), ("inner", inner_len + 5));
+        assert_eq!(cbor_len_with_known_parts(&value, 1, &["grid"], None, Some(("inner", inner_len))), (total, tracked));
+        let taken_on_trust =
+            cbor_len_with_known_parts(&value, 1, &["grid"], Some(tracked), Some(("inner", inner_len + 5)));
         assert_eq!(taken_on_trust, (total + 5, tracked));
     }
 
