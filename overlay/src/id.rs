@@ -41,11 +41,12 @@ impl NodeId {
 // Ids are compared on every message and in long scans (lease renewals). Hash only the used bytes.
 impl PartialEq for NodeId {
     fn eq(&self, other: &Self) -> bool {
-        // As three 16-byte words: `bytes == bytes` compiles to a call to `bcmp` here.
-        let words = |b: &[u8; MAX_ID_LEN]| -> [u128; 3] {
-            std::array::from_fn(|i| u128::from_ne_bytes(b[i * 16..(i + 1) * 16].try_into().expect("16 bytes")))
-        };
-        self.len == other.len && words(&self.bytes) == words(&other.bytes)
+        // Word by word, folded with xor: comparing the byte arrays (or arrays of words) with `==` compiles to a call
+        // to `bcmp`, which was 14% of a 10k-node simulation.
+        let word =
+            |b: &[u8; MAX_ID_LEN], i: usize| u64::from_ne_bytes(b[i * 8..(i + 1) * 8].try_into().expect("8 bytes"));
+        let differing = (0..MAX_ID_LEN / 8).fold(0, |acc, i| acc | (word(&self.bytes, i) ^ word(&other.bytes, i)));
+        self.len == other.len && differing == 0
     }
 }
 
@@ -128,6 +129,11 @@ mod tests {
         assert_ne!(NodeId::from_bytes(&[1, 2]), NodeId::from_bytes(&[1, 2, 0]), "a trailing zero is a longer id");
         assert_ne!(NodeId::from_bytes(&[1, 2]), NodeId::from_bytes(&[1, 3]));
         assert_eq!(NodeId::from_u64(7), NodeId::from_bytes(&7u64.to_be_bytes()).unwrap());
+        // Every word counts, the last byte's too.
+        let mut last = [9; MAX_ID_LEN];
+        assert_eq!(NodeId::from_bytes(&last), NodeId::from_bytes(&last));
+        last[MAX_ID_LEN - 1] = 8;
+        assert_ne!(NodeId::from_bytes(&last), NodeId::from_bytes(&[9; MAX_ID_LEN]));
     }
 
     #[test]
