@@ -7,29 +7,38 @@
 #   (3) boringtun (userspace WireGuard; installed with `cargo install boringtun-cli` when missing),
 # and prints a table with ratios to (1). Needs root, iproute2, iperf3, ping, python3, openssl.
 #
-# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS]
+# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-c CPU]
 # Without -a the script builds the release agent (cargo build --release -p canopy-agent).
 # With -l the agents run with --cpu-latency-us MICROSECONDS, and the bound is held for the whole run, so every row
 # (direct and boringtun too) is measured on a machine whose idle CPUs wake the same way.
+# With -c every process of the run (ping, iperf3, both agents, boringtun) runs on that one CPU, every row alike: both
+# "machines" share this host, so without it a tunnelled packet's wake-ups (agent A, agent B, the caller) hop between
+# CPUs, and on a VM each cross-CPU wake-up is an inter-processor interrupt through the hypervisor.
 set -euo pipefail
 
 DURATION=10
 AGENT=""
 CPU_LATENCY=""
-while getopts "t:a:l:" opt; do
+PIN_CPU=""
+while getopts "t:a:l:c:" opt; do
     case "$opt" in
         t) DURATION="$OPTARG" ;;
         a) AGENT="$OPTARG" ;;
         l) CPU_LATENCY="$OPTARG" ;;
-        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS]" >&2; exit 2 ;;
+        c) PIN_CPU="$OPTARG" ;;
+        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-c CPU]" >&2; exit 2 ;;
     esac
 done
 if [[ -n "$CPU_LATENCY" && ! "$CPU_LATENCY" =~ ^[0-9]+$ ]]; then
     echo "-l takes a whole number of microseconds, not $CPU_LATENCY" >&2; exit 2
 fi
 
+if [[ -n "$PIN_CPU" ]] && ! taskset -p -c "$PIN_CPU" $$ >/dev/null 2>&1; then
+    echo "-c takes a CPU number this machine has (0 to $(($(nproc) - 1))), not $PIN_CPU" >&2; exit 2
+fi
+
 if [[ $EUID -ne 0 ]]; then echo "needs root" >&2; exit 1; fi
-for tool in ip iperf3 ping python3 openssl; do
+for tool in ip iperf3 ping python3 openssl taskset; do
     command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
 
@@ -226,16 +235,17 @@ MSS[boringtun]=1400
 GBPS[boringtun]=$(throughput "$NS_A" "$NS_B" 192.168.251.2)
 RTT[boringtun]=$(rtt "$NS_A" 192.168.251.2)
 
-python3 - "$DURATION" "$CPU_LATENCY" \
+python3 - "$DURATION" "$CPU_LATENCY" "$PIN_CPU" \
     "(1) direct veth" "${MSS[direct]}" "${GBPS[direct]}" "${RTT[direct]}" \
     "(2) canopy tunnel" "${MSS[canopy]}" "${GBPS[canopy]}" "${RTT[canopy]}" \
     "(2b) canopy sealed" "${MSS[sealed]}" "${GBPS[sealed]}" "${RTT[sealed]}" \
     "(3) boringtun" "${MSS[boringtun]}" "${GBPS[boringtun]}" "${RTT[boringtun]}" <<'PY'
 import sys
 rows = [(sys.argv[i], sys.argv[i + 1], float(sys.argv[i + 2]), [float(v) for v in sys.argv[i + 3].split(",")])
-        for i in range(3, 19, 4)]
+        for i in range(4, 20, 4)]
 latency = f"CPU wake-up latency bound {sys.argv[2]} us held" if sys.argv[2] else "no CPU latency bound"
-print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT of 200 pings, mean / median; {latency}")
+placement = f"every process on CPU {sys.argv[3]}" if sys.argv[3] else "processes on any CPU"
+print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT of 200 pings, mean / median; {latency}; {placement}")
 print("| path               | MSS  | Gbit/s | x direct | RTT us mean / median | +RTT us mean / median |")
 print("|--------------------|------|--------|----------|----------------------|-----------------------|")
 _, _, d_bps, (d_mean, d_median) = rows[0]
