@@ -5,7 +5,7 @@
 #   (2) the Canopy tunnel (agent dataplane on each machine; client and server in service namespaces, traffic to
 #       the server's ServiceIP),
 #   (3) boringtun (userspace WireGuard; installed with `cargo install boringtun-cli` when missing),
-# and prints a table with ratios to (1). Needs root, iproute2, iperf3, ping, python3, openssl.
+# and prints a table with ratios to (1). Needs root, iproute2, iperf3, ping, python3, openssl, taskset.
 #
 # Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-c CPU]
 # Without -a the script builds the release agent (cargo build --release -p canopy-agent).
