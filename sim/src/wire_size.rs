@@ -18,7 +18,18 @@ pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
 /// The exact CBOR length of `value`, and how many of those bytes are the values of the struct fields called one of
 /// `names` in structs nested `depth` deep (1: `value` itself). One walk sizes a message and a part of it.
 pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
-    sized_walk(value, depth, names)
+    let counter = || SizeCounter::new(depth, names, None, None);
+    let mut size = counter();
+    match value.serialize(&mut size) {
+        Ok(()) => (size.total, size.tracked),
+        Err(Fallback) => {
+            let total = encoded_len(value);
+            // Only a NaN or a CBOR tag inside a tracked field makes its own walk fail too; then it counts as zero.
+            let mut size = counter();
+            let _ = value.serialize(&mut size);
+            (total, size.tracked)
+        }
+    }
 }
 
 /// The exact CBOR length of `value` and of its tracked fields (as in [`cbor_len_with_fields`]) when parts of it are
@@ -37,22 +48,7 @@ pub fn cbor_len_with_known_parts<T: Serialize + ?Sized>(
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
         // The parts given are sized already; a fallback inside the rest is sized the long way.
-        Err(Fallback) => sized_walk(value, depth, names),
-    }
-}
-
-fn sized_walk<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
-    let counter = || SizeCounter::new(depth, names, None, None);
-    let mut size = counter();
-    match value.serialize(&mut size) {
-        Ok(()) => (size.total, size.tracked),
-        Err(Fallback) => {
-            let total = encoded_len(value);
-            // Only a NaN or a CBOR tag inside a tracked field makes its own walk fail too; then it counts as zero.
-            let mut size = counter();
-            let _ = value.serialize(&mut size);
-            (total, size.tracked)
-        }
+        Err(Fallback) => cbor_len_with_fields(value, depth, names),
     }
 }
 
