@@ -34,7 +34,8 @@ const DEFAULT_BOOTSTRAP_ATTEMPTS: u32 = 5;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: position, listen, tunnel_port, tunnel_endpoints, network_key_file, mdns, metrics,
-    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children, machine_prefix, cpu_latency_us.
+    /// bootstrap_attempts, subnet, routes, dataplane, capacity_file, max_children, machine_prefix, cpu_latency_us,
+    /// busy_poll_us.
     /// Flags and CANOPY_* variables override it.
     #[arg(long, env = "CANOPY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -87,6 +88,10 @@ pub struct DaemonArgs {
     /// machines for more idle power. Needs /dev/cpu_dma_latency (root). Off by default.
     #[arg(long, env = "CANOPY_CPU_LATENCY_US", value_name = "MICROSECONDS")]
     pub cpu_latency_us: Option<u32>,
+    /// After packet work, keep the data-plane thread reading for this long before it sleeps, so a quick answer
+    /// finds it awake (saves a wake-up per packet on VMs; costs CPU while it waits). 0 (default) sleeps at once.
+    #[arg(long, env = "CANOPY_BUSY_POLL_US", value_name = "MICROSECONDS")]
+    pub busy_poll_us: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +122,7 @@ struct FileConfig {
     max_children: Option<u16>,
     machine_prefix: Option<u8>,
     cpu_latency_us: Option<u32>,
+    busy_poll_us: Option<u32>,
 }
 
 /// Effective settings after merging flags, environment and config file.
@@ -137,6 +143,7 @@ pub struct Settings {
     pub max_children: Option<u16>,
     pub machine_prefix: u8,
     pub cpu_latency_us: Option<u32>,
+    pub busy_poll_us: u32,
 }
 
 impl DaemonArgs {
@@ -198,6 +205,7 @@ impl DaemonArgs {
                 bits => bits.unwrap_or(canopy_overlay::routing::RoutingConfig::default().machine_prefix),
             },
             cpu_latency_us: self.cpu_latency_us.or(file.cpu_latency_us),
+            busy_poll_us: self.busy_poll_us.or(file.busy_poll_us).unwrap_or(0),
         })
     }
 }
@@ -363,6 +371,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
             tunnel_key: Some(crate::tree_routes::tunnel_key(&network_key.to_hex())),
             machine_prefix: settings.machine_prefix,
             cpu_latency_us: settings.cpu_latency_us,
+            busy_poll: Duration::from_micros(settings.busy_poll_us.into()),
             domain: domain.clone(),
             state: StateStore::new(data_dir),
         };
@@ -427,6 +436,7 @@ async fn start_dataplane(settings: &Settings, node_name: &str, data_dir: &Path) 
     config.netns_prefix = netns_prefix(node_name);
     config.keep_netns = adopted_netns(&restorable(&StateStore::new(data_dir).load()?.services));
     config.cpu_latency_us = settings.cpu_latency_us;
+    config.busy_poll = Duration::from_micros(settings.busy_poll_us.into());
     let dataplane =
         DataPlane::start(config).await.context("starting the data plane (it needs root or CAP_NET_ADMIN)")?;
     if let Some(table) = table

@@ -42,6 +42,8 @@ struct Testbed {
     services: Vec<(String, Child)>,
     /// Encrypt the tunnels (a `tunnel_key` in the route table).
     sealed: bool,
+    /// Flags added to every `agent dataplane`.
+    agent_flags: Vec<&'static str>,
 }
 
 impl Testbed {
@@ -60,7 +62,7 @@ impl Testbed {
                 underlay_ip,
             })
             .collect();
-        Testbed { dir, machines, agents: Vec::new(), services: Vec::new(), sealed }
+        Testbed { dir, machines, agents: Vec::new(), services: Vec::new(), sealed, agent_flags: Vec::new() }
     }
 
     fn service_netns(&self, machine: usize, service: &str, instance: u32) -> String {
@@ -144,6 +146,7 @@ impl Testbed {
                 .arg("--routes")
                 .arg(&routes[index])
                 .args(["--listen", &format!("{}:50103", machine.underlay_ip), "--prefix", &machine.prefix])
+                .args(&self.agent_flags)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log);
             // Only the network namespace changes: the agent must share our mount namespace so the service
@@ -298,6 +301,10 @@ fn scenario(tag: char, sealed: bool) {
         return;
     }
     let mut bed = Testbed::new(tag, sealed);
+    if sealed {
+        // The sealed run also exercises the busy-polling read path (the plain one the readiness path).
+        bed.agent_flags = vec!["--busy-poll-us", "200"];
+    }
     bed.build_underlay();
     let routes = bed.write_routes();
     bed.start_agents(&[routes.clone(), routes]);

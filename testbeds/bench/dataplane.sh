@@ -7,30 +7,48 @@
 #   (3) boringtun (userspace WireGuard; installed with `cargo install boringtun-cli` when missing),
 # and prints a table with ratios to (1). Needs root, iproute2, iperf3, ping, python3, openssl, taskset.
 #
-# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-c CPU]
+# Usage: testbeds/bench/dataplane.sh [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-b MICROSECONDS] [-c CPU | -s]
 # Without -a the script builds the release agent (cargo build --release -p canopy-agent).
 # With -l the agents run with --cpu-latency-us MICROSECONDS, and the bound is held for the whole run, so every row
 # (direct and boringtun too) is measured on a machine whose idle CPUs wake the same way.
 # With -c every process of the run (ping, iperf3, both agents, boringtun) runs on that one CPU, every row alike: both
 # "machines" share this host, so without it a tunnelled packet's wake-ups (agent A, agent B, the caller) hop between
 # CPUs, and on a VM each cross-CPU wake-up is an inter-processor interrupt through the hypervisor.
+# With -s each "machine" gets a CPU of its own, as two real machines would: machine A's processes (its agent or
+# boringtun, the ping and iperf3 client) run on CPU 0, machine B's (its agent or boringtun, the iperf3 server) on CPU 1.
+# With -b the agents run with --busy-poll-us MICROSECONDS (they keep reading that long after packet work before
+# they sleep).
 set -euo pipefail
 
 DURATION=10
 AGENT=""
 CPU_LATENCY=""
+BUSY_POLL=""
 PIN_CPU=""
-while getopts "t:a:l:c:" opt; do
+SPLIT=""
+while getopts "t:a:l:b:c:s" opt; do
     case "$opt" in
         t) DURATION="$OPTARG" ;;
         a) AGENT="$OPTARG" ;;
         l) CPU_LATENCY="$OPTARG" ;;
+        b) BUSY_POLL="$OPTARG" ;;
         c) PIN_CPU="$OPTARG" ;;
-        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-c CPU]" >&2; exit 2 ;;
+        s) SPLIT=1 ;;
+        *) echo "usage: $0 [-t SECONDS] [-a AGENT_BINARY] [-l MICROSECONDS] [-b MICROSECONDS] [-c CPU | -s]" >&2
+           exit 2 ;;
     esac
 done
 if [[ -n "$CPU_LATENCY" && ! "$CPU_LATENCY" =~ ^[0-9]+$ ]]; then
     echo "-l takes a whole number of microseconds, not $CPU_LATENCY" >&2; exit 2
+fi
+if [[ -n "$BUSY_POLL" && ! "$BUSY_POLL" =~ ^[0-9]+$ ]]; then
+    echo "-b takes a whole number of microseconds, not $BUSY_POLL" >&2; exit 2
+fi
+if [[ -n "$SPLIT" && -n "$PIN_CPU" ]]; then
+    echo "-c (everything on one CPU) and -s (one CPU per machine) exclude each other; pick one" >&2; exit 2
+fi
+if [[ -n "$SPLIT" && $(nproc) -lt 2 ]]; then
+    echo "-s needs two CPUs, this machine has $(nproc)" >&2; exit 2
 fi
 
 if [[ -n "$PIN_CPU" ]] && ! taskset -p -c "$PIN_CPU" $$ >/dev/null 2>&1; then
@@ -74,9 +92,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# on_machine A|B: the command prefix that puts a process of that machine on its CPU with -s (nothing otherwise).
+on_machine() {
+    if [[ -n "$SPLIT" ]]; then
+        if [[ "$1" == A ]]; then echo "taskset -c 0"; else echo "taskset -c 1"; fi
+    fi
+}
+
 AGENT_FLAGS=()
+if [[ -n "$BUSY_POLL" ]]; then
+    AGENT_FLAGS+=(--busy-poll-us "$BUSY_POLL")
+fi
 if [[ -n "$CPU_LATENCY" ]]; then
-    AGENT_FLAGS=(--cpu-latency-us "$CPU_LATENCY")
+    AGENT_FLAGS+=(--cpu-latency-us "$CPU_LATENCY")
     # The same bound for the whole run (the kernel applies the lowest request held).
     python3 -c 'import os, struct, sys, time
 fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY); os.write(fd, struct.pack("i", int(sys.argv[1]))); time.sleep(1e9)' \
@@ -92,17 +120,17 @@ ip -n "$NS_B" addr add 172.31.251.2/24 dev "v$ID"; ip -n "$NS_B" link set "v$ID"
 # throughput NETNS_OF_CLIENT NETNS_OF_SERVER ADDRESS_TO_CALL [IPERF ARGS...] -> bits per second
 throughput() {
     local client_ns="$1" server_ns="$2" address="$3"; shift 3
-    ip netns exec "$server_ns" iperf3 -s -1 >/dev/null 2>&1 &
+    ip netns exec "$server_ns" $(on_machine B) iperf3 -s -1 >/dev/null 2>&1 &
     local server=$!
     sleep 0.5
-    ip netns exec "$client_ns" iperf3 -c "$address" -t "$DURATION" -J "$@" > "$WORK/iperf.json"
+    ip netns exec "$client_ns" $(on_machine A) iperf3 -c "$address" -t "$DURATION" -J "$@" > "$WORK/iperf.json"
     wait "$server" || true
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"])' "$WORK/iperf.json"
 }
 
 # rtt NETNS ADDRESS -> "MEAN,MEDIAN" idle round-trip time in microseconds (200 pings, 5 ms apart)
 rtt() {
-    ip netns exec "$1" ping -c 200 -i 0.005 "$2" | python3 -c '
+    ip netns exec "$1" $(on_machine A) ping -c 200 -i 0.005 "$2" | python3 -c '
 import re, statistics, sys
 times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", sys.stdin.read())]
 print(f"{statistics.mean(times)},{statistics.median(times)}")'
@@ -125,14 +153,14 @@ cat > "$WORK/routes.json" <<JSON
    {"name": "bench.default.server.default", "service_ip": "10.30.0.2",
     "instances": [{"number": 0, "instance_ip": "10.30.2.1", "namespace_ip": "10.16.0.66", "node": "b"}]}]}
 JSON
-start_agent() { # NETNS NODE SUBNET ADDRESS PREFIX
+start_agent() { # NETNS NODE SUBNET ADDRESS PREFIX MACHINE
     ip netns exec "$1" true # fail early if the namespace is missing
-    nsenter --net="/run/netns/$1" "$AGENT" --data-dir "$WORK/$2" dataplane --node "$2" --subnet "$3" \
+    nsenter --net="/run/netns/$1" $(on_machine "$6") "$AGENT" --data-dir "$WORK/$2" dataplane --node "$2" --subnet "$3" \
         --routes "$WORK/routes.json" --listen "$4:50103" --prefix "$5" "${AGENT_FLAGS[@]}" > "$WORK/agent-$2.log" 2>&1 &
     PIDS+=($!)
 }
-start_agent "$NS_A" a 10.16.0.0/26 172.31.251.1 "$PREFIX_A"
-start_agent "$NS_B" b 10.16.0.64/26 172.31.251.2 "$PREFIX_B"
+start_agent "$NS_A" a 10.16.0.0/26 172.31.251.1 "$PREFIX_A" A
+start_agent "$NS_B" b 10.16.0.64/26 172.31.251.2 "$PREFIX_B" B
 for node in a b; do
     for _ in $(seq 100); do [[ -S "$WORK/$node/agent.sock" ]] && break; sleep 0.1; done
 done
@@ -206,13 +234,13 @@ answer = s.recv(4096).decode()
 assert "errno=0" in answer, answer
 PY
 }
-start_boringtun() { # NETNS IFACE
-    nsenter --net="/run/netns/$1" "$BORINGTUN" "$2" --foreground --disable-drop-privileges > "$WORK/$2.log" 2>&1 &
+start_boringtun() { # NETNS IFACE MACHINE
+    nsenter --net="/run/netns/$1" $(on_machine "$3") "$BORINGTUN" "$2" --foreground --disable-drop-privileges > "$WORK/$2.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 100); do [[ -S "/var/run/wireguard/$2.sock" ]] && break; sleep 0.1; done
 }
-start_boringtun "$NS_A" "$WG_A"
-start_boringtun "$NS_B" "$WG_B"
+start_boringtun "$NS_A" "$WG_A" A
+start_boringtun "$NS_B" "$WG_B" B
 uapi "$WG_A" "private_key=$PRIV_A
 listen_port=51820
 public_key=$PUB_B
@@ -235,17 +263,20 @@ MSS[boringtun]=1400
 GBPS[boringtun]=$(throughput "$NS_A" "$NS_B" 192.168.251.2)
 RTT[boringtun]=$(rtt "$NS_A" 192.168.251.2)
 
-python3 - "$DURATION" "$CPU_LATENCY" "$PIN_CPU" \
+python3 - "$DURATION" "$CPU_LATENCY" "${PIN_CPU:-${SPLIT:+split}}" "$BUSY_POLL" \
     "(1) direct veth" "${MSS[direct]}" "${GBPS[direct]}" "${RTT[direct]}" \
     "(2) canopy tunnel" "${MSS[canopy]}" "${GBPS[canopy]}" "${RTT[canopy]}" \
     "(2b) canopy sealed" "${MSS[sealed]}" "${GBPS[sealed]}" "${RTT[sealed]}" \
     "(3) boringtun" "${MSS[boringtun]}" "${GBPS[boringtun]}" "${RTT[boringtun]}" <<'PY'
 import sys
 rows = [(sys.argv[i], sys.argv[i + 1], float(sys.argv[i + 2]), [float(v) for v in sys.argv[i + 3].split(",")])
-        for i in range(4, 20, 4)]
+        for i in range(5, 21, 4)]
 latency = f"CPU wake-up latency bound {sys.argv[2]} us held" if sys.argv[2] else "no CPU latency bound"
-placement = f"every process on CPU {sys.argv[3]}" if sys.argv[3] else "processes on any CPU"
-print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT of 200 pings, mean / median; {latency}; {placement}")
+placement = {"": "processes on any CPU", "split": "machine A's processes on CPU 0, machine B's on CPU 1"}.get(
+    sys.argv[3], f"every process on CPU {sys.argv[3]}")
+polling = f"agents busy-poll {sys.argv[4]} us" if sys.argv[4] else "agents sleep at once"
+print(f"iperf3 single TCP stream, {sys.argv[1]} s; idle RTT of 200 pings, mean / median; {latency}; {placement}; "
+      f"{polling}")
 print("| path               | MSS  | Gbit/s | x direct | RTT us mean / median | +RTT us mean / median |")
 print("|--------------------|------|--------|----------|----------------------|-----------------------|")
 _, _, d_bps, (d_mean, d_median) = rows[0]

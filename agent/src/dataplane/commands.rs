@@ -42,6 +42,9 @@ pub struct DataplaneArgs {
     /// Bound CPU wake-up latency while the data plane runs (0 = idle CPUs poll); needs /dev/cpu_dma_latency.
     #[arg(long, value_name = "MICROSECONDS")]
     pub cpu_latency_us: Option<u32>,
+    /// Keep reading this long after packet work before sleeping (fewer wake-ups; costs CPU while it waits).
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0)]
+    pub busy_poll_us: u32,
 }
 
 impl DataplaneArgs {
@@ -53,6 +56,7 @@ impl DataplaneArgs {
         config.netns_prefix = format!("{}-", self.prefix);
         config.service_range = self.service_range;
         config.cpu_latency_us = self.cpu_latency_us;
+        config.busy_poll = std::time::Duration::from_micros(self.busy_poll_us.into());
         config
     }
 }

@@ -110,6 +110,8 @@ pub struct DataPlaneConfig {
     /// Bound on CPU wake-up latency held while the data plane runs (see `cpu_latency`); `None` leaves the
     /// machine's idle states alone.
     pub cpu_latency_us: Option<u32>,
+    /// How long the packet loop keeps reading after packet work before it sleeps (see `Engine::busy_poll`).
+    pub busy_poll: Duration,
 }
 
 impl DataPlaneConfig {
@@ -132,6 +134,7 @@ impl DataPlaneConfig {
             reply_route_capacity: NonZeroUsize::new(16384).expect("non-zero"),
             notice_queue: 1024,
             cpu_latency_us: None,
+            busy_poll: Duration::ZERO,
         }
     }
 
@@ -397,6 +400,7 @@ impl DataPlane {
         let node_id = NodeId::from_name(&config.node_name);
         let keepalive_interval = config.keepalive_interval;
         let liveness = config.liveness;
+        let busy_poll = config.busy_poll;
         let pending = pending::PendingPackets::new(pending::PendingConfig {
             max_packet: usize::from(mtu),
             ..pending::PendingConfig::default()
@@ -451,6 +455,7 @@ impl DataPlane {
                         notice_limiter,
                         pending,
                         liveness,
+                        busy_poll,
                     };
                     engine.run(receiver).await;
                 });

@@ -67,6 +67,8 @@ pub struct TreeRoutesConfig {
     pub machine_prefix: u8,
     /// See `DataPlaneConfig::cpu_latency_us`.
     pub cpu_latency_us: Option<u32>,
+    /// See `DataPlaneConfig::busy_poll`.
+    pub busy_poll: Duration,
     pub domain: ServiceDomain,
     pub state: StateStore,
 }
@@ -672,6 +674,7 @@ impl Task {
         let restore = crate::daemon::restorable(&self.saved_services);
         config.keep_netns = crate::daemon::adopted_netns(&restore);
         config.cpu_latency_us = self.config.cpu_latency_us;
+        config.busy_poll = self.config.busy_poll;
         let dataplane = match DataPlane::start(config).await {
             Ok(dataplane) => dataplane,
             Err(err) => {
