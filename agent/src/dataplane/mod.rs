@@ -412,7 +412,7 @@ impl DataPlane {
         let thread = std::thread::Builder::new()
             .name("dataplane".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
                     Ok(runtime) => runtime,
                     Err(err) => {
                         let _ = ready.send(Err(err.into()));
