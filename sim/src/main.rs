@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+// A run allocates and frees small messages and state by the million; mimalloc keeps them closer together than the
+// system allocator (bench_10k about 10% faster, same report).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "canopy-sim", version, about = "Deterministic discrete-event simulator for the Canopy overlay")]
 struct Cli {
