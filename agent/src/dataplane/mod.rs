@@ -53,7 +53,7 @@ use crate::netns::{self, NamespaceRef};
 use anyhow::{Context, anyhow, bail};
 use counters::{CounterSnapshot, Counters};
 use crypto::PairCiphers;
-use engine::{Command, Engine, LoopStatus};
+use engine::{Command, CommandSender, Engine, LoopStatus};
 use flow::FlowTimeouts;
 use ipnet::Ipv4Net;
 use notices::NoticeLimiter;
@@ -263,8 +263,7 @@ pub struct DataPlaneStatus {
 
 /// What `start_engine` hands back: the command channel, the packet-loop thread, the TUN's link index, the
 /// counters and the notices' receiving end.
-type StartedEngine =
-    (mpsc::UnboundedSender<Command>, std::thread::JoinHandle<()>, u32, Arc<Counters>, mpsc::Receiver<Notice>);
+type StartedEngine = (CommandSender, std::thread::JoinHandle<()>, u32, Arc<Counters>, mpsc::Receiver<Notice>);
 
 struct State {
     routes: RouteTable,
@@ -291,7 +290,7 @@ struct Inner {
     bridge_index: u32,
     tun_index: u32,
     counters: Arc<Counters>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: CommandSender,
     engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     notices: std::sync::Mutex<Option<mpsc::Receiver<Notice>>>,
     state: Mutex<State>,
@@ -383,7 +382,7 @@ impl DataPlane {
 
     async fn start_engine(config: &DataPlaneConfig, netlink: &rtnetlink::Handle) -> anyhow::Result<StartedEngine> {
         let counters = Arc::new(Counters::default());
-        let (commands, receiver) = mpsc::unbounded_channel();
+        let (poll, commands, receiver) = engine::command_channel().context("creating the packet loop's poll")?;
         let (notices, notices_rx) = mpsc::channel(config.notice_queue);
         let (ready, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
         let proxy_config = ProxyConfig {
@@ -412,53 +411,43 @@ impl DataPlane {
         let thread = std::thread::Builder::new()
             .name("dataplane".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
-                    Ok(runtime) => runtime,
+                let opened = || {
+                    let tun = device::create(&tun_name, mtu)?;
+                    let socket = std::net::UdpSocket::bind(listen)
+                        .with_context(|| format!("binding the tunnel socket {listen}"))?;
+                    socket.set_nonblocking(true)?;
+                    enlarge_socket_buffers(&socket);
+                    let udp = quinn_udp::UdpSocketState::new((&socket).into())
+                        .context("preparing the tunnel socket for batched I/O")?;
+                    anyhow::Ok((tun, socket, udp))
+                };
+                let (tun, socket, udp) = match opened() {
+                    Ok(opened) => opened,
                     Err(err) => {
-                        let _ = ready.send(Err(err.into()));
+                        let _ = ready.send(Err(err));
                         return;
                     }
                 };
-                runtime.block_on(async move {
-                    let opened = async {
-                        let tun = device::create(&tun_name, mtu)?;
-                        let socket = std::net::UdpSocket::bind(listen)
-                            .with_context(|| format!("binding the tunnel socket {listen}"))?;
-                        socket.set_nonblocking(true)?;
-                        enlarge_socket_buffers(&socket);
-                        let udp = quinn_udp::UdpSocketState::new((&socket).into())
-                            .context("preparing the tunnel socket for batched I/O")?;
-                        anyhow::Ok((tun, tokio::net::UdpSocket::from_std(socket)?, udp))
-                    }
-                    .await;
-                    let (tun, socket, udp) = match opened {
-                        Ok(opened) => opened,
-                        Err(err) => {
-                            let _ = ready.send(Err(err));
-                            return;
-                        }
-                    };
-                    let _ = ready.send(Ok(()));
-                    let engine = Engine {
-                        proxy,
-                        peers,
-                        counters: engine_counters,
-                        tun,
-                        socket,
-                        udp,
-                        node_id,
-                        keepalive_interval,
-                        max_datagram: usize::from(underlay_mtu) - 28,
-                        ciphers,
-                        send_counter: engine::initial_send_counter(),
-                        notices,
-                        notice_limiter,
-                        pending,
-                        liveness,
-                        busy_poll,
-                    };
-                    engine.run(receiver).await;
-                });
+                let _ = ready.send(Ok(()));
+                let engine = Engine {
+                    proxy,
+                    peers,
+                    counters: engine_counters,
+                    tun,
+                    socket,
+                    udp,
+                    node_id,
+                    keepalive_interval,
+                    max_datagram: usize::from(underlay_mtu) - 28,
+                    ciphers,
+                    send_counter: engine::initial_send_counter(),
+                    notices,
+                    notice_limiter,
+                    pending,
+                    liveness,
+                    busy_poll,
+                };
+                engine.run(poll, receiver);
             })
             .context("spawning the data-plane thread")?;
         ready_rx.await.map_err(|_| anyhow!("the data-plane thread died while starting"))??;
