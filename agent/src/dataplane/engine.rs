@@ -714,3 +714,62 @@ fn retry_when_full<T>(fd: BorrowedFd<'_>, mut write: impl FnMut() -> std::io::Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    #[test]
+    fn a_command_wakes_the_poll_and_waits_in_the_channel() {
+        let (mut poll, sender, receiver) = command_channel().unwrap();
+        // The agent keeps its sender: the waker lives as long as one does.
+        let agent_side = sender.clone();
+        let from_agent = std::thread::spawn(move || agent_side.send(Command::Shutdown).is_ok());
+        let mut events = Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+        assert!(events.iter().any(|event| event.token() == COMMAND_TOKEN), "no wake-up within 5 s");
+        assert!(from_agent.join().unwrap());
+        assert!(matches!(receiver.try_recv(), Ok(Command::Shutdown)));
+        drop(sender);
+    }
+
+    #[test]
+    fn sending_to_a_stopped_loop_fails() {
+        let (_poll, sender, receiver) = command_channel().unwrap();
+        drop(receiver);
+        assert!(sender.send(Command::Shutdown).is_err());
+    }
+
+    /// A datagram socket pair whose sending side is full.
+    fn full_pair() -> (UnixDatagram, UnixDatagram) {
+        let (writer, reader) = UnixDatagram::pair().unwrap();
+        writer.set_nonblocking(true).unwrap();
+        while writer.send(&[0u8; 512]).is_ok() {}
+        (writer, reader)
+    }
+
+    #[test]
+    fn a_full_queue_is_waited_for_until_it_drains() {
+        let (writer, reader) = full_pair();
+        let drain = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            reader.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 512];
+            while reader.recv(&mut buf).is_ok() {}
+            reader
+        });
+        let sent = retry_when_full(writer.as_fd(), || writer.send(b"after the wait"));
+        assert_eq!(sent.unwrap(), 14);
+        drop(drain.join().unwrap());
+    }
+
+    #[test]
+    fn a_queue_that_stays_full_gives_up_after_the_wait() {
+        let (writer, _reader) = full_pair();
+        let started = Instant::now();
+        let sent = retry_when_full(writer.as_fd(), || writer.send(b"never"));
+        assert_eq!(sent.unwrap_err().kind(), ErrorKind::WouldBlock);
+        assert!(started.elapsed() >= WRITE_WAIT, "gave up after {:?}", started.elapsed());
+    }
+}
