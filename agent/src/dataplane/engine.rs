@@ -268,10 +268,12 @@ impl Engine {
     /// Reads and handles what waits on the tunnel socket (up to a batch).
     fn drain_socket(&mut self, receive: &mut ReceiveBuffers, now: Duration) -> Drained {
         let mut drained = Drained { read: 0, empty: false };
+        let mut failed = false;
         for _ in 0..BATCH / RECV_MESSAGES {
             let mut slices = receive.buffers.each_mut().map(|buffer| IoSliceMut::new(&mut buffer[..]));
             match self.udp.recv((&self.socket).into(), &mut slices, &mut receive.meta) {
                 Ok(messages) => {
+                    failed = false;
                     Counters::inc(&self.counters.tunnel_rx_reads);
                     for (buffer, meta) in receive.buffers.iter_mut().zip(&receive.meta).take(messages) {
                         let stride = meta.stride.max(1);
@@ -286,8 +288,16 @@ impl Engine {
                     drained.empty = true;
                     break;
                 }
-                // ICMP errors (port unreachable) surface here on Linux, one per read; datagrams may wait behind them.
-                Err(err) => tracing::debug!("tunnel socket: {err}"),
+                // ICMP errors (port unreachable) surface here on Linux, one per read, and datagrams may wait behind
+                // them: read on. Two errors in a row are not that; wait for the socket's next edge instead of spinning.
+                Err(err) => {
+                    tracing::debug!("tunnel socket: {err}");
+                    if failed {
+                        drained.empty = true;
+                        break;
+                    }
+                    failed = true;
+                }
             }
         }
         drained
