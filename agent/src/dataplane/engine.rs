@@ -1,11 +1,12 @@
 //! The packet loop: one thread owns the TUN device, the tunnel socket, the proxy and the peer table, and waits for
 //! them in its own `mio` poll. No async runtime: at idle every packet is a wake-up of its own, and a runtime's
 //! scheduling and readiness bookkeeping took more CPU per wake-up than handling the packet (the loop on a
-//! current-thread tokio runtime spent 41-46 us of CPU per tunnelled ping in both agents together, this one 32-36). Packets are read into reused buffers, translated in place and sent on without a
-//! channel hop or allocation. System calls are batched: the packets read from the TUN in one wake-up are sealed
-//! back to back and leave in UDP segmentation offload sends (`batch`), and the tunnel socket is read with
-//! `recvmmsg` and UDP GRO (several datagrams per call, quinn-udp); control commands (new routes, attach, detach, status) arrive on a channel, and
-//! notices for the agent leave on a bounded one (`try_send`: the loop never waits for the agent).
+//! current-thread tokio runtime spent 41-46 us of CPU per tunnelled ping in both agents together, this one 32-36).
+//! Packets are read into reused buffers, translated in place and sent on without a channel hop or allocation.
+//! System calls are batched: the packets read from the TUN in one wake-up are sealed back to back and leave in UDP
+//! segmentation offload sends (`batch`), and the tunnel socket is read with `recvmmsg` and UDP GRO (several
+//! datagrams per call, quinn-udp); control commands (new routes, attach, detach, status) arrive on a channel that
+//! wakes the poll, and notices for the agent leave on a bounded one (`try_send`: the loop never waits for the agent).
 //!
 //! Packets to overlay addresses the table does not know wait in `pending` until a new table knows them (the
 //! agent was told and asks the tree); peers we send to but do not hear from are probed and, when silent, declared
