@@ -89,7 +89,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "CANOPY_CPU_LATENCY_US", value_name = "MICROSECONDS")]
     pub cpu_latency_us: Option<u32>,
     /// After packet work, keep the data-plane thread reading for this long before it sleeps, so a quick answer
-    /// finds it awake (saves a wake-up per packet on VMs; costs CPU while it waits). 0 (default) sleeps at once.
+    /// finds it awake (saves a wake-up per round trip; costs CPU while it waits). 0 (default) sleeps at once.
     #[arg(long, env = "CANOPY_BUSY_POLL_US", value_name = "MICROSECONDS")]
     pub busy_poll_us: Option<u32>,
 }

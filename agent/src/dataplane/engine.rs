@@ -195,32 +195,35 @@ impl Engine {
                 }
             }
             let mut worked = false;
+            // One clock read for the packets of this turn (the clock is read per wake-up, not per packet).
+            let elapsed = epoch.elapsed();
             if tun_ready {
-                let drained = self.drain_tun(&mut batch, epoch.elapsed());
+                let drained = self.drain_tun(&mut batch, elapsed);
                 tun_ready = !drained.empty;
                 worked |= drained.read > 0;
             }
             if socket_ready {
-                let drained = self.drain_socket(&mut receive, epoch.elapsed());
+                let drained = self.drain_socket(&mut receive, elapsed);
                 socket_ready = !drained.empty;
                 worked |= drained.read > 0;
             }
             if worked && !tun_ready && !socket_ready {
                 self.busy_poll(&mut batch, &mut receive, epoch);
             }
+            // Read again: busy polling may have taken a while.
             let now = Instant::now();
             if now >= next_tick {
-                self.housekeeping(epoch.elapsed());
+                self.housekeeping(now - epoch);
                 next_tick = now + TICK;
             }
             if now >= next_liveness {
-                self.check_liveness(epoch.elapsed());
+                self.check_liveness(now - epoch);
                 next_liveness = now + LIVENESS_TICK;
             }
             let timeout = if tun_ready || socket_ready {
                 Duration::ZERO
             } else {
-                next_tick.min(next_liveness).saturating_duration_since(Instant::now())
+                next_tick.min(next_liveness).saturating_duration_since(now)
             };
             if let Err(err) = poll.poll(&mut events, Some(timeout)) {
                 if err.kind() == ErrorKind::Interrupted {
