@@ -168,17 +168,16 @@ impl FromStr for Target {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let count = |n: &str| n.parse::<usize>().map_err(|_| format!("bad count {n:?} in target {s:?}"));
+        let unknown = || {
+            format!("unknown target {s:?}: expected \"root\", \"all\", \"coordinators:N\", \"random:N\" or an index")
+        };
         match s.split_once(':') {
             None if s == "root" => Ok(Target::Root),
             None if s == "all" => Ok(Target::All),
-            None => s.parse().map(Target::Index).map_err(|_| {
-                format!(
-                    "unknown target {s:?}: expected \"root\", \"all\", \"coordinators:N\", \"random:N\" or an index"
-                )
-            }),
+            None => s.parse().map(Target::Index).map_err(|_| unknown()),
             Some(("coordinators", n)) => count(n).map(Target::Coordinators),
             Some(("random", n)) => count(n).map(Target::Random),
-            Some(_) => Err(format!("unknown target {s:?}: expected \"coordinators:N\" or \"random:N\"")),
+            Some(_) => Err(unknown()),
         }
     }
 }
@@ -236,7 +235,8 @@ mod defaults {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("cannot read scenario {path}: {source}")]
+    // The cause is the error's source, which `{:#}` prints after the message.
+    #[error("cannot read scenario {path}")]
     Read { path: String, source: std::io::Error },
     #[error("scenario {path}: {message}")]
     Parse { path: String, message: String },
@@ -485,5 +485,16 @@ kind = "heal"
         }
         assert!("random:x".parse::<Target>().is_err());
         assert!("leader".parse::<Target>().is_err());
+        // A misspelt kind lists every form, as a bare word does.
+        let err = "coords:3".parse::<Target>().unwrap_err();
+        assert!(err.contains("\"coords:3\"") && err.contains("\"root\"") && err.contains("an index"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_file_names_its_cause_once() {
+        let err = Scenario::from_file(std::path::Path::new("/nonexistent/scenario.toml")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert!(shown.starts_with("cannot read scenario /nonexistent/scenario.toml: "), "{shown}");
     }
 }
