@@ -17,9 +17,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps freed memory instead of handing it back to the kernel 10 ms after it was freed (mimalloc's default). The
 /// heap churns all run long, and memory handed back came back as fresh transparent huge pages that the kernel zeroes
-/// (and sometimes compacts memory for) 2 MiB at a time: bench_10k took 2,600-3,800 page faults and often 0.6 s of
-/// system time, 10% of the run; without purging it takes 330 faults and usually about 0.1 s, for 3% more resident
-/// memory. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+/// 2 MiB at a time: bench_10k took 2,600-3,800 page faults and often 0.6 s of system time, 10% of the run; without
+/// purging it takes about 330 faults and usually about 0.1 s, for 3% more resident memory. `MIMALLOC_PURGE_DELAY` in
+/// the environment still wins.
 fn keep_freed_memory() {
     // mimalloc reads its options when the process loads, so setting a default now would not take: set the option,
     // unless the user chose a value.
