@@ -707,19 +707,27 @@ impl Engine {
     }
 }
 
-/// Runs `write`, and when `fd`'s queue is full waits (up to `WRITE_WAIT` each time) for room and tries again: the
-/// loop has nothing better to do than let the queue drain, as a packet dropped here is a TCP segment lost.
+/// Runs `write`, and when `fd`'s queue is full waits for room and tries again, for at most `WRITE_WAIT` in all: the
+/// loop has nothing better to do than let the queue drain, as a packet dropped here is a TCP segment lost. The bound
+/// is overall because a queue can report room that is still too little for this write.
 fn retry_when_full<T>(fd: BorrowedFd<'_>, mut write: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
     use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut deadline = None;
     loop {
         match write() {
             Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + WRITE_WAIT);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(err);
+                }
                 let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
-                let timeout = PollTimeout::try_from(WRITE_WAIT).unwrap_or(PollTimeout::MAX);
+                // poll(2) counts whole milliseconds: round up, so the wait does not end before the deadline.
+                let millis = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+                let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
                 match nix::poll::poll(&mut fds, timeout) {
-                    Ok(ready) if ready > 0 => continue,
-                    Ok(_) => return Err(err),
-                    Err(nix::errno::Errno::EINTR) => continue,
+                    // Room, a timeout (one last try) or a signal: the write again, then the deadline decides.
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
                     Err(poll_err) => return Err(poll_err.into()),
                 }
             }
