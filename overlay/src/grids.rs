@@ -8,9 +8,12 @@
 //! - its merged subtree grid (children plus itself), which it reports up.
 //!
 //! Traffic stays bounded by the fanout, not by the tree size: a node reports its subtree grid only when it changed
-//! significantly or every `refresh_every` reports (so a lost report heals), and a parent sends its children the
-//! group's grids (one entry per child plus one outside grid) only when one of them changed significantly or on the
-//! same refresh. A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
+//! significantly or every `refresh_every` reports (so a lost report heals), and a parent builds a new version of the
+//! group's grids (one entry per child plus one outside grid) only when one of them changed significantly, or on the
+//! same refresh when something changed at all. Each child gets a group version once: its reports name the version it
+//! holds, and the parent resends only to a child whose report shows it missing (as for views). A quiet tree thus
+//! sends no grids at all, where resending the group every refresh made grids a third of a quiet tree's control bytes.
+//! A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
 //!
 //! Work stays bounded too: grids are shared (`Arc`), so one group message goes to every child without copying, and
 //! the merged subtree and outside grids are recomputed only when one of their inputs changed.
@@ -43,7 +46,9 @@ pub struct GridConfig {
     pub size: u16,
     /// Relative change that makes a grid worth resending (see `CapacityGrid::differs_significantly`).
     pub threshold: f64,
-    /// Resend unchanged grids after this many reports/heartbeats, so a lost one heals.
+    /// A report carries the subtree grid again after this many reports, so a lost one heals; a parent sends its
+    /// children changes too small for a group of their own after this many heartbeat rounds (a lost group heals by
+    /// the version the child reports).
     pub refresh_every: u32,
     /// How long the origin of a placement query collects answers.
     pub placement_timeout: Duration,
@@ -117,6 +122,9 @@ impl SubtreeGrid {
 /// heartbeats of a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupGrids {
+    /// Counts up with every new group of the sender (from 1), so a child can say which one it holds.
+    #[serde(default)]
+    pub version: u64,
     /// Each child's subtree (the receiver's own among them).
     pub members: Vec<(NodeId, SubtreeGrid)>,
     /// The rest of the tree: the sender itself, its siblings' subtrees and what lies outside its parent.
@@ -220,7 +228,7 @@ pub struct Grids {
     reports_since_sent: u32,
     /// A child's grid changed significantly since the last group we sent.
     group_dirty: bool,
-    /// The children the last group went to, and the group itself.
+    /// The children the last group was built for, and the group itself (the current version).
     sent_members: Vec<NodeId>,
     sent_group: Option<Arc<GroupGrids>>,
     /// The latest outside grid found too close to the sent one to be worth a group (so it is compared once).
@@ -235,6 +243,14 @@ pub struct Grids {
 /// Whether two grids are the same value (the same shared grid, or equal ones).
 fn same_grid(a: &Arc<CapacityGrid>, b: &Arc<CapacityGrid>) -> bool {
     Arc::ptr_eq(a, b) || a == b
+}
+
+/// Whether two subtree grids are the same value (shared grids compared by address first).
+fn same_subtree(a: &SubtreeGrid, b: &SubtreeGrid) -> bool {
+    match (a, b) {
+        (SubtreeGrid::Grid(a), SubtreeGrid::Grid(b)) => same_grid(a, b),
+        _ => a == b,
+    }
 }
 
 impl Grids {
@@ -443,8 +459,10 @@ impl Grids {
         changed
     }
 
-    /// The group grids to put on this round of heartbeats to `children`, when due. The one value goes to every
-    /// child.
+    /// A new version of the group grids for this round of heartbeats to `children`, when one is due: a child's
+    /// grid or the outside grid changed significantly, the children changed, or (every `refresh_every` rounds)
+    /// anything changed at all. The one value goes to every child that does not hold it yet (see
+    /// [`Grids::current_group`]).
     pub fn group_for_children(&mut self, children: &[NodeId]) -> Option<Arc<GroupGrids>> {
         if children.is_empty() {
             return None;
@@ -453,10 +471,12 @@ impl Grids {
         let outside = self.outside_for_children();
         let members_changed =
             self.sent_members.len() != children.len() || children.iter().any(|c| !self.sent_members.contains(c));
-        let due = self.group_dirty
-            || members_changed
-            || self.heartbeats_since_group >= self.config.refresh_every
-            || self.outside_changed(&outside);
+        let mut due = self.group_dirty || members_changed || self.outside_changed(&outside);
+        if !due && self.heartbeats_since_group >= self.config.refresh_every {
+            // Changes too small to matter on their own (and drift that has not added up yet) go out now.
+            due = !self.group_is_current(&outside);
+            self.heartbeats_since_group = 0;
+        }
         if !due {
             return None;
         }
@@ -465,10 +485,26 @@ impl Grids {
         self.sent_members = children.to_vec();
         self.outside_checked = None;
         self.counters.groups_sent += 1;
+        let version = self.sent_group.as_ref().map_or(0, |g| g.version) + 1;
         let members = self.children.iter().filter(|(id, _)| children.contains(id)).cloned().collect();
-        let group = Arc::new(GroupGrids { members, outside: Some(outside) });
+        let group = Arc::new(GroupGrids { version, members, outside: Some(outside) });
         self.sent_group = Some(Arc::clone(&group));
         Some(group)
+    }
+
+    /// The latest group built for the children (the version each of them should hold), if any.
+    pub fn current_group(&self) -> Option<&Arc<GroupGrids>> {
+        self.sent_group.as_ref()
+    }
+
+    /// Whether the last group built holds exactly the children's grids and `outside` (its members are the current
+    /// children: checked by the caller).
+    fn group_is_current(&self, outside: &Arc<CapacityGrid>) -> bool {
+        let Some(sent) = &self.sent_group else { return false };
+        sent.outside.as_ref().is_some_and(|o| same_grid(o, outside))
+            && sent.members.iter().all(|(id, sent)| {
+                self.children.iter().find(|(child, _)| child == id).is_some_and(|(_, held)| same_subtree(sent, held))
+            })
     }
 
     /// Every grid this node holds, finest knowledge included: its subtree, its children's, its siblings' and the
@@ -671,7 +707,7 @@ mod tests {
     fn held_grids_cover_the_tree_once() {
         // Parent P (48,11) with children A (us, 48.5,11.5) and B (40,2); P's outside holds one far node.
         let mut parent = Grids::new(config(), Position::new(48.0, 11.0), cap(1.0));
-        parent.on_group(id(100), &GroupGrids { members: vec![], outside: None });
+        parent.on_group(id(100), &GroupGrids { version: 1, members: vec![], outside: None });
         parent.on_child_grid(id(1), leaf(48.5, 11.5, 2.0));
         parent.on_child_grid(id(2), leaf(40.0, 2.0, 4.0));
         let group = parent.group_for_children(&[id(1), id(2)]).expect("first group is due");
@@ -694,9 +730,14 @@ mod tests {
         let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
         g.on_child_grid(id(1), leaf(1.0, 1.0, 1.0));
         let kids = [id(1)];
-        assert!(g.group_for_children(&kids).is_some());
+        let first = g.group_for_children(&kids).expect("first group");
+        assert_eq!(first.version, 1);
         let sent = (0..10).filter(|_| g.group_for_children(&kids).is_some()).count();
-        assert_eq!(sent, 2, "refresh every 5 heartbeats");
+        assert_eq!(sent, 0, "nothing changed: no refresh");
+        assert_eq!(g.current_group().map(|g| g.version), Some(1), "the children keep holding version 1");
+        g.on_child_grid(id(1), leaf(1.0, 1.0, 1.02));
+        let sent: Vec<u64> = (0..10).filter_map(|_| g.group_for_children(&kids)).map(|g| g.version).collect();
+        assert_eq!(sent, [2], "a change too small for its own group goes out with the next refresh, once");
         g.set_own_free(Capacity::ZERO);
         assert!(g.group_for_children(&kids).is_some(), "our own saturation changes the children's outside grid");
         assert!(g.group_for_children(&[]).is_none());
@@ -726,8 +767,11 @@ mod tests {
         let outside = g.outside_for_children();
         g.on_child_grid(id(2), leaf(1.0, 1.0, 4.0));
         assert!(Arc::ptr_eq(&subtree, g.subtree_shared()), "a refresh of the same grid");
-        let group =
-            GroupGrids { members: vec![(me, leaf(0.0, 0.0, 1.0)), (id(3), leaf(5.0, 5.0, 2.0))], outside: None };
+        let group = GroupGrids {
+            version: 1,
+            members: vec![(me, leaf(0.0, 0.0, 1.0)), (id(3), leaf(5.0, 5.0, 2.0))],
+            outside: None,
+        };
         g.on_group(me, &group);
         assert!(Arc::ptr_eq(&subtree, g.subtree_shared()), "siblings are not in our subtree");
         assert!(!Arc::ptr_eq(&outside, &g.outside_for_children()), "but in our children's outside grid");
@@ -765,7 +809,7 @@ mod tests {
         let demand = Capacity::new(2.0, 512.0, 0.0);
         let mut l = Grids::new(config(), munich, cap(0.5));
         let outside = CapacityGrid::merge(&[GridInput::Node { position: Position::new(48.2, 16.37), free: cap(4.0) }]);
-        l.on_group(id(7), &GroupGrids { members: vec![], outside: Some(Arc::new(outside)) });
+        l.on_group(id(7), &GroupGrids { version: 1, members: vec![], outside: Some(Arc::new(outside)) });
         let (qid, step) = l.start_placement(Time::ZERO, 42, id(7), vec!["a".into()], munich, demand, 2, Some(id(1)));
         assert!(step.answer.is_none());
         assert_eq!(step.forward.len(), 1);

@@ -189,6 +189,9 @@ pub struct Report {
     /// The child's subtree grid, when it changed significantly or is due for a refresh (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid: Option<Box<SubtreeGrid>>,
+    /// The version of the parent's group grids the child holds (0: none); the parent resends when it differs.
+    #[serde(default)]
+    pub group_version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -359,7 +362,7 @@ mod tests {
                 address_block: Some("10.17.0.0/20".parse().unwrap()),
                 grids: None,
             }),
-            Message::Report(Report { view_version: 3, rank, summary, grid: None }),
+            Message::Report(Report { view_version: 3, rank, summary, grid: None, group_version: 2 }),
             Message::NotYourChild(Box::new(NotYourChild { replaced_by: Some(info(5)), term: 2, in_tree: true })),
             Message::Probe { seq: 1 },
             Message::ProbeAck { seq: 1 },
@@ -373,6 +376,7 @@ mod tests {
                 rank,
                 summary,
                 grid: Some(Box::new(SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity })),
+                group_version: 0,
             }),
             Message::Heartbeat(Heartbeat {
                 term: 1,
@@ -380,6 +384,7 @@ mod tests {
                 view: None,
                 address_block: None,
                 grids: Some(std::sync::Arc::new(GroupGrids {
+                    version: 4,
                     members: vec![(
                         NodeId::from_u64(2),
                         SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity },
@@ -441,6 +446,7 @@ mod tests {
             rank,
             summary: Summary::leaf(Position::new(1.0, 2.0)),
             grid: None,
+            group_version: 12,
         }));
         assert!(rep.encode().len() < 256, "{} bytes", rep.encode().len());
     }

@@ -245,6 +245,8 @@ struct ParentLink {
     term: u64,
     detector: Detector,
     view_version: u64,
+    /// The version of the parent's group grids we hold (0: none yet from this parent).
+    group_version: u64,
 }
 
 struct Child {
@@ -256,6 +258,9 @@ struct Child {
     acked_version: u64,
     /// The view version we last sent it in full (not resent until a report shows it missing).
     sent_version: u64,
+    /// The same two for our group grids.
+    acked_group: u64,
+    sent_group: u64,
 }
 
 /// What we remember about a parent we lost, to find the successor and climb the ancestor chain.
@@ -853,7 +858,7 @@ impl Node {
         self.ancestors = view.ancestors;
         self.members = view.members;
         self.uncles = view.uncles;
-        self.parent = Some(ParentLink { info: parent, term, detector, view_version: view.version });
+        self.parent = Some(ParentLink { info: parent, term, detector, view_version: view.version, group_version: 0 });
         self.mark_view_changed();
     }
 
@@ -954,6 +959,9 @@ impl Node {
                 c.rank = rank;
                 c.summary = summary;
                 c.last_heard = now;
+                // Attached anew: it holds none of our grids.
+                c.acked_group = 0;
+                c.sent_group = 0;
             }
             None => {
                 self.children.push(Child {
@@ -963,6 +971,8 @@ impl Node {
                     last_heard: now,
                     acked_version: 0,
                     sent_version: 0,
+                    acked_group: 0,
+                    sent_group: 0,
                 });
                 self.push_event(Event::MemberJoined(id));
             }
@@ -1034,6 +1044,7 @@ impl Node {
         p.detector.heard(now);
         p.term = h.term;
         if let Some(group) = h.grids {
+            p.group_version = group.version;
             self.grids.on_group(self.info.id, &group);
         }
         self.address_block = h.address_block;
@@ -1076,6 +1087,13 @@ impl Node {
         if c.acked_version != self.view_version && c.sent_version == self.view_version {
             // It reports an older view although we sent the current one: lost (or crossed); send it again.
             c.sent_version = 0;
+        }
+        c.acked_group = r.group_version;
+        if let Some(group) = self.grids.current_group()
+            && c.acked_group != group.version
+            && c.sent_group == group.version
+        {
+            c.sent_group = 0; // as for the view: lost or crossed, send it again
         }
         if c.rank != r.rank {
             c.rank = r.rank;
@@ -1147,7 +1165,13 @@ impl Node {
         if let Some(p) = &self.parent {
             let to = p.info.id;
             let grid = self.grids.report_grid(to).map(Box::new);
-            let report = Report { view_version: p.view_version, rank: self.rank(), summary: self.summary(), grid };
+            let report = Report {
+                view_version: p.view_version,
+                rank: self.rank(),
+                summary: self.summary(),
+                grid,
+                group_version: p.group_version,
+            };
             self.send(to, Message::Report(report));
         } else {
             self.grids.clear_parent_grids();
@@ -1202,12 +1226,13 @@ impl Node {
         let version = self.view_version;
         let needs_view = |c: &Child| c.acked_version != version && c.sent_version != version;
         let view = self.children.iter().any(needs_view).then(|| self.view_for_children());
-        // Grids ride on the periodic round only, when due (see `grids`).
+        // Grids ride on the periodic round only, to the children that do not hold the current group (see `grids`).
         let grids = if changes_only {
             None
         } else {
             let ids: Vec<NodeId> = self.children.iter().map(|c| c.info.id).collect();
-            self.grids.group_for_children(&ids)
+            self.grids.group_for_children(&ids);
+            self.grids.current_group().cloned()
         };
         let mut targets = Vec::with_capacity(self.children.len());
         for c in self.children.iter_mut() {
@@ -1215,17 +1240,21 @@ impl Node {
             if full {
                 c.sent_version = version;
             }
+            let group = grids.as_ref().filter(|g| c.acked_group != g.version && c.sent_group != g.version);
+            if let Some(group) = group {
+                c.sent_group = group.version;
+            }
             if full || !changes_only {
-                targets.push((c.info.id, full));
+                targets.push((c.info.id, full, group.is_some()));
             }
         }
-        for (id, full) in targets {
+        for (id, full, with_grids) in targets {
             let hb = Heartbeat {
                 term: self.term,
                 view_version: version,
                 view: if full { view.clone() } else { None },
                 address_block: self.address_block,
-                grids: grids.clone(),
+                grids: if with_grids { grids.clone() } else { None },
             };
             self.send(id, Message::Heartbeat(hb));
         }

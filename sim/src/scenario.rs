@@ -87,7 +87,7 @@ pub struct OverlayTuning {
     /// Cells per side of the capacity grids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_size: Option<u16>,
-    /// Resend unchanged grids every this many heartbeats.
+    /// Reports resend unchanged grids, and parents send small changes, every this many heartbeats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_refresh: Option<u32>,
     /// The range machine subnets come from, e.g. "10.0.0.0/8" (default 10.16.0.0/12, which holds about 15,000

@@ -109,6 +109,11 @@ impl Net {
                     let entry = self.traffic.entry(kind).or_default();
                     entry.0 += 1;
                     entry.1 += bytes.len() as u64;
+                    if matches!(&envelope.body, Message::Heartbeat(h) if h.grids.is_some()) {
+                        let entry = self.traffic.entry("Heartbeat with grids".into()).or_default();
+                        entry.0 += 1;
+                        entry.1 += bytes.len() as u64;
+                    }
                     self.queue.push(Reverse((at, self.seq, j, bytes, self.nodes[i].id())));
                 }
                 Output::Event(e) => self.events.push((self.now, i, e)),
