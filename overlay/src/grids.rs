@@ -196,7 +196,7 @@ pub struct PlacementStep {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GridCounters {
     pub reports_with_grid: u64,
-    pub groups_sent: u64,
+    pub groups_built: u64,
     pub grids_received: u64,
     pub rejected: u64,
 }
@@ -484,7 +484,7 @@ impl Grids {
         self.heartbeats_since_group = 0;
         self.sent_members = children.to_vec();
         self.outside_checked = None;
-        self.counters.groups_sent += 1;
+        self.counters.groups_built += 1;
         let version = self.sent_group.as_ref().map_or(0, |g| g.version) + 1;
         let members = self.children.iter().filter(|(id, _)| children.contains(id)).cloned().collect();
         let group = Arc::new(GroupGrids { version, members, outside: Some(outside) });
