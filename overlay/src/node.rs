@@ -73,6 +73,10 @@ pub struct Config {
     pub join_timeout: Duration,
     /// How often a root (or a detached node) retries its contacts. Default 1 interval.
     pub retry_interval: Duration,
+    /// A change of members' ranks alone (a machine's uptime class ticking over, its reachability) reaches the
+    /// children with the next change of the view, or after this long at the latest, instead of resending the whole
+    /// view to every child at once. Default 30 intervals.
+    pub rank_push_delay: Duration,
     /// Members to retry when detached or islanded, besides the `Join { via }` ones.
     pub bootstrap: Vec<NodeId>,
     /// Capacity grid exchange and placement (see `grids`).
@@ -100,6 +104,7 @@ impl Config {
             attach_timeout: heartbeat_interval / 2,
             join_timeout: heartbeat_interval * 2,
             retry_interval: heartbeat_interval,
+            rank_push_delay: heartbeat_interval * 30,
             bootstrap: Vec::new(),
             grids: GridConfig { placement_timeout: heartbeat_interval, ..GridConfig::default() },
             routes: RoutingConfig::default(),
@@ -322,6 +327,8 @@ pub struct Node {
     /// Version of the view we send our children; bumped on any change to it.
     view_version: u64,
     view_dirty: bool,
+    /// Since when the view we sent holds outdated ranks only (pushed after `rank_push_delay`).
+    ranks_stale_since: Option<Time>,
     address_block: Option<Ipv4Net>,
 
     orphan: Option<Orphan>,
@@ -358,6 +365,11 @@ pub struct Node {
     routing_children: Vec<(NodeId, Position)>,
 }
 
+/// Whether two member lists name the same machines in the same order, whatever their ranks.
+fn same_members_but_ranks(a: &[Member], b: &[Member]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.info == y.info)
+}
+
 impl Node {
     pub fn new(info: NodeInfo, config: Config, seed: u64, now: Time) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (now.as_nanos() as u64).rotate_left(17));
@@ -385,6 +397,7 @@ impl Node {
             children: Vec::new(),
             view_version: 1,
             view_dirty: false,
+            ranks_stale_since: None,
             address_block: None,
             orphan: None,
             pending: Pending::None,
@@ -1059,8 +1072,10 @@ impl Node {
             return;
         }
         // Our children's view holds our ancestors and our siblings (their uncles).
-        if view.ancestors != self.ancestors || view.members != self.members {
+        if view.ancestors != self.ancestors || !same_members_but_ranks(&view.members, &self.members) {
             self.mark_view_changed();
+        } else if view.members != self.members {
+            self.mark_ranks_changed(now);
         }
         self.ancestors = Arc::clone(&view.ancestors);
         self.members = Arc::clone(&view.members);
@@ -1097,7 +1112,7 @@ impl Node {
         }
         if c.rank != r.rank {
             c.rank = r.rank;
-            self.mark_view_changed();
+            self.mark_ranks_changed(now);
         }
     }
 
@@ -1153,6 +1168,9 @@ impl Node {
         });
         for id in dropped {
             self.push_event(Event::MemberLeft(id));
+            self.mark_view_changed();
+        }
+        if self.ranks_stale_since.is_some_and(|since| now.saturating_sub(since) >= self.config.rank_push_delay) {
             self.mark_view_changed();
         }
         if self.children.len() > self.config.max_children {
@@ -1271,6 +1289,12 @@ impl Node {
     fn mark_view_changed(&mut self) {
         self.view_version += 1;
         self.view_dirty = true;
+        self.ranks_stale_since = None; // the new view carries the current ranks
+    }
+
+    /// Only ranks changed: not worth a view to every child on its own (see `Config::rank_push_delay`).
+    fn mark_ranks_changed(&mut self, now: Time) {
+        self.ranks_stale_since.get_or_insert(now);
     }
 
     // ----- failure detection and succession ------------------------------------------------------------------

@@ -13,7 +13,8 @@ pub struct Rank {
     /// Quantised capacity score (see [`capacity_score`]); coarse so that measurement noise does not reorder nodes.
     pub capacity: u32,
     /// `floor(log2(uptime minutes + 1))`: changes rarely (after 1, 3, 7, 15... minutes), so member lists stay
-    /// stable and are not resent to every group whenever a clock ticks over.
+    /// stable; when it does change, the parent's view carries it late (`Config::rank_push_delay`), with other
+    /// changes where it can, not in a view of its own to every child at once.
     pub uptime_class: u8,
     pub id: NodeId,
 }

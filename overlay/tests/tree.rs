@@ -282,3 +282,31 @@ fn a_burst_of_joiners_pushes_the_view_a_few_times_not_once_per_joiner() {
     }
     assert!(net.check_tree().is_ok());
 }
+
+#[test]
+fn rank_changes_alone_reach_the_children_late_and_once() {
+    // Every machine's uptime class ticks over at one minute. Each child reports its new rank; the root resends the
+    // view with the new ranks after `rank_push_delay` (30 s), once, not at once to all children.
+    let views = |net: &Net| net.traffic.get("Heartbeat with view").map_or(0, |(msgs, _)| *msgs);
+    let mut net = Net::new(17, Config::default());
+    net.build(MS(2));
+    net.run_until(Duration::from_secs(50));
+    let before = views(&net);
+    net.run_until(Duration::from_secs(85));
+    assert_eq!(views(&net) - before, 0, "no view for rank changes alone within the push delay");
+    let seen_by_5 = |net: &Net| {
+        let view = net.last_view_to[5].as_ref().expect("child 5 got a view");
+        view.members.iter().map(|m| m.rank.uptime_class).collect::<Vec<_>>()
+    };
+    assert!(seen_by_5(&net).iter().all(|class| *class == 0));
+    net.run_until(Duration::from_secs(100));
+    let pushed = views(&net) - before;
+    assert!((16..=20).contains(&pushed), "one view to each of 16 children (and a few resends): {pushed}");
+    assert!(seen_by_5(&net).iter().all(|class| *class == 1), "the new ranks arrived: {:?}", seen_by_5(&net));
+    // A real change of the view still goes out at once.
+    net.crash(9);
+    let before = views(&net);
+    net.run_for(Duration::from_secs(5));
+    assert!(views(&net) - before >= 15, "a member's loss is pushed to the others within the child timeout");
+    assert!(net.check_tree().is_ok());
+}

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use canopy_overlay::message::View;
 use canopy_overlay::{
     Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
 };
@@ -31,8 +32,10 @@ pub struct Net {
     index: HashMap<NodeId, usize>,
     /// (time, node, event) in order.
     pub events: Vec<(Duration, usize, Event)>,
-    /// Messages and bytes sent, by message kind.
+    /// Messages and bytes sent, by message kind (and heartbeats with grids or a view).
     pub traffic: std::collections::BTreeMap<String, (u64, u64)>,
+    /// The last view sent to each node.
+    pub last_view_to: Vec<Option<View>>,
 }
 
 pub fn info(i: usize) -> NodeInfo {
@@ -64,6 +67,7 @@ impl Net {
             index,
             events: Vec::new(),
             traffic: Default::default(),
+            last_view_to: vec![None; n],
         }
     }
 
@@ -109,10 +113,17 @@ impl Net {
                     let entry = self.traffic.entry(kind).or_default();
                     entry.0 += 1;
                     entry.1 += bytes.len() as u64;
-                    if matches!(&envelope.body, Message::Heartbeat(h) if h.grids.is_some()) {
-                        let entry = self.traffic.entry("Heartbeat with grids".into()).or_default();
-                        entry.0 += 1;
-                        entry.1 += bytes.len() as u64;
+                    if let Message::Heartbeat(h) = &envelope.body {
+                        for (part, carried) in [("grids", h.grids.is_some()), ("view", h.view.is_some())] {
+                            if carried {
+                                let entry = self.traffic.entry(format!("Heartbeat with {part}")).or_default();
+                                entry.0 += 1;
+                                entry.1 += bytes.len() as u64;
+                            }
+                        }
+                        if let Some(view) = &h.view {
+                            self.last_view_to[j] = Some(View::clone(view));
+                        }
                     }
                     self.queue.push(Reverse((at, self.seq, j, bytes, self.nodes[i].id())));
                 }
