@@ -26,6 +26,7 @@ use crate::Time;
 use crate::id::NodeId;
 use canopy_policies::{Capacity, CapacityGrid, DEFAULT_GRID_SIZE, GridInput, MAX_GRID_SIZE, Position};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,13 +119,17 @@ impl SubtreeGrid {
     }
 }
 
-/// What a parent sends its children: every child's subtree, and everything else. One value is shared by all the
-/// heartbeats of a round.
+/// What a parent sends its children: every child's subtree, and everything else; or, to a child holding a recent
+/// version (`base`), only what changed since. One value is shared by all the heartbeats of a round that need it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupGrids {
     /// Counts up with every new group of the sender (from 1), so a child can say which one it holds.
     #[serde(default)]
     pub version: u64,
+    /// 0: the whole group. Otherwise the version this one changes: only the members whose grid changed since are
+    /// listed, and `outside` is `None` when it did not change.
+    #[serde(default)]
+    pub base: u64,
     /// Each child's subtree (the receiver's own among them).
     pub members: Vec<(NodeId, SubtreeGrid)>,
     /// The rest of the tree: the sender itself, its siblings' subtrees and what lies outside its parent.
@@ -231,6 +236,10 @@ pub struct Grids {
     /// The children the last group was built for, and the group itself (the current version).
     sent_members: Vec<NodeId>,
     sent_group: Option<Arc<GroupGrids>>,
+    /// What the recent versions changed (oldest first), so a child holding one of them gets only the difference.
+    changes: VecDeque<GroupChange>,
+    /// The differences from older versions to the current one built so far (by base version).
+    deltas: Vec<Arc<GroupGrids>>,
     /// The latest outside grid found too close to the sent one to be worth a group (so it is compared once).
     outside_checked: Option<Arc<CapacityGrid>>,
     heartbeats_since_group: u32,
@@ -238,6 +247,19 @@ pub struct Grids {
     open: Vec<OpenQuery>,
     next_query: u64,
     counters: GridCounters,
+}
+
+/// Versions of the group whose changes a parent remembers; a child further behind gets the whole group.
+const GROUP_CHANGES_KEPT: usize = 16;
+
+/// What one version of the group changed from the one before.
+struct GroupChange {
+    version: u64,
+    /// The children whose grid changed.
+    members: Vec<NodeId>,
+    outside: bool,
+    /// The children themselves changed (or there was no version before): only the whole group will do.
+    whole: bool,
 }
 
 /// Whether two grids are the same value (the same shared grid, or equal ones).
@@ -270,6 +292,8 @@ impl Grids {
             group_dirty: true,
             sent_members: Vec::new(),
             sent_group: None,
+            changes: VecDeque::new(),
+            deltas: Vec::new(),
             outside_checked: None,
             heartbeats_since_group: 0,
             held: None,
@@ -404,11 +428,50 @@ impl Grids {
         }
     }
 
-    /// The parent's group grids arrived (`me` is this node's id).
-    pub fn on_group(&mut self, me: NodeId, group: &GroupGrids) {
+    /// The parent's group grids arrived (`me` is this node's id, `held` the version of the parent's group we hold,
+    /// 0 for none). Returns whether we hold `group.version` now. A difference from version `base` lists everything
+    /// that changed after it, so it also fits any later version we hold; from a version we do not reach it is of no
+    /// use (our next report names the version we hold, and the parent sends what fits).
+    pub fn on_group(&mut self, me: NodeId, held: u64, group: &GroupGrids) -> bool {
         if !group.is_valid() {
             self.counters.rejected += 1;
-            return;
+            return false;
+        }
+        if held != 0 && group.version < held {
+            return false; // older than what we hold (overtaken on the way)
+        }
+        if group.base != 0 {
+            if held < group.base {
+                return false;
+            }
+            if held == group.version {
+                return true;
+            }
+            self.counters.grids_received += 1;
+            let mut changed = false;
+            for (id, grid) in group.members.iter().filter(|(id, _)| *id != me) {
+                match self.siblings.iter_mut().find(|(sibling, _)| sibling == id) {
+                    Some((_, held)) if same_subtree(held, grid) => {}
+                    Some((_, held)) => {
+                        *held = grid.clone();
+                        changed = true;
+                    }
+                    None => {
+                        self.siblings.push((*id, grid.clone()));
+                        changed = true;
+                    }
+                }
+            }
+            if let Some(outside) = &group.outside
+                && !self.outside.as_ref().is_some_and(|held| same_grid(held, outside))
+            {
+                self.outside = Some(Arc::clone(outside));
+                changed = true;
+            }
+            if changed {
+                self.parent_grids_changed();
+            }
+            return true;
         }
         self.counters.grids_received += 1;
         let siblings = group.members.iter().filter(|(id, _)| *id != me);
@@ -417,11 +480,12 @@ impl Grids {
             (a, b) => a.is_none() && b.is_none(),
         };
         if same_outside && siblings.clone().eq(self.siblings.iter()) {
-            return; // a refresh of what we hold
+            return true; // a refresh of what we hold
         }
         self.siblings = siblings.cloned().collect();
         self.outside = group.outside.clone();
         self.parent_grids_changed();
+        true
     }
 
     /// No parent any more (a root, or detached): nothing lies outside our subtree that we know of.
@@ -486,10 +550,66 @@ impl Grids {
         self.outside_checked = None;
         self.counters.groups_built += 1;
         let version = self.sent_group.as_ref().map_or(0, |g| g.version) + 1;
-        let members = self.children.iter().filter(|(id, _)| children.contains(id)).cloned().collect();
-        let group = Arc::new(GroupGrids { version, members, outside: Some(outside) });
+        let members: Vec<(NodeId, SubtreeGrid)> =
+            self.children.iter().filter(|(id, _)| children.contains(id)).cloned().collect();
+        let change = match &self.sent_group {
+            Some(previous) if !members_changed => GroupChange {
+                version,
+                members: members
+                    .iter()
+                    .filter(|(id, grid)| {
+                        !previous.members.iter().any(|(before, old)| before == id && same_subtree(old, grid))
+                    })
+                    .map(|(id, _)| *id)
+                    .collect(),
+                outside: !previous.outside.as_ref().is_some_and(|o| same_grid(o, &outside)),
+                whole: false,
+            },
+            _ => GroupChange { version, members: Vec::new(), outside: true, whole: true },
+        };
+        if self.changes.len() == GROUP_CHANGES_KEPT {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(change);
+        self.deltas.clear();
+        let group = Arc::new(GroupGrids { version, base: 0, members, outside: Some(outside) });
         self.sent_group = Some(Arc::clone(&group));
         Some(group)
+    }
+
+    /// What to send a child that holds version `held` of our group (0: none): nothing when it is current, what
+    /// changed since when we remember, else the whole group. Children holding the same version share one value.
+    pub fn group_for_child(&mut self, held: u64) -> Option<Arc<GroupGrids>> {
+        let current = self.sent_group.as_ref()?;
+        if held == current.version {
+            return None;
+        }
+        let whole = Some(Arc::clone(current));
+        if held == 0 {
+            return whole;
+        }
+        let Some(first) = self.changes.iter().position(|c| c.version == held + 1) else { return whole };
+        if self.changes.iter().skip(first).any(|c| c.whole) {
+            return whole;
+        }
+        if let Some(delta) = self.deltas.iter().find(|d| d.base == held) {
+            return Some(Arc::clone(delta));
+        }
+        let since = || self.changes.iter().skip(first);
+        let members: Vec<(NodeId, SubtreeGrid)> =
+            current.members.iter().filter(|(id, _)| since().any(|c| c.members.contains(id))).cloned().collect();
+        let outside_changed = since().any(|c| c.outside);
+        if outside_changed && members.len() == current.members.len() {
+            return whole; // everything changed: the difference is the group
+        }
+        let delta = Arc::new(GroupGrids {
+            version: current.version,
+            base: held,
+            members,
+            outside: if outside_changed { current.outside.clone() } else { None },
+        });
+        self.deltas.push(Arc::clone(&delta));
+        Some(delta)
     }
 
     /// The latest group built for the children (the version each of them should hold), if any.
@@ -707,7 +827,7 @@ mod tests {
     fn held_grids_cover_the_tree_once() {
         // Parent P (48,11) with children A (us, 48.5,11.5) and B (40,2); P's outside holds one far node.
         let mut parent = Grids::new(config(), Position::new(48.0, 11.0), cap(1.0));
-        parent.on_group(id(100), &GroupGrids { version: 1, members: vec![], outside: None });
+        parent.on_group(id(100), 0, &GroupGrids { version: 1, base: 0, members: vec![], outside: None });
         parent.on_child_grid(id(1), leaf(48.5, 11.5, 2.0));
         parent.on_child_grid(id(2), leaf(40.0, 2.0, 4.0));
         let group = parent.group_for_children(&[id(1), id(2)]).expect("first group is due");
@@ -715,7 +835,7 @@ mod tests {
         assert!(parent.group_for_children(&[id(1)]).is_some(), "membership change resends");
 
         let mut me = Grids::new(config(), Position::new(48.5, 11.5), cap(2.0));
-        me.on_group(id(1), &group);
+        me.on_group(id(1), 0, &group);
         let nodes: u64 = {
             let held = me.held();
             // subtree (me) + sibling B + outside (P)
@@ -744,6 +864,52 @@ mod tests {
     }
 
     #[test]
+    fn children_get_what_changed_since_the_version_they_hold() {
+        let mut parent = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        let kids = [id(1), id(2), id(3)];
+        for (kid, lat) in kids.iter().zip([1.0, 2.0, 3.0]) {
+            parent.on_child_grid(*kid, leaf(lat, 1.0, 4.0));
+        }
+        let v1 = parent.group_for_children(&kids).expect("first group");
+        let mut child = Grids::new(config(), Position::new(1.0, 1.0), cap(4.0));
+        assert!(child.on_group(id(1), 0, &v1));
+
+        // Child 3's capacity halves: version 2 differs from version 1 in child 3's grid only.
+        parent.on_child_grid(id(3), leaf(3.0, 1.0, 2.0));
+        let v2 = parent.group_for_children(&kids).expect("a significant change");
+        let delta = parent.group_for_child(1).expect("a child holding version 1 needs version 2");
+        assert_eq!((delta.version, delta.base), (2, 1));
+        assert_eq!(delta.members, vec![(id(3), leaf(3.0, 1.0, 2.0))]);
+        assert!(delta.outside.is_none(), "the outside grid did not change");
+        assert!(Arc::ptr_eq(&delta, &parent.group_for_child(1).expect("again")), "one value for all at version 1");
+        assert!(parent.group_for_child(2).is_none(), "current");
+        assert_eq!(parent.group_for_child(0).map(|g| g.base), Some(0), "nothing held: the whole group");
+        assert_eq!(parent.group_for_child(7).map(|g| g.base), Some(0), "a version we never had: the whole group");
+
+        // The difference gives the child what the whole group gives.
+        let mut from_whole = Grids::new(config(), Position::new(1.0, 1.0), cap(4.0));
+        assert!(from_whole.on_group(id(1), 0, &v2));
+        assert!(child.on_group(id(1), 1, &delta));
+        assert_eq!(child.held(), from_whole.held());
+        assert!(child.on_group(id(1), 2, &delta), "held already");
+        assert!(!child.on_group(id(1), 2, &v1), "an older version is not taken back");
+        let mut fresh = Grids::new(config(), Position::new(1.0, 1.0), cap(4.0));
+        assert!(!fresh.on_group(id(1), 0, &delta), "a difference from a version not held is of no use");
+
+        // Version 3 changes child 2; a child at version 1 gets both changes, one at version 2 only the last.
+        parent.on_child_grid(id(2), leaf(2.0, 1.0, 1.0));
+        parent.group_for_children(&kids).expect("a significant change");
+        let ids = |g: Arc<GroupGrids>| g.members.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!(parent.group_for_child(1).map(ids), Some(vec![id(2), id(3)]));
+        assert_eq!(parent.group_for_child(2).map(ids), Some(vec![id(2)]));
+
+        // A new child changes the group's members: only the whole group will do.
+        parent.on_child_grid(id(4), leaf(4.0, 1.0, 1.0));
+        parent.group_for_children(&[id(1), id(2), id(3), id(4)]).expect("new member");
+        assert_eq!(parent.group_for_child(3).map(|g| g.base), Some(0));
+    }
+
+    #[test]
     fn group_follows_significant_child_changes_only() {
         let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
         let kids = [id(1)];
@@ -769,14 +935,15 @@ mod tests {
         assert!(Arc::ptr_eq(&subtree, g.subtree_shared()), "a refresh of the same grid");
         let group = GroupGrids {
             version: 1,
+            base: 0,
             members: vec![(me, leaf(0.0, 0.0, 1.0)), (id(3), leaf(5.0, 5.0, 2.0))],
             outside: None,
         };
-        g.on_group(me, &group);
+        g.on_group(me, 0, &group);
         assert!(Arc::ptr_eq(&subtree, g.subtree_shared()), "siblings are not in our subtree");
         assert!(!Arc::ptr_eq(&outside, &g.outside_for_children()), "but in our children's outside grid");
         let outside = g.outside_for_children();
-        g.on_group(me, &group.clone());
+        g.on_group(me, 0, &group.clone());
         assert!(Arc::ptr_eq(&outside, &g.outside_for_children()), "the same group again");
         g.on_child_grid(id(2), leaf(1.0, 1.0, 3.0));
         assert!(Arc::ptr_eq(&outside, &g.outside_for_children()), "a child is not outside its siblings' subtrees");
@@ -809,7 +976,7 @@ mod tests {
         let demand = Capacity::new(2.0, 512.0, 0.0);
         let mut l = Grids::new(config(), munich, cap(0.5));
         let outside = CapacityGrid::merge(&[GridInput::Node { position: Position::new(48.2, 16.37), free: cap(4.0) }]);
-        l.on_group(id(7), &GroupGrids { version: 1, members: vec![], outside: Some(Arc::new(outside)) });
+        l.on_group(id(7), 0, &GroupGrids { version: 1, base: 0, members: vec![], outside: Some(Arc::new(outside)) });
         let (qid, step) = l.start_placement(Time::ZERO, 42, id(7), vec!["a".into()], munich, demand, 2, Some(id(1)));
         assert!(step.answer.is_none());
         assert_eq!(step.forward.len(), 1);

@@ -385,6 +385,7 @@ mod tests {
                 address_block: None,
                 grids: Some(std::sync::Arc::new(GroupGrids {
                     version: 4,
+                    base: 0,
                     members: vec![(
                         NodeId::from_u64(2),
                         SubtreeGrid::Node { position: Position::new(1.0, 2.0), free: info(2).capacity },

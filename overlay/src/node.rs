@@ -1056,9 +1056,10 @@ impl Node {
         };
         p.detector.heard(now);
         p.term = h.term;
-        if let Some(group) = h.grids {
+        if let Some(group) = h.grids
+            && self.grids.on_group(self.info.id, p.group_version, &group)
+        {
             p.group_version = group.version;
-            self.grids.on_group(self.info.id, &group);
         }
         self.address_block = h.address_block;
         let Some(view) = h.view else { return };
@@ -1244,13 +1245,14 @@ impl Node {
         let version = self.view_version;
         let needs_view = |c: &Child| c.acked_version != version && c.sent_version != version;
         let view = self.children.iter().any(needs_view).then(|| self.view_for_children());
-        // Grids ride on the periodic round only, to the children that do not hold the current group (see `grids`).
-        let grids = if changes_only {
+        // Grids ride on the periodic round only, to the children that do not hold the current group: what changed
+        // since the version they hold, or the whole group (see `grids`).
+        let current_group = if changes_only {
             None
         } else {
             let ids: Vec<NodeId> = self.children.iter().map(|c| c.info.id).collect();
             self.grids.group_for_children(&ids);
-            self.grids.current_group().cloned()
+            self.grids.current_group().map(|g| g.version)
         };
         let mut targets = Vec::with_capacity(self.children.len());
         for c in self.children.iter_mut() {
@@ -1258,21 +1260,21 @@ impl Node {
             if full {
                 c.sent_version = version;
             }
-            let group = grids.as_ref().filter(|g| c.acked_group != g.version && c.sent_group != g.version);
-            if let Some(group) = group {
-                c.sent_group = group.version;
-            }
+            let group = current_group.filter(|v| c.acked_group != *v && c.sent_group != *v).and_then(|v| {
+                c.sent_group = v;
+                self.grids.group_for_child(c.acked_group)
+            });
             if full || !changes_only {
-                targets.push((c.info.id, full, group.is_some()));
+                targets.push((c.info.id, full, group));
             }
         }
-        for (id, full, with_grids) in targets {
+        for (id, full, grids) in targets {
             let hb = Heartbeat {
                 term: self.term,
                 view_version: version,
                 view: if full { view.clone() } else { None },
                 address_block: self.address_block,
-                grids: if with_grids { grids.clone() } else { None },
+                grids,
             };
             self.send(id, Message::Heartbeat(hb));
         }

@@ -6,8 +6,13 @@ use canopy_overlay::{Capacity, Command, Config};
 use common::{MS, Net};
 use std::time::Duration;
 
+/// Heartbeats with grids sent so far, and their bytes.
 fn grid_heartbeats(net: &Net) -> u64 {
     net.traffic.get("Heartbeat with grids").map_or(0, |(msgs, _)| *msgs)
+}
+
+fn grid_heartbeat_bytes(net: &Net) -> u64 {
+    net.traffic.get("Heartbeat with grids").map_or(0, |(_, bytes)| *bytes)
 }
 
 /// Free CPU over every grid node `i` holds (its subtree, its siblings' and the outside grid: the whole tree once).
@@ -24,6 +29,8 @@ fn a_quiet_group_gets_its_grids_once_and_a_lost_group_is_sent_again() {
     assert_eq!(net.nodes[0].children().count(), 16);
     let before = free_cpu_seen_by(&mut net, 1);
     assert_eq!(free_cpu_seen_by(&mut net, 5), before, "every child sees the same tree");
+    // What a whole group costs on the wire (the last groups of the build went to every child whole).
+    let whole_group = grid_heartbeat_bytes(&net) / grid_heartbeats(&net);
 
     // Nothing changes: no grids travel, however many refresh periods pass.
     let quiet_start = grid_heartbeats(&net);
@@ -31,7 +38,7 @@ fn a_quiet_group_gets_its_grids_once_and_a_lost_group_is_sent_again() {
     assert_eq!(grid_heartbeats(&net) - quiet_start, 0, "a quiet tree resends no grids");
 
     // Child 3 loses most of its capacity; child 5 cannot hear the root while the new group goes out.
-    let change_start = grid_heartbeats(&net);
+    let (change_start, change_bytes) = (grid_heartbeats(&net), grid_heartbeat_bytes(&net));
     net.command(3, Command::SetCapacity(Capacity { cpu: 0.0, mem_mb: 64.0, bandwidth_mbps: 1.0 }));
     net.blocked.push((0, 5));
     net.run_for(Duration::from_millis(2500));
@@ -47,5 +54,8 @@ fn a_quiet_group_gets_its_grids_once_and_a_lost_group_is_sent_again() {
     // group on the way (sent before the group arrived: here 2 children, whose report timers run just before the root's).
     let sent = grid_heartbeats(&net) - change_start;
     assert!((17..=20).contains(&sent), "{sent} heartbeats with grids for one change");
+    // Each carries child 3's new grid, not the group: 16 children's grids and the outside grid.
+    let per_heartbeat = (grid_heartbeat_bytes(&net) - change_bytes) / sent;
+    assert!(per_heartbeat * 3 < whole_group, "{per_heartbeat} bytes per heartbeat, a whole group takes {whole_group}");
     assert!(net.check_tree().is_ok());
 }
