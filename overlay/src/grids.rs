@@ -11,8 +11,10 @@
 //! significantly or every `refresh_every` reports (so a lost report heals), and a parent builds a new version of the
 //! group's grids (one entry per child plus one outside grid) only when one of them changed significantly, or on the
 //! same refresh when something changed at all. Each child gets a group version once: its reports name the version it
-//! holds, and the parent resends only to a child whose report shows it missing (as for views). A quiet tree thus
-//! sends no grids at all, where resending the group every refresh made grids a third of a quiet tree's control bytes.
+//! holds, and the parent resends only to a child whose report shows it missing (as for views). A child holding a
+//! recent version gets only what changed since (the members whose grid changed, the outside grid if it did). A quiet
+//! tree thus sends no grids at all, where resending the group every refresh made grids a third of a quiet tree's
+//! control bytes, and one child's change costs each sibling one grid, not the group.
 //! A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
 //!
 //! Work stays bounded too: grids are shared (`Arc`), so one group message goes to every child without copying, and
@@ -525,8 +527,8 @@ impl Grids {
 
     /// A new version of the group grids for this round of heartbeats to `children`, when one is due: a child's
     /// grid or the outside grid changed significantly, the children changed, or (every `refresh_every` rounds)
-    /// anything changed at all. The one value goes to every child that does not hold it yet (see
-    /// [`Grids::current_group`]).
+    /// anything changed at all. Each child that does not hold it yet gets it, whole or as a difference (see
+    /// [`Grids::group_for_child`]).
     pub fn group_for_children(&mut self, children: &[NodeId]) -> Option<Arc<GroupGrids>> {
         if children.is_empty() {
             return None;

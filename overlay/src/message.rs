@@ -175,7 +175,8 @@ pub struct Heartbeat {
     pub view: Option<Arc<View>>,
     /// The group's address block (filled in by the routes issue).
     pub address_block: Option<Ipv4Net>,
-    /// The children's subtree grids and the grid of the rest of the tree, when one changed (see `grids`).
+    /// The children's subtree grids and the grid of the rest of the tree, when the child lacks the current version:
+    /// the whole group, or what changed since the version it holds (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grids: Option<Arc<GroupGrids>>,
 }

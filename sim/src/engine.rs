@@ -231,7 +231,7 @@ pub struct Simulation {
     fanout_max: usize,
     experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
-    /// The shared parts of heartbeats sized last (see [`sized`]).
+    /// What sizing remembers between messages (see [`sized`]).
     size_memo: SizeMemo,
 }
 
