@@ -9,8 +9,9 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Bumped on every incompatible change; a node drops envelopes with another version (and counts them).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Bumped on every incompatible change; a node drops envelopes with another version (and counts them). 2: group
+/// grids may be differences from a version the child holds, which a version 1 node would take for the whole group.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest encoded envelope we accept or produce.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
