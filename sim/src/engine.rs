@@ -13,7 +13,7 @@ use crate::scenario::{EventKind, Scenario, Target};
 use crate::trace::{Tracer, describe, describe_event};
 use crate::wire_size;
 use canopy_overlay::grids::GroupGrids;
-use canopy_overlay::message::{Heartbeat, Report as ReportMessage, View};
+use canopy_overlay::message::{Heartbeat, View};
 use canopy_overlay::routes::pool::block_size;
 use canopy_overlay::{
     Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
@@ -231,8 +231,8 @@ pub struct Simulation {
     fanout_max: usize,
     experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
-    /// What sizing remembers between messages (see [`sized`]).
-    size_memo: SizeMemo,
+    /// The shared parts of heartbeats sized last (see [`sized`]).
+    shared_sizes: SharedSizes,
 }
 
 fn bucket(role: Role) -> usize {
@@ -269,66 +269,28 @@ pub fn encoded_len(envelope: &Envelope) -> usize {
 /// The grids field of a message struct (depth 2: inside the envelope).
 const GRID_FIELDS: [&str; 2] = ["grid", "grids"];
 
-/// What sizing remembers between messages, so that it walks each value once instead of in every message that
-/// repeats it.
+/// The parts a coordinator shares among its children's heartbeats of a round, with their sizes, sized once per
+/// round. Holding the last one sized keeps its address from being reused by another.
 #[derive(Default)]
-struct SizeMemo {
-    /// The parts a coordinator shares among its children's heartbeats of a round, with their sizes. Holding the
-    /// last one sized keeps its address from being reused by another.
+struct SharedSizes {
     group: Option<(Arc<GroupGrids>, usize)>,
     view: Option<(Arc<View>, usize)>,
-    /// The last plain heartbeat (a coordinator sends the same one to every child of a round, and again next round
-    /// while nothing changes).
-    heartbeat: Option<PlainSize<Heartbeat>>,
-    /// Each node's last plain report (the same every heartbeat interval while nothing changes), by node index.
-    reports: Vec<Option<PlainSize<ReportMessage>>>,
 }
 
-/// A message body without views or grids as one sender sent it, and the encoded length of its envelope with message
-/// id 0: the same sender, version and body with another id differ only in the length of the id's integer header.
-struct PlainSize<T> {
-    from: NodeId,
-    version: u16,
-    body: T,
-    len_at_id0: usize,
-}
-
-impl<T: PartialEq + Clone> PlainSize<T> {
-    /// The remembered length for this envelope, when it carries the remembered body.
-    fn len_of(memo: &Option<Self>, envelope: &Envelope, body: &T) -> Option<usize> {
-        let m = memo.as_ref()?;
-        (m.from == envelope.from && m.version == envelope.version && m.body == *body)
-            .then(|| m.len_at_id0 - wire_size::uint_len(0) + wire_size::uint_len(envelope.id))
-    }
-
-    /// Sizes `envelope` (which carries `body`) by walking it, and remembers the length.
-    fn walk(memo: &mut Option<Self>, envelope: &Envelope, body: &T) -> usize {
-        let len = wire_size::cbor_len(envelope);
-        let len_at_id0 = len - wire_size::uint_len(envelope.id) + wire_size::uint_len(0);
-        *memo = Some(PlainSize { from: envelope.from, version: envelope.version, body: body.clone(), len_at_id0 });
-        len
-    }
-
-    fn len(memo: &mut Option<Self>, envelope: &Envelope, body: &T) -> usize {
-        Self::len_of(memo, envelope, body).unwrap_or_else(|| Self::walk(memo, envelope, body))
-    }
-}
-
-/// The exact encoded length of a message from node `from` and the CBOR bytes of the capacity grids it carries, in
-/// one walk, or none when `memo` knows the message (or the parts of it a heartbeat shares with the others of its
-/// round).
-fn sized(envelope: &Envelope, from: u32, memo: &mut SizeMemo) -> (usize, usize) {
+/// The exact encoded length of a message and the CBOR bytes of the capacity grids it carries, in one walk. The
+/// grids and the view a heartbeat shares with the others of its round are walked once (`shared`).
+fn sized(envelope: &Envelope, shared: &mut SharedSizes) -> (usize, usize) {
     let (len, grids) = match &envelope.body {
         Message::Heartbeat(Heartbeat { view, grids, .. }) if view.is_some() || grids.is_some() => {
-            let view_len = view.as_ref().map(|view| match &memo.view {
+            let view_len = view.as_ref().map(|view| match &shared.view {
                 Some((sized, len)) if Arc::ptr_eq(sized, view) => *len,
                 _ => {
                     let len = wire_size::cbor_len(&**view);
-                    memo.view = Some((Arc::clone(view), len));
+                    shared.view = Some((Arc::clone(view), len));
                     len
                 }
             });
-            let known_grids = match (grids, &memo.group) {
+            let known_grids = match (grids, &shared.group) {
                 (Some(group), Some((sized, grid_len))) if Arc::ptr_eq(sized, group) => Some(*grid_len),
                 _ => None,
             };
@@ -342,16 +304,11 @@ fn sized(envelope: &Envelope, from: u32, memo: &mut SizeMemo) -> (usize, usize) 
             if let Some(group) = grids
                 && known_grids.is_none()
             {
-                memo.group = Some((Arc::clone(group), grid_len));
+                shared.group = Some((Arc::clone(group), grid_len));
             }
             (len, grid_len)
         }
         Message::Report(r) if r.grid.is_some() => wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS),
-        Message::Heartbeat(h) => (PlainSize::len(&mut memo.heartbeat, envelope, h), 0),
-        Message::Report(r) => match memo.reports.get_mut(from as usize) {
-            Some(memo) => (PlainSize::len(memo, envelope, r), 0),
-            None => (wire_size::cbor_len(envelope), 0),
-        },
         _ => (wire_size::cbor_len(envelope), 0),
     };
     debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
@@ -450,7 +407,7 @@ impl Simulation {
             depth_max: 0,
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
-            size_memo: SizeMemo { reports: (0..count).map(|_| None).collect(), ..SizeMemo::default() },
+            shared_sizes: SharedSizes::default(),
             tracer: None,
             experiment,
         };
@@ -585,7 +542,7 @@ impl Simulation {
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
         self.trace(from, |sim| format!("-> {} {}", sim.name(&to), describe(&envelope.body, |id| sim.name(id))));
-        let (bytes, grid_bytes) = sized(&envelope, from, &mut self.size_memo);
+        let (bytes, grid_bytes) = sized(&envelope, &mut self.shared_sizes);
         let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);

@@ -72,11 +72,6 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
     }
 }
 
-/// Bytes of an unsigned integer in CBOR.
-pub fn uint_len(value: u64) -> usize {
-    header_len(value)
-}
-
 /// Bytes of a CBOR item header carrying `value` (an integer, a length or a tag).
 fn header_len(value: u64) -> usize {
     match value {
