@@ -26,6 +26,8 @@ pub struct TreeCheck {
     pub deepest: Option<usize>,
     pub fanout_max: usize,
     pub widest: Option<usize>,
+    /// Live nodes by their number of live children: entry `k` counts the nodes with `k` (entry 0, the leaves).
+    pub nodes_by_children: Vec<usize>,
     /// Depth of each attached node (root = 0); `None` for dead or unattached nodes.
     pub depth: Vec<Option<usize>>,
 }
@@ -112,6 +114,12 @@ pub fn check_tree(views: &[Option<NodeView>]) -> TreeCheck {
             out.widest = Some(i);
         }
     }
+    out.nodes_by_children = vec![0; out.fanout_max + 1];
+    for (i, &c) in children.iter().enumerate() {
+        if views[i].is_some() {
+            out.nodes_by_children[c] += 1;
+        }
+    }
     out
 }
 
@@ -148,6 +156,8 @@ mod tests {
         assert!(c.unattached.is_empty() && c.cycles.is_empty());
         assert_eq!((c.depth_max, c.deepest), (2, Some(3)));
         assert_eq!((c.fanout_max, c.widest), (2, Some(0)));
+        // Two leaves (2, 3), one node with a child (1), one with two (0); the dead node 4 is not counted.
+        assert_eq!(c.nodes_by_children, vec![2, 1, 1]);
         assert_eq!(c.component_sizes, vec![4]);
     }
 

@@ -1042,6 +1042,7 @@ impl Simulation {
             tree_depth: check.depth_max,
             depth_bound: bound,
             fanout_max: check.fanout_max,
+            nodes_by_children: check.nodes_by_children.clone(),
             subnet_conflicts: 0,
             serviceip_conflicts: 0,
         };

@@ -156,6 +156,10 @@ pub struct FinalState {
     /// `2 * ceil(ln(N) / ln(max_children / 2)) + 1` for the largest component.
     pub depth_bound: Option<usize>,
     pub fanout_max: usize,
+    /// Live nodes by their number of children: entry `k` counts the nodes with `k` (entry 0, the leaves), so the
+    /// tree's shape shows (how many coordinators, how full their groups are).
+    #[serde(default)]
+    pub nodes_by_children: Vec<usize>,
     /// Pairs of live nodes of one tree whose machine subnets overlap (must be 0).
     #[serde(default)]
     pub subnet_conflicts: usize,
@@ -239,6 +243,14 @@ impl Report {
             f.depth_bound.map_or("-".into(), |b| b.to_string()),
             f.fanout_max
         );
+        if f.nodes_by_children.len() > 1 {
+            let groups: Vec<String> = (f.nodes_by_children.iter().enumerate().skip(1))
+                .filter(|&(_, &n)| n > 0)
+                .map(|(k, n)| format!("{k}:{n}"))
+                .collect();
+            let coordinators: usize = f.nodes_by_children[1..].iter().sum();
+            let _ = writeln!(s, "  coordinators: {coordinators}, by number of children {}", groups.join(" "));
+        }
         let _ = writeln!(
             s,
             "  traffic per node per s: leaf {:.2} msgs / {:.0} B, coordinator {:.2} msgs / {:.0} B, all {:.2} msgs / {:.0} B",
