@@ -179,6 +179,8 @@ struct PendingReattach {
     crashed: u32,
     since: u64,
     orphans: Vec<u32>,
+    /// Orphans that have not declared the crashed node dead yet (for `detection_ms`).
+    undetected: Vec<u32>,
     /// For failovers: the side of the partition the old root was on.
     component: usize,
 }
@@ -218,6 +220,7 @@ pub struct Simulation {
     join_samples: Vec<f64>,
     rejoin_samples: Vec<f64>,
     reattach_samples: Vec<f64>,
+    detection_samples: Vec<f64>,
     failover_samples: Vec<f64>,
     failovers: Vec<PendingReattach>,
     /// [leaf, coordinator]
@@ -396,6 +399,7 @@ impl Simulation {
             join_samples: Vec::new(),
             rejoin_samples: Vec::new(),
             reattach_samples: Vec::new(),
+            detection_samples: Vec::new(),
             failover_samples: Vec::new(),
             failovers: Vec::new(),
             traffic: [Traffic::default(); 2],
@@ -720,9 +724,11 @@ impl Simulation {
         let component = self.net.component(&self.nodes[i as usize].at);
         self.trace(i, |_| "crashed".into());
         self.take_down(i, Life::Crashed);
-        let pending = PendingReattach { crashed: i, since: self.now, orphans, component };
+        let undetected = orphans.clone();
+        let pending = PendingReattach { crashed: i, since: self.now, orphans, undetected, component };
         if role == Role::Root {
-            self.failovers.push(PendingReattach { orphans: pending.orphans.clone(), ..pending });
+            let orphans = pending.orphans.clone();
+            self.failovers.push(PendingReattach { orphans, undetected: Vec::new(), ..pending });
         }
         if !pending.orphans.is_empty() {
             self.pending.push(pending);
@@ -781,6 +787,14 @@ impl Simulation {
                     if rejoin { self.rejoin_samples.push(ms) } else { self.join_samples.push(ms) }
                 }
                 self.settle_pending();
+            }
+            Event::ParentFailed(failed) => {
+                for p in self.pending.iter_mut().filter(|p| node_id(p.crashed) == failed) {
+                    if let Some(k) = p.undetected.iter().position(|&o| o == i) {
+                        p.undetected.swap_remove(k);
+                        self.detection_samples.push(ns_to_ms(self.now - p.since));
+                    }
+                }
             }
             Event::Route(e) => {
                 if matches!(e, canopy_overlay::routing::RouteEvent::AllocationFailed { .. }) {
@@ -1159,6 +1173,7 @@ impl Simulation {
             max_children: self.config.max_children,
             join_ms: Stats::from_samples(&self.join_samples, joins_incomplete),
             rejoin_ms: Stats::from_samples(&self.rejoin_samples, rejoins_incomplete),
+            detection_ms: Stats::from_samples(&self.detection_samples, 0),
             reattach_ms: Stats::from_samples(&self.reattach_samples, reattach_incomplete),
             root_failover_ms: Stats::from_samples(&self.failover_samples, self.failovers.len()),
             r#final: final_state,

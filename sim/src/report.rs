@@ -22,6 +22,10 @@ pub struct Report {
     /// From a coordinator's (or the root's) crash until every one of its live children has a live parent again
     /// (or became root): one sample per crash.
     pub reattach_ms: Stats,
+    /// From a node's crash until one of its children declares it dead (`Event::ParentFailed`): one sample per child
+    /// that does. A child that is taken in by a sibling first (the successor's attach) gives no sample.
+    #[serde(default)]
+    pub detection_ms: Stats,
     /// From the root's crash until its side of the network has exactly one root and its former children are attached.
     pub root_failover_ms: Stats,
     pub r#final: FinalState,
@@ -224,6 +228,7 @@ impl Report {
         );
         stats(&mut s, "join", &self.join_ms);
         stats(&mut s, "rejoin", &self.rejoin_ms);
+        stats(&mut s, "detection", &self.detection_ms);
         stats(&mut s, "reattach", &self.reattach_ms);
         stats(&mut s, "root failover", &self.root_failover_ms);
         if let Some(routes) = &self.routes {
