@@ -35,6 +35,7 @@ const MAX_VIOLATIONS: usize = 200;
 pub struct Outcome {
     pub report: Report,
     pub join_samples_ms: Vec<f64>,
+    pub detection_samples_ms: Vec<f64>,
     pub reattach_samples_ms: Vec<f64>,
     pub failover_samples_ms: Vec<f64>,
     /// The final tree: every live node with its position, parent index and role.
@@ -1213,6 +1214,7 @@ impl Simulation {
             root_grid,
             report,
             join_samples_ms: self.join_samples,
+            detection_samples_ms: self.detection_samples,
             reattach_samples_ms: self.reattach_samples,
             failover_samples_ms: self.failover_samples,
             final_tree,

@@ -1,4 +1,4 @@
-//! PNG plots of a run: CDFs of join, re-attach and failover times, the final tree over the map, and the root's
+//! PNG plots of a run: CDFs of join, failure detection, re-attach and failover times, the final tree over the map, and the root's
 //! capacity grid as a heatmap.
 
 use crate::engine::{Outcome, TreeNode};
@@ -16,6 +16,7 @@ pub fn write_plots(outcome: &Outcome, dir: &Path) -> anyhow::Result<Vec<PathBuf>
         &cdf,
         &[
             ("join", &outcome.join_samples_ms, BLUE),
+            ("detection", &outcome.detection_samples_ms, MAGENTA),
             ("re-attach", &outcome.reattach_samples_ms, RED),
             ("root failover", &outcome.failover_samples_ms, GREEN),
         ],
@@ -69,7 +70,7 @@ fn plot_cdfs(path: &Path, series: &[(&str, &Vec<f64>, RGBColor)]) -> DrawResult 
     root.fill(&WHITE)?;
     let x_max = series.iter().flat_map(|(_, s, _)| s.iter().copied()).fold(1.0f64, f64::max) * 1.05;
     let mut chart = ChartBuilder::on(&root)
-        .caption("CDF of join, re-attach and root failover times", ("sans-serif", 22))
+        .caption("CDF of join, failure detection, re-attach and root failover times", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(55)
