@@ -1,5 +1,5 @@
-//! PNG plots of a run: CDFs of join, failure detection, re-attach and failover times, the final tree over the map, and the root's
-//! capacity grid as a heatmap.
+//! PNG plots of a run: CDFs of join, failure detection, re-attach and failover times, the final tree over the map,
+//! and the root's capacity grid as a heatmap.
 
 use crate::engine::{Outcome, TreeNode};
 use canopy_overlay::Role;
