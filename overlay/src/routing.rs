@@ -497,8 +497,11 @@ impl Routing {
 
     // ----- tree changes -------------------------------------------------------------------------------------
 
-    /// After every input: react to changes of parent, role and children.
-    pub fn poll(&mut self, now: Time, ctx: &TreeCtx) {
+    /// After every input: react to changes of parent, role and children. Returns whether it was quiet (sent
+    /// nothing, reported nothing, left the pool as it was): then polling again with the same tree and no other
+    /// input in between finds nothing to do until [`Routing::sync_due`].
+    pub fn poll(&mut self, now: Time, ctx: &TreeCtx) -> bool {
+        let before = (self.out.len(), self.events.len(), self.pool.version());
         if ctx.is_root != self.was_root {
             if ctx.is_root {
                 self.become_root(now, ctx);
@@ -544,6 +547,12 @@ impl Routing {
         if !ctx.is_root && !ctx.children.is_empty() && self.pool.owned().is_empty() && self.block_asked_at.is_none() {
             self.ask_block(now, ctx);
         }
+        before == (self.out.len(), self.events.len(), self.pool.version())
+    }
+
+    /// Whether the periodic resync with the parent is due (a poll does it).
+    pub fn sync_due(&self, now: Time) -> bool {
+        now >= self.next_sync
     }
 
     /// Every heartbeat interval: renew children's leases, expire what lapsed, renew interests upwards.
