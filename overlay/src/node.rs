@@ -305,34 +305,54 @@ struct Relay {
     deadline: Time,
 }
 
+// Laid out in declaration order: what every input reads (see `handle`, `finish`, `poll_timeout` and `send`) comes
+// first, so that an input touches a few cache lines of the node instead of one per field (with the compiler's order,
+// a 10,000-node simulation missed the cache 6% more often).
+#[repr(C)]
 pub struct Node {
-    info: NodeInfo,
-    config: Config,
-    rng: ChaCha8Rng,
-    outputs: VecDeque<Output>,
+    leaving: bool,
+    is_root: bool,
+    view_dirty: bool,
+    next_tick: Time,
+    /// The earliest time changes of the view are pushed to the children again (see `finish`).
+    next_view_push: Time,
+    /// When a group over-filled by an attach splits (see `on_attach`); the tick splits any over-full group too.
+    split_due: Option<Time>,
     next_msg_id: u64,
-    started: Time,
-
     /// The term of the group this node coordinates (raised by succession).
     term: u64,
-    is_root: bool,
+    /// Bumped whenever a child is added or removed or its info replaced: what the routing context is built from.
+    children_generation: u64,
+    /// Since when we have had no parent without being root (reset on attaching or becoming root).
+    detached_since: Option<Time>,
+    last_role: (Role, u64),
+    outputs: VecDeque<Output>,
+    children: Vec<Child>,
+    dedup: Dedup,
+    pending: Pending,
     parent: Option<ParentLink>,
+    info: NodeInfo,
+    last_parent: Option<NodeId>,
+    /// The tree as the last routing poll saw it, while routing has had no input since: polling again would find
+    /// nothing to do unless a resync is due (see `finish`).
+    routing_polled: Option<RoutingPollKey>,
+    counters: Counters,
+
+    config: Config,
+    rng: ChaCha8Rng,
+    started: Time,
     /// Root first, the parent last (kept while orphaned, for cycle checks).
     ancestors: Arc<[NodeInfo]>,
     /// Our parent's children (us included), from the parent's view.
     members: Arc<[Member]>,
     /// Our parent's siblings, from the parent's view.
     uncles: Arc<[Member]>,
-    children: Vec<Child>,
     /// Version of the view we send our children; bumped on any change to it.
     view_version: u64,
-    view_dirty: bool,
     /// Since when the view we sent holds outdated ranks only (pushed after `rank_push_delay`).
     ranks_stale_since: Option<Time>,
     address_block: Option<Ipv4Net>,
-
     orphan: Option<Orphan>,
-    pending: Pending,
     contacts: VecDeque<NodeId>,
     /// Contacts we were given (bootstrap, `Join { via }`, `AddContact`): contacts found inside our own tree are
     /// dropped, but these come back when no contact is left, so a node that ends up alone still finds the tree.
@@ -340,34 +360,15 @@ pub struct Node {
     anchors_retry_at: Time,
     next_contact: usize,
     retry_at: Time,
-    /// Since when we have had no parent without being root (reset on attaching or becoming root).
-    detached_since: Option<Time>,
-    leaving: bool,
-
     peers: HashMap<NodeId, NodeInfo>,
     peer_order: VecDeque<NodeId>,
     replaced: VecDeque<(NodeId, NodeInfo, u64)>,
     relays: Vec<Relay>,
     probe_seq: u64,
-    dedup: Dedup,
-    next_tick: Time,
-    /// When a group over-filled by an attach splits (see `on_attach`); the tick splits any over-full group too.
-    split_due: Option<Time>,
-    /// The earliest time changes of the view are pushed to the children again (see `finish`).
-    next_view_push: Time,
-    counters: Counters,
-
-    last_role: (Role, u64),
-    last_parent: Option<NodeId>,
     grids: Grids,
     routing: Routing,
-    /// Bumped whenever a child is added or removed or its info replaced: what the routing context is built from.
-    children_generation: u64,
     /// The routing context's children with their positions, and the `children_generation` it was built at.
     routing_children: (Vec<(NodeId, Position)>, u64),
-    /// The tree as the last routing poll saw it, while routing has had no input since: polling again would find
-    /// nothing to do unless a resync is due (see `finish`).
-    routing_polled: Option<RoutingPollKey>,
 }
 
 /// Everything a routing poll reads from the node (see [`TreeCtx`]), children by generation.
