@@ -1,6 +1,6 @@
 //! Duplicate suppression: a sliding window of recently seen message ids per sender (as in IPsec anti-replay).
 
-use crate::id::NodeId;
+use crate::id::{NodeId, position_by_key};
 
 /// Ids this far behind the newest one are taken as a restarted sender (new random id base), not a replay.
 const RESTART_GAP: u64 = 1 << 20;
@@ -15,34 +15,43 @@ struct Window {
 
 /// Whether a message id is new. Bounded: remembers at most `max_senders` senders, forgetting the least recently
 /// heard beyond. A node hears from few peers (parent, children, a few siblings), so a short list scanned linearly
-/// is faster than a hash map here.
+/// is faster than a hash map here; the scan reads the senders' keys (see [`NodeId::key`]), two cache lines for
+/// twenty senders, and compares a whole id only where the key matches.
 #[derive(Debug)]
 pub struct Dedup {
     windows: Vec<(NodeId, Window, u64)>,
+    /// `keys[i]` is `windows[i].0.key()`.
+    keys: Vec<u64>,
     max_senders: usize,
     clock: u64,
 }
 
 impl Dedup {
     pub fn new(max_senders: usize) -> Self {
-        Dedup { windows: Vec::new(), max_senders: max_senders.max(1), clock: 0 }
+        Dedup { windows: Vec::new(), keys: Vec::new(), max_senders: max_senders.max(1), clock: 0 }
+    }
+
+    fn position(&self, from: &NodeId) -> Option<usize> {
+        position_by_key(&self.keys, from, |i| self.windows[i].0 == *from)
     }
 
     /// `true` when `id` from `from` was not seen before (and records it).
     pub fn check(&mut self, from: NodeId, id: u64) -> bool {
         self.clock += 1;
-        let slot = match self.windows.iter().position(|(sender, ..)| *sender == from) {
+        let slot = match self.position(&from) {
             Some(i) => i,
             None => {
                 let fresh = (from, Window { newest: id, seen: 0 }, 0);
                 if self.windows.len() < self.max_senders {
                     self.windows.push(fresh);
+                    self.keys.push(from.key());
                     self.windows.len() - 1
                 } else {
                     // Forget the least recently heard sender; its next duplicate (rare, and harmless: handlers are
                     // idempotent) may slip through.
                     let oldest = (0..self.windows.len()).min_by_key(|&i| self.windows[i].2).unwrap_or(0);
                     self.windows[oldest] = fresh;
+                    self.keys[oldest] = from.key();
                     oldest
                 }
             }

@@ -34,6 +34,17 @@ impl NodeId {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len as usize]
     }
+
+    /// A 64-bit digest of the id for scanning short lists: equal ids have equal keys, and different ids almost
+    /// never do (a match is confirmed by comparing the ids). A list of keys fits in a cache line or two where the
+    /// ids themselves (49 bytes each, inside larger records) would take one each.
+    pub fn key(&self) -> u64 {
+        // Every word counts: libp2p ids share their first bytes (the multihash prefix), simulator ids are all in the
+        // first word.
+        let word = |i: usize| u64::from_ne_bytes(self.bytes[i * 8..(i + 1) * 8].try_into().expect("8 bytes"));
+        (0..MAX_ID_LEN / 8)
+            .fold(u64::from(self.len), |acc, i| acc.rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ word(i))
+    }
 }
 
 // Bytes past `len` are always zero (every constructor zero-fills), so equality can compare the whole fixed-size
@@ -56,6 +67,21 @@ impl std::hash::Hash for NodeId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write(self.as_bytes());
     }
+}
+
+/// Where `id` is in a list of ids kept with their keys (`keys[i]` the key of the `i`th id): `is_at(i)` confirms a
+/// key's match against the whole id.
+pub(crate) fn position_by_key(keys: &[u64], id: &NodeId, is_at: impl Fn(usize) -> bool) -> Option<usize> {
+    let key = id.key();
+    let mut start = 0;
+    while let Some(offset) = keys[start..].iter().position(|k| *k == key) {
+        let i = start + offset;
+        if is_at(i) {
+            return Some(i);
+        }
+        start = i + 1;
+    }
+    None
 }
 
 impl PartialOrd for NodeId {
@@ -134,6 +160,25 @@ mod tests {
         assert_eq!(NodeId::from_bytes(&last), NodeId::from_bytes(&last));
         last[MAX_ID_LEN - 1] = 8;
         assert_ne!(NodeId::from_bytes(&last), NodeId::from_bytes(&[9; MAX_ID_LEN]));
+    }
+
+    #[test]
+    fn keys_tell_apart_simulator_ids_and_ids_with_a_shared_prefix() {
+        let keys: std::collections::HashSet<u64> = (0..100_000).map(|n| NodeId::from_u64(n).key()).collect();
+        assert_eq!(keys.len(), 100_000);
+        // libp2p ids: the same multihash prefix, different digests.
+        let peer = |n: u8| {
+            let mut bytes = [0u8; 38];
+            bytes[..6].copy_from_slice(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20]);
+            bytes[37] = n;
+            NodeId::from_bytes(&bytes).unwrap()
+        };
+        let keys: std::collections::HashSet<u64> = (0..=255).map(|n| peer(n).key()).collect();
+        assert_eq!(keys.len(), 256);
+        assert_eq!(peer(3).key(), peer(3).key());
+        assert_ne!(NodeId::from_bytes(&[1, 2]).unwrap().key(), NodeId::from_bytes(&[1, 2, 0]).unwrap().key());
+        let found = position_by_key(&[peer(1).key(), peer(2).key()], &peer(2), |i| i == 1);
+        assert_eq!(found, Some(1));
     }
 
     #[test]

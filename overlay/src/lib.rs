@@ -13,6 +13,7 @@
 //! Nothing here does I/O, reads a clock or spawns a task; time comes in as `now` and randomness from a seeded RNG,
 //! so the same code runs in the agent and, thousands of times over, in the simulator.
 
+mod children;
 pub mod dedup;
 pub mod failure;
 pub mod grids;

@@ -11,6 +11,7 @@
 //! - Roots retry known contacts; two trees merge so that the higher (term, id) root stays root.
 
 use crate::Time;
+use crate::children::{Child, Children};
 use crate::dedup::Dedup;
 use crate::failure::{Detector, Verdict};
 use crate::grids::{GridConfig, Grids, PlacementCandidate, PlacementStep};
@@ -254,20 +255,6 @@ struct ParentLink {
     group_version: u64,
 }
 
-struct Child {
-    info: NodeInfo,
-    rank: Rank,
-    summary: Summary,
-    last_heard: Time,
-    /// The view version this child last reported holding.
-    acked_version: u64,
-    /// The view version we last sent it in full (not resent until a report shows it missing).
-    sent_version: u64,
-    /// The same two for our group grids.
-    acked_group: u64,
-    sent_group: u64,
-}
-
 /// What we remember about a parent we lost, to find the successor and climb the ancestor chain.
 struct Orphan {
     old_parent: NodeId,
@@ -321,13 +308,11 @@ pub struct Node {
     next_msg_id: u64,
     /// The term of the group this node coordinates (raised by succession).
     term: u64,
-    /// Bumped whenever a child is added or removed or its info replaced: what the routing context is built from.
-    children_generation: u64,
     /// Since when we have had no parent without being root (reset on attaching or becoming root).
     detached_since: Option<Time>,
     last_role: (Role, u64),
     outputs: VecDeque<Output>,
-    children: Vec<Child>,
+    children: Children,
     dedup: Dedup,
     pending: Pending,
     parent: Option<ParentLink>,
@@ -367,7 +352,7 @@ pub struct Node {
     probe_seq: u64,
     grids: Grids,
     routing: Routing,
-    /// The routing context's children with their positions, and the `children_generation` it was built at.
+    /// The routing context's children with their positions, and the children's generation it was built at.
     routing_children: (Vec<(NodeId, Position)>, u64),
 }
 
@@ -409,7 +394,7 @@ impl Node {
             ancestors: Arc::default(),
             members: Arc::default(),
             uncles: Arc::default(),
-            children: Vec::new(),
+            children: Children::default(),
             view_version: 1,
             view_dirty: false,
             ranks_stale_since: None,
@@ -437,7 +422,6 @@ impl Node {
             last_parent: None,
             grids,
             routing,
-            children_generation: 0,
             routing_children: (Vec::new(), 0),
             routing_polled: None,
         }
@@ -465,13 +449,13 @@ impl Node {
         // Walking every child (a few cache lines each) on every input cost more than the poll itself in 10,000-node
         // simulations; the list is rebuilt only when the children changed.
         let (mut children, generation) = std::mem::take(&mut self.routing_children);
-        if generation != self.children_generation {
+        if generation != self.children.generation() {
             children.clear();
             children.extend(self.children.iter().map(|c| (c.info.id, c.info.position)));
         }
         debug_assert!(
             children.iter().copied().eq(self.children.iter().map(|c| (c.info.id, c.info.position))),
-            "children changed without a new children_generation"
+            "children changed without a new generation"
         );
         self.routing_polled = None;
         let ctx = TreeCtx {
@@ -482,7 +466,7 @@ impl Node {
             children: &children,
         };
         f(&mut self.routing, &ctx);
-        self.routing_children = (children, self.children_generation);
+        self.routing_children = (children, self.children.generation());
         let (sends, events) = self.routing.drain();
         for (to, m) in sends {
             self.send(to, Message::Routes(Box::new(m)));
@@ -827,7 +811,7 @@ impl Node {
             self.send(joiner, Message::Refuse(Refuse::Cycle));
             return;
         }
-        let is_child = self.children.iter().any(|c| c.info.id == joiner);
+        let is_child = self.children.contains(&joiner);
         if is_child || self.children.len() < self.config.max_children {
             self.adopt(now, r.joiner, r.rank, r.summary);
             return;
@@ -836,7 +820,7 @@ impl Node {
         match choose_descent(r.joiner.position, joiner, kids) {
             Some(next) => {
                 // Count the joiner in at once, so a burst of joins spreads before the next reports arrive.
-                if let Some(c) = self.children.iter_mut().find(|c| c.info.id == next) {
+                if let Some(c) = self.children.get_mut(&next) {
                     c.summary.size = c.summary.size.saturating_add(r.summary.size);
                 }
                 self.send(next, Message::JoinRequest(Box::new(r)));
@@ -866,7 +850,7 @@ impl Node {
         let chain_ok = a.view.ancestors.len() <= MAX_ANCESTORS
             && a.view.ancestors.last().map(|p| p.id) == Some(from)
             && !a.view.ancestors.iter().any(|x| x.id == self.info.id)
-            && !self.children.iter().any(|c| c.info.id == from);
+            && !self.children.contains(&from);
         if !chain_ok {
             self.counters.cycles_avoided += 1;
             self.send(from, Message::Leaving);
@@ -942,10 +926,8 @@ impl Node {
             return;
         }
         if let Some(old) = a.replaces
-            && let Some(i) = self.children.iter().position(|c| c.info.id == old)
+            && self.children.remove(&old).is_some()
         {
-            self.children.remove(i);
-            self.children_generation += 1;
             self.push_event(Event::MemberLeft(old));
             self.replaced.push_back((old, a.info.clone(), a.term));
             if self.replaced.len() > MAX_REPLACED {
@@ -988,10 +970,10 @@ impl Node {
 
     fn adopt(&mut self, now: Time, info: NodeInfo, rank: Rank, summary: Summary) {
         let id = info.id;
-        match self.children.iter_mut().find(|c| c.info.id == id) {
-            Some(c) => {
-                c.info = info.clone();
-                self.children_generation += 1;
+        match self.children.position(&id) {
+            Some(i) => {
+                self.children.replace_info(i, info.clone());
+                let c = self.children.get_mut(&id).expect("just found");
                 c.rank = rank;
                 c.summary = summary;
                 c.last_heard = now;
@@ -1000,7 +982,6 @@ impl Node {
                 c.sent_group = 0;
             }
             None => {
-                self.children_generation += 1;
                 self.children.push(Child {
                     info: info.clone(),
                     rank,
@@ -1016,7 +997,7 @@ impl Node {
         }
         self.mark_view_changed();
         let view = self.view_for_children();
-        if let Some(c) = self.children.iter_mut().find(|c| c.info.id == id) {
+        if let Some(c) = self.children.get_mut(&id) {
             c.acked_version = view.version;
             c.sent_version = view.version;
         }
@@ -1029,8 +1010,7 @@ impl Node {
     fn split(&mut self) {
         let kids: Vec<_> = self.children.iter().map(|c| (c.info.id, c.info.position, c.rank)).collect();
         let Some(s) = split_group(self.info.position, &kids) else { return };
-        let Some(coordinator) = self.children.iter().find(|c| c.info.id == s.coordinator).map(|c| c.info.clone())
-        else {
+        let Some(coordinator) = self.children.get(&s.coordinator).map(|c| c.info.clone()) else {
             return;
         };
         self.counters.splits += 1;
@@ -1038,14 +1018,12 @@ impl Node {
         // moved half does not grow. A root keeps it as a child (the tree grows by one level at the top).
         if let Some(p) = &self.parent {
             let to = p.info.clone();
-            self.children.retain(|c| c.info.id != coordinator.id);
-            self.children_generation += 1;
+            self.children.remove(&coordinator.id);
             self.send(coordinator.id, Message::Redirect { to: Box::new(to) });
             self.push_event(Event::MemberLeft(coordinator.id));
         }
         for id in &s.members {
-            self.children.retain(|c| c.info.id != *id);
-            self.children_generation += 1;
+            self.children.remove(id);
             self.send(*id, Message::Redirect { to: Box::new(coordinator.clone()) });
             self.push_event(Event::MemberLeft(*id));
         }
@@ -1109,7 +1087,7 @@ impl Node {
     }
 
     fn on_report(&mut self, now: Time, from: NodeId, r: Report) {
-        let Some(c) = self.children.iter_mut().find(|c| c.info.id == from) else {
+        let Some(c) = self.children.get_mut(&from) else {
             self.counters.from_non_members += 1;
             let replaced = self.replaced.iter().rev().find(|(old, _, _)| *old == from);
             let reply = match replaced {
@@ -1143,10 +1121,8 @@ impl Node {
     }
 
     fn on_not_your_child(&mut self, now: Time, from: NodeId, n: NotYourChild) {
-        if let Some(i) = self.children.iter().position(|c| c.info.id == from) {
+        if self.children.remove(&from).is_some() {
             // It attached elsewhere; it is alive and in some tree, so a useful contact for merging.
-            self.children.remove(i);
-            self.children_generation += 1;
             self.push_event(Event::MemberLeft(from));
             self.mark_view_changed();
             self.add_contact(from);
@@ -1170,8 +1146,7 @@ impl Node {
     /// We were replaced by a successor while away: hand our remaining children to it and rejoin as a leaf.
     fn step_down(&mut self, now: Time, successor: NodeInfo) {
         self.counters.step_downs += 1;
-        self.children_generation += 1;
-        for c in std::mem::take(&mut self.children) {
+        for c in self.children.take() {
             self.send(c.info.id, Message::Redirect { to: Box::new(successor.clone()) });
             self.push_event(Event::MemberLeft(c.info.id));
         }
@@ -1194,9 +1169,6 @@ impl Node {
             }
             alive
         });
-        if !dropped.is_empty() {
-            self.children_generation += 1;
-        }
         for id in dropped {
             self.push_event(Event::MemberLeft(id));
             self.mark_view_changed();
@@ -1208,7 +1180,7 @@ impl Node {
             self.split();
         }
         let children = &self.children;
-        self.grids.retain_children(|id| children.iter().any(|c| c.info.id == *id));
+        self.grids.retain_children(|id| children.contains(id));
         self.with_routing(|r, ctx| r.tick(now, ctx));
         self.send_heartbeats(false);
         if let Some(p) = &self.parent {
@@ -1509,9 +1481,7 @@ impl Node {
     }
 
     fn on_leaving(&mut self, from: NodeId) {
-        if let Some(i) = self.children.iter().position(|c| c.info.id == from) {
-            self.children.remove(i);
-            self.children_generation += 1;
+        if self.children.remove(&from).is_some() {
             self.push_event(Event::MemberLeft(from));
             self.mark_view_changed();
         } else if self.parent() == Some(from) {
@@ -1534,8 +1504,7 @@ impl Node {
                 self.send(id, Message::Redirect { to: Box::new(heir.clone()) });
             }
         }
-        self.children.clear();
-        self.children_generation += 1;
+        self.children.take();
         self.parent = None;
         self.is_root = false;
         self.orphan = None;
@@ -1650,7 +1619,7 @@ impl Node {
             .iter()
             .rev()
             .copied()
-            .filter(|p| !self.children.iter().any(|c| c.info.id == *p) && !self.contacts.contains(p))
+            .filter(|p| !self.children.contains(p) && !self.contacts.contains(p))
             .take(CONTACTS_PER_RETRY)
             .collect();
         for peer in heard {
@@ -1664,7 +1633,7 @@ impl Node {
             let i = self.next_contact % self.contacts.len();
             self.next_contact = i + 1;
             let c = self.contacts[i];
-            if !self.children.iter().any(|k| k.info.id == c) {
+            if !self.children.contains(&c) {
                 return Some(c);
             }
         }
@@ -1690,7 +1659,7 @@ impl Node {
             is_root: self.is_root,
             parent: self.parent(),
             position: self.info.position,
-            children_generation: self.children_generation,
+            children_generation: self.children.generation(),
         };
         if self.routing_polled != Some(key) || (key.parent.is_some() && self.routing.sync_due(now)) {
             let mut quiet = false;
