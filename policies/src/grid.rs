@@ -208,19 +208,26 @@ impl CapacityGrid {
     }
 
     /// Whether `other` is different enough that a node should resend its grid. `threshold` is a fraction
-    /// (0.1 = 10%). Any change of geometry or node count is significant. A cell's free or largest capacity is
-    /// significant when it moved by more than `threshold` of the larger of its old value, its new value and the
-    /// grid's mean per occupied cell (so noise in nearly empty cells does not trigger resends). A cell's centroid is
-    /// significant when it moved by more than `threshold` of a cell edge.
+    /// (0.1 = 10%). Any change of geometry, and any cell gaining its first node or losing its last, is significant.
+    /// A cell's node count, free or largest capacity is significant when it moved by more than `threshold` of the
+    /// larger of its old value, its new value and the grid's mean per occupied cell (so noise in nearly empty cells
+    /// does not trigger resends, nor one more machine among a hundred: while thousands join, every join anywhere
+    /// changed a count in every grid above it, and every grid of the tree was resent each heartbeat). A cell's
+    /// centroid is significant when it moved by more than `threshold` of a cell edge. Senders refresh what they sent
+    /// periodically, so changes below the threshold arrive late, not never.
     pub fn differs_significantly(&self, other: &CapacityGrid, threshold: f64) -> bool {
         if self.size != other.size || self.level != other.level || self.origin != other.origin {
             return true;
         }
-        if self.nodes != other.nodes {
-            return true;
-        }
         let threshold = if threshold.is_finite() { threshold.max(0.0) } else { 0.0 };
         let occupied = self.nodes.iter().filter(|&&n| n > 0).count().max(1) as f64;
+        let mean_nodes = f64::from(self.nodes.iter().sum::<u32>().max(other.nodes.iter().sum())) / occupied;
+        let nodes_moved = self.nodes.iter().zip(&other.nodes).any(|(&a, &b)| {
+            (a == 0) != (b == 0) || f64::from(a.abs_diff(b)) > threshold * f64::from(a.max(b)).max(mean_nodes)
+        });
+        if nodes_moved {
+            return true;
+        }
         let (mine, theirs) = (self.total().free.to_array(), other.total().free.to_array());
         for r in 0..RESOURCES {
             let mean_cell = mine[r].max(theirs[r]) / occupied;
@@ -353,6 +360,27 @@ mod tests {
         let mut more = grid.clone();
         more.nodes[munich] += 1;
         assert!(grid.differs_significantly(&more, 0.1));
+        let empty = grid.nodes.iter().position(|&n| n == 0).unwrap();
+        let mut first = grid.clone();
+        first.nodes[empty] = 1;
+        assert!(grid.differs_significantly(&first, 0.1), "a cell's first node is news");
+    }
+
+    #[test]
+    fn one_more_node_among_many_is_not_significant() {
+        let mut crowded = two_cities();
+        let munich = crowded.nodes.iter().position(|&n| n > 0).unwrap();
+        crowded.nodes[munich] = 100;
+        let mut one_more = crowded.clone();
+        one_more.nodes[munich] = 101;
+        assert!(!crowded.differs_significantly(&one_more, 0.1));
+        let mut many_more = crowded.clone();
+        many_more.nodes[munich] = 115;
+        assert!(crowded.differs_significantly(&many_more, 0.1));
+        let mut gone = crowded.clone();
+        let berlin = crowded.nodes.iter().rposition(|&n| n > 0).unwrap();
+        gone.nodes[berlin] = 0;
+        assert!(crowded.differs_significantly(&gone, 0.1), "a cell's last node leaving is news");
     }
 
     #[test]
