@@ -70,11 +70,14 @@ impl Children {
         self.list.iter_mut()
     }
 
-    /// Replaces what a child says about itself (same id): it came back, maybe with a new position or addresses.
-    pub fn replace_info(&mut self, i: usize, info: NodeInfo) {
+    /// Replaces what the `i`th child says about itself (same id): it came back, maybe with a new position or
+    /// addresses. Returns its record for the rest of the update.
+    pub fn replace_info(&mut self, i: usize, info: NodeInfo) -> &mut Child {
         debug_assert!(self.list[i].info.id == info.id, "a child's id does not change");
-        self.list[i].info = info;
         self.generation += 1;
+        let child = &mut self.list[i];
+        child.info = info;
+        child
     }
 
     pub fn push(&mut self, child: Child) {
@@ -105,6 +108,10 @@ impl Children {
         self.keys.clear();
         self.generation += 1;
         std::mem::take(&mut self.list)
+    }
+
+    pub fn clear(&mut self) {
+        self.take();
     }
 }
 
@@ -165,11 +172,15 @@ mod tests {
 
         let mut moved = child(4).info;
         moved.position = Position::new(52.5, 13.4);
-        children.replace_info(1, moved);
+        children.replace_info(1, moved).acked_group = 3;
         assert!(changed(&children));
-        assert_eq!(children.get(&NodeId::from_u64(4)).map(|c| c.info.position), Some(Position::new(52.5, 13.4)));
+        let four = children.get(&NodeId::from_u64(4)).expect("still a child");
+        assert_eq!((four.info.position, four.acked_group), (Position::new(52.5, 13.4), 3));
 
         assert_eq!(children.take().len(), 3);
+        assert!(changed(&children));
+        children.push(child(6));
+        children.clear();
         assert!(changed(&children));
         assert!(children.is_empty() && !children.contains(&NodeId::from_u64(4)));
     }

@@ -15,7 +15,7 @@ struct Window {
 
 /// Whether a message id is new. Bounded: remembers at most `max_senders` senders, forgetting the least recently
 /// heard beyond. A node hears from few peers (parent, children, a few siblings), so a short list scanned linearly
-/// is faster than a hash map here; the scan reads the senders' keys (see [`NodeId::key`]), two cache lines for
+/// is faster than a hash map here; the scan reads the senders' keys (see [`NodeId::key`]), three cache lines for
 /// twenty senders, and compares a whole id only where the key matches.
 #[derive(Debug)]
 pub struct Dedup {
