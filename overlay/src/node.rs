@@ -293,8 +293,8 @@ struct Relay {
 }
 
 // Laid out in declaration order: what every input reads (see `handle`, `finish`, `poll_timeout` and `send`) comes
-// first, so that an input touches a few cache lines of the node instead of one per field (with the compiler's order,
-// a 10,000-node simulation missed the cache 6% more often).
+// first, so that an input touches a few cache lines of the node instead of one per field (this order cut a
+// 10,000-node simulation's cache misses by 6% against the compiler's).
 #[repr(C)]
 pub struct Node {
     leaving: bool,
