@@ -605,6 +605,13 @@ impl Node {
         self.outputs.pop_front()
     }
 
+    /// Swaps the node's queue of outputs with `queue`. A driver of many nodes can lend each node it feeds the same
+    /// empty queue and take it back full: outputs are then written to memory the driver just used, not to each
+    /// node's own queue, which is long out of the cache by the time a simulator feeds that node again.
+    pub fn swap_outputs(&mut self, queue: &mut VecDeque<Output>) {
+        std::mem::swap(&mut self.outputs, queue);
+    }
+
     pub fn status(&self) -> Status {
         Status {
             id: self.info.id,

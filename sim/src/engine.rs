@@ -6,23 +6,20 @@
 
 use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
+use crate::message_size::MessageSizes;
 use crate::network::{Attachment, NetworkModel};
 use crate::queue::{EventQueue, Timed};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, StateSizes, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
 use crate::trace::{Tracer, describe, describe_event};
-use crate::wire_size;
-use canopy_overlay::grids::GroupGrids;
-use canopy_overlay::message::{Heartbeat, View};
 use canopy_overlay::routes::pool::block_size;
 use canopy_overlay::{
-    Capacity, Command, Config, Envelope, Event, Input, Message, Node, NodeId, NodeInfo, Output, Position, Role,
+    Capacity, Command, Config, Envelope, Event, Input, Node, NodeId, NodeInfo, Output, Position, Role,
 };
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How often the whole tree is checked during a run (cycles, depth, fanout).
@@ -212,7 +209,7 @@ pub struct Simulation {
     net: NetworkModel,
     net_rng: ChaCha8Rng,
     choice_rng: ChaCha8Rng,
-    out_buf: Vec<Output>,
+    out_buf: VecDeque<Output>,
     /// `AllocationFailed` events from all nodes.
     allocation_failures: u64,
     /// Live nodes whose last role event said Root.
@@ -235,8 +232,8 @@ pub struct Simulation {
     fanout_max: usize,
     experiment: Option<Setup>,
     route_load: Option<crate::route_load::RouteLoad>,
-    /// The shared parts of heartbeats sized last (see [`sized`]).
-    shared_sizes: SharedSizes,
+    /// Wire lengths of the parts messages share.
+    sizes: MessageSizes,
 }
 
 fn bucket(role: Role) -> usize {
@@ -260,72 +257,6 @@ fn derive_seed(seed: u64, stream: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// The exact length of `envelope.encode()`, summed by [`wire_size`] without encoding. Debug builds (the tests)
-/// check it against a real encode of every message.
-pub fn encoded_len(envelope: &Envelope) -> usize {
-    let len = wire_size::cbor_len(envelope);
-    debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
-    len
-}
-
-/// The grids field of a message struct (depth 2: inside the envelope).
-const GRID_FIELDS: [&str; 2] = ["grid", "grids"];
-
-/// The parts a coordinator shares among its children's heartbeats of a round, with their sizes, sized once per
-/// round. Holding the last one sized keeps its address from being reused by another.
-#[derive(Default)]
-struct SharedSizes {
-    group: Option<(Arc<GroupGrids>, usize)>,
-    view: Option<(Arc<View>, usize)>,
-}
-
-/// The exact encoded length of a message and the CBOR bytes of the capacity grids it carries, in one walk. The
-/// grids and the view a heartbeat shares with the others of its round are walked once (`shared`).
-fn sized(envelope: &Envelope, shared: &mut SharedSizes) -> (usize, usize) {
-    let (len, grids) = match &envelope.body {
-        Message::Heartbeat(Heartbeat { view, grids, .. }) if view.is_some() || grids.is_some() => {
-            let view_len = view.as_ref().map(|view| match &shared.view {
-                Some((sized, len)) if Arc::ptr_eq(sized, view) => *len,
-                _ => {
-                    let len = wire_size::cbor_len(&**view);
-                    shared.view = Some((Arc::clone(view), len));
-                    len
-                }
-            });
-            let known_grids = match (grids, &shared.group) {
-                (Some(group), Some((sized, grid_len))) if Arc::ptr_eq(sized, group) => Some(*grid_len),
-                _ => None,
-            };
-            let (len, grid_len) = wire_size::cbor_len_with_known_parts(
-                envelope,
-                2,
-                &GRID_FIELDS,
-                known_grids,
-                view_len.map(|len| ("view", len)),
-            );
-            if let Some(group) = grids
-                && known_grids.is_none()
-            {
-                shared.group = Some((Arc::clone(group), grid_len));
-            }
-            (len, grid_len)
-        }
-        Message::Report(r) if r.grid.is_some() => wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS),
-        _ => (wire_size::cbor_len(envelope), 0),
-    };
-    debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
-    debug_assert_eq!(
-        grids,
-        match &envelope.body {
-            Message::Report(r) => r.grid.as_ref().map_or(0, wire_size::encoded_len),
-            Message::Heartbeat(h) => h.grids.as_ref().map_or(0, wire_size::encoded_len),
-            _ => 0,
-        },
-        "grid bytes"
-    );
-    (len, grids)
 }
 
 impl Simulation {
@@ -357,7 +288,7 @@ impl Simulation {
                 SimNode {
                     node: None,
                     info,
-                    at: Attachment { position, switch: switches[i], access_ns: 0 },
+                    at: Attachment::new(position, switches[i], 0),
                     life: Life::NotStarted,
                     incarnation: 0,
                     armed: None,
@@ -393,7 +324,7 @@ impl Simulation {
             net,
             net_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 2)),
             choice_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 3)),
-            out_buf: Vec::new(),
+            out_buf: VecDeque::new(),
             allocation_failures: 0,
             roots: BTreeSet::new(),
             pending: Vec::new(),
@@ -412,7 +343,7 @@ impl Simulation {
             depth_max: 0,
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
-            shared_sizes: SharedSizes::default(),
+            sizes: MessageSizes::default(),
             tracer: None,
             experiment,
         };
@@ -501,18 +432,18 @@ impl Simulation {
             self.trace(i, |sim| format!("<- {} {}", sim.name(from), describe(&envelope.body, |id| sim.name(id))));
         }
         let node = self.nodes[i as usize].node.as_mut().expect("checked above");
+        // The node writes its outputs to the engine's queue, used a moment ago, instead of its own.
         let mut outputs = std::mem::take(&mut self.out_buf);
-        {
-            if let Some(input) = input {
-                node.handle(now, input);
-            }
-            if node.poll_timeout().is_some_and(|t| t <= now) {
-                node.handle_timeout(now);
-            }
-            while let Some(out) = node.poll_output() {
-                outputs.push(out);
-            }
+        node.swap_outputs(&mut outputs);
+        // What the swap handed back is the node's own queue: empty, as every feed takes all the outputs.
+        debug_assert!(outputs.is_empty(), "outputs left in a node between feeds");
+        if let Some(input) = input {
+            node.handle(now, input);
         }
+        if node.poll_timeout().is_some_and(|t| t <= now) {
+            node.handle_timeout(now);
+        }
+        node.swap_outputs(&mut outputs);
         for out in outputs.drain(..) {
             match out {
                 Output::Send { to, envelope } => self.send(i, to, envelope),
@@ -547,7 +478,7 @@ impl Simulation {
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
         self.trace(from, |sim| format!("-> {} {}", sim.name(&to), describe(&envelope.body, |id| sim.name(id))));
-        let (bytes, grid_bytes) = sized(&envelope, &mut self.shared_sizes);
+        let (bytes, grid_bytes) = self.sizes.sized(&envelope);
         let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);

@@ -9,6 +9,7 @@ pub mod check;
 pub mod engine;
 pub mod experiment;
 pub mod kinds;
+pub mod message_size;
 pub mod network;
 pub mod plot;
 pub mod queue;

@@ -9,6 +9,7 @@
 use serde::Serialize;
 use serde::ser;
 use std::fmt;
+use std::sync::{Arc, Weak};
 
 /// The exact length of `ciborium::into_writer(value, ..)`'s output.
 pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
@@ -18,7 +19,7 @@ pub fn cbor_len<T: Serialize + ?Sized>(value: &T) -> usize {
 /// The exact CBOR length of `value`, and how many of those bytes are the values of the struct fields called one of
 /// `names` in structs nested `depth` deep (1: `value` itself). One walk sizes a message and a part of it.
 pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names: &[&str]) -> (usize, usize) {
-    let counter = || SizeCounter::new(depth, names, None, None);
+    let counter = || SizeCounter::new(depth, names, &[]);
     let mut size = counter();
     match value.serialize(&mut size) {
         Ok(()) => (size.total, size.tracked),
@@ -32,23 +33,59 @@ pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names:
     }
 }
 
-/// The exact CBOR length of `value` and of its tracked fields (as in [`cbor_len_with_fields`]) when parts of it are
-/// sized already (shared parts sized once, e.g. the grids and the view every heartbeat of a round carries): the
-/// tracked fields `depth` deep take `known` bytes each when that is `Some`, and the untracked field named in
-/// `other` takes the size given with it. Those are counted, not walked. The caller vouches for the sizes; debug
-/// builds should compare with [`encoded_len`].
-pub fn cbor_len_with_known_parts<T: Serialize + ?Sized>(
+/// A struct inside a value whose encoded length is known already (a shared part sized before): the walk counts
+/// the length for the struct instead of walking it.
+pub type Presized = (&'static str, usize);
+
+/// The exact CBOR length of `value` and of its tracked fields (as in [`cbor_len_with_fields`]), where the structs
+/// listed in `presized` are counted, not walked: the walk takes the list in order, each entry for the next struct
+/// it meets of that name. The caller lists every struct of those names in the order the value serializes them, and
+/// vouches for the lengths; debug builds should compare with [`encoded_len`].
+pub fn cbor_len_presized<T: Serialize + ?Sized>(
     value: &T,
     depth: u32,
     names: &[&str],
-    known: Option<usize>,
-    other: Option<(&str, usize)>,
+    presized: &[Presized],
 ) -> (usize, usize) {
-    let mut size = SizeCounter::new(depth, names, known, other);
+    let mut size = SizeCounter::new(depth, names, presized);
     match value.serialize(&mut size) {
-        Ok(()) => (size.total, size.tracked),
+        Ok(()) => {
+            debug_assert_eq!(size.next_presized, presized.len(), "every presized struct is met");
+            (size.total, size.tracked)
+        }
         // The parts given are sized already; a fallback inside the rest is sized the long way.
         Err(Fallback) => cbor_len_with_fields(value, depth, names),
+    }
+}
+
+/// Lengths of values shared behind `Arc`s (sent by many messages), remembered per allocation: a direct-mapped
+/// table of weak pointers. A weak pointer keeps its allocation from being freed, so an `Arc` at a remembered
+/// address is the value that was sized, never a new one in reused memory; and nothing can change a value behind an
+/// `Arc` while a weak pointer to it exists.
+pub struct ArcLengths<T> {
+    slots: Vec<Option<(Weak<T>, usize)>>,
+    shift: u32,
+}
+
+impl<T> ArcLengths<T> {
+    /// A table of `2^bits` slots.
+    pub fn new(bits: u32) -> Self {
+        Self { slots: (0..1usize << bits).map(|_| None).collect(), shift: usize::BITS - bits }
+    }
+
+    /// The remembered length of `value`, or `len(value)` remembered now (evicting whatever shared its slot).
+    pub fn get_or_size(&mut self, value: &Arc<T>, len: impl FnOnce(&T) -> usize) -> usize {
+        let address = Arc::as_ptr(value) as usize;
+        // Fibonacci hashing: allocations are aligned, so the low bits alone would crowd a few slots.
+        let slot = &mut self.slots[address.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift];
+        match slot {
+            Some((weak, len)) if std::ptr::eq(weak.as_ptr(), Arc::as_ptr(value)) => *len,
+            _ => {
+                let n = len(value);
+                *slot = Some((Arc::downgrade(value), n));
+                n
+            }
+        }
     }
 }
 
@@ -100,10 +137,14 @@ fn float_len(v: f64) -> Option<usize> {
 
 /// Whether a (non-NaN) f32 has an exact IEEE half-precision representation (as [`exact_in_f16`], on f32 bits).
 fn f32_exact_in_f16(v: f32) -> bool {
+    let bits = v.to_bits();
+    // f16 keeps at most 10 of f32's 23 fraction bits: any of the low 13 set rules it out (most values, at once).
+    if bits & 0x1fff != 0 {
+        return false;
+    }
     if v == 0.0 || v.is_infinite() {
         return true;
     }
-    let bits = v.to_bits();
     let exponent = ((bits >> 23) & 0xff) as i32 - 127;
     let mantissa = bits & ((1 << 23) - 1);
     if !(-24..=15).contains(&exponent) {
@@ -115,10 +156,14 @@ fn f32_exact_in_f16(v: f32) -> bool {
 
 /// Whether a (non-NaN) f64 has an exact IEEE half-precision representation.
 fn exact_in_f16(v: f64) -> bool {
+    let bits = v.to_bits();
+    // f16 keeps at most 10 of f64's 52 fraction bits: any of the low 42 set rules it out.
+    if bits & ((1 << 42) - 1) != 0 {
+        return false;
+    }
     if v == 0.0 || v.is_infinite() {
         return true;
     }
-    let bits = v.to_bits();
     let exponent = ((bits >> 52) & 0x7ff) as i32 - 1023;
     let mantissa = bits & ((1 << 52) - 1);
     if !(-24..=15).contains(&exponent) {
@@ -137,10 +182,11 @@ struct SizeCounter<'n> {
     tracked_depth: u32,
     tracked_names: &'n [&'n str],
     tracked: usize,
-    /// The size of each tracked field's value, when the caller knows it already.
-    known: Option<usize>,
-    /// An untracked field at the tracked depth whose value's size the caller knows: (name, size).
-    known_other: Option<(&'n str, usize)>,
+    /// Structs to count, not walk, in the order they are met (see [`cbor_len_presized`]).
+    presized: &'n [Presized],
+    next_presized: usize,
+    /// The depth of the presized struct being passed over (0: none): its fields are not walked.
+    skipping: u32,
 }
 
 /// This value needs the real encoder to size it.
@@ -166,8 +212,17 @@ const TAG_NAME: &str = "@@TAG@@";
 const UNTAGGED: &str = "@@UNTAGGED@@";
 
 impl<'n> SizeCounter<'n> {
-    fn new(depth: u32, names: &'n [&'n str], known: Option<usize>, known_other: Option<(&'n str, usize)>) -> Self {
-        Self { total: 0, depth: 0, tracked_depth: depth, tracked_names: names, tracked: 0, known, known_other }
+    fn new(depth: u32, names: &'n [&'n str], presized: &'n [Presized]) -> Self {
+        Self {
+            total: 0,
+            depth: 0,
+            tracked_depth: depth,
+            tracked_names: names,
+            tracked: 0,
+            presized,
+            next_presized: 0,
+            skipping: 0,
+        }
     }
 
     fn add(&mut self, n: usize) {
@@ -175,20 +230,11 @@ impl<'n> SizeCounter<'n> {
     }
 
     fn field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), Fallback> {
-        self.add(text_len(key.len()));
-        if self.depth == self.tracked_depth
-            && let Some((name, size)) = self.known_other
-            && name == key
-        {
-            self.add(size);
-            return Ok(());
+        if self.skipping != 0 {
+            return Ok(()); // inside a presized struct: counted whole
         }
+        self.add(text_len(key.len()));
         if self.depth == self.tracked_depth && self.tracked_names.contains(&key) {
-            if let Some(known) = self.known {
-                self.add(known);
-                self.tracked += known;
-                return Ok(());
-            }
             let before = self.total;
             value.serialize(&mut *self)?;
             self.tracked += self.total - before;
@@ -349,9 +395,17 @@ impl<'a, 'n> ser::Serializer for &'a mut SizeCounter<'n> {
         self.add_collection(len);
         Ok(self)
     }
-    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Self, Fallback> {
-        self.add(header_len(len as u64));
+    fn serialize_struct(self, name: &'static str, len: usize) -> Result<Self, Fallback> {
         self.depth += 1;
+        if let Some(&(presized, n)) = self.presized.get(self.next_presized)
+            && presized == name
+        {
+            self.next_presized += 1;
+            self.add(n);
+            self.skipping = self.depth;
+            return Ok(self);
+        }
+        self.add(header_len(len as u64));
         Ok(self)
     }
     fn serialize_struct_variant(
@@ -435,6 +489,9 @@ impl ser::SerializeStruct for &mut SizeCounter<'_> {
         self.field(key, value)
     }
     fn end(self) -> Result<(), Fallback> {
+        if self.skipping == self.depth {
+            self.skipping = 0;
+        }
         self.depth -= 1;
         Ok(())
     }
@@ -577,26 +634,56 @@ mod tests {
     }
 
     #[test]
-    fn known_fields_are_counted_not_walked() {
+    fn presized_structs_are_counted_not_walked_in_order() {
         let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
-        let (total, inner) = cbor_len_with_fields(&value, 2, &["grid"]);
-        assert_eq!(cbor_len_with_known_parts(&value, 2, &["grid"], Some(inner), None).0, total);
-        assert_eq!(
-            cbor_len_with_known_parts(&value, 2, &["grid"], Some(inner + 7), None).0,
-            total + 7,
-            "taken on trust"
-        );
+        let inner_len = encoded_len(&value.inner);
+        let (total, tracked) = cbor_len_with_fields(&value, 1, &["grid"]);
+        assert_eq!(cbor_len_presized(&value, 1, &["grid"], &[("Inner", inner_len)]), (total, tracked));
+        // Taken on trust: a wrong length shows in the total, so it was counted instead of walked.
+        assert_eq!(cbor_len_presized(&value, 1, &["grid"], &[("Inner", inner_len + 5)]), (total + 5, tracked));
+        // The struct is inside a tracked field: its counted length is tracked too.
+        let (total, tracked) = cbor_len_with_fields(&value, 1, &["inner"]);
+        assert_eq!(cbor_len_presized(&value, 1, &["inner"], &[("Inner", inner_len + 2)]), (total + 2, tracked + 2));
     }
 
     #[test]
-    fn a_known_untracked_part_is_counted_not_walked_nor_tracked() {
-        let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
-        let inner_len = encoded_len(&Inner { grid: vec![0.3; 30] });
-        let (total, tracked) = cbor_len_with_fields(&value, 1, &["grid"]);
-        assert_eq!(cbor_len_with_known_parts(&value, 1, &["grid"], None, Some(("inner", inner_len))), (total, tracked));
-        let taken_on_trust =
-            cbor_len_with_known_parts(&value, 1, &["grid"], Some(tracked), Some(("inner", inner_len + 5)));
-        assert_eq!(taken_on_trust, (total + 5, tracked));
+    fn presized_entries_pair_with_structs_in_walk_order() {
+        #[derive(Serialize)]
+        struct Two {
+            first: Inner,
+            second: Inner,
+            after: u32,
+        }
+        let value = Two { first: Inner { grid: vec![0.3; 3] }, second: Inner { grid: vec![0.1; 40] }, after: 7 };
+        let (first, second) = (encoded_len(&value.first), encoded_len(&value.second));
+        assert_eq!(cbor_len_presized(&value, 0, &[], &[("Inner", first), ("Inner", second)]).0, encoded_len(&value));
+        // Only the first listed: the second is walked.
+        assert_eq!(cbor_len_presized(&value, 0, &[], &[("Inner", first + 1)]).0, encoded_len(&value) + 1);
+    }
+
+    #[test]
+    fn arc_lengths_remember_by_allocation() {
+        let mut lengths = ArcLengths::new(4);
+        let grid = Arc::new(vec![0.5f32; 10]);
+        let walks = std::cell::Cell::new(0);
+        let len = |g: &Arc<Vec<f32>>, lengths: &mut ArcLengths<Vec<f32>>| {
+            lengths.get_or_size(g, |v| {
+                walks.set(walks.get() + 1);
+                cbor_len(v)
+            })
+        };
+        assert_eq!(len(&grid, &mut lengths), encoded_len(&*grid));
+        assert_eq!(len(&Arc::clone(&grid), &mut lengths), encoded_len(&*grid));
+        // Equal contents in another allocation are sized again.
+        let other = Arc::new(vec![0.5f32; 10]);
+        assert_eq!(len(&other, &mut lengths), encoded_len(&*other));
+        assert_eq!(walks.get(), 2);
+        // A dropped value's allocation stays remembered (weakly), so a new value never inherits its length.
+        drop(grid);
+        for n in 0..100 {
+            let fresh = Arc::new(vec![0.25f32; n]);
+            assert_eq!(len(&fresh, &mut lengths), encoded_len(&*fresh));
+        }
     }
 
     #[test]
