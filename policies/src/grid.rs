@@ -199,12 +199,21 @@ impl CapacityGrid {
         (0..self.nodes.len()).filter(|&cell| self.nodes[cell] > 0).map(|cell| self.cell(cell))
     }
 
-    /// The (col, row) within the window of each cell that holds a node: the cheap part of `occupied_cells`.
-    pub(crate) fn occupied_offsets(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+    /// The smallest (col, row) and the largest (col, row) within the window of the cells that hold a node (the two
+    /// corners of their bounding box); `None` when no cell does.
+    pub(crate) fn occupied_extent(&self) -> Option<((u16, u16), (u16, u16))> {
         let size = usize::from(self.size);
-        (0..self.nodes.len())
-            .filter(|&cell| self.nodes[cell] > 0)
-            .map(move |cell| ((cell % size) as u16, (cell / size) as u16))
+        let mut extent: Option<((u16, u16), (u16, u16))> = None;
+        for (row, counts) in self.nodes.chunks_exact(size).enumerate() {
+            let Some(first) = counts.iter().position(|&n| n > 0) else { continue };
+            let last = counts.iter().rposition(|&n| n > 0).unwrap_or(first);
+            let (row, first, last) = (row as u16, first as u16, last as u16);
+            extent = Some(match extent {
+                None => ((first, row), (last, row)),
+                Some(((low, bottom), (high, _))) => ((low.min(first), bottom), (high.max(last), row)),
+            });
+        }
+        extent
     }
 
     /// Whether `other` is different enough that a node should resend its grid. `threshold` is a fraction
@@ -345,6 +354,21 @@ mod tests {
         assert_eq!(total.nodes, 2);
         assert_eq!(total.average().cpu, 2.0);
         assert_eq!(grid.occupied_cells().count(), 2);
+    }
+
+    #[test]
+    fn occupied_extent_boxes_the_occupied_cells() {
+        assert_eq!(CapacityGrid::empty(8).occupied_extent(), None);
+        let mut grid = CapacityGrid::empty(8);
+        for (col, row) in [(5, 1), (2, 3), (6, 3), (4, 6)] {
+            grid.nodes[row * 8 + col] = 1;
+        }
+        assert_eq!(grid.occupied_extent(), Some(((2, 1), (6, 6))));
+        let grid = two_cities();
+        let offsets: Vec<(u16, u16)> = grid.occupied_cells().map(|c| (c.col, c.row)).collect();
+        let (low, high) = grid.occupied_extent().unwrap();
+        assert_eq!(low, (offsets.iter().map(|o| o.0).min().unwrap(), offsets.iter().map(|o| o.1).min().unwrap()));
+        assert_eq!(high, (offsets.iter().map(|o| o.0).max().unwrap(), offsets.iter().map(|o| o.1).max().unwrap()));
     }
 
     #[test]

@@ -59,18 +59,12 @@ impl CapacityGrid {
         for input in inputs {
             match input {
                 GridInput::Grid(grid) => {
-                    let mut cells = grid.occupied_offsets().peekable();
-                    if cells.peek().is_none() {
-                        continue;
-                    }
-                    let (mut low, mut high) = (CellIndex::new(i32::MAX, i32::MAX), CellIndex::new(i32::MIN, i32::MIN));
-                    for (col, row) in cells {
-                        let (col, row) = (grid.origin.col + i32::from(col), grid.origin.row + i32::from(row));
-                        low = CellIndex::new(low.col.min(col), low.row.min(row));
-                        high = CellIndex::new(high.col.max(col), high.row.max(row));
-                    }
+                    let Some((low, high)) = grid.occupied_extent() else { continue };
+                    let at = |(col, row): (u16, u16)| {
+                        CellIndex::new(grid.origin.col + i32::from(col), grid.origin.row + i32::from(row))
+                    };
                     finest = finest.min(grid.level);
-                    footprints.push(Footprint { low, high, level: grid.level });
+                    footprints.push(Footprint { low: at(low), high: at(high), level: grid.level });
                 }
                 GridInput::Node { position, .. } => {
                     if let Some(cell) = cell_of(*position, MAX_LEVEL) {
@@ -112,21 +106,12 @@ impl CapacityGrid {
         };
         for input in inputs {
             match input {
-                GridInput::Grid(grid) => {
-                    for cell in grid.occupied_cells() {
-                        let idx = CellIndex::new(
-                            grid.origin.col + i32::from(cell.col),
-                            grid.origin.row + i32::from(cell.row),
-                        );
-                        acc.add(
-                            place(idx, grid.level),
-                            cell.region.nodes,
-                            cell.region.free,
-                            cell.region.largest,
-                            cell.region.centroid,
-                        );
-                    }
-                }
+                GridInput::Grid(grid) => acc.add_grid(grid, |col, row| {
+                    place(
+                        CellIndex::new(grid.origin.col + i32::from(col), grid.origin.row + i32::from(row)),
+                        grid.level,
+                    )
+                }),
                 GridInput::Node { position, free } => {
                     let (Some(cell), Some(at)) = (cell_of(*position, MAX_LEVEL), position.normalized()) else {
                         continue;
@@ -157,6 +142,33 @@ impl Accumulator {
             free: vec![0.0; cells * RESOURCES],
             largest: vec![0.0; cells * RESOURCES],
             position: vec![0.0; cells * 2],
+        }
+    }
+
+    /// Adds every occupied cell of `grid` to the output cell `place(col, row)` gives: the same sums as [`Self::add`]
+    /// on each cell's region, read straight from the grid's arrays (merging is a large part of a big simulation).
+    fn add_grid(&mut self, grid: &CapacityGrid, place: impl Fn(u16, u16) -> usize) {
+        let size = usize::from(grid.size);
+        let rows = grid.nodes.chunks_exact(size).zip(grid.free.chunks_exact(size * RESOURCES));
+        let rows = rows.zip(grid.largest.chunks_exact(size * RESOURCES)).zip(grid.centroid.chunks_exact(size * 2));
+        for (row, (((counts, free), largest), centroid)) in rows.enumerate() {
+            for (col, &nodes) in counts.iter().enumerate() {
+                if nodes == 0 {
+                    continue;
+                }
+                let out = place(col as u16, row as u16);
+                self.nodes[out] += u64::from(nodes);
+                let (free, largest) = (&free[col * RESOURCES..][..RESOURCES], &largest[col * RESOURCES..][..RESOURCES]);
+                let (sums, maxima) =
+                    (&mut self.free[out * RESOURCES..][..RESOURCES], &mut self.largest[out * RESOURCES..][..RESOURCES]);
+                for r in 0..RESOURCES {
+                    sums[r] += f64::from(free[r]);
+                    maxima[r] = maxima[r].max(f64::from(largest[r]));
+                }
+                let (at, sum) = (&centroid[col * 2..][..2], &mut self.position[out * 2..][..2]);
+                sum[0] += f64::from(at[0]) * f64::from(nodes);
+                sum[1] += f64::from(at[1]) * f64::from(nodes);
+            }
         }
     }
 
