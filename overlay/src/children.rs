@@ -6,6 +6,7 @@
 //! (the routing context) is rebuilt only when it changed.
 
 use crate::Time;
+use crate::dedup::Window;
 use crate::id::{NodeId, position_by_key};
 use crate::node::NodeInfo;
 use crate::rank::Rank;
@@ -17,6 +18,8 @@ pub(crate) struct Child {
     pub rank: Rank,
     pub summary: Summary,
     pub last_heard: Time,
+    /// The ids of its reports seen lately (duplicates are dropped; see `Node::fresh`).
+    pub reports_seen: Window,
     /// The view version this child last reported holding.
     pub acked_version: u64,
     /// The view version we last sent it in full (not resent until a report shows it missing).
@@ -127,6 +130,7 @@ mod tests {
             rank: Rank::new(id, true, &Capacity::ZERO, Time::ZERO),
             summary: Summary::leaf(position),
             last_heard: Time::ZERO,
+            reports_seen: Window::default(),
             acked_version: 0,
             sent_version: 0,
             acked_group: 0,

@@ -266,6 +266,40 @@ fn garbage_and_duplicates_are_counted_not_fatal() {
 }
 
 #[test]
+fn a_replayed_heartbeat_or_report_is_dropped_as_a_duplicate() {
+    // The parent's heartbeats and the children's reports are checked in windows kept with the parent's and the
+    // children's records, the rest in the shared table: each must still catch a copy.
+    use canopy_overlay::message::{Heartbeat, Report};
+    use canopy_overlay::{Capacity, Envelope, Message, PROTOCOL_VERSION, Position, Rank, Summary};
+    let mut net = built(3, 4);
+    let root = net.roots()[0];
+    let child = (0..3).find(|&i| net.nodes[i].parent() == Some(net.id(root))).expect("the root has a child");
+    let (root_id, child_id) = (net.id(root), net.id(child));
+    let envelope = |from, id, body| Envelope { version: PROTOCOL_VERSION, id, from, body };
+    let heartbeat =
+        Heartbeat { term: net.nodes[root].term(), view_version: 0, view: None, address_block: None, grids: None };
+    let report = Report {
+        view_version: 0,
+        rank: Rank::new(child_id, true, &Capacity::ZERO, Duration::ZERO),
+        summary: Summary::leaf(Position::new(48.0, 11.0)),
+        grid: None,
+        group_version: 0,
+    };
+    let now = net.now;
+    let heartbeat = envelope(root_id, 1 << 40, Message::Heartbeat(heartbeat)).encode();
+    let report = envelope(child_id, 1 << 40, Message::Report(report)).encode();
+    let (child_before, root_before) = (net.nodes[child].counters().duplicates, net.nodes[root].counters().duplicates);
+    for _ in 0..2 {
+        net.nodes[child].handle_bytes(now, root_id, &heartbeat);
+        net.nodes[root].handle_bytes(now, child_id, &report);
+    }
+    assert_eq!(net.nodes[child].counters().duplicates, child_before + 1);
+    assert_eq!(net.nodes[root].counters().duplicates, root_before + 1);
+    net.run_for(Duration::from_secs(2));
+    net.check_tree().unwrap();
+}
+
+#[test]
 fn a_burst_of_joiners_pushes_the_view_a_few_times_not_once_per_joiner() {
     // Sixteen joiners within 32 ms under one root: pushing every change of the view to every child would send
     // 1 + 2 + ... + 15 heartbeats with views; coalesced, a few rounds to all children.
