@@ -325,7 +325,8 @@ pub struct Node {
     routing_polled: Option<RoutingPollKey>,
     counters: Counters,
 
-    config: Config,
+    /// Shared by a simulator's nodes, so the many lines of it a tick reads stay in the cache.
+    config: Arc<Config>,
     rng: ChaCha8Rng,
     started: Time,
     /// Root first, the parent last (kept while orphaned, for cycle checks).
@@ -373,7 +374,9 @@ fn same_members_but_ranks(a: &[Member], b: &[Member]) -> bool {
 }
 
 impl Node {
-    pub fn new(info: NodeInfo, config: Config, seed: u64, now: Time) -> Self {
+    /// A node that has not joined yet. `config` may be shared: a simulator's nodes all read one copy.
+    pub fn new(info: NodeInfo, config: impl Into<Arc<Config>>, seed: u64, now: Time) -> Self {
+        let config = config.into();
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (now.as_nanos() as u64).rotate_left(17));
         // Random id base: a restarted node does not reuse ids a peer's dedup window still holds.
         let next_msg_id = rng.random::<u32>() as u64 * (1 << 24);

@@ -20,6 +20,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the whole tree is checked during a run (cycles, depth, fanout).
@@ -196,7 +197,8 @@ pub struct Simulation {
     /// `--trace`: what chosen nodes receive, send and report.
     tracer: Option<Tracer>,
     scenario: Scenario,
-    config: Config,
+    /// One configuration for every node: the bootstrap members are the first few (a node skips itself).
+    config: Arc<Config>,
     now: u64,
     end: u64,
     seq: u64,
@@ -312,7 +314,10 @@ impl Simulation {
         }
         let mut sim = Simulation {
             scenario: scenario.clone(),
-            config: overlay_config(scenario),
+            config: Arc::new(Config {
+                bootstrap: (0..scenario.nodes.bootstrap.min(count) as u32).map(node_id).collect(),
+                ..overlay_config(scenario)
+            }),
             now: 0,
             end: scenario.duration().as_nanos() as u64,
             seq: 0,
@@ -560,12 +565,9 @@ impl Simulation {
     fn bring_up(&mut self, i: u32) {
         let seed = derive_seed(self.scenario.seed, 1000 + u64::from(i) * 1000 + self.nodes[i as usize].incarnation);
         let now = self.now_time();
-        let mut config = self.config.clone();
-        config.bootstrap =
-            (0..self.scenario.nodes.bootstrap.min(self.nodes.len()) as u32).filter(|&b| b != i).map(node_id).collect();
         let n = &mut self.nodes[i as usize];
         n.incarnation += 1;
-        n.node = Some(Node::new(n.info.clone(), config, seed, now));
+        n.node = Some(Node::new(n.info.clone(), Arc::clone(&self.config), seed, now));
         n.life = Life::Live;
         n.armed = None;
         n.role = Role::Detached;
