@@ -350,10 +350,41 @@ pub struct RoutingCounters {
 /// Children's wants, ordered by child.
 type Waiting = BTreeSet<(NodeId, Want)>;
 
+/// This machine's subnets, with a count of their changes: `own_subnets_in_pool` runs after every input and compared
+/// a copy of the list with the list (two cache misses a call in a large simulation) to see whether they changed.
+#[derive(Debug, Default)]
+struct MachineSubnets {
+    list: Vec<Ipv4Net>,
+    changes: u64,
+}
+
+impl std::ops::Deref for MachineSubnets {
+    type Target = [Ipv4Net];
+
+    fn deref(&self) -> &[Ipv4Net] {
+        &self.list
+    }
+}
+
+impl MachineSubnets {
+    fn push(&mut self, subnet: Ipv4Net) {
+        self.list.push(subnet);
+        self.changes += 1;
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Ipv4Net) -> bool) {
+        let before = self.list.len();
+        self.list.retain(keep);
+        if self.list.len() != before {
+            self.changes += 1;
+        }
+    }
+}
+
 pub struct Routing {
     cfg: RoutingConfig,
     /// This machine's subnets.
-    machine: Vec<Ipv4Net>,
+    machine: MachineSubnets,
     /// Blocks the parent granted this node for its group (exact grants, as the parent knows them).
     parent_blocks: Vec<Ipv4Net>,
     /// Grants to children (and, at the root, to itself). The root's owns the platform range.
@@ -395,8 +426,9 @@ pub struct Routing {
     /// When the children's leases are next renewed and lapsed grants swept (a few times per lease, not every tick:
     /// a root holds thousands of grants).
     next_lease_sweep: Time,
-    /// The pool version and machine subnets `own_subnets_in_pool` last found in order (it runs after every input).
-    own_checked: Option<(u64, Vec<Ipv4Net>)>,
+    /// The pool version and the machine subnets' change count `own_subnets_in_pool` last found in order (it runs
+    /// after every input).
+    own_checked: Option<(u64, u64)>,
     /// Our own deployments on their way to the root, with when they were sent: sent again through a new parent,
     /// or when unanswered for a resync interval (the answer retraces the path up, which a parent change breaks).
     own_deploys: Vec<(OwnDeploy, Time)>,
@@ -415,7 +447,7 @@ impl Routing {
             interests: InterestTable::new(cfg.interest_ttl),
             pool: AddressPool::new([], [], lease),
             cfg,
-            machine: Vec::new(),
+            machine: MachineSubnets::default(),
             parent_blocks: Vec::new(),
             pool_is_platform: false,
             waiting: BTreeSet::new(),
@@ -630,7 +662,7 @@ impl Routing {
             let _ = pool.claim(g.block, g.holder, now);
         }
         // Our machine subnet lies inside the inherited blocks: it becomes a grant to ourselves.
-        for m in &self.machine {
+        for m in self.machine.iter() {
             let _ = pool.claim(*m, me, now);
         }
         self.parent_blocks = inherited;
@@ -643,7 +675,7 @@ impl Routing {
         for g in self.pool.grants() {
             let _ = pool.claim(g.block, g.holder, now);
         }
-        for m in &self.machine {
+        for m in self.machine.iter() {
             let _ = pool.claim(*m, ctx.me, now);
         }
         self.pool = pool;
@@ -1478,11 +1510,12 @@ impl Routing {
     /// granted to us that contains our subnet, a takeover. When part of one is already granted to a child, that
     /// grant is younger than ours or was made in ignorance of it: we move ourselves to a fresh subnet.
     fn own_subnets_in_pool(&mut self, now: Time, ctx: &TreeCtx) {
-        if self.own_checked.as_ref().is_some_and(|(v, m)| *v == self.pool.version() && *m == self.machine) {
+        let checked = (self.pool.version(), self.machine.changes);
+        if self.own_checked == Some(checked) {
             return;
         }
         self.mark_own_subnets(now, ctx);
-        self.own_checked = Some((self.pool.version(), self.machine.clone()));
+        self.own_checked = Some((self.pool.version(), self.machine.changes));
     }
 
     fn mark_own_subnets(&mut self, now: Time, ctx: &TreeCtx) {
@@ -1759,6 +1792,19 @@ mod tests {
 
     fn svc() -> ServiceName {
         "shop.acme.cart.prod".parse().unwrap()
+    }
+
+    #[test]
+    fn machine_subnets_count_their_changes_only() {
+        let (a, b): (Ipv4Net, Ipv4Net) = ("10.0.0.0/26".parse().unwrap(), "10.0.0.64/26".parse().unwrap());
+        let mut subnets = MachineSubnets::default();
+        subnets.push(a);
+        subnets.push(b);
+        assert_eq!((&subnets[..], subnets.changes), (&[a, b][..], 2));
+        subnets.retain(|_| true);
+        assert_eq!(subnets.changes, 2, "nothing removed, nothing changed");
+        subnets.retain(|m| *m != a);
+        assert_eq!((&subnets[..], subnets.changes), (&[b][..], 3));
     }
 
     fn record() -> InstanceRecord {
