@@ -469,6 +469,7 @@ impl Node {
             parent: self.parent.as_ref().map(|p| p.info.id),
             is_root: self.is_root,
             children: &children,
+            children_generation: Some(self.children.generation()),
         };
         f(&mut self.routing, &ctx);
         self.routing_children = (children, self.children.generation());

@@ -308,6 +308,9 @@ pub struct TreeCtx<'a> {
     pub parent: Option<NodeId>,
     pub is_root: bool,
     pub children: &'a [(NodeId, Position)],
+    /// A number that changes whenever `children` does (the node counts the changes of its children); `None`:
+    /// unknown, so routing compares the list with the one it saw last.
+    pub children_generation: Option<u64>,
 }
 
 impl TreeCtx<'_> {
@@ -415,6 +418,8 @@ pub struct Routing {
     next_sync: Time,
     was_root: bool,
     known_children: Vec<NodeId>,
+    /// The children's generation `known_children` was taken at (see [`TreeCtx::children_generation`]).
+    known_generation: Option<u64>,
     sent_group: Vec<Ipv4Net>,
 
     registry: Registry,
@@ -466,6 +471,7 @@ impl Routing {
             next_sync: Time::ZERO,
             was_root: false,
             known_children: Vec::new(),
+            known_generation: None,
             sent_group: Vec::new(),
             pending: HashMap::new(),
             allocator: None,
@@ -548,8 +554,10 @@ impl Routing {
         self.own_subnets_in_pool(now, ctx);
         // Children that went away: release their grants, forget their interests and records. (Runs after every
         // input: the common case, the same children in the same order, is checked without the pairwise scan.)
-        let same_children = self.known_children.len() == ctx.children.len()
-            && self.known_children.iter().zip(ctx.children).all(|(k, (c, _))| k == c);
+        // The same generation means the same list, without reading both lists (a kilobyte each for 16 children).
+        let same_children = (ctx.children_generation.is_some() && ctx.children_generation == self.known_generation)
+            || (self.known_children.len() == ctx.children.len()
+                && self.known_children.iter().zip(ctx.children).all(|(k, (c, _))| k == c));
         if !same_children && self.known_children.iter().any(|k| !ctx.children.iter().any(|(c, _)| c == k)) {
             let gone: Vec<NodeId> =
                 self.known_children.iter().copied().filter(|k| !ctx.children.iter().any(|(c, _)| c == k)).collect();
@@ -567,6 +575,7 @@ impl Routing {
         if !same_children {
             self.known_children = ctx.children.iter().map(|(c, _)| *c).collect();
         }
+        self.known_generation = ctx.children_generation;
         if ctx.parent != self.synced_parent {
             self.synced_parent = ctx.parent;
             if let Some(parent) = ctx.parent {
@@ -1906,6 +1915,7 @@ mod tests {
             parent: parent.map(NodeId::from_u64),
             is_root,
             children,
+            children_generation: None,
         }
     }
 
@@ -1942,6 +1952,28 @@ mod tests {
         let holders: Vec<NodeId> = root.pool().grants().map(|g| g.holder).collect();
         assert!(!holders.contains(&NodeId::from_u64(4)));
         assert!(holders.contains(&NodeId::from_u64(2)) && holders.contains(&NodeId::from_u64(3)));
+    }
+
+    #[test]
+    fn children_are_compared_by_generation_when_the_node_gives_one() {
+        let mut root = Routing::new(RoutingConfig::default());
+        let kids: Vec<(NodeId, Position)> = (2..5).map(|n| (NodeId::from_u64(n), Position::new(1.0, 1.0))).collect();
+        let with_generation =
+            |children, generation| TreeCtx { children_generation: Some(generation), ..ctx(1, None, true, children) };
+        let t0 = Time::ZERO;
+        root.poll(t0, &with_generation(&kids, 1));
+        for (kid, _) in &kids {
+            let want = vec![Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None }];
+            root.on_message(t0, &with_generation(&kids, 1), *kid, RoutesMessage::SubnetSync { held: vec![], want });
+        }
+        root.drain();
+        let holds = |root: &Routing, n: u64| root.pool().grants().any(|g| g.holder == NodeId::from_u64(n));
+        // The same generation stands for the same children: the list is not read (here it even differs).
+        root.poll(t0, &with_generation(&kids[..2], 1));
+        assert!(holds(&root, 4));
+        // A new generation: child 4 is gone, its grant released.
+        root.poll(t0, &with_generation(&kids[..2], 2));
+        assert!(!holds(&root, 4) && holds(&root, 2) && holds(&root, 3));
     }
 
     /// The answer to a deployment retraces the path it went up; a parent change on the way loses it. The
@@ -2266,7 +2298,14 @@ mod tests {
     fn a_block_asked_for_on_behalf_of_its_holder_is_handed_over_not_renumbered() {
         let (root, old_parent, new_parent) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(3));
         let kids = [(old_parent, Position::new(1.0, 1.0)), (new_parent, Position::new(2.0, 2.0))];
-        let c = TreeCtx { me: root, position: Position::new(48.0, 11.0), parent: None, is_root: true, children: &kids };
+        let c = TreeCtx {
+            me: root,
+            position: Position::new(48.0, 11.0),
+            parent: None,
+            is_root: true,
+            children: &kids,
+            children_generation: None,
+        };
         let mut node = Routing::new(RoutingConfig::default());
         node.poll(Time::ZERO, &c);
         let want = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
@@ -2288,7 +2327,14 @@ mod tests {
     fn a_repeated_want_for_a_replacement_gets_the_same_block() {
         let (root, a, b) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(3));
         let kids = [(a, Position::new(1.0, 1.0)), (b, Position::new(2.0, 2.0))];
-        let c = TreeCtx { me: root, position: Position::new(48.0, 11.0), parent: None, is_root: true, children: &kids };
+        let c = TreeCtx {
+            me: root,
+            position: Position::new(48.0, 11.0),
+            parent: None,
+            is_root: true,
+            children: &kids,
+            children_generation: None,
+        };
         let mut node = Routing::new(RoutingConfig::default());
         node.poll(Time::ZERO, &c);
         let fresh = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
