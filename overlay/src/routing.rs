@@ -2296,16 +2296,10 @@ mod tests {
     /// node's block on its behalf and the grant follows it, nothing is renumbered.
     #[test]
     fn a_block_asked_for_on_behalf_of_its_holder_is_handed_over_not_renumbered() {
-        let (root, old_parent, new_parent) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(3));
+        // The root is node 1 (see `ctx`).
+        let (old_parent, new_parent) = (NodeId::from_u64(2), NodeId::from_u64(3));
         let kids = [(old_parent, Position::new(1.0, 1.0)), (new_parent, Position::new(2.0, 2.0))];
-        let c = TreeCtx {
-            me: root,
-            position: Position::new(48.0, 11.0),
-            parent: None,
-            is_root: true,
-            children: &kids,
-            children_generation: None,
-        };
+        let c = ctx(1, None, true, &kids);
         let mut node = Routing::new(RoutingConfig::default());
         node.poll(Time::ZERO, &c);
         let want = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
@@ -2325,16 +2319,9 @@ mod tests {
     /// A child repeats its sync before our answer arrives: every repeat gets the same replacement block.
     #[test]
     fn a_repeated_want_for_a_replacement_gets_the_same_block() {
-        let (root, a, b) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(3));
+        let (a, b) = (NodeId::from_u64(2), NodeId::from_u64(3));
         let kids = [(a, Position::new(1.0, 1.0)), (b, Position::new(2.0, 2.0))];
-        let c = TreeCtx {
-            me: root,
-            position: Position::new(48.0, 11.0),
-            parent: None,
-            is_root: true,
-            children: &kids,
-            children_generation: None,
-        };
+        let c = ctx(1, None, true, &kids);
         let mut node = Routing::new(RoutingConfig::default());
         node.poll(Time::ZERO, &c);
         let fresh = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
