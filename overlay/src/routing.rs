@@ -353,8 +353,8 @@ pub struct RoutingCounters {
 /// Children's wants, ordered by child.
 type Waiting = BTreeSet<(NodeId, Want)>;
 
-/// This machine's subnets, with a count of their changes: `own_subnets_in_pool` runs after every input and compared
-/// a copy of the list with the list (two cache misses a call in a large simulation) to see whether they changed.
+/// This machine's subnets, with a count of their changes: `own_subnets_in_pool` runs on every poll and compared a
+/// copy of the list with the list (two cache misses a call in a large simulation) to see whether they changed.
 #[derive(Debug, Default)]
 struct MachineSubnets {
     list: Vec<Ipv4Net>,
@@ -431,8 +431,8 @@ pub struct Routing {
     /// When the children's leases are next renewed and lapsed grants swept (a few times per lease, not every tick:
     /// a root holds thousands of grants).
     next_lease_sweep: Time,
-    /// The pool version and the machine subnets' change count `own_subnets_in_pool` last found in order (it runs
-    /// after every input).
+    /// The pool version and the machine subnets' change count `own_subnets_in_pool` last found in order (it runs on
+    /// every poll).
     own_checked: Option<(u64, u64)>,
     /// Our own deployments on their way to the root, with when they were sent: sent again through a new parent,
     /// or when unanswered for a resync interval (the answer retraces the path up, which a parent change breaks).
@@ -552,9 +552,9 @@ impl Routing {
             self.grant_own_machine(now, ctx);
         }
         self.own_subnets_in_pool(now, ctx);
-        // Children that went away: release their grants, forget their interests and records. (Runs after every
-        // input: the common case, the same children in the same order, is checked without the pairwise scan.)
-        // The same generation means the same list, without reading both lists (a kilobyte each for 16 children).
+        // Children that went away: release their grants, forget their interests and records. The common case, the
+        // same children in the same order, is checked without the pairwise scan, and by their generation when the
+        // node gives it, without reading both lists (a kilobyte each for 16 children).
         let same_children = (ctx.children_generation.is_some() && ctx.children_generation == self.known_generation)
             || (self.known_children.len() == ctx.children.len()
                 && self.known_children.iter().zip(ctx.children).all(|(k, (c, _))| k == c));

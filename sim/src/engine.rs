@@ -440,8 +440,10 @@ impl Simulation {
         // The node writes its outputs to the engine's queue, used a moment ago, instead of its own.
         let mut outputs = std::mem::take(&mut self.out_buf);
         node.swap_outputs(&mut outputs);
-        // What the swap handed back is the node's own queue: empty, as every feed takes all the outputs.
-        debug_assert!(outputs.is_empty(), "outputs left in a node between feeds");
+        if !outputs.is_empty() {
+            // Outputs queued outside a feed (none are, as it stands): the node keeps its queue, so they go first.
+            node.swap_outputs(&mut outputs);
+        }
         if let Some(input) = input {
             node.handle(now, input);
         }
