@@ -308,6 +308,8 @@ pub struct Node {
     /// When a group over-filled by an attach splits (see `on_attach`); the tick splits any over-full group too.
     split_due: Option<Time>,
     next_msg_id: u64,
+    /// `info.id.key()`: every input checks that it is not from ourselves, and `info` lies in another cache line.
+    id_key: u64,
     /// The term of the group this node coordinates (raised by succession).
     term: u64,
     /// Since when we have had no parent without being root (reset on attaching or becoming root).
@@ -386,12 +388,14 @@ impl Node {
         // Until the driver measures it, all of the machine's capacity counts as free.
         let grids = Grids::new(config.grids.clone(), info.position, info.capacity);
         let routing = Routing::new(config.routes.clone());
+        let id_key = info.id.key();
         Self {
             info,
             config,
             rng,
             outputs: VecDeque::new(),
             next_msg_id,
+            id_key,
             started: now,
             term: 0,
             is_root: false,
@@ -713,7 +717,7 @@ impl Node {
             self.counters.duplicates += 1;
             return;
         }
-        if self.leaving || from == self.info.id {
+        if self.leaving || (from.key() == self.id_key && from == self.info.id) {
             return;
         }
         match env.body {
