@@ -1058,7 +1058,7 @@ impl Simulation {
     fn run_experiment(&mut self) -> Option<ExperimentReport> {
         let setup = self.experiment.clone()?;
         let live: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].alive()).collect();
-        let positions: Vec<Position> = self.nodes.iter().map(|n| n.at.position).collect();
+        let positions: Vec<Position> = self.nodes.iter().map(|n| n.at.position()).collect();
         let attachments: Vec<Attachment> = self.nodes.iter().map(|n| n.at).collect();
         let net = self.net.clone();
         let rtt = move |a: usize, b: usize| net.rtt_ms(&attachments[a], &attachments[b]);
@@ -1066,7 +1066,7 @@ impl Simulation {
         let nodes = &mut self.nodes;
         let mut client = |i: usize| -> Option<Client> {
             let sim_node = nodes.get_mut(i)?;
-            let position = sim_node.at.position;
+            let position = sim_node.at.position();
             let node = sim_node.node.as_mut()?;
             Some(Client { position, grids: node.grids().held().to_vec(), own_free: node.grids().own_free() })
         };
@@ -1134,7 +1134,7 @@ impl Simulation {
                 let v = (*v)?;
                 Some(TreeNode {
                     index: i,
-                    position: self.nodes[i].at.position,
+                    position: self.nodes[i].at.position(),
                     parent: v.parent.filter(|&p| p < self.nodes.len()),
                     role: v.role,
                     attached: check.depth[i].is_some(),

@@ -11,7 +11,8 @@ use rand::seq::SliceRandom;
 /// Where a node sits: its position, and its switch when a fixed topology is simulated.
 #[derive(Debug, Clone, Copy)]
 pub struct Attachment {
-    pub position: Position,
+    /// Private, so it cannot change without `cos_lat` (see [`Attachment::new`]).
+    position: Position,
     pub switch: u32,
     /// Extra one-way delay of this node's access link (a slow last mile), added to every message it sends or
     /// receives, so latency need not follow geography.
@@ -23,6 +24,10 @@ pub struct Attachment {
 impl Attachment {
     pub fn new(position: Position, switch: u32, access_ns: u64) -> Self {
         Self { position, switch, access_ns, cos_lat: position.lat.to_radians().cos() }
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
     }
 }
 
