@@ -8,6 +8,7 @@ use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::message_size::MessageSizes;
 use crate::network::{Attachment, NetworkModel};
+use crate::prefetch::prefetch;
 use crate::queue::{EventQueue, Timed};
 use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, StateSizes, Stats, Violation};
 use crate::scenario::{EventKind, Scenario, Target};
@@ -148,8 +149,6 @@ struct SimNode {
     at: Attachment,
     life: Life,
     incarnation: u64,
-    /// The wakeup currently in the heap for this node; other Wakeup entries are stale.
-    armed: Option<u64>,
     /// Role and parent as last announced by the node's events.
     role: Role,
     parent: Option<u32>,
@@ -206,6 +205,10 @@ pub struct Simulation {
     slab: Vec<Option<InFlight>>,
     free_slots: Vec<u32>,
     nodes: Vec<SimNode>,
+    /// The wakeup in the queue for each node; other Wakeup entries are stale. Kept apart from the nodes' records,
+    /// so a stale entry is dropped without loading its node: at 10,000 nodes a third of all wakeups are stale, as a
+    /// parent's heartbeat moves the child's failure deadline past its next tick.
+    armed: Vec<Option<u64>>,
     /// Nodes `0..booted` have been started at least once.
     booted: u32,
     net: NetworkModel,
@@ -293,7 +296,6 @@ impl Simulation {
                     at: Attachment::new(position, switches[i], 0),
                     life: Life::NotStarted,
                     incarnation: 0,
-                    armed: None,
                     role: Role::Detached,
                     parent: None,
                     role_at_crash: Role::Detached,
@@ -324,6 +326,7 @@ impl Simulation {
             queue: EventQueue::new(),
             slab: Vec::new(),
             free_slots: Vec::new(),
+            armed: vec![None; nodes.len()],
             nodes,
             booted: 0,
             net,
@@ -385,6 +388,7 @@ impl Simulation {
                 break;
             }
             self.queue.pop();
+            self.prefetch_upcoming();
             self.now = next.at;
             match next.what {
                 What::Deliver(slot) => self.deliver(slot),
@@ -407,6 +411,21 @@ impl Simulation {
             }
         }
         self.now = self.end;
+    }
+
+    /// Starts loading the record of the node that the third event from now goes to: a node's state is spread over
+    /// most of its record, and at 10,000 nodes it is rarely still cached. (One, two and four events ahead measured
+    /// the same; events pushed meanwhile may come first.)
+    fn prefetch_upcoming(&self) {
+        let Some(event) = self.queue.ahead(2) else { return };
+        let target = match event.what {
+            What::Deliver(slot) => self.slab[slot as usize].as_ref().map(|flight| flight.to),
+            What::Wakeup(i) if self.armed[i as usize] == Some(event.at) => Some(i),
+            _ => None,
+        };
+        if let Some(i) = target {
+            prefetch(&self.nodes[i as usize]);
+        }
     }
 
     fn now_time(&self) -> Duration {
@@ -462,12 +481,11 @@ impl Simulation {
     }
 
     fn arm(&mut self, i: u32) {
-        let sim_node = &mut self.nodes[i as usize];
-        let Some(node) = sim_node.node.as_ref() else { return };
+        let Some(node) = self.nodes[i as usize].node.as_ref() else { return };
         // A timer in the past fires at the current instant, after what is already queued for it.
         let wanted = node.poll_timeout().map(|t| (t.as_nanos() as u64).max(self.now));
-        if wanted != sim_node.armed {
-            sim_node.armed = wanted;
+        if wanted != self.armed[i as usize] {
+            self.armed[i as usize] = wanted;
             if let Some(at) = wanted {
                 self.schedule(at, What::Wakeup(i));
             }
@@ -475,11 +493,10 @@ impl Simulation {
     }
 
     fn wakeup(&mut self, i: u32, at: u64) {
-        let sim_node = &mut self.nodes[i as usize];
-        if sim_node.armed != Some(at) || !sim_node.alive() {
+        if self.armed[i as usize] != Some(at) || !self.nodes[i as usize].alive() {
             return; // stale entry
         }
-        sim_node.armed = None;
+        self.armed[i as usize] = None;
         self.feed(i, None);
     }
 
@@ -571,7 +588,7 @@ impl Simulation {
         n.incarnation += 1;
         n.node = Some(Node::new(n.info.clone(), Arc::clone(&self.config), seed, now));
         n.life = Life::Live;
-        n.armed = None;
+        self.armed[i as usize] = None;
         n.role = Role::Detached;
         n.parent = None;
         n.bucket_since = self.now;
@@ -638,7 +655,7 @@ impl Simulation {
         n.role_at_crash = n.role;
         n.node = None;
         n.life = life;
-        n.armed = None;
+        self.armed[i as usize] = None;
         n.role = Role::Detached;
         n.parent = None;
         n.joining_since = None;

@@ -12,6 +12,7 @@ pub mod kinds;
 pub mod message_size;
 pub mod network;
 pub mod plot;
+pub mod prefetch;
 pub mod queue;
 pub mod report;
 pub mod route_load;

@@ -75,6 +75,11 @@ impl<T: Timed> EventQueue<T> {
         self.current.last()
     }
 
+    /// The event `n` places after the next one, when it is in the bucket being run (this loads no bucket).
+    pub fn ahead(&self, n: usize) -> Option<&T> {
+        self.current.len().checked_sub(n + 1).map(|i| &self.current[i])
+    }
+
     pub fn pop(&mut self) -> Option<T> {
         self.fill_current();
         self.current.pop()
@@ -124,6 +129,23 @@ mod tests {
         fn at(&self) -> u64 {
             self.at
         }
+    }
+
+    /// `ahead` names the events that follow the next one in pop order, within the bucket being run only.
+    #[test]
+    fn ahead_names_the_events_after_the_next_in_the_current_bucket() {
+        let mut queue: EventQueue<Ev> = EventQueue::new();
+        let bucket = 1u64 << BUCKET_SHIFT;
+        for (seq, at) in [(1, 30), (2, 10), (3, 20), (4, bucket + 5)] {
+            queue.push(Ev { at, seq });
+        }
+        assert_eq!(queue.peek().copied(), Some(Ev { at: 10, seq: 2 }));
+        assert_eq!(queue.ahead(0).copied(), Some(Ev { at: 10, seq: 2 }));
+        assert_eq!(queue.ahead(1).copied(), Some(Ev { at: 20, seq: 3 }));
+        assert_eq!(queue.ahead(2).copied(), Some(Ev { at: 30, seq: 1 }));
+        assert_eq!(queue.ahead(3), None, "the next bucket's event is not looked at");
+        queue.pop();
+        assert_eq!(queue.ahead(1).copied(), Some(Ev { at: 30, seq: 1 }));
     }
 
     proptest! {

@@ -1,0 +1,22 @@
+//! A cache prefetch hint. The engine knows from its event queue which node runs next; asking for that node's
+//! record early lets its loads overlap the current event's work, where they would otherwise stall it one after
+//! another. A hint changes no state and no result.
+
+/// Asks the CPU to start loading every cache line of `value` (a no-op on targets without a prefetch hint).
+pub fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let start = (value as *const T).cast::<i8>();
+        let first_line = start.wrapping_sub(start.addr() % 64);
+        for offset in (0..start.addr() % 64 + size_of::<T>()).step_by(64) {
+            // To the L2 cache (T1), not L1: a node record is ~60 lines, and at 10k nodes that measured 4% faster
+            // than T0, which competes with the current event for L1's fill buffers.
+            // SAFETY: `sse` is part of the x86_64 baseline, and a prefetch reads nothing the program sees: it never
+            // faults, even for an address that is not mapped.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(first_line.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
