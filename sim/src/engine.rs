@@ -470,6 +470,15 @@ impl Simulation {
             node.handle_timeout(now);
         }
         node.swap_outputs(&mut outputs);
+        // Each send reads its receiver's attachment, rarely cached: ask for all of them first, so that a
+        // coordinator's heartbeats to its children wait for them together, not one after another.
+        for out in &outputs {
+            if let Output::Send { to, .. } = out
+                && let Some(to) = self.index_of(to)
+            {
+                prefetch(&self.nodes[to as usize].at);
+            }
+        }
         for out in outputs.drain(..) {
             match out {
                 Output::Send { to, envelope } => self.send(i, to, envelope),
