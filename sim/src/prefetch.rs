@@ -1,6 +1,7 @@
-//! A cache prefetch hint. The engine knows from its event queue which node runs next; asking for that node's
-//! record early lets its loads overlap the current event's work, where they would otherwise stall it one after
-//! another. A hint changes no state and no result.
+//! A cache prefetch hint. The engine knows what it will read soon: from its event queue, the record of the node an
+//! upcoming event goes to; from a node's outputs, the attachments of the receivers. Asking for those early lets the
+//! loads overlap other work, where they would otherwise stall it one after another. A hint changes no state and no
+//! result.
 
 /// Asks the CPU to start loading every cache line of `value` (a no-op on targets without a prefetch hint).
 pub fn prefetch<T>(value: &T) {
