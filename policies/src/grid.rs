@@ -96,6 +96,12 @@ impl CapacityGrid {
         }
     }
 
+    /// The number arrays in the order the wire form lists them (node counts; free, largest and centroid values):
+    /// the simulator sizes them in bulk, as it counts the bytes of millions of messages.
+    pub fn number_arrays(&self) -> (&[u32], [&[f32]; 3]) {
+        (&self.nodes, [&self.free, &self.largest, &self.centroid])
+    }
+
     /// Cells per side.
     pub fn size(&self) -> u16 {
         self.size

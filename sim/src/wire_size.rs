@@ -33,14 +33,19 @@ pub fn cbor_len_with_fields<T: Serialize + ?Sized>(value: &T, depth: u32, names:
     }
 }
 
-/// A struct inside a value whose encoded length is known already (a shared part sized before): the walk counts
-/// the length for the struct instead of walking it.
-pub type Presized = (&'static str, usize);
+/// A part inside a value whose encoded length is known already: the walk counts the length instead of walking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presized {
+    /// A struct of this name (a shared part sized before).
+    Struct(&'static str, usize),
+    /// A sequence (numbers sized in bulk: [`u32_seq_len`], [`f32_seq_len`]).
+    Seq(usize),
+}
 
-/// The exact CBOR length of `value` and of its tracked fields (as in [`cbor_len_with_fields`]), where the structs
+/// The exact CBOR length of `value` and of its tracked fields (as in [`cbor_len_with_fields`]), where the parts
 /// listed in `presized` are counted, not walked: the walk takes the list in order, each entry for the next struct
-/// it meets of that name. The caller lists every struct of those names in the order the value serializes them, and
-/// vouches for the lengths; debug builds should compare with [`encoded_len`].
+/// of that name or the next sequence it meets. The caller lists the parts in the order the value serializes them,
+/// and vouches for the lengths; debug builds should compare with [`encoded_len`].
 pub fn cbor_len_presized<T: Serialize + ?Sized>(
     value: &T,
     depth: u32,
@@ -50,7 +55,7 @@ pub fn cbor_len_presized<T: Serialize + ?Sized>(
     let mut size = SizeCounter::new(depth, names, presized);
     match value.serialize(&mut size) {
         Ok(()) => {
-            debug_assert_eq!(size.next_presized, presized.len(), "every presized struct is met");
+            debug_assert_eq!(size.next_presized, presized.len(), "every presized part is met");
             (size.total, size.tracked)
         }
         // The parts given are sized already; a fallback inside the rest is sized the long way.
@@ -174,6 +179,41 @@ fn exact_in_f16(v: f64) -> bool {
     mantissa & ((1u64 << (52 - kept)) - 1) == 0
 }
 
+/// The exact length of a sequence of `u32`s: an array header, then each number's header. Branch-free, so that
+/// the compiler vectorizes it (a capacity grid carries hundreds).
+pub fn u32_seq_len(values: &[u32]) -> usize {
+    // Counted in u32 lanes (twice as many per vector as usize): no message holds 2^32 numbers.
+    let items: u32 =
+        values.iter().map(|&v| 1 + u32::from(v > 23) + u32::from(v > 0xff) + 2 * u32::from(v > 0xffff)).sum();
+    header_len(values.len() as u64) + items as usize
+}
+
+/// The exact length of a sequence of `f32`s (`None` when one is a NaN, which [`cbor_len`] leaves to the real
+/// encoder). Each is written as f16 when that is exact, else as f32 ([`f32_exact_in_f16`]). The common cases are
+/// told apart without branches, so that the compiler vectorizes the loop; values in f16's subnormal range (below
+/// 2^-14 in magnitude, rare in grids) take the scalar rule.
+pub fn f32_seq_len(values: &[f32]) -> Option<usize> {
+    // Counted in u32 lanes, as above.
+    let (mut nan, mut subnormal_range, mut wide) = (false, false, 0u32);
+    for &v in values {
+        let bits = v.to_bits();
+        let magnitude = bits & 0x7fff_ffff;
+        let biased = (bits >> 23) & 0xff;
+        nan |= magnitude > 0x7f80_0000;
+        subnormal_range |= (127 - 24..=127 - 15).contains(&biased);
+        let normal = (127 - 14..=127 + 15).contains(&biased) & (bits & 0x1fff == 0);
+        let exact = (magnitude == 0) | (magnitude == 0x7f80_0000) | normal;
+        wide += u32::from(!exact);
+    }
+    if nan {
+        return None;
+    }
+    if subnormal_range {
+        wide = values.iter().filter(|v| !f32_exact_in_f16(**v)).count() as u32;
+    }
+    Some(header_len(values.len() as u64) + 3 * values.len() + 2 * wide as usize)
+}
+
 /// Running byte total, and the part of it that is tracked fields.
 struct SizeCounter<'n> {
     total: usize,
@@ -187,6 +227,8 @@ struct SizeCounter<'n> {
     next_presized: usize,
     /// The depth of the presized struct being passed over (0: none): its fields are not walked.
     skipping: u32,
+    /// A presized sequence is being passed over: its elements are not walked.
+    skipping_elements: bool,
 }
 
 /// This value needs the real encoder to size it.
@@ -222,6 +264,7 @@ impl<'n> SizeCounter<'n> {
             presized,
             next_presized: 0,
             skipping: 0,
+            skipping_elements: false,
         }
     }
 
@@ -369,6 +412,12 @@ impl<'a, 'n> ser::Serializer for &'a mut SizeCounter<'n> {
         value.serialize(self)
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<Self, Fallback> {
+        if let Some(&Presized::Seq(n)) = self.presized.get(self.next_presized) {
+            self.next_presized += 1;
+            self.add(n);
+            self.skipping_elements = true;
+            return Ok(self);
+        }
         self.add_collection(len);
         Ok(self)
     }
@@ -397,7 +446,7 @@ impl<'a, 'n> ser::Serializer for &'a mut SizeCounter<'n> {
     }
     fn serialize_struct(self, name: &'static str, len: usize) -> Result<Self, Fallback> {
         self.depth += 1;
-        if let Some(&(presized, n)) = self.presized.get(self.next_presized)
+        if let Some(&Presized::Struct(presized, n)) = self.presized.get(self.next_presized)
             && presized == name
         {
             self.next_presized += 1;
@@ -428,9 +477,13 @@ impl ser::SerializeSeq for &mut SizeCounter<'_> {
     type Ok = ();
     type Error = Fallback;
     fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Fallback> {
+        if self.skipping_elements {
+            return Ok(()); // a presized sequence: counted whole (nothing nested in it is met)
+        }
         value.serialize(&mut **self)
     }
     fn end(self) -> Result<(), Fallback> {
+        self.skipping_elements = false;
         Ok(()) // an indefinite length's break byte was counted up front
     }
 }
@@ -638,12 +691,18 @@ mod tests {
         let value = Outer { a: 1, grid: Some(vec![0.5, 0.1]), inner: Inner { grid: vec![0.3; 30] } };
         let inner_len = encoded_len(&value.inner);
         let (total, tracked) = cbor_len_with_fields(&value, 1, &["grid"]);
-        assert_eq!(cbor_len_presized(&value, 1, &["grid"], &[("Inner", inner_len)]), (total, tracked));
+        assert_eq!(cbor_len_presized(&value, 1, &["grid"], &[Presized::Struct("Inner", inner_len)]), (total, tracked));
         // Taken on trust: a wrong length shows in the total, so it was counted instead of walked.
-        assert_eq!(cbor_len_presized(&value, 1, &["grid"], &[("Inner", inner_len + 5)]), (total + 5, tracked));
+        assert_eq!(
+            cbor_len_presized(&value, 1, &["grid"], &[Presized::Struct("Inner", inner_len + 5)]),
+            (total + 5, tracked)
+        );
         // The struct is inside a tracked field: its counted length is tracked too.
         let (total, tracked) = cbor_len_with_fields(&value, 1, &["inner"]);
-        assert_eq!(cbor_len_presized(&value, 1, &["inner"], &[("Inner", inner_len + 2)]), (total + 2, tracked + 2));
+        assert_eq!(
+            cbor_len_presized(&value, 1, &["inner"], &[Presized::Struct("Inner", inner_len + 2)]),
+            (total + 2, tracked + 2)
+        );
     }
 
     #[test]
@@ -656,9 +715,71 @@ mod tests {
         }
         let value = Two { first: Inner { grid: vec![0.3; 3] }, second: Inner { grid: vec![0.1; 40] }, after: 7 };
         let (first, second) = (encoded_len(&value.first), encoded_len(&value.second));
-        assert_eq!(cbor_len_presized(&value, 0, &[], &[("Inner", first), ("Inner", second)]).0, encoded_len(&value));
+        assert_eq!(
+            cbor_len_presized(&value, 0, &[], &[Presized::Struct("Inner", first), Presized::Struct("Inner", second)]).0,
+            encoded_len(&value)
+        );
         // Only the first listed: the second is walked.
-        assert_eq!(cbor_len_presized(&value, 0, &[], &[("Inner", first + 1)]).0, encoded_len(&value) + 1);
+        assert_eq!(
+            cbor_len_presized(&value, 0, &[], &[Presized::Struct("Inner", first + 1)]).0,
+            encoded_len(&value) + 1
+        );
+    }
+
+    /// Floats around every boundary of the f16/f32 choice: f16 normals and subnormals, values just outside them,
+    /// zeros, infinities and f32 subnormals, besides any bit pattern.
+    fn any_f32() -> impl Strategy<Value = f32> {
+        let special = prop_oneof![
+            Just(0.0f32),
+            Just(-0.0),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            Just(65504.0),
+            Just(65520.0),
+            Just(2f32.powi(-14)),
+            Just(2f32.powi(-24)),
+            Just(3.0 * 2f32.powi(-24)),
+            Just(2f32.powi(-25)),
+            Just(1.5 * 2f32.powi(-20)),
+            Just(f32::from_bits(1)),
+            (-30i32..20, 0u32..16).prop_map(|(e, m)| (1.0 + m as f32 / 16.0) * 2f32.powi(e)),
+        ];
+        prop_oneof![special, any::<u32>().prop_map(f32::from_bits).prop_filter("not NaN", |v| !v.is_nan())]
+    }
+
+    proptest! {
+        #[test]
+        fn bulk_number_lengths_are_the_walks(
+            counts in proptest::collection::vec(prop_oneof![0u32..30, 0u32..70_000, any::<u32>()], 0..300),
+            floats in proptest::collection::vec(any_f32(), 0..300),
+        ) {
+            prop_assert_eq!(u32_seq_len(&counts), encoded_len(&counts));
+            prop_assert_eq!(f32_seq_len(&floats), Some(encoded_len(&floats)));
+        }
+    }
+
+    #[test]
+    fn a_nan_leaves_a_sequence_to_the_encoder() {
+        assert_eq!(f32_seq_len(&[1.0, f32::NAN]), None);
+        assert_eq!(f32_seq_len(&[]), Some(1));
+    }
+
+    #[test]
+    fn presized_sequences_are_counted_not_walked_in_order() {
+        #[derive(Serialize)]
+        struct Arrays {
+            first: Vec<f32>,
+            inner: Inner,
+            second: Vec<u32>,
+        }
+        let value = Arrays { first: vec![0.1, 2.0], inner: Inner { grid: vec![0.3; 5] }, second: vec![1, 300, 70_000] };
+        let (first, second) = (encoded_len(&value.first), encoded_len(&value.second));
+        // The inner struct's sequence comes between the two: listed, it is counted too.
+        let inner = encoded_len(&value.inner.grid);
+        let listed = [Presized::Seq(first + 1), Presized::Seq(inner + 2), Presized::Seq(second + 3)];
+        assert_eq!(cbor_len_presized(&value, 0, &[], &listed).0, encoded_len(&value) + 6);
+        // Only the first listed: the others are walked.
+        assert_eq!(cbor_len_presized(&value, 0, &[], &[Presized::Seq(first + 1)]).0, encoded_len(&value) + 1);
     }
 
     #[test]
