@@ -31,14 +31,6 @@ pub fn speed(report: &Report) -> f64 {
     if report.wall_seconds > 0.0 { report.sim_seconds / report.wall_seconds } else { f64::INFINITY }
 }
 
-/// Wall seconds per million simulated node-seconds: the simulator's cost per node, which a 10k run compares with
-/// the 1k run before it in the same process (machines here vary by 2x between runs; two runs a minute apart much
-/// less).
-pub fn wall_per_node_second(report: &Report) -> f64 {
-    let node_seconds = report.nodes as f64 * report.sim_seconds;
-    if node_seconds > 0.0 { report.wall_seconds / node_seconds * 1e6 } else { f64::NAN }
-}
-
 /// Runs the benchmark scenarios (`with_100k = false` skips the largest) and reports against the targets.
 pub fn run_bench(with_100k: bool, mut progress: impl FnMut(&Report)) -> anyhow::Result<BenchResult> {
     let mut reports = Vec::new();
@@ -124,13 +116,6 @@ pub fn run_bench(with_100k: bool, mut progress: impl FnMut(&Report)) -> anyhow::
             bytes <= TRAFFIC_RATIO_MAX,
         );
         verdict(&mut text, format!("speed at 10k = {:.1}x >= {SPEED_10K}x", speed(large)), speed(large) >= SPEED_10K);
-        let (per_small, per_large) = (wall_per_node_second(small), wall_per_node_second(large));
-        let _ = writeln!(
-            text,
-            "  [info] wall s per million node-seconds: 1k {per_small:.2}, 10k {per_large:.2}; 10k/1k = {:.2} (1.00: a \
-             node costs as much at 10k as at 1k)",
-            ratio(per_small, per_large)
-        );
     }
     if let Some(huge) = reports.get(2) {
         verdict(&mut text, format!("speed at 100k = {:.2}x >= {SPEED_100K}x", speed(huge)), speed(huge) >= SPEED_100K);
