@@ -89,14 +89,12 @@ fn group_len(group: &GroupGrids, grids: &mut ArcLengths<CapacityGrid>) -> usize 
 
 /// A grid's length: its few scalar fields walked, its number arrays (hundreds of numbers) sized in bulk.
 fn grid_len(grid: &CapacityGrid) -> usize {
-    let (nodes, values) = grid.number_arrays();
-    let mut arrays = vec![Presized::Seq(wire_size::u32_seq_len(nodes))];
-    for values in values {
-        match wire_size::f32_seq_len(values) {
-            Some(len) => arrays.push(Presized::Seq(len)),
-            None => return wire_size::cbor_len(grid), // a NaN: left to the real encoder
-        }
-    }
+    let (nodes, [free, largest, centroid]) = grid.number_arrays();
+    let sized = [free, largest, centroid].map(wire_size::f32_seq_len);
+    let [Some(free), Some(largest), Some(centroid)] = sized else {
+        return wire_size::cbor_len(grid); // a NaN: left to the real encoder
+    };
+    let arrays = [wire_size::u32_seq_len(nodes), free, largest, centroid].map(Presized::Seq);
     wire_size::cbor_len_presized(grid, 0, &[], &arrays).0
 }
 
