@@ -2,8 +2,9 @@
 //!
 //! Reports arrive from every child each heartbeat, and each one is looked up by sender. Scanning the records
 //! themselves (about 250 bytes each) touched a cache line per child passed over; the keys of sixteen children fit in
-//! two lines. The list also counts its changes (`generation`), so that what is derived from the set of children
-//! (the routing context) is rebuilt only when it changed.
+//! two lines, kept inside the node's own state, so that the lookup loads nothing but the child's record. The list
+//! also counts its changes (`generation`), so that what is derived from the set of children (the routing context)
+//! is rebuilt only when it changed.
 
 use crate::Time;
 use crate::dedup::Window;
@@ -11,6 +12,7 @@ use crate::id::{NodeId, position_by_key};
 use crate::node::NodeInfo;
 use crate::rank::Rank;
 use crate::summary::Summary;
+use smallvec::SmallVec;
 
 pub(crate) struct Child {
     /// Replaced through [`Children::replace_info`] only, which keeps the keys and the generation right.
@@ -33,7 +35,9 @@ pub(crate) struct Child {
 #[derive(Default)]
 pub(crate) struct Children {
     list: Vec<Child>,
-    keys: Vec<u64>,
+    /// Inside the node's own state up to `max_children` (16 by default), so that finding the child a report came
+    /// from reads only the child's record outside it.
+    keys: SmallVec<[u64; 16]>,
     generation: u64,
 }
 
