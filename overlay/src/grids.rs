@@ -26,7 +26,7 @@
 
 use crate::Time;
 use crate::id::NodeId;
-use canopy_policies::{Capacity, CapacityGrid, DEFAULT_GRID_SIZE, GridInput, MAX_GRID_SIZE, Position};
+use canopy_policies::{Capacity, CapacityGrid, DEFAULT_GRID_SIZE, GridInput, MAX_GRID_SIZE, MergeCache, Position};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -230,6 +230,9 @@ pub struct Grids {
     /// Merge of this node, its siblings and its outside grid (what lies outside every child's group); dropped when
     /// one of those changes.
     outside_for_children: Option<Arc<CapacityGrid>>,
+    /// This node and its siblings, as merged into `outside_for_children`: the outside grid changes with every change
+    /// anywhere in the tree, they less often.
+    own_and_siblings: MergeCache,
     /// What we last reported, to whom, and how many reports ago.
     sent_up: Option<(NodeId, SubtreeGrid)>,
     reports_since_sent: u32,
@@ -289,6 +292,7 @@ impl Grids {
             outside: None,
             subtree: None,
             outside_for_children: None,
+            own_and_siblings: MergeCache::default(),
             sent_up: None,
             reports_since_sent: 0,
             group_dirty: true,
@@ -321,6 +325,7 @@ impl Grids {
     fn own_changed(&mut self) {
         self.subtree = None;
         self.outside_for_children = None;
+        self.own_and_siblings.clear();
         self.held = None;
     }
 
@@ -329,8 +334,12 @@ impl Grids {
         self.held = None;
     }
 
-    fn parent_grids_changed(&mut self) {
+    /// The outside grid, the siblings' grids or both changed.
+    fn parent_grids_changed(&mut self, siblings_changed: bool) {
         self.outside_for_children = None;
+        if siblings_changed {
+            self.own_and_siblings.clear();
+        }
         self.held = None;
     }
 
@@ -450,17 +459,17 @@ impl Grids {
                 return true;
             }
             self.counters.grids_received += 1;
-            let mut changed = false;
+            let (mut siblings_changed, mut outside_changed) = (false, false);
             for (id, grid) in group.members.iter().filter(|(id, _)| *id != me) {
                 match self.siblings.iter_mut().find(|(sibling, _)| sibling == id) {
                     Some((_, held)) if same_subtree(held, grid) => {}
                     Some((_, held)) => {
                         *held = grid.clone();
-                        changed = true;
+                        siblings_changed = true;
                     }
                     None => {
                         self.siblings.push((*id, grid.clone()));
-                        changed = true;
+                        siblings_changed = true;
                     }
                 }
             }
@@ -468,10 +477,10 @@ impl Grids {
                 && !self.outside.as_ref().is_some_and(|held| same_grid(held, outside))
             {
                 self.outside = Some(Arc::clone(outside));
-                changed = true;
+                outside_changed = true;
             }
-            if changed {
-                self.parent_grids_changed();
+            if siblings_changed || outside_changed {
+                self.parent_grids_changed(siblings_changed);
             }
             return true;
         }
@@ -481,33 +490,37 @@ impl Grids {
             (Some(a), Some(b)) => same_grid(a, b),
             (a, b) => a.is_none() && b.is_none(),
         };
-        if same_outside && siblings.clone().eq(self.siblings.iter()) {
+        let same_siblings = siblings.clone().eq(self.siblings.iter());
+        if same_outside && same_siblings {
             return true; // a refresh of what we hold
         }
-        self.siblings = siblings.cloned().collect();
+        if !same_siblings {
+            self.siblings = siblings.cloned().collect();
+        }
         self.outside = group.outside.clone();
-        self.parent_grids_changed();
+        self.parent_grids_changed(!same_siblings);
         true
     }
 
     /// No parent any more (a root, or detached): nothing lies outside our subtree that we know of.
     pub fn clear_parent_grids(&mut self) {
         if !self.siblings.is_empty() || self.outside.is_some() {
+            let siblings_changed = !self.siblings.is_empty();
             self.siblings.clear();
             self.outside = None;
-            self.parent_grids_changed();
+            self.parent_grids_changed(siblings_changed);
         }
     }
 
     /// Everything outside a child's subtree except its siblings: this node, its siblings and its outside grid.
     fn outside_for_children(&mut self) -> Arc<CapacityGrid> {
         if self.outside_for_children.is_none() {
-            let mut inputs = vec![self.own_input()];
-            inputs.extend(self.siblings.iter().map(|(_, g)| g.input()));
-            if let Some(outside) = &self.outside {
-                inputs.push(GridInput::Grid(outside));
-            }
-            self.outside_for_children = Some(Arc::new(CapacityGrid::merge_sized(self.config.size, &inputs)));
+            let mut shared = vec![self.own_input()];
+            shared.extend(self.siblings.iter().map(|(_, g)| g.input()));
+            let outside = self.outside.as_deref().map(GridInput::Grid);
+            let merged =
+                CapacityGrid::merge_sized_cached(self.config.size, &shared, outside, &mut self.own_and_siblings);
+            self.outside_for_children = Some(Arc::new(merged));
         }
         Arc::clone(self.outside_for_children.as_ref().expect("just computed"))
     }
@@ -531,6 +544,8 @@ impl Grids {
     /// [`Grids::group_for_child`]).
     pub fn group_for_children(&mut self, children: &[NodeId]) -> Option<Arc<GroupGrids>> {
         if children.is_empty() {
+            // No children to send an outside grid to: the sums kept for building one are only memory now.
+            self.own_and_siblings.clear();
             return None;
         }
         self.heartbeats_since_group += 1;

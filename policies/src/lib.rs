@@ -22,7 +22,7 @@ pub mod vivaldi;
 
 pub use grid::{CapacityGrid, DEFAULT_GRID_SIZE, GridCell, GridError, MAX_GRID_SIZE, RegionCapacity};
 pub use lattice::CellBounds;
-pub use merge::GridInput;
+pub use merge::{GridInput, MergeCache};
 pub use placement::rank_subtrees_for_placement;
 pub use policy::{Candidate, PickContext, Policies, Policy, PolicyKind, prune, prune_for};
 pub use position::{Capacity, Position, Resource};
