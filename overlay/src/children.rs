@@ -35,8 +35,8 @@ pub(crate) struct Child {
 #[derive(Default)]
 pub(crate) struct Children {
     list: Vec<Child>,
-    /// Inside the node's own state up to `max_children` (16 by default), so that finding the child a report came
-    /// from reads only the child's record outside it.
+    /// The first 16 (the default `max_children`) inside the node's own state, so that finding the child a report
+    /// came from reads only the child's record outside it.
     keys: SmallVec<[u64; 16]>,
     generation: u64,
 }

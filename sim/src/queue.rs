@@ -68,12 +68,22 @@ impl<T: Timed> EventQueue<T> {
     }
 
     pub fn push(&mut self, event: T) {
-        let bucket = event.at() >> BUCKET_SHIFT;
-        let (coarse, cursor_coarse) = (bucket >> FINE_BITS, self.cursor >> FINE_BITS);
-        if bucket <= self.cursor {
+        if event.at() >> BUCKET_SHIFT <= self.cursor {
             let at = self.current.partition_point(|queued| *queued > event);
             self.current.insert(at, event);
-        } else if coarse == cursor_coarse {
+        } else {
+            self.place(event);
+        }
+    }
+
+    /// Puts an event of a later bucket than the current one (or of the current one, while it is being entered) in
+    /// its fine bucket, its coarse bucket or the heap. Inlined by force: left to the compiler, bench_10k took 1.5%
+    /// longer.
+    #[inline(always)]
+    fn place(&mut self, event: T) {
+        let bucket = event.at() >> BUCKET_SHIFT;
+        let (coarse, cursor_coarse) = (bucket >> FINE_BITS, self.cursor >> FINE_BITS);
+        if coarse == cursor_coarse {
             self.fine[(bucket % FINE) as usize].push(event);
             self.in_fine += 1;
         } else if coarse < cursor_coarse + COARSE_RING {
@@ -141,19 +151,12 @@ impl<T: Timed> EventQueue<T> {
         self.coarse[slot] = events;
         let horizon = coarse + COARSE_RING;
         while let Some(Reverse(e)) = self.far.peek().copied() {
-            let e_coarse = e.at() >> (BUCKET_SHIFT + FINE_BITS);
-            if e_coarse >= horizon {
+            if e.at() >> (BUCKET_SHIFT + FINE_BITS) >= horizon {
                 break;
             }
             self.far.pop();
             // Not `push`: one in the cursor's own bucket belongs with that bucket's events, taken next.
-            if e_coarse == coarse {
-                self.fine[((e.at() >> BUCKET_SHIFT) % FINE) as usize].push(e);
-                self.in_fine += 1;
-            } else {
-                self.coarse[(e_coarse % COARSE_RING) as usize].push(e);
-                self.in_coarse += 1;
-            }
+            self.place(e);
         }
     }
 }
