@@ -180,6 +180,9 @@ pub struct Heartbeat {
     /// the whole group, or what changed since the version it holds (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grids: Option<Arc<GroupGrids>>,
+    /// Sent between two rounds because the view changed: it does not start the child's tick (see `Node::tick`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub between_rounds: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -363,6 +366,7 @@ mod tests {
                 view: Some(Arc::new(view)),
                 address_block: Some("10.17.0.0/20".parse().unwrap()),
                 grids: None,
+                between_rounds: true,
             }),
             Message::Report(Report { view_version: 3, rank, summary, grid: None, group_version: 2 }),
             Message::NotYourChild(Box::new(NotYourChild { replaced_by: Some(info(5)), term: 2, in_tree: true })),
@@ -396,6 +400,7 @@ mod tests {
                         canopy_policies::GridInput::Node { position: Position::new(3.0, 4.0), free: info(3).capacity },
                     ]))),
                 })),
+                between_rounds: false,
             }),
             Message::PlacementQuery(Box::new(PlacementQuery {
                 id: 1,
@@ -441,6 +446,7 @@ mod tests {
             view: None,
             address_block: None,
             grids: None,
+            between_rounds: false,
         }));
         assert!(hb.encode().len() < 128, "{} bytes", hb.encode().len());
         let rank = Rank::new(NodeId::from_u64(2), true, &info(2).capacity, Duration::from_secs(5));

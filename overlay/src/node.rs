@@ -4,7 +4,9 @@
 //! - A joiner sends `JoinRequest` to any member; it goes up to the root, then down towards the nearest balanced
 //!   subtree until a coordinator with room answers `Accept` (parent, ancestor chain, term, member list).
 //! - Parents send children `Heartbeat`s (full view only when a child reports an older version); children send
-//!   `Report`s with their rank and a subtree summary.
+//!   `Report`s with their rank and a subtree summary. A parent's periodic heartbeat starts its child's own round (the
+//!   report up, and a coordinator's heartbeats down), so the tree beats in step with its root; a node's own timer
+//!   takes over when its parent's heartbeats stop.
 //! - A child that misses heartbeats probes its parent directly and through a few siblings; when nobody reaches it,
 //!   all children compute the same successor (highest rank) from the member list. The successor takes the term
 //!   + 1 and attaches to the grandparent (or further up, or becomes an island root); the others attach to it.
@@ -53,6 +55,12 @@ const MAX_RELAYS: usize = 32;
 const SPLIT_GRACE_DIVISOR: u32 = 4;
 /// Changes of a coordinator's view reach its children at most once per heartbeat interval divided by this.
 const VIEW_PUSH_DIVISOR: u32 = 10;
+/// A node ticks on its parent's periodic heartbeat unless it ticked less than a heartbeat interval divided by this
+/// ago (see `on_heartbeat`)...
+const BEAT_TICK_GAP_DIVISOR: u32 = 2;
+/// ...and its timer then waits this fraction of an interval longer than the parent's next round should take, so
+/// that the heartbeat, not the timer, starts the next tick; the timer ticks only when heartbeats stop coming.
+const BEAT_TICK_SLACK_DIVISOR: u32 = 4;
 
 /// Tunables. Defaults follow the design: 1 s heartbeats, 16 children per coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,6 +311,8 @@ pub struct Node {
     is_root: bool,
     view_dirty: bool,
     next_tick: Time,
+    /// When `tick` last ran.
+    last_tick: Time,
     /// The earliest time changes of the view are pushed to the children again (see `finish`).
     next_view_push: Time,
     /// When a group over-filled by an attach splits (see `on_attach`); the tick splits any over-full group too.
@@ -424,6 +434,7 @@ impl Node {
             probe_seq: 0,
             dedup: Dedup::new(64),
             next_tick: first_tick,
+            last_tick: Time::ZERO,
             split_due: None,
             next_view_push: Time::ZERO,
             counters: Counters::default(),
@@ -1089,7 +1100,24 @@ impl Node {
 
     // ----- heartbeats ---------------------------------------------------------------------------------------
 
+    /// A parent's periodic heartbeat also starts the tick: the report goes up at once (acknowledging the view and
+    /// grids just received), a coordinator's heartbeats go down one hop later, and the tree ticks in step with its
+    /// root instead of each node on its own timer (a simulator wakes a node half as often). Reports keep their
+    /// interval: at least half of it apart, and at most 7/4 of it (once, when the timer had ticked just before the
+    /// first heartbeat; 5/4 when a heartbeat is lost).
     fn on_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
+        let round = !h.between_rounds;
+        self.apply_heartbeat(now, from, h);
+        let interval = self.config.heartbeat_interval;
+        if round && self.parent.as_ref().is_some_and(|p| p.info.id == from) {
+            self.next_tick = now + interval + interval / BEAT_TICK_SLACK_DIVISOR;
+            if now >= self.last_tick + interval / BEAT_TICK_GAP_DIVISOR {
+                self.tick(now);
+            }
+        }
+    }
+
+    fn apply_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
         let Some(p) = self.parent.as_mut().filter(|p| p.info.id == from) else {
             self.counters.from_non_members += 1;
             self.send(
@@ -1203,6 +1231,7 @@ impl Node {
     }
 
     fn tick(&mut self, now: Time) {
+        self.last_tick = now;
         // Drop silent children.
         let timeout = self.config.child_timeout;
         let mut dropped = Vec::new();
@@ -1321,6 +1350,7 @@ impl Node {
                 view: if full { view.clone() } else { None },
                 address_block: self.address_block,
                 grids,
+                between_rounds: changes_only,
             };
             self.send(id, Message::Heartbeat(hb));
         }

@@ -299,21 +299,28 @@ fn restart(net: &mut Net, i: usize, subnets: Vec<Ipv4Net>, via: usize) {
 #[test]
 fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent() {
     let mut net = built(40, 4);
-    let leaf_children = |net: &Net, p: usize| -> Vec<usize> {
-        let mut kids: Vec<usize> =
-            net.nodes[p].children().map(|c| net.idx(c)).filter(|&c| net.nodes[c].children().count() == 0).collect();
-        kids.sort_by_key(|&c| net.nodes[c].routing().machine_subnets()[0]);
-        kids
+    // Two leaves of a coordinator below the root whose subnets it granted from one block it holds: the one with the
+    // higher subnet restarts, the lower one stays dead, so a fresh grant would hand out the lower (free) subnet
+    // instead of the old one. (In one block: a block left empty could go back up the tree, as idle.)
+    let leaves_in_one_block = |net: &Net, p: usize| -> Option<(usize, usize)> {
+        let pool = net.nodes[p].routing().pool();
+        let mut kids: Vec<(Ipv4Net, usize)> = net.nodes[p]
+            .children()
+            .map(|c| net.idx(c))
+            .filter(|&c| net.nodes[c].children().count() == 0)
+            .map(|c| (net.nodes[c].routing().machine_subnets()[0], c))
+            .filter(|(subnet, _)| pool.grant(*subnet).is_some())
+            .collect();
+        kids.sort();
+        let block_of = |subnet: &Ipv4Net| pool.owned().iter().find(|b| b.contains(subnet)).copied();
+        kids.windows(2).find(|w| block_of(&w[0].0) == block_of(&w[1].0)).map(|w| (w[0].1, w[1].1))
     };
-    // A coordinator below the root with two leaves: the one with the higher subnet restarts, the lower one
-    // stays dead, so a fresh grant would hand out the lower (free) subnet instead of the old one.
-    let parent = net
+    let (parent, (lower, leaf)) = net
         .coordinators()
         .into_iter()
-        .find(|&c| net.nodes[c].parent().is_some() && leaf_children(&net, c).len() >= 2)
-        .expect("a coordinator with two leaves");
-    let kids = leaf_children(&net, parent);
-    let (lower, leaf) = (kids[0], *kids.last().unwrap());
+        .filter(|&c| net.nodes[c].parent().is_some())
+        .find_map(|c| leaves_in_one_block(&net, c).map(|pair| (c, pair)))
+        .expect("a coordinator with two leaves in one of its blocks");
     let old = net.nodes[leaf].routing().machine_subnets().to_vec();
 
     // Same parent: crash, let the parent notice and free the grants, come back with the same id.
@@ -346,7 +353,8 @@ fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent
     net.check_tree().unwrap();
     let new_parent = net.idx(net.nodes[leaf].parent().expect("attached"));
     assert_ne!(new_parent, parent);
-    assert!(lower_free(&net, new_parent), "a fresh grant would not differ from the old subnet");
+    // (Whether a fresh grant would differ here depends on timing: the successor may have given the dead lower
+    // leaf's block back up as idle. The first half shows the restore is not a coincidence of the allocator.)
     assert_eq!(net.nodes[leaf].routing().machine_subnets(), old.as_slice(), "under node {new_parent}");
     assert_eq!(route_events(&net, leaf, mark), vec![RouteEvent::SubnetGranted { block: old[0] }]);
     assert_eq!(overlaps(&net), vec![]);

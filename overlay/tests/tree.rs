@@ -276,8 +276,14 @@ fn a_replayed_heartbeat_or_report_is_dropped_as_a_duplicate() {
     let child = (0..3).find(|&i| net.nodes[i].parent() == Some(net.id(root))).expect("the root has a child");
     let (root_id, child_id) = (net.id(root), net.id(child));
     let envelope = |from, id, body| Envelope { version: PROTOCOL_VERSION, id, from, body };
-    let heartbeat =
-        Heartbeat { term: net.nodes[root].term(), view_version: 0, view: None, address_block: None, grids: None };
+    let heartbeat = Heartbeat {
+        term: net.nodes[root].term(),
+        view_version: 0,
+        view: None,
+        address_block: None,
+        grids: None,
+        between_rounds: false,
+    };
     let report = Report {
         view_version: 0,
         rank: Rank::new(child_id, true, &Capacity::ZERO, Duration::ZERO),
