@@ -776,6 +776,10 @@ impl Routing {
 
     fn parent_changed(&mut self, now: Time, ctx: &TreeCtx, parent: NodeId) {
         self.sync(now, ctx);
+        // A block request to the old parent is not answered here: what waits asks the new one.
+        if self.block_asked_at.take().is_some() && (!self.waiting.is_empty() || !self.waiting_up.is_empty()) {
+            self.ask_block(now, ctx);
+        }
         // Our subtree's records go up the new path; our interests are re-registered there.
         let records: Vec<InstanceRecord> = self
             .registry
@@ -1061,8 +1065,16 @@ impl Routing {
             RoutesMessage::SubnetReply { granted, refused } if from_parent => {
                 // A refused block is not asked for again before a resync interval: asking at once makes a full
                 // platform range a message storm (62,000 refusals to one coordinator in 50 s at 10k nodes).
+                // Only the answer to our block request closes it, not a reply to a sync, a claim or a renumbering:
+                // closed by any reply, a coordinator with many claims in flight asked again at each answer (for a
+                // block as large as all it held, a /18 each time), and the parent granted every ask.
                 let block_refused = refused.iter().any(|(w, _)| w.purpose == Purpose::Block && w.replaces.is_none());
-                self.block_asked_at = block_refused.then_some(now);
+                let block_granted = granted.iter().any(|g| g.purpose == Purpose::Block && g.replaces.is_none());
+                if block_refused {
+                    self.block_asked_at = Some(now);
+                } else if block_granted {
+                    self.block_asked_at = None;
+                }
                 for g in granted {
                     self.apply_granted(now, ctx, g);
                 }
@@ -2426,6 +2438,39 @@ mod tests {
         coord.tick(later, &c);
         let asked = wanted_of(coord.drain().0, parent);
         assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
+    }
+
+    #[test]
+    fn only_the_answer_to_a_block_request_closes_it() {
+        let parent = NodeId::from_u64(9);
+        let kids: Vec<(NodeId, Position)> = (2..5).map(|k| (NodeId::from_u64(k), Position::new(1.0, 1.0))).collect();
+        let c = ctx(1, Some(9), false, &kids);
+        let mut coord = Routing::new(RoutingConfig::default());
+        let machine = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
+        let sync = || RoutesMessage::SubnetSync { held: vec![], want: vec![machine] };
+        coord.on_message(Time::ZERO, &c, kids[0].0, sync());
+        let asked = wanted_of(coord.drain().0, parent);
+        assert_eq!(asked.len(), 1, "one block asked for: {asked:?}");
+        // The parent answers something else first (our own machine's subnet): the block request stays open, so
+        // the next machine waiting asks nothing more (closed by any reply, a coordinator with many claims in
+        // flight asked again at each answer, and a parent with room granted every ask).
+        let own: Ipv4Net = "10.16.9.0/26".parse().unwrap();
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Machine, block: own, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::from_millis(10), &c, parent, reply);
+        coord.on_message(Time::from_millis(20), &c, kids[1].0, sync());
+        assert_eq!(wanted_of(coord.drain().0, parent), vec![]);
+        // The block arrives (room for one of the two machines waiting): the request is closed, and the other
+        // machine's want asks again.
+        let block: Ipv4Net = "10.16.10.0/26".parse().unwrap();
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::from_millis(30), &c, parent, reply);
+        assert_eq!(wanted_of(coord.drain().0, parent).len(), 1, "a new request once the first was answered");
     }
 
     #[test]
