@@ -180,7 +180,7 @@ pub struct Heartbeat {
     /// the whole group, or what changed since the version it holds (see `grids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grids: Option<Arc<GroupGrids>>,
-    /// Sent between two rounds because the view changed: it does not start the child's tick (see `Node::tick`).
+    /// Sent between two rounds because the view changed: it does not start the child's tick (see `Node::on_heartbeat`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub between_rounds: bool,
 }

@@ -1102,9 +1102,9 @@ impl Node {
 
     /// A parent's periodic heartbeat also starts the tick: the report goes up at once (acknowledging the view and
     /// grids just received), a coordinator's heartbeats go down one hop later, and the tree ticks in step with its
-    /// root instead of each node on its own timer (a simulator wakes a node half as often). Reports keep their
-    /// interval: at least half of it apart, and at most 7/4 of it (once, when the timer had ticked just before the
-    /// first heartbeat; 5/4 when a heartbeat is lost).
+    /// root instead of each node on its own timer (a simulator wakes a node half as often). Reports stay at least
+    /// half an interval apart, and at most 3/2 of one while the parent's rounds take over from the timer, 5/4 when a
+    /// heartbeat is lost (the timer ticks), 7/4 when both happen at once.
     fn on_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
         let round = !h.between_rounds;
         self.apply_heartbeat(now, from, h);

@@ -2408,17 +2408,26 @@ mod tests {
         assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
     }
 
+    /// Three machines, children of coordinator 1 (whose parent is 9) in the tests below.
+    fn three_machines() -> Vec<(NodeId, Position)> {
+        (2..5).map(|k| (NodeId::from_u64(k), Position::new(1.0, 1.0))).collect()
+    }
+
+    /// The sync of a machine that wants a subnet.
+    fn machine_sync() -> RoutesMessage {
+        let machine = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
+        RoutesMessage::SubnetSync { held: vec![], want: vec![machine] }
+    }
+
     #[test]
     fn a_block_is_sized_to_what_waits_and_a_refusal_is_not_asked_again_at_once() {
         let parent = NodeId::from_u64(9);
-        let kids: Vec<(NodeId, Position)> = (2..5).map(|k| (NodeId::from_u64(k), Position::new(1.0, 1.0))).collect();
+        let kids = three_machines();
         let c = ctx(1, Some(9), false, &kids);
         let mut coord = Routing::new(RoutingConfig::default());
-        let machine = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
-        let sync = || RoutesMessage::SubnetSync { held: vec![], want: vec![machine] };
         // Two machines wait for a subnet: a /25 is asked for, not a /24 half idle.
-        coord.on_message(Time::ZERO, &c, kids[0].0, sync());
-        coord.on_message(Time::ZERO, &c, kids[1].0, sync());
+        coord.on_message(Time::ZERO, &c, kids[0].0, machine_sync());
+        coord.on_message(Time::ZERO, &c, kids[1].0, machine_sync());
         let asked = wanted_of(coord.drain().0, parent);
         let first = Want { purpose: Purpose::Block, prefix: 26, replaces: None, on_behalf: None };
         assert_eq!(asked, vec![first], "the first machine's sync asks for one subnet's room");
@@ -2431,7 +2440,7 @@ mod tests {
         };
         // The parent has nothing left: the next machine's sync is not passed up again at once.
         coord.on_message(Time::from_millis(10), &c, parent, refusal(26));
-        coord.on_message(Time::from_millis(20), &c, kids[2].0, sync());
+        coord.on_message(Time::from_millis(20), &c, kids[2].0, machine_sync());
         assert_eq!(wanted_of(coord.drain().0, parent), vec![]);
         // After a resync interval the block is asked for again, sized to the three machines waiting.
         let later = Time::ZERO + RoutingConfig::default().resync_interval + Duration::from_secs(1);
@@ -2443,12 +2452,10 @@ mod tests {
     #[test]
     fn only_the_answer_to_a_block_request_closes_it() {
         let parent = NodeId::from_u64(9);
-        let kids: Vec<(NodeId, Position)> = (2..5).map(|k| (NodeId::from_u64(k), Position::new(1.0, 1.0))).collect();
+        let kids = three_machines();
         let c = ctx(1, Some(9), false, &kids);
         let mut coord = Routing::new(RoutingConfig::default());
-        let machine = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
-        let sync = || RoutesMessage::SubnetSync { held: vec![], want: vec![machine] };
-        coord.on_message(Time::ZERO, &c, kids[0].0, sync());
+        coord.on_message(Time::ZERO, &c, kids[0].0, machine_sync());
         let asked = wanted_of(coord.drain().0, parent);
         assert_eq!(asked.len(), 1, "one block asked for: {asked:?}");
         // The parent answers something else first (our own machine's subnet): the block request stays open, so
@@ -2460,7 +2467,7 @@ mod tests {
             refused: vec![],
         };
         coord.on_message(Time::from_millis(10), &c, parent, reply);
-        coord.on_message(Time::from_millis(20), &c, kids[1].0, sync());
+        coord.on_message(Time::from_millis(20), &c, kids[1].0, machine_sync());
         assert_eq!(wanted_of(coord.drain().0, parent), vec![]);
         // The block arrives (room for one of the two machines waiting): the request is closed, and the other
         // machine's want asks again.
