@@ -2481,6 +2481,22 @@ mod tests {
     }
 
     #[test]
+    fn a_block_request_open_at_a_parent_change_is_asked_of_the_new_parent() {
+        let (old_parent, new_parent) = (NodeId::from_u64(9), NodeId::from_u64(8));
+        let kids = three_machines();
+        let mut coord = Routing::new(RoutingConfig::default());
+        let before = ctx(1, Some(9), false, &kids);
+        coord.on_message(Time::ZERO, &before, kids[0].0, machine_sync());
+        assert_eq!(wanted_of(coord.drain().0, old_parent).len(), 1, "a block asked of the first parent");
+        // The old parent will not answer to us any more: what waits asks the new one at once, not after a resync
+        // interval.
+        let after = ctx(1, Some(8), false, &kids);
+        coord.poll(Time::from_millis(10), &after);
+        let asked = wanted_of(coord.drain().0, new_parent);
+        assert!(asked.iter().any(|w| w.purpose == Purpose::Block && w.replaces.is_none()), "{asked:?}");
+    }
+
+    #[test]
     fn messages_from_strangers_are_counted_and_dropped() {
         let mut node = Routing::new(RoutingConfig::default());
         let c = ctx(1, Some(9), false, &[]);
