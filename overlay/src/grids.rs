@@ -18,7 +18,10 @@
 //! A leaf's "grid" is just its position and free capacity, which is what makes the common case cheap.
 //!
 //! Work stays bounded too: grids are shared (`Arc`), so one group message goes to every child without copying, and
-//! the merged subtree and outside grids are recomputed only when one of their inputs changed.
+//! the merged subtree and outside grids are recomputed only when one of their inputs changed. The outside grid a
+//! coordinator builds for its children changes with every change anywhere outside their group, so while its
+//! parent's grids keep changing it is rebuilt at most every `outside_every` rounds: news from afar reaches a node
+//! up to that many rounds later per level above its parent; its children's and siblings' grids do not wait.
 //!
 //! Placement (VineIO's migration/replication target search) walks the tree: a query climbs while the outside grid
 //! holds a nearer region that can host the demand than the node's own subtree, then descends into the children
@@ -53,13 +56,24 @@ pub struct GridConfig {
     /// children changes too small for a group of their own after this many heartbeat rounds (a lost group heals by
     /// the version the child reports).
     pub refresh_every: u32,
+    /// A coordinator rebuilds the grid of everything outside its children's group (for them) at most every this
+    /// many heartbeat rounds when its parent's grids keep changing (0: at once); the first change after a quiet
+    /// spell goes out at once. That grid changes with every change anywhere in the tree: rebuilt and resent every round, it set
+    /// every coordinator merging and sending a new group to all its children each second of a busy tree.
+    pub outside_every: u32,
     /// How long the origin of a placement query collects answers.
     pub placement_timeout: Duration,
 }
 
 impl Default for GridConfig {
     fn default() -> Self {
-        Self { size: DEFAULT_GRID_SIZE, threshold: 0.1, refresh_every: 10, placement_timeout: Duration::from_secs(1) }
+        Self {
+            size: DEFAULT_GRID_SIZE,
+            threshold: 0.1,
+            refresh_every: 10,
+            outside_every: 5,
+            placement_timeout: Duration::from_secs(1),
+        }
     }
 }
 
@@ -228,8 +242,12 @@ pub struct Grids {
     /// Merge of this node and its children; dropped when one of those changes.
     subtree: Option<Arc<CapacityGrid>>,
     /// Merge of this node, its siblings and its outside grid (what lies outside every child's group); dropped when
-    /// one of those changes.
+    /// our own capacity changes or we lose our parent, marked stale when the parent's grids change.
     outside_for_children: Option<Arc<CapacityGrid>>,
+    /// The parent's grids changed since `outside_for_children` was built; it is rebuilt once `outside_every`
+    /// rounds have passed since the last build.
+    outside_stale: bool,
+    rounds_since_outside: u32,
     /// This node and its siblings, as merged into `outside_for_children`: the outside grid changes with every change
     /// anywhere in the tree, they less often.
     own_and_siblings: MergeCache,
@@ -292,6 +310,8 @@ impl Grids {
             outside: None,
             subtree: None,
             outside_for_children: None,
+            outside_stale: false,
+            rounds_since_outside: 0,
             own_and_siblings: MergeCache::default(),
             sent_up: None,
             reports_since_sent: 0,
@@ -336,7 +356,7 @@ impl Grids {
 
     /// The outside grid, the siblings' grids or both changed.
     fn parent_grids_changed(&mut self, siblings_changed: bool) {
-        self.outside_for_children = None;
+        self.outside_stale = true;
         if siblings_changed {
             self.own_and_siblings.clear();
         }
@@ -509,12 +529,19 @@ impl Grids {
             self.siblings.clear();
             self.outside = None;
             self.parent_grids_changed(siblings_changed);
+            // Not stale but wrong: what lay outside is no longer there for the children.
+            self.outside_for_children = None;
         }
     }
 
     /// Everything outside a child's subtree except its siblings: this node, its siblings and its outside grid.
     fn outside_for_children(&mut self) -> Arc<CapacityGrid> {
+        if self.outside_stale && self.rounds_since_outside >= self.config.outside_every {
+            self.outside_for_children = None;
+        }
         if self.outside_for_children.is_none() {
+            self.outside_stale = false;
+            self.rounds_since_outside = 0;
             let mut shared = vec![self.own_input()];
             shared.extend(self.siblings.iter().map(|(_, g)| g.input()));
             let outside = self.outside.as_deref().map(GridInput::Grid);
@@ -549,6 +576,7 @@ impl Grids {
             return None;
         }
         self.heartbeats_since_group += 1;
+        self.rounds_since_outside = self.rounds_since_outside.saturating_add(1);
         let outside = self.outside_for_children();
         let members_changed =
             self.sent_members.len() != children.len() || children.iter().any(|c| !self.sent_members.contains(c));
@@ -944,7 +972,8 @@ mod tests {
     #[test]
     fn merges_are_redone_only_when_an_input_changed() {
         let me = id(1);
-        let mut g = Grids::new(config(), Position::new(0.0, 0.0), cap(1.0));
+        let at_once = GridConfig { outside_every: 0, ..config() };
+        let mut g = Grids::new(at_once, Position::new(0.0, 0.0), cap(1.0));
         g.on_child_grid(id(2), leaf(1.0, 1.0, 4.0));
         let subtree = Arc::clone(g.subtree_shared());
         let outside = g.outside_for_children();
@@ -969,6 +998,43 @@ mod tests {
         g.set_own_free(cap(2.0));
         assert!(!Arc::ptr_eq(&outside, &g.outside_for_children()), "our own capacity is in both");
         assert_eq!(g.subtree().total().free.cpu, 5.0);
+    }
+
+    #[test]
+    fn a_busy_outside_is_rebuilt_for_the_children_at_most_every_outside_every_rounds() {
+        let me = id(1);
+        let mut g = Grids::new(GridConfig { outside_every: 3, ..config() }, Position::new(0.0, 0.0), cap(1.0));
+        g.on_child_grid(id(2), leaf(1.0, 1.0, 4.0));
+        let kids = [id(2)];
+        let group_from_parent = |version: u64, outside_cpu: f64| GroupGrids {
+            version,
+            base: 0,
+            members: vec![(me, leaf(0.0, 0.0, 1.0))],
+            outside: Some(Arc::new(leaf(20.0, 20.0, outside_cpu).to_grid(DEFAULT_GRID_SIZE))),
+        };
+        let outside_sent = |group: Option<Arc<GroupGrids>>| group.and_then(|g| g.outside.clone());
+        g.on_group(me, 0, &group_from_parent(1, 8.0));
+        let first = outside_sent(g.group_for_children(&kids)).expect("the first group carries the outside grid");
+        // The parent's outside grid doubles every round: only every third round builds (and sends) a new one.
+        let mut built = Vec::new();
+        for round in 1..=6u32 {
+            g.on_group(me, 0, &group_from_parent(u64::from(round) + 1, 8.0 * f64::from(1 << round)));
+            if let Some(outside) = outside_sent(g.group_for_children(&kids)) {
+                assert!(!Arc::ptr_eq(&outside, &first));
+                built.push(round);
+            }
+        }
+        assert_eq!(built, [3, 6]);
+        // After a quiet spell, the next change goes out at once.
+        for _ in 0..3 {
+            assert!(g.group_for_children(&kids).is_none(), "nothing changed");
+        }
+        g.on_group(me, 0, &group_from_parent(9, 1.0));
+        assert!(outside_sent(g.group_for_children(&kids)).is_some());
+        // Losing the parent is not news to pace: the children's outside grid is rebuilt at the next round.
+        g.clear_parent_grids();
+        let alone = outside_sent(g.group_for_children(&kids)).expect("what lies outside changed");
+        assert_eq!(alone.total().free.cpu, 1.0, "only this node lies outside its children's group now");
     }
 
     #[test]

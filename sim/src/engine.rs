@@ -99,6 +99,9 @@ pub fn overlay_config(scenario: &Scenario) -> Config {
     if let Some(every) = scenario.overlay.grid_refresh {
         config.grids.refresh_every = every;
     }
+    if let Some(every) = scenario.overlay.grid_outside_every {
+        config.grids.outside_every = every;
+    }
     if let Some(range) = scenario.overlay.platform_range {
         config.routes.platform_range = range;
     }

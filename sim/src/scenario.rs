@@ -90,6 +90,10 @@ pub struct OverlayTuning {
     /// Reports resend unchanged grids, and parents send small changes, every this many heartbeats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_refresh: Option<u32>,
+    /// A coordinator rebuilds its children's outside grid at most every this many heartbeats while its parent's
+    /// grids keep changing (default 5; 0: at every change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_outside_every: Option<u32>,
     /// The range machine subnets come from, e.g. "10.0.0.0/8" (default 10.16.0.0/12, which holds about 15,000
     /// machines of /26: larger fleets need a larger range or smaller machine subnets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
