@@ -57,9 +57,10 @@ pub struct GridConfig {
     /// the version the child reports).
     pub refresh_every: u32,
     /// A coordinator rebuilds the grid of everything outside its children's group (for them) at most every this
-    /// many heartbeat rounds when its parent's grids keep changing (0: at once); the first change after a quiet
-    /// spell goes out at once. That grid changes with every change anywhere in the tree: rebuilt and resent every round, it set
-    /// every coordinator merging and sending a new group to all its children each second of a busy tree.
+    /// many heartbeat rounds while its parent's grids keep changing (0: at every change); the first change after a
+    /// quiet spell goes out at once. That grid changes with every change anywhere in the tree: rebuilt at every
+    /// change, it set every coordinator merging and sending a new group to all its children each second of a busy
+    /// tree.
     pub outside_every: u32,
     /// How long the origin of a placement query collects answers.
     pub placement_timeout: Duration,
