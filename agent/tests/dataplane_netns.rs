@@ -285,6 +285,14 @@ fn big_file() -> Vec<u8> {
     (0..BIG_FILE_LEN).map(|i| (i % 251) as u8).collect()
 }
 
+/// These tests also ping a ServiceIP, which a fresh machine may lack before `testbeds/prerequisites` ran.
+fn skip_reason_with_ping() -> Option<&'static str> {
+    skip_reason().or_else(|| {
+        let ping_missing = Command::new("ping").arg("-V").output().is_err();
+        ping_missing.then_some("needs ping (testbeds/prerequisites installs it)")
+    })
+}
+
 #[test]
 fn services_talk_through_service_ips_across_machines() {
     scenario('p', false);
@@ -296,7 +304,7 @@ fn services_talk_through_encrypted_tunnels() {
 }
 
 fn scenario(tag: char, sealed: bool) {
-    if let Some(reason) = skip_reason() {
+    if let Some(reason) = skip_reason_with_ping() {
         eprintln!("skipping dataplane_netns: {reason}");
         return;
     }
@@ -397,7 +405,7 @@ fn scenario(tag: char, sealed: bool) {
 /// ICMP replies find their way back; an address nobody knows becomes a notice (a table query, for the agent).
 #[test]
 fn server_machine_answers_clients_its_table_does_not_list() {
-    if let Some(reason) = skip_reason() {
+    if let Some(reason) = skip_reason_with_ping() {
         eprintln!("skipping dataplane_netns: {reason}");
         return;
     }
