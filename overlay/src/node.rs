@@ -612,7 +612,7 @@ impl Node {
         if self.split_due.is_some_and(|due| now >= due) {
             self.split_due = None;
             if self.children.len() > self.config.max_children {
-                self.split();
+                self.split(now);
             }
         }
         if now >= self.next_tick {
@@ -1062,7 +1062,7 @@ impl Node {
         // accept and will decline ours) do not cause a split, and one split serves a burst of joiners.
     }
 
-    fn split(&mut self) {
+    fn split(&mut self, now: Time) {
         let kids: Vec<_> = self.children.iter().map(|c| (c.info.id, c.info.position, c.rank)).collect();
         let Some(s) = split_group(self.info.position, &kids) else { return };
         let Some(coordinator) = self.children.get(&s.coordinator).map(|c| c.info.clone()) else {
@@ -1082,6 +1082,10 @@ impl Node {
             self.send(*id, Message::Redirect { to: Box::new(coordinator.clone()) });
             self.push_event(Event::MemberLeft(*id));
         }
+        // The moved half keeps its subnets.
+        let moved_up = self.parent.is_some().then_some(coordinator.id);
+        let moved: Vec<NodeId> = moved_up.into_iter().chain(s.members.iter().copied()).collect();
+        self.with_routing(|r, ctx| r.hand_over(now, ctx, &moved));
         self.mark_view_changed();
     }
 
@@ -1250,7 +1254,7 @@ impl Node {
             self.mark_view_changed();
         }
         if self.children.len() > self.config.max_children {
-            self.split();
+            self.split(now);
         }
         let children = &self.children;
         self.grids.retain_children(|id| children.contains(id));

@@ -31,6 +31,10 @@
 //!   block that moves shifts every grant inside it ([`RoutesMessage::Moved`] to the holders, recursively).
 //!   A successor inherits the blocks of the group it takes over ([`RoutesMessage::GroupBlocks`] told it which),
 //!   so its siblings keep their subnets when they sync with it.
+//! - Splits: a coordinator whose children move up beside it (under its parent) hands the blocks it granted them
+//!   to its parent ([`RoutesMessage::SubnetHandOver`]), which grants each to its holder, carved out of the
+//!   coordinator's grant; a root keeps the grants of children it moves below another child. Either way the moved
+//!   nodes' claims find their blocks and keep them (see [`Routing::hand_over`]).
 //! - Keeping blocks: a want with `replaces: Some(b)` asks to keep `b` (a held block the parent could not claim,
 //!   or a subnet from before a restart). The parent answers `Granted { block: b, replaces: Some(b) }` when `b`
 //!   is free in its pool; when `b` lies outside its pool it asks its own parent for `b` as a block (up to the
@@ -53,7 +57,7 @@
 //!   moved instances keep their address); a later instance with that number needs a new deployment.
 
 use crate::id::NodeId;
-use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE, block_size};
+use crate::routes::pool::{DEFAULT_MACHINE_PREFIX, PLATFORM_RANGE, SERVICE_IP_RANGE, block_size, carve};
 use crate::routes::{
     AddressPool, AddressRequest, AllocatorState, CacheLookup, InstanceRecord, InterestTable, PoolError, QueryAnswer,
     QueryDecision, QueryKey, Registry, RouteCache, RouteChange, ServiceAddresses, ServiceIpAllocator, ServiceName, Via,
@@ -268,6 +272,10 @@ pub enum RoutesMessage {
         path: Vec<NodeId>,
     },
     MergeAllocator(AllocatorState),
+    /// Child -> parent: blocks the child granted to its children that moved away in a split, with their holders.
+    /// The parent grants each to its holder, carved out of the child's grant, so the holder keeps it when it claims
+    /// it from its new place (see [`Routing::hand_over`]).
+    SubnetHandOver(Vec<(Ipv4Net, NodeId)>),
 }
 
 impl RoutesMessage {
@@ -287,6 +295,7 @@ impl RoutesMessage {
             }
             RoutesMessage::SubnetReply { granted, refused } => ok(granted.len() + refused.len()),
             RoutesMessage::GroupBlocks(b) => ok(b.len()),
+            RoutesMessage::SubnetHandOver(h) => ok(h.len()),
             RoutesMessage::Lost(l) => ok(l.len()),
             RoutesMessage::Renew(s) => ok(s.len()),
             RoutesMessage::Answer { answer, .. } => ok(answer.instances.len()),
@@ -340,6 +349,8 @@ pub struct RoutingCounters {
     pub grants_made: u64,
     /// Idle blocks a coordinator returned to its parent.
     pub blocks_given_back: u64,
+    /// Blocks of children that moved away in a split, handed to the parent for them.
+    pub blocks_handed_over: u64,
     pub renumbered: u64,
     pub queries_up: u64,
     pub answers: u64,
@@ -407,6 +418,9 @@ pub struct Routing {
     restoring: Vec<Ipv4Net>,
     /// Blocks a child wants kept that lie outside our pool: asked from our parent for ourselves, with when.
     claims_up: BTreeMap<Ipv4Net, Time>,
+    /// Claims in `claims_up` made for children that moved away in a split since, with the holder each was for: the
+    /// answer goes on to our parent for that holder (see [`Routing::hand_over`]), not into our pool.
+    claims_handed: BTreeMap<Ipv4Net, NodeId>,
     /// Replacements granted lately, by (child, replaced block): a child repeats its syncs before our answer
     /// arrives, and each repeat must get the same replacement, not another fresh block.
     replacements: BTreeMap<(NodeId, Ipv4Net), (Ipv4Net, Time)>,
@@ -464,6 +478,7 @@ impl Routing {
             extra_machine_wanted: false,
             restoring: Vec::new(),
             claims_up: BTreeMap::new(),
+            claims_handed: BTreeMap::new(),
             replacements: BTreeMap::new(),
             unavailable_up: BTreeSet::new(),
             parent_group: Vec::new(),
@@ -776,8 +791,12 @@ impl Routing {
 
     fn parent_changed(&mut self, now: Time, ctx: &TreeCtx, parent: NodeId) {
         self.sync(now, ctx);
-        // A block request to the old parent is not answered here: what waits asks the new one.
-        if self.block_asked_at.take().is_some() && (!self.waiting.is_empty() || !self.waiting_up.is_empty()) {
+        // A block request to the old parent is not answered here: what waits asks the new one. Wants that came while
+        // we had no parent are tried again: a claim to keep a block could not be asked up, and the child repeating
+        // its sync does not bring it back (a repeated want counts once).
+        self.block_asked_at = None;
+        self.serve_waiting(now, ctx);
+        if self.block_asked_at.is_none() && (!self.waiting.is_empty() || !self.waiting_up.is_empty()) {
             self.ask_block(now, ctx);
         }
         // Our subtree's records go up the new path; our interests are re-registered there.
@@ -877,8 +896,60 @@ impl Routing {
         self.send(parent, RoutesMessage::SubnetWant(want));
     }
 
+    /// Children that leave us in a split, for our parent (with the one of them that moves up beside us) or, at a
+    /// root, for one of our children: the blocks we granted them stay theirs, so each is kept when its holder
+    /// claims it from its new place (see `keep`). Moving up, their blocks go to our parent, carved out of our grant
+    /// ([`RoutesMessage::SubnetHandOver`]); renumbered instead (our parent found them inside our grant), a moved
+    /// subtree got fresh space at our parent while its old space sat idle here, and in a join storm, with splits at
+    /// every level, the platform range ran dry. Moving down, their grants stay here until claimed or lapsed;
+    /// released at once, they were granted afresh to others while the claims were on their way.
+    pub fn hand_over(&mut self, now: Time, ctx: &TreeCtx, moved: &[NodeId]) {
+        // Blocks we are still asking our parent to keep for them follow them when the answer comes.
+        let mut claimed: Vec<(Ipv4Net, NodeId)> = Vec::new();
+        if let Some(parent) = ctx.parent
+            && !self.pool_is_platform
+        {
+            self.hand_up(parent, moved);
+            for (old, wants) in &self.waiting_up {
+                let theirs = wants.iter().filter(|(c, _)| moved.contains(c));
+                claimed.extend(theirs.map(|(c, w)| (*old, w.on_behalf.unwrap_or(*c))));
+            }
+        }
+        for &child in moved {
+            self.forget_child(now, ctx, child);
+        }
+        self.known_children.retain(|c| !moved.contains(c));
+        for (old, holder) in claimed {
+            if self.claims_up.contains_key(&old) && !self.waiting_up.contains_key(&old) {
+                self.claims_handed.insert(old, holder);
+            }
+        }
+    }
+
+    fn hand_up(&mut self, parent: NodeId, moved: &[NodeId]) {
+        let mut handed: Vec<(Ipv4Net, NodeId)> = Vec::new();
+        for &child in moved {
+            handed.extend(self.pool.release_holder(child).into_iter().map(|g| (g.block, child)));
+        }
+        let blocks: Vec<Ipv4Net> = handed.iter().map(|(b, _)| *b).collect();
+        if blocks.is_empty() || self.pool.remove_owned(&blocks).is_err() {
+            return;
+        }
+        // What stays ours are the pieces of our grants around the handed blocks, as the parent carves them.
+        self.parent_blocks = carve(&self.parent_blocks, &blocks);
+        self.counters.blocks_handed_over += handed.len() as u64;
+        for chunk in handed.chunks(MAX_LIST) {
+            self.send(parent, RoutesMessage::SubnetHandOver(chunk.to_vec()));
+        }
+    }
+
     fn child_lost(&mut self, now: Time, ctx: &TreeCtx, child: NodeId) {
         self.pool.release_holder(child);
+        self.forget_child(now, ctx, child);
+    }
+
+    /// A child left: its wants, interests and records go (its grants are the caller's business).
+    fn forget_child(&mut self, now: Time, ctx: &TreeCtx, child: NodeId) {
         self.waiting.retain(|(c, _)| *c != child);
         self.waiting_up.retain(|_, wants| {
             wants.retain(|(c, _)| *c != child);
@@ -1062,6 +1133,7 @@ impl Routing {
         match m {
             RoutesMessage::SubnetSync { held, want } if from_child => self.on_sync(now, ctx, from, held, want),
             RoutesMessage::SubnetWant(want) if from_child => self.on_wants(now, ctx, from, want),
+            RoutesMessage::SubnetHandOver(handed) if from_child => self.on_hand_over(now, from, handed),
             RoutesMessage::SubnetReply { granted, refused } if from_parent => {
                 // A refused block is not asked for again before a resync interval: asking at once makes a full
                 // platform range a message storm (62,000 refusals to one coordinator in 50 s at 10k nodes).
@@ -1192,13 +1264,15 @@ impl Routing {
     // ----- grants -------------------------------------------------------------------------------------------
 
     fn on_sync(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, held: Vec<Held>, mut want: Vec<Want>) {
-        // Grants of this child it no longer lists (handed to it by a transfer, or replaced) are freed once they
-        // are old enough not to be in flight.
+        // Grants of this child it no longer lists (handed to it by a transfer, or replaced) are freed once it has
+        // had them long enough for our answer not to be in flight. Counted from when they became its, not from when
+        // they were made: a block kept for a child that moved here is as old as it was, and freed by its age, it
+        // was granted afresh while the answer was lost or on its way.
         let listed: BTreeSet<Ipv4Net> = held.iter().map(|h| h.block).collect();
         let stale: Vec<Ipv4Net> = self
             .pool
             .grants_of(child)
-            .filter(|g| !listed.contains(&g.block) && g.age(now) > self.cfg.resync_interval)
+            .filter(|g| !listed.contains(&g.block) && g.held_for(now) > self.cfg.resync_interval)
             .map(|g| g.block)
             .collect();
         for b in stale {
@@ -1225,6 +1299,15 @@ impl Routing {
         self.on_wants(now, ctx, child, want);
         // Every sync learns the group's blocks, so any child can take this node's place.
         self.send(child, RoutesMessage::GroupBlocks(self.pool.owned().to_vec()));
+    }
+
+    /// A child hands us blocks of children it lost in a split: each is granted to its holder (not our child yet,
+    /// or never: the grant lapses with its lease unless claimed), so its claim finds it (see `keep`). One that
+    /// lies in no grant of the child (its grant moved meanwhile) is left alone: the child's syncs list the rest.
+    fn on_hand_over(&mut self, now: Time, child: NodeId, handed: Vec<(Ipv4Net, NodeId)>) {
+        for (block, holder) in handed {
+            let _ = self.pool.split_off(block, child, holder, now);
+        }
     }
 
     fn on_wants(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, mut want: Vec<Want>) {
@@ -1469,7 +1552,9 @@ impl Routing {
                         match self.pool.move_block(old, g.block) {
                             Ok(moved) => {
                                 for r in moved {
-                                    if r.holder == ctx.me {
+                                    // Grants kept for nodes that moved away from us go with the block: their claims
+                                    // name the old block, which they are told by whoever granted it.
+                                    if r.holder == ctx.me || !self.known_children.contains(&r.holder) {
                                         continue;
                                     }
                                     self.send(r.holder, RoutesMessage::Moved { old: r.old, new: r.new });
@@ -1481,7 +1566,19 @@ impl Routing {
                     // The answer to a block we asked for on a child's behalf: ours either way; when it is not
                     // the block asked for, the child's want gets a fresh block from our pool.
                     Some(old) if self.claims_up.contains_key(&old) => {
+                        let handed = self.claims_handed.get(&old).copied();
                         self.claim_answered(old);
+                        if let Some(holder) = handed {
+                            // Its holder moved away: kept, the block follows it; replaced, nobody here needs the
+                            // replacement, and the parent frees it when our syncs leave it out.
+                            if g.block == old
+                                && let Some(parent) = ctx.parent
+                            {
+                                self.counters.blocks_handed_over += 1;
+                                self.send(parent, RoutesMessage::SubnetHandOver(vec![(old, holder)]));
+                            }
+                            return;
+                        }
                         if g.block != old {
                             self.unavailable_up.insert(old);
                         }
@@ -1503,6 +1600,7 @@ impl Routing {
     /// The claim for `old` is answered (or given up): the wants that waited for it are tried again.
     fn claim_answered(&mut self, old: Ipv4Net) {
         self.claims_up.remove(&old);
+        self.claims_handed.remove(&old);
         self.requeue_claim(old);
     }
 
@@ -1571,7 +1669,7 @@ impl Routing {
         let grants: Vec<(Ipv4Net, NodeId)> = self.pool.grants().map(|g| (g.block, g.holder)).collect();
         let mut pool = AddressPool::new(self.parent_blocks.iter().copied(), [], self.cfg.lease);
         for (b, h) in grants {
-            if pool.claim(b, h, now).is_err() {
+            if pool.claim(b, h, now).is_err() && self.known_children.contains(&h) {
                 self.send(h, RoutesMessage::Moved { old: b, new: None });
             }
         }
@@ -1591,7 +1689,7 @@ impl Routing {
             let grants: Vec<(Ipv4Net, NodeId)> = self.pool.grants().map(|g| (g.block, g.holder)).collect();
             let mut pool = AddressPool::new(self.parent_blocks.iter().copied(), [], self.cfg.lease);
             for (b, h) in grants {
-                if pool.claim(b, h, now).is_err() {
+                if pool.claim(b, h, now).is_err() && self.known_children.contains(&h) {
                     self.send(h, RoutesMessage::Moved { old: b, new: None });
                 }
             }
@@ -2494,6 +2592,115 @@ mod tests {
         coord.poll(Time::from_millis(10), &after);
         let asked = wanted_of(coord.drain().0, new_parent);
         assert!(asked.iter().any(|w| w.purpose == Purpose::Block && w.replaces.is_none()), "{asked:?}");
+    }
+
+    /// The root (1) granted coordinator A (2) a block; A granted the machines X (6) and M (7) a subnet each.
+    fn root_and_coordinator_with_two_machines() -> (Routing, Routing, Ipv4Net, Ipv4Net, Ipv4Net) {
+        let (root_id, a, x, m) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(6), NodeId::from_u64(7));
+        let root_kids = [(a, Position::new(1.0, 1.0))];
+        let at_root = ctx(1, None, true, &root_kids);
+        let mut root = Routing::new(RoutingConfig::default());
+        root.poll(Time::ZERO, &at_root);
+        let want = vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }];
+        root.on_message(Time::ZERO, &at_root, a, RoutesMessage::SubnetSync { held: vec![], want });
+        let block = granted_to(root.drain().0, a)[0].block;
+        let a_kids = [(x, Position::new(2.0, 2.0)), (m, Position::new(3.0, 3.0))];
+        let at_a = ctx(2, Some(1), false, &a_kids);
+        let mut coord = coordinator_holding(block, &at_a, root_id);
+        coord.on_message(Time::ZERO, &at_a, x, machine_sync());
+        coord.on_message(Time::ZERO, &at_a, m, machine_sync());
+        let sent = coord.drain().0;
+        let (x_subnet, m_subnet) = (granted_to(sent.clone(), x)[0].block, granted_to(sent, m)[0].block);
+        (root, coord, block, x_subnet, m_subnet)
+    }
+
+    /// A splits: X moves up beside it (under the root) and M under X. The root must keep M's subnet when X claims it
+    /// for M: renumbered (the root found it inside A's grant), every split left the moved subtree's space idle at A
+    /// and took fresh space from the root, and a 20k join storm ran the platform range dry.
+    #[test]
+    fn a_split_hands_the_moved_children_s_blocks_to_the_parent_so_they_keep_them() {
+        let (mut root, mut coord, block, x_subnet, m_subnet) = root_and_coordinator_with_two_machines();
+        let (root_id, a, x, m) = (NodeId::from_u64(1), NodeId::from_u64(2), NodeId::from_u64(6), NodeId::from_u64(7));
+        let at_a = ctx(2, Some(1), false, &[]);
+        coord.hand_over(Time::from_secs(1), &at_a, &[x, m]);
+        coord.poll(Time::from_secs(1), &at_a);
+        assert!(coord.pool().free_addresses() < block_size(24), "the moved blocks left A's pool");
+        let root_kids = [(a, Position::new(1.0, 1.0)), (x, Position::new(2.0, 2.0))];
+        let at_root = ctx(1, None, true, &root_kids);
+        for (to, msg) in coord.drain().0 {
+            if to == root_id {
+                root.on_message(Time::from_secs(1), &at_root, a, msg);
+            }
+        }
+        root.drain();
+        // X lists its subnet, and claims M's on M's behalf: both are kept.
+        let held = vec![Held { purpose: Purpose::Machine, block: x_subnet }];
+        root.on_message(Time::from_secs(1), &at_root, x, RoutesMessage::SubnetSync { held, want: vec![] });
+        let claim = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(m_subnet), on_behalf: Some(m) };
+        root.on_message(Time::from_secs(1), &at_root, x, RoutesMessage::SubnetWant(vec![claim]));
+        let answers = granted_to(root.drain().0, x);
+        assert_eq!(answers, vec![Granted { purpose: Purpose::Block, block: m_subnet, replaces: Some(m_subnet) }]);
+        assert_eq!(root.pool().grant(x_subnet).map(|g| g.holder), Some(x));
+        assert_eq!(root.pool().grant(m_subnet).map(|g| g.holder), Some(x));
+        // What A keeps is the rest of its block, as the root now grants it: its sync needs no answer.
+        let at_a = ctx(2, Some(1), false, &[]);
+        coord.poll(Time::from_secs(11), &at_a);
+        for (to, msg) in coord.drain().0 {
+            if to == root_id && matches!(msg, RoutesMessage::SubnetSync { .. }) {
+                root.on_message(Time::from_secs(11), &at_root, a, msg);
+            }
+        }
+        let answers = granted_to(root.drain().0, a);
+        assert!(answers.iter().all(|g| g.replaces.is_none()), "nothing replaced: {answers:?}");
+        let inside = root.pool().grants_of(a).filter(|g| block.contains(&g.block));
+        assert_eq!(inside.map(|g| block_size(g.block.prefix_len())).sum::<u64>(), block_size(24) - 2 * block_size(26));
+    }
+
+    /// At a root, the members of a split move under one of its children: their grants wait for the claims, not
+    /// granted afresh to whoever asks first.
+    #[test]
+    fn a_root_keeps_the_grants_of_children_moved_below_another_child_for_their_claims() {
+        let (x, m, other) = (NodeId::from_u64(6), NodeId::from_u64(7), NodeId::from_u64(8));
+        let before = [(x, Position::new(2.0, 2.0)), (m, Position::new(3.0, 3.0)), (other, Position::new(4.0, 4.0))];
+        let c = ctx(1, None, true, &before);
+        let mut root = Routing::new(RoutingConfig::default());
+        root.poll(Time::ZERO, &c);
+        root.on_message(Time::ZERO, &c, m, machine_sync());
+        let m_subnet = granted_to(root.drain().0, m)[0].block;
+        let after = [(x, Position::new(2.0, 2.0)), (other, Position::new(4.0, 4.0))];
+        let c = ctx(1, None, true, &after);
+        root.hand_over(Time::from_secs(1), &c, &[m]);
+        root.poll(Time::from_secs(1), &c);
+        // Another child asks before X claims M's subnet: it gets another one.
+        root.on_message(Time::from_secs(1), &c, other, machine_sync());
+        assert_ne!(granted_to(root.drain().0, other)[0].block, m_subnet);
+        let claim = Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(m_subnet), on_behalf: Some(m) };
+        root.on_message(Time::from_secs(1), &c, x, RoutesMessage::SubnetWant(vec![claim]));
+        let kept = Granted { purpose: Purpose::Machine, block: m_subnet, replaces: Some(m_subnet) };
+        assert_eq!(granted_to(root.drain().0, x), vec![kept]);
+    }
+
+    /// A grant kept for a child that moved here is as old as it was, but new to the child: a sync the child sent
+    /// before our answer arrived (or after it was lost) does not free it.
+    #[test]
+    fn a_grant_handed_to_a_child_is_not_freed_by_a_sync_that_does_not_know_it_yet() {
+        let (x, m) = (NodeId::from_u64(6), NodeId::from_u64(7));
+        let before = [(x, Position::new(2.0, 2.0)), (m, Position::new(3.0, 3.0))];
+        let c = ctx(1, None, true, &before);
+        let mut root = Routing::new(RoutingConfig::default());
+        root.poll(Time::ZERO, &c);
+        root.on_message(Time::ZERO, &c, m, machine_sync());
+        let m_subnet = granted_to(root.drain().0, m)[0].block;
+        let after = [(x, Position::new(2.0, 2.0))];
+        let c = ctx(1, None, true, &after);
+        let later = Time::from_secs(60);
+        root.hand_over(later, &c, &[m]);
+        let claim = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(m_subnet), on_behalf: Some(m) };
+        root.on_message(later, &c, x, RoutesMessage::SubnetWant(vec![claim]));
+        root.drain();
+        let unaware = RoutesMessage::SubnetSync { held: vec![], want: vec![] };
+        root.on_message(later + Time::from_secs(1), &c, x, unaware);
+        assert_eq!(root.pool().grant(m_subnet).map(|g| g.holder), Some(x));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Every kind, in [`kind_of`]'s numbering. Routes messages are named by their inner kind.
-pub const KIND_NAMES: [&str; 31] = [
+pub const KIND_NAMES: [&str; 32] = [
     "JoinRequest",
     "Accept",
     "Refuse",
@@ -38,6 +38,7 @@ pub const KIND_NAMES: [&str; 31] = [
     "Routes.Deployed",
     "Routes.MergeAllocator",
     "Routes.SubnetWant",
+    "Routes.SubnetHandOver",
 ];
 
 /// The index of a message's kind in [`KIND_NAMES`] (the match is exhaustive: a new variant needs a name).
@@ -75,6 +76,7 @@ pub fn kind_of(message: &Message) -> usize {
             RoutesMessage::Deployed { .. } => 28,
             RoutesMessage::MergeAllocator(_) => 29,
             RoutesMessage::SubnetWant(_) => 30,
+            RoutesMessage::SubnetHandOver(_) => 31,
         },
     }
 }

@@ -55,7 +55,7 @@ pub enum PoolError {
 pub struct Grant {
     pub block: Ipv4Net,
     pub holder: NodeId,
-    /// Local time at which this pool granted or learned the grant.
+    /// Local time at which this pool granted or learned the grant, or handed it to its current holder.
     pub since: Time,
     /// The grant's age at `since` (zero for grants made here).
     pub age_at_since: Duration,
@@ -65,6 +65,17 @@ pub struct Grant {
 impl Grant {
     pub fn age(&self, now: Time) -> Duration {
         self.age_at_since.saturating_add(now.saturating_sub(self.since))
+    }
+
+    /// How long its current holder has had it here: a grant handed to another holder is as old as it was, but new
+    /// to that holder (an answer to it may still be on its way).
+    pub fn held_for(&self, now: Time) -> Duration {
+        now.saturating_sub(self.since)
+    }
+
+    /// The grant handed to `holder` at `now` with a lease from then, keeping its age.
+    fn handed_to(self, holder: NodeId, now: Time, lease: Duration) -> Grant {
+        Grant { holder, since: now, age_at_since: self.age(now), expires_at: self.expires_at.max(now + lease), ..self }
     }
 
     pub fn info(&self, now: Time) -> GrantInfo {
@@ -515,21 +526,45 @@ impl AddressPool {
     pub fn transfer(&mut self, from: NodeId, to: NodeId, now: Time) -> usize {
         let blocks = self.blocks_of(from);
         for &block in &blocks {
-            let mut g = self.take_grant(block).expect("indexed grants exist");
-            g.holder = to;
-            g.expires_at = g.expires_at.max(now + self.lease);
-            self.put_grant(g);
+            let g = self.take_grant(block).expect("indexed grants exist");
+            self.put_grant(g.handed_to(to, now, self.lease));
         }
         blocks.len()
     }
 
     /// Hands one grant to another holder with a fresh lease (its holder moved under `to`).
     pub fn reassign(&mut self, block: Ipv4Net, to: NodeId, now: Time) -> bool {
-        let Some(mut g) = self.take_grant(block.trunc()) else { return false };
-        g.holder = to;
-        g.expires_at = g.expires_at.max(now + self.lease);
-        self.put_grant(g);
+        let Some(g) = self.take_grant(block.trunc()) else { return false };
+        self.put_grant(g.handed_to(to, now, self.lease));
         true
+    }
+
+    /// Hands `block` to `to` (`to` moved away from `from`, which gives the block back for it). `block` must lie in a
+    /// grant of `from`, or be made of grants of `from` (it merged them); the rest of a grant containing it stays
+    /// with `from` as the aligned pieces around `block`. The pieces and the handed block keep the grant's age; the
+    /// handed block gets a lease from `now`.
+    pub fn split_off(&mut self, block: Ipv4Net, from: NodeId, to: NodeId, now: Time) -> Result<(), PoolError> {
+        let block = block.trunc();
+        let overlapping: Vec<Grant> = self.grants_overlapping(block).cloned().collect();
+        if let Some(other) = overlapping.iter().find(|g| g.holder != from) {
+            return Err(PoolError::Taken { block, held: other.block, holder: other.holder });
+        }
+        let covered: u64 =
+            overlapping.iter().map(|g| block_size(g.block.prefix_len()).min(block_size(block.prefix_len()))).sum();
+        let Some(oldest) = overlapping.iter().max_by_key(|g| g.age(now)).cloned() else {
+            return Err(PoolError::UnknownGrant(block));
+        };
+        if covered < block_size(block.prefix_len()) {
+            return Err(PoolError::NotOwned(block));
+        }
+        for g in &overlapping {
+            self.take_grant(g.block);
+            for piece in carve(&[g.block], &[block]) {
+                self.put_grant(Grant { block: piece, ..g.clone() });
+            }
+        }
+        self.put_grant(Grant { block, ..oldest }.handed_to(to, now, self.lease));
+        Ok(())
     }
 
     /// Reclaims every grant whose lease ran out at or before `now`; returns them sorted by block.
@@ -683,7 +718,7 @@ impl AddressPool {
 }
 
 /// `blocks` minus `holes`, as maximal aligned blocks.
-fn carve(blocks: &[Ipv4Net], holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
+pub fn carve(blocks: &[Ipv4Net], holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
     let mut hole_set = BlockSet::default();
     for &hole in &Ipv4Net::aggregate(&holes.to_vec()) {
         hole_set.insert(hole);
@@ -878,6 +913,30 @@ mod tests {
         let restored = AddressPool::from_state(&successor.state(secs(6)), LEASE, secs(0)).unwrap();
         assert_eq!(restored.free_blocks(), successor.free_blocks());
         assert_eq!(restored.grants().map(|g| g.info(secs(0))).collect::<Vec<_>>(), successor.state(secs(6)).grants);
+    }
+
+    #[test]
+    fn a_block_split_off_a_grant_or_made_of_grants_goes_to_its_new_holder() {
+        let mut pool = AddressPool::new([net("10.0.0.0/16")], [], LEASE);
+        pool.claim(net("10.0.0.0/24"), node(1), secs(0)).unwrap();
+        pool.split_off(net("10.0.0.64/26"), node(1), node(2), secs(20)).unwrap();
+        let of = |pool: &AddressPool, n| pool.grants_of(node(n)).map(|g| g.block).collect::<Vec<_>>();
+        assert_eq!(of(&pool, 1), vec![net("10.0.0.0/26"), net("10.0.0.128/25")]);
+        assert_eq!(of(&pool, 2), vec![net("10.0.0.64/26")]);
+        let handed = pool.grant(net("10.0.0.64/26")).unwrap();
+        assert_eq!((handed.age(secs(20)), handed.held_for(secs(20))), (secs(20), secs(0)));
+        // Grants of one holder that make up the block go as one.
+        pool.claim(net("10.0.1.0/25"), node(3), secs(0)).unwrap();
+        pool.claim(net("10.0.1.128/25"), node(3), secs(0)).unwrap();
+        pool.split_off(net("10.0.1.0/24"), node(3), node(4), secs(20)).unwrap();
+        assert_eq!(of(&pool, 4), vec![net("10.0.1.0/24")]);
+        assert!(of(&pool, 3).is_empty());
+        // Not from another holder's grant, nor from free space.
+        assert!(matches!(pool.split_off(net("10.0.0.0/26"), node(3), node(5), secs(20)), Err(PoolError::Taken { .. })));
+        pool.claim(net("10.0.2.0/25"), node(3), secs(0)).unwrap();
+        assert!(pool.split_off(net("10.0.2.0/24"), node(3), node(5), secs(20)).is_err());
+        assert!(pool.split_off(net("10.0.3.0/24"), node(3), node(5), secs(20)).is_err());
+        assert_no_overlaps(&pool);
     }
 
     #[test]
