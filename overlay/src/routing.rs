@@ -2703,6 +2703,62 @@ mod tests {
         assert_eq!(root.pool().grant(m_subnet).map(|g| g.holder), Some(x));
     }
 
+    /// A coordinator asked its parent to keep a block for a child that then moved away in a split: the answer goes
+    /// on to the parent for the child, not into the coordinator's pool (where nobody would claim it).
+    #[test]
+    fn a_claim_open_for_a_child_that_moved_away_follows_it_when_answered() {
+        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
+        let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
+        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c = ctx(1, Some(9), false, &kids);
+        let mut coord = coordinator_holding(ours, &c, parent);
+        coord.drain();
+        let claim = Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(foreign), on_behalf: None };
+        coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetWant(vec![claim]));
+        let asked = wanted_of(coord.drain().0, parent);
+        assert_eq!(
+            asked,
+            vec![Want { purpose: Purpose::Block, prefix: 26, replaces: Some(foreign), on_behalf: Some(kid) }]
+        );
+        let after = ctx(1, Some(9), false, &[]);
+        coord.hand_over(Time::from_secs(1), &after, &[kid]);
+        let kept = Granted { purpose: Purpose::Block, block: foreign, replaces: Some(foreign) };
+        let reply = RoutesMessage::SubnetReply { granted: vec![kept], refused: vec![] };
+        coord.on_message(Time::from_secs(2), &after, parent, reply);
+        let handed: Vec<_> = coord
+            .drain()
+            .0
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                RoutesMessage::SubnetHandOver(h) if to == parent => Some(h),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(handed, vec![vec![(foreign, kid)]]);
+        assert!(!coord.pool().overlaps_owned(foreign), "the kept block is not ours");
+    }
+
+    /// A claim that came while the coordinator had no parent could not be asked up; the child repeating it counts
+    /// once, so the coordinator asks it of its next parent itself.
+    #[test]
+    fn a_claim_that_waited_without_a_parent_is_asked_of_the_next_parent_at_once() {
+        let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
+        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let orphan = ctx(1, None, false, &kids);
+        let mut coord = Routing::new(RoutingConfig::default());
+        coord.poll(Time::ZERO, &orphan);
+        let claim = Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(foreign), on_behalf: None };
+        coord.on_message(Time::ZERO, &orphan, kid, RoutesMessage::SubnetWant(vec![claim]));
+        coord.drain();
+        let attached = ctx(1, Some(9), false, &kids);
+        coord.poll(Time::from_secs(1), &attached);
+        let asked = wanted_of(coord.drain().0, parent);
+        let up = Want { purpose: Purpose::Block, prefix: 26, replaces: Some(foreign), on_behalf: Some(kid) };
+        assert!(asked.contains(&up), "{asked:?}");
+    }
+
     #[test]
     fn messages_from_strangers_are_counted_and_dropped() {
         let mut node = Routing::new(RoutingConfig::default());
