@@ -2261,15 +2261,20 @@ mod tests {
         coord
     }
 
+    /// Coordinator 1 (parent 9) holding 10.16.0.0/24, with child 2, and a subnet from elsewhere (10.19.7.0/26).
+    fn coordinator_with_a_child_from_elsewhere() -> (Routing, [(NodeId, Position); 1], Ipv4Net) {
+        let kids = [(NodeId::from_u64(2), Position::new(1.0, 1.0))];
+        let mut coord =
+            coordinator_holding("10.16.0.0/24".parse().unwrap(), &ctx(1, Some(9), false, &kids), NodeId::from_u64(9));
+        coord.drain();
+        (coord, kids, "10.19.7.0/26".parse().unwrap())
+    }
+
     #[test]
     fn a_coordinator_asks_its_parent_for_a_block_outside_its_pool_instead_of_renumbering() {
-        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
-        let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
-        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
-        let kids = [(kid, Position::new(1.0, 1.0))];
+        let (mut coord, kids, foreign) = coordinator_with_a_child_from_elsewhere();
+        let (parent, kid) = (NodeId::from_u64(9), kids[0].0);
         let c = ctx(1, Some(9), false, &kids);
-        let mut coord = coordinator_holding(ours, &c, parent);
-        coord.drain();
         // The child held `foreign` under another parent: we ask ours for it rather than replace it.
         let held = vec![Held { purpose: Purpose::Machine, block: foreign }];
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetSync { held, want: vec![] });
@@ -2316,6 +2321,7 @@ mod tests {
         let told = told.expect("a replacement for the child");
         assert_eq!(told.len(), 1);
         assert_eq!(told[0].replaces, Some(clash));
+        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
         assert!(ours.contains(&told[0].block) || elsewhere.contains(&told[0].block), "{told:?}");
     }
 
@@ -2707,13 +2713,9 @@ mod tests {
     /// on to the parent for the child, not into the coordinator's pool (where nobody would claim it).
     #[test]
     fn a_claim_open_for_a_child_that_moved_away_follows_it_when_answered() {
-        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
-        let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
-        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
-        let kids = [(kid, Position::new(1.0, 1.0))];
+        let (mut coord, kids, foreign) = coordinator_with_a_child_from_elsewhere();
+        let (parent, kid) = (NodeId::from_u64(9), kids[0].0);
         let c = ctx(1, Some(9), false, &kids);
-        let mut coord = coordinator_holding(ours, &c, parent);
-        coord.drain();
         let claim = Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(foreign), on_behalf: None };
         coord.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetWant(vec![claim]));
         let asked = wanted_of(coord.drain().0, parent);
