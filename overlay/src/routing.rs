@@ -1488,17 +1488,25 @@ impl Routing {
         if waiting.is_empty() {
             return;
         }
-        // Ordered by child: each child's wants are consecutive.
-        let mut by_child: Vec<(NodeId, Vec<Want>)> = Vec::new();
-        for (c, w) in waiting {
-            match by_child.last_mut() {
-                Some((x, v)) if *x == c => v.push(w),
-                _ => by_child.push((c, vec![w])),
+        // Claims whose block is free here now (a claim we asked up for was answered "kept") go before anything
+        // else: served in child order, another child's fresh grant or replacement took space out of the block just
+        // kept for the claimer, who was then renumbered while its subtree still used it (a split at the root of a
+        // 20k join storm: hundreds of overlapping subnets for 15 s).
+        let keepable = |w: &Want| w.replaces.is_some_and(|old| old.prefix_len() == w.prefix && self.pool.is_free(old));
+        let (first, rest): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(_, w)| keepable(w));
+        for batch in [first, rest] {
+            // Ordered by child: each child's wants are consecutive.
+            let mut by_child: Vec<(NodeId, Vec<Want>)> = Vec::new();
+            for (c, w) in batch {
+                match by_child.last_mut() {
+                    Some((x, v)) if *x == c => v.push(w),
+                    _ => by_child.push((c, vec![w])),
+                }
             }
-        }
-        for (c, wants) in by_child {
-            if ctx.children.iter().any(|(x, _)| *x == c) {
-                self.grant_wants(now, ctx, c, wants);
+            for (c, wants) in by_child {
+                if ctx.children.iter().any(|(x, _)| *x == c) {
+                    self.grant_wants(now, ctx, c, wants);
+                }
             }
         }
     }
@@ -1549,7 +1557,7 @@ impl Routing {
                         self.counters.renumbered += 1;
                         self.parent_blocks.retain(|b| *b != old);
                         self.parent_blocks.push(g.block);
-                        match self.pool.move_block(old, g.block) {
+                        match self.pool.move_block(old, g.block, now) {
                             Ok(moved) => {
                                 for r in moved {
                                     // Grants kept for nodes that moved away from us go with the block: their claims
@@ -2743,6 +2751,58 @@ mod tests {
 
     /// A claim that came while the coordinator had no parent could not be asked up; the child repeating it counts
     /// once, so the coordinator asks it of its next parent itself.
+    /// Our block is renumbered: a sync a child sent before it learned of its new subnet lists the old one. Its moved
+    /// grant is new to it and stays; freed by the grant's age, it went to the next machine that asked (a 20k join
+    /// storm: two machines on one subnet until the next resync).
+    #[test]
+    fn a_grant_moved_with_our_block_is_not_freed_by_the_child_s_sync_from_before() {
+        let ours: Ipv4Net = "10.16.0.0/24".parse().unwrap();
+        let moved_to: Ipv4Net = "10.24.0.0/24".parse().unwrap();
+        let parent = NodeId::from_u64(9);
+        let kids = three_machines();
+        let c = ctx(1, Some(9), false, &kids);
+        let mut coord = coordinator_holding(ours, &c, parent);
+        coord.on_message(Time::ZERO, &c, kids[0].0, machine_sync());
+        let subnet = granted_to(coord.drain().0, kids[0].0)[0].block;
+        let later = Time::from_secs(60);
+        coord.on_message(later, &c, parent, RoutesMessage::Moved { old: ours, new: Some(moved_to) });
+        let shifted = coord.pool().grants_of(kids[0].0).map(|g| g.block).next().expect("the grant moved");
+        assert!(moved_to.contains(&shifted));
+        let before =
+            RoutesMessage::SubnetSync { held: vec![Held { purpose: Purpose::Machine, block: subnet }], want: vec![] };
+        coord.on_message(later, &c, kids[0].0, before);
+        coord.on_message(later, &c, kids[1].0, machine_sync());
+        assert_eq!(coord.pool().grant(shifted).map(|g| g.holder), Some(kids[0].0));
+        assert!(granted_to(coord.drain().0, kids[1].0).iter().all(|g| g.block != shifted));
+    }
+
+    /// A block our parent kept for a child's claim arrives while other children wait: served in child order, another
+    /// child's want took it and the claimer was renumbered while its subtree still used the block.
+    #[test]
+    fn a_claim_kept_upstream_goes_to_its_claimer_before_other_children_s_waiting_wants() {
+        let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
+        let (parent, early, claimer) = (NodeId::from_u64(9), NodeId::from_u64(2), NodeId::from_u64(3));
+        let kids = [(early, Position::new(1.0, 1.0)), (claimer, Position::new(2.0, 2.0))];
+        let c = ctx(1, Some(9), false, &kids);
+        let mut coord = Routing::new(RoutingConfig::default());
+        coord.poll(Time::ZERO, &c);
+        // The claimer held `foreign` elsewhere: asked up. The other child (first in child order) waits for any subnet.
+        let claim = Want { purpose: Purpose::Machine, prefix: 26, replaces: Some(foreign), on_behalf: None };
+        coord.on_message(Time::ZERO, &c, claimer, RoutesMessage::SubnetWant(vec![claim]));
+        let fresh = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
+        coord.on_message(Time::ZERO, &c, early, RoutesMessage::SubnetWant(vec![fresh]));
+        coord.drain();
+        // The parent keeps `foreign` for us: it is the claimer's, not the first free /26 for whoever comes first.
+        let kept = Granted { purpose: Purpose::Block, block: foreign, replaces: Some(foreign) };
+        let reply = RoutesMessage::SubnetReply { granted: vec![kept], refused: vec![] };
+        coord.on_message(Time::from_millis(10), &c, parent, reply);
+        let sent = coord.drain().0;
+        let to_claimer = Granted { purpose: Purpose::Machine, block: foreign, replaces: Some(foreign) };
+        assert_eq!(granted_to(sent.clone(), claimer), vec![to_claimer]);
+        assert_eq!(granted_to(sent, early), vec![], "nothing left for the other child until a block comes");
+        assert_eq!(coord.pool().grant(foreign).map(|g| g.holder), Some(claimer));
+    }
+
     #[test]
     fn a_claim_that_waited_without_a_parent_is_asked_of_the_next_parent_at_once() {
         let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();

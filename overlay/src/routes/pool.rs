@@ -67,8 +67,8 @@ impl Grant {
         self.age_at_since.saturating_add(now.saturating_sub(self.since))
     }
 
-    /// How long its current holder has had it here: a grant handed to another holder is as old as it was, but new
-    /// to that holder (an answer to it may still be on its way).
+    /// How long its current holder has had it here, as it is: a grant handed to another holder, or moved with its
+    /// block, is as old as it was but new to the holder (a sync the holder sent before it knew may be on its way).
     pub fn held_for(&self, now: Time) -> Duration {
         now.saturating_sub(self.since)
     }
@@ -687,8 +687,9 @@ impl AddressPool {
 
     /// Moves an owned block to `new` (same size), shifting every grant inside it by the same offset: used when
     /// this coordinator's own block lost an overlap resolution at its parent and was renumbered. Grants keep
-    /// their holder, age and lease; the returned list says who moved where, sorted by old block.
-    pub fn move_block(&mut self, old: Ipv4Net, new: Ipv4Net) -> Result<Vec<Renumbered>, PoolError> {
+    /// their holder, age and lease, but are new to their holders at `now` (see [`Grant::held_for`]); the returned
+    /// list says who moved where, sorted by old block.
+    pub fn move_block(&mut self, old: Ipv4Net, new: Ipv4Net, now: Time) -> Result<Vec<Renumbered>, PoolError> {
         let (old, new) = (old.trunc(), new.trunc());
         if old.prefix_len() != new.prefix_len() {
             return Err(PoolError::BadPrefix(new.prefix_len()));
@@ -707,7 +708,7 @@ impl AddressPool {
             let grant = self.take_grant(block).expect("listed above");
             let new_block = shift(block);
             moved.push(Renumbered { holder: grant.holder, old: block, new: Some(new_block) });
-            self.put_grant(Grant { block: new_block, ..grant });
+            self.put_grant(Grant { block: new_block, since: now, age_at_since: grant.age(now), ..grant });
         }
         let mut owned = remaining;
         owned.push(new);
@@ -946,7 +947,7 @@ mod tests {
         pool.claim(a, node(1), secs(0)).unwrap();
         pool.claim(net("10.16.2.64/26"), node(2), secs(0)).unwrap();
         pool.claim(net("10.20.0.0/26"), node(3), secs(0)).unwrap();
-        let moved = pool.move_block(net("10.16.0.0/22"), net("10.24.4.0/22")).unwrap();
+        let moved = pool.move_block(net("10.16.0.0/22"), net("10.24.4.0/22"), secs(30)).unwrap();
         let pairs: Vec<(NodeId, Ipv4Net, Ipv4Net)> = moved.iter().map(|r| (r.holder, r.old, r.new.unwrap())).collect();
         assert_eq!(
             pairs,
@@ -954,15 +955,21 @@ mod tests {
         );
         assert_eq!(pool.owned(), &[net("10.20.0.0/24"), net("10.24.4.0/22")]);
         assert_eq!(pool.grant(net("10.20.0.0/26")).unwrap().holder, node(3));
+        let shifted = pool.grant(net("10.24.4.0/26")).unwrap();
+        assert_eq!(
+            (shifted.age(secs(30)), shifted.held_for(secs(30))),
+            (secs(30), secs(0)),
+            "old, but new to its holder"
+        );
         assert_no_overlaps(&pool);
         assert_eq!(pool.usable_addresses(), 1024 + 256);
         assert_eq!(
-            pool.move_block(net("10.16.0.0/22"), net("10.28.0.0/22")),
+            pool.move_block(net("10.16.0.0/22"), net("10.28.0.0/22"), secs(30)),
             Err(PoolError::NotOwned(net("10.16.0.0/22")))
         );
-        assert_eq!(pool.move_block(net("10.24.4.0/22"), net("10.28.0.0/24")), Err(PoolError::BadPrefix(24)));
+        assert_eq!(pool.move_block(net("10.24.4.0/22"), net("10.28.0.0/24"), secs(30)), Err(PoolError::BadPrefix(24)));
         assert_eq!(
-            pool.move_block(net("10.24.4.0/22"), net("10.20.0.0/22")),
+            pool.move_block(net("10.24.4.0/22"), net("10.20.0.0/22"), secs(30)),
             Err(PoolError::AlreadyOwned(net("10.20.0.0/22")))
         );
         // The grandparent hands the old coordinator's grants to its successor.
