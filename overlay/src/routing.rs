@@ -2749,8 +2749,6 @@ mod tests {
         assert!(!coord.pool().overlaps_owned(foreign), "the kept block is not ours");
     }
 
-    /// A claim that came while the coordinator had no parent could not be asked up; the child repeating it counts
-    /// once, so the coordinator asks it of its next parent itself.
     /// Our block is renumbered: a sync a child sent before it learned of its new subnet lists the old one. Its moved
     /// grant is new to it and stays; freed by the grant's age, it went to the next machine that asked (a 20k join
     /// storm: two machines on one subnet until the next resync).
@@ -2803,6 +2801,8 @@ mod tests {
         assert_eq!(coord.pool().grant(foreign).map(|g| g.holder), Some(claimer));
     }
 
+    /// A claim that came while the coordinator had no parent could not be asked up; the child repeating it counts
+    /// once, so the coordinator asks it of its next parent itself.
     #[test]
     fn a_claim_that_waited_without_a_parent_is_asked_of_the_next_parent_at_once() {
         let foreign: Ipv4Net = "10.19.7.0/26".parse().unwrap();
