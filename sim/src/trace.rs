@@ -1,8 +1,9 @@
 //! `canopy-sim run --trace`: what chosen nodes receive, send and report, one line each, to follow a node through a
-//! run (why did it end up detached? who redirected it?). Messages are named by kind with the peers they point
-//! to; whole views and grids are left out.
+//! run (why did it end up detached? who redirected it? who else was granted its subnet?). Messages are named by
+//! kind with the peers they point to, subnet messages with their blocks; whole views and grids are left out.
 
 use crate::kinds::{KIND_NAMES, kind_of};
+use canopy_overlay::routing::{Granted, RoutesMessage, Want};
 use canopy_overlay::{Event, Message, NodeId};
 
 /// One thing a traced node did: at simulated `at_ns`, node `node` (its index).
@@ -57,6 +58,44 @@ pub fn describe(message: &Message, name: impl Fn(&NodeId) -> String) -> String {
             (None, Some(parent)) => format!("{kind} orphaned from {}", name(&parent)),
             (None, None) => kind.to_string(),
         },
+        Message::Routes(r) => describe_subnets(kind, r, &name),
+        _ => kind.to_string(),
+    }
+}
+
+/// Subnet messages with their blocks (enough to follow one subnet through a run); other routes messages by kind.
+fn describe_subnets(kind: &str, message: &RoutesMessage, name: &impl Fn(&NodeId) -> String) -> String {
+    let list = |items: Vec<String>| format!("[{}]", items.join(", "));
+    let want = |w: &Want| {
+        let replacing = w.replaces.map(|b| format!(" replacing {b}")).unwrap_or_default();
+        let on_behalf = w.on_behalf.map(|n| format!(" for {}", name(&n))).unwrap_or_default();
+        format!("{:?} /{}{replacing}{on_behalf}", w.purpose, w.prefix)
+    };
+    let granted = |g: &Granted| match g.replaces {
+        Some(old) if old != g.block => format!("{:?} {} replacing {old}", g.purpose, g.block),
+        Some(_) => format!("{:?} {} kept", g.purpose, g.block),
+        None => format!("{:?} {}", g.purpose, g.block),
+    };
+    match message {
+        RoutesMessage::SubnetSync { held, want: wants } => format!(
+            "{kind} held {} want {}",
+            list(held.iter().map(|h| h.block.to_string()).collect()),
+            list(wants.iter().map(want).collect())
+        ),
+        RoutesMessage::SubnetWant(wants) => format!("{kind} {}", list(wants.iter().map(want).collect())),
+        RoutesMessage::SubnetReply { granted: g, refused } => {
+            format!("{kind} granted {} refused {}", list(g.iter().map(granted).collect()), refused.len())
+        }
+        RoutesMessage::Moved { old, new } => match new {
+            Some(new) => format!("{kind} {old} -> {new}"),
+            None => format!("{kind} {old} -> none"),
+        },
+        RoutesMessage::SubnetHandOver(handed) => {
+            format!("{kind} {}", list(handed.iter().map(|(b, n)| format!("{b} for {}", name(n))).collect()))
+        }
+        RoutesMessage::GroupBlocks(blocks) => {
+            format!("{kind} {}", list(blocks.iter().map(|b| b.to_string()).collect()))
+        }
         _ => kind.to_string(),
     }
 }
@@ -94,6 +133,41 @@ mod tests {
         let event = Event::ParentChanged { parent: Some(NodeId::from_u64(48)) };
         assert_eq!(describe_event(&event, name), "parent n48");
         assert_eq!(describe_event(&Event::ParentChanged { parent: None }, name), "parent none");
+    }
+
+    #[test]
+    fn subnet_messages_show_their_blocks() {
+        use canopy_overlay::routing::Purpose;
+        let net = |s: &str| s.parse().unwrap();
+        let routes = |m| Message::Routes(Box::new(m));
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![
+                Granted { purpose: Purpose::Machine, block: net("10.16.0.0/26"), replaces: Some(net("10.17.0.0/26")) },
+                Granted { purpose: Purpose::Block, block: net("10.18.0.0/24"), replaces: Some(net("10.18.0.0/24")) },
+            ],
+            refused: vec![],
+        };
+        assert_eq!(
+            describe(&routes(reply), name),
+            concat!(
+                "Routes.SubnetReply granted [Machine 10.16.0.0/26 replacing 10.17.0.0/26, ",
+                "Block 10.18.0.0/24 kept] refused 0"
+            )
+        );
+        let claim = Want {
+            purpose: Purpose::Block,
+            prefix: 26,
+            replaces: Some(net("10.17.0.0/26")),
+            on_behalf: Some(NodeId::from_u64(7)),
+        };
+        assert_eq!(
+            describe(&routes(RoutesMessage::SubnetWant(vec![claim])), name),
+            "Routes.SubnetWant [Block /26 replacing 10.17.0.0/26 for n7]"
+        );
+        let moved = RoutesMessage::Moved { old: net("10.17.0.0/26"), new: Some(net("10.19.0.0/26")) };
+        assert_eq!(describe(&routes(moved), name), "Routes.Moved 10.17.0.0/26 -> 10.19.0.0/26");
+        let handed = RoutesMessage::SubnetHandOver(vec![(net("10.17.0.0/26"), NodeId::from_u64(7))]);
+        assert_eq!(describe(&routes(handed), name), "Routes.SubnetHandOver [10.17.0.0/26 for n7]");
     }
 
     #[test]
