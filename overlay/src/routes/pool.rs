@@ -55,7 +55,8 @@ pub enum PoolError {
 pub struct Grant {
     pub block: Ipv4Net,
     pub holder: NodeId,
-    /// Local time at which this pool granted or learned the grant, or handed it to its current holder.
+    /// Local time at which this pool granted or learned the grant, or last handed or moved it (see
+    /// [`Grant::held_for`]).
     pub since: Time,
     /// The grant's age at `since` (zero for grants made here).
     pub age_at_since: Duration,
@@ -73,9 +74,14 @@ impl Grant {
         now.saturating_sub(self.since)
     }
 
+    /// The grant as new to its holder at `now`, keeping its age.
+    fn restamped(self, now: Time) -> Grant {
+        Grant { since: now, age_at_since: self.age(now), ..self }
+    }
+
     /// The grant handed to `holder` at `now` with a lease from then, keeping its age.
     fn handed_to(self, holder: NodeId, now: Time, lease: Duration) -> Grant {
-        Grant { holder, since: now, age_at_since: self.age(now), expires_at: self.expires_at.max(now + lease), ..self }
+        Grant { holder, expires_at: self.expires_at.max(now + lease), ..self.restamped(now) }
     }
 
     pub fn info(&self, now: Time) -> GrantInfo {
@@ -708,7 +714,7 @@ impl AddressPool {
             let grant = self.take_grant(block).expect("listed above");
             let new_block = shift(block);
             moved.push(Renumbered { holder: grant.holder, old: block, new: Some(new_block) });
-            self.put_grant(Grant { block: new_block, since: now, age_at_since: grant.age(now), ..grant });
+            self.put_grant(Grant { block: new_block, ..grant.restamped(now) });
         }
         let mut owned = remaining;
         owned.push(new);
