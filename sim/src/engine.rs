@@ -10,7 +10,9 @@ use crate::message_size::MessageSizes;
 use crate::network::{Attachment, NetworkModel};
 use crate::prefetch::prefetch;
 use crate::queue::{EventQueue, Timed};
-use crate::report::{AppliedEvent, ByRole, FinalState, MessageCounts, Report, StateSizes, Stats, Violation};
+use crate::report::{
+    AppliedEvent, ByRole, FinalState, MessageCounts, ProtocolCounters, Report, StateSizes, Stats, Violation,
+};
 use crate::scenario::{EventKind, Scenario, Target};
 use crate::trace::{Tracer, describe, describe_event};
 use canopy_overlay::routes::pool::block_size;
@@ -248,6 +250,8 @@ pub struct Simulation {
     route_load: Option<crate::route_load::RouteLoad>,
     /// Wire lengths of the parts messages share.
     sizes: MessageSizes,
+    /// The protocol counters of nodes taken down (crashed or left), which a restart starts again from zero.
+    retired_counters: ProtocolCounters,
 }
 
 fn bucket(role: Role) -> usize {
@@ -362,6 +366,7 @@ impl Simulation {
             fanout_max: 0,
             route_load: scenario.routes.clone().map(|r| crate::route_load::RouteLoad::new(r, derive_seed(seed, 7))),
             sizes: MessageSizes::default(),
+            retired_counters: ProtocolCounters::default(),
             tracer: None,
             experiment,
         };
@@ -678,7 +683,9 @@ impl Simulation {
         self.close_bucket(i);
         let n = &mut self.nodes[i as usize];
         n.role_at_crash = n.role;
-        n.node = None;
+        if let Some(node) = n.node.take() {
+            self.retired_counters.add(node.counters(), node.routing().counters());
+        }
         n.life = life;
         self.armed[i as usize] = NOT_ARMED;
         n.role = Role::Detached;
@@ -1096,6 +1103,15 @@ impl Simulation {
         sizes
     }
 
+    /// The counters of the nodes taken down during the run and of those still up.
+    fn protocol_counters(&self) -> ProtocolCounters {
+        let mut sum = self.retired_counters.clone();
+        for node in self.nodes.iter().filter_map(|n| n.node.as_ref()) {
+            sum.add(node.counters(), node.routing().counters());
+        }
+        sum
+    }
+
     /// Scores the routing policies on what the nodes hold at the end of the run.
     fn run_experiment(&mut self) -> Option<ExperimentReport> {
         let setup = self.experiment.clone()?;
@@ -1167,6 +1183,7 @@ impl Simulation {
             violations: std::mem::take(&mut self.violations),
             routes,
             state_sizes: self.state_sizes(),
+            counters: self.protocol_counters(),
         };
         let views = self.views();
         let final_tree = views

@@ -4,6 +4,7 @@
 //! byte once `wall_seconds` is blanked.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,44 @@ pub struct Report {
     /// How much per-node protocol state the live nodes hold at the end (to spot state growing with N).
     #[serde(default)]
     pub state_sizes: StateSizes,
+    /// The nodes' protocol counters, summed over every node and every life of it (a crashed node's count is kept).
+    #[serde(default)]
+    pub counters: ProtocolCounters,
+}
+
+/// Sums of the overlay's counters (`canopy_overlay::Counters`: duplicates, splits, takeovers, step-downs, ...) and
+/// of routing's (`RoutingCounters`: grants made, subnets renumbered, blocks handed over or given back, ...), by
+/// field name: a field added to either shows up here without a change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProtocolCounters {
+    pub overlay: BTreeMap<String, u64>,
+    pub routing: BTreeMap<String, u64>,
+}
+
+impl ProtocolCounters {
+    /// Adds one node's counters.
+    pub fn add(&mut self, overlay: &impl Serialize, routing: &impl Serialize) {
+        add_fields(&mut self.overlay, overlay);
+        add_fields(&mut self.routing, routing);
+    }
+
+    fn overlay(&self, name: &str) -> u64 {
+        self.overlay.get(name).copied().unwrap_or(0)
+    }
+
+    fn routing(&self, name: &str) -> u64 {
+        self.routing.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// Adds the unsigned integer fields of a counters struct into `sum`, by name.
+fn add_fields(sum: &mut BTreeMap<String, u64>, counters: &impl Serialize) {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(counters) else { return };
+    for (name, value) in fields {
+        if let Some(n) = value.as_u64() {
+            *sum.entry(name).or_default() += n;
+        }
+    }
 }
 
 /// Per-node state at the end of a run, over the live nodes: maximum and mean.
@@ -334,6 +373,22 @@ impl Report {
             z.machines_without_subnet,
             z.allocation_failures,
             f.subnet_conflicts
+        );
+        let c = &self.counters;
+        let _ = writeln!(
+            s,
+            "  protocol: splits {}, takeovers {}, step-downs {}, merges {}, parent failures {}, duplicates dropped {}; \
+             subnets granted {}, renumbered {}, blocks handed over {}, given back {}",
+            c.overlay("splits"),
+            c.overlay("takeovers"),
+            c.overlay("step_downs"),
+            c.overlay("merges"),
+            c.overlay("parent_failures"),
+            c.overlay("duplicates"),
+            c.routing("grants_made"),
+            c.routing("renumbered"),
+            c.routing("blocks_handed_over"),
+            c.routing("blocks_given_back")
         );
         let m = &self.messages;
         let _ = writeln!(

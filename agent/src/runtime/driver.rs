@@ -885,6 +885,7 @@ impl Driver {
                 connected_peers: self.swarm.connected_peers().count() as u64,
             },
             overlay_counters: status.counters,
+            routing_counters: self.node.routing().counters().clone(),
         }
     }
 

@@ -38,6 +38,10 @@ pub struct StatusReport {
     pub counters: Counters,
     /// The overlay core's own counters (duplicates, spoofed, join refusals, takeovers, ...).
     pub overlay_counters: canopy_overlay::Counters,
+    /// Routing's counters (subnets granted and renumbered, blocks handed over or given back, route queries, ...).
+    /// Absent from the reports of agents built before it, hence the default.
+    #[serde(default)]
+    pub routing_counters: canopy_overlay::routing::RoutingCounters,
 }
 
 impl StatusReport {
@@ -70,6 +74,17 @@ impl StatusReport {
             out,
             "counters:   sent {} received {} dropped {} admitted peers {} connected peers {}",
             c.messages_sent, c.messages_received, c.messages_dropped, c.admitted_peers, c.connected_peers
+        );
+        let (o, r) = (&self.overlay_counters, &self.routing_counters);
+        let _ = writeln!(
+            out,
+            "tree:       duplicates {} parent failures {} takeovers {} splits {} step-downs {} join refusals {}",
+            o.duplicates, o.parent_failures, o.takeovers, o.splits, o.step_downs, o.join_refused
+        );
+        let _ = writeln!(
+            out,
+            "subnets:    granted {} renumbered {} blocks handed over {} given back {}",
+            r.grants_made, r.renumbered, r.blocks_handed_over, r.blocks_given_back
         );
         out
     }
@@ -153,6 +168,48 @@ impl TreeReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status() -> StatusReport {
+        StatusReport {
+            peer_id: "me".into(),
+            role: "coordinator".into(),
+            term: 2,
+            parent: Some("p".into()),
+            children: vec!["c1".into()],
+            ancestors: vec!["p".into()],
+            addresses: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+            subnet: Some("10.16.0.0/26".into()),
+            address_block: Some("10.16.0.0/22".into()),
+            subtree_size: 2,
+            subtree_height: 2,
+            phase: "member".into(),
+            position: (48.1, 11.6),
+            uptime_secs: 5,
+            counters: Counters::default(),
+            overlay_counters: canopy_overlay::Counters { takeovers: 3, splits: 1, ..Default::default() },
+            routing_counters: canopy_overlay::routing::RoutingCounters {
+                renumbered: 4,
+                blocks_handed_over: 2,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn status_shows_the_tree_and_subnet_counters() {
+        let text = status().render();
+        assert!(text.contains("takeovers 3 splits 1"), "{text}");
+        assert!(text.contains("renumbered 4 blocks handed over 2"), "{text}");
+    }
+
+    #[test]
+    fn a_status_from_an_agent_without_routing_counters_still_reads() {
+        let mut json = serde_json::to_value(status()).unwrap();
+        json.as_object_mut().unwrap().remove("routing_counters");
+        let read: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(read.routing_counters, Default::default());
+        assert_eq!(read.overlay_counters.takeovers, 3);
+    }
 
     #[test]
     fn tree_draws_path_and_children_indented() {

@@ -1,0 +1,21 @@
+//! The report's protocol counters cover every node and every life of it.
+
+use canopy_sim::{Scenario, run};
+
+#[test]
+fn protocol_counters_add_up_to_the_engine_s_message_counts_across_crashes_and_restarts() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/small_churn.toml");
+    let scenario = Scenario::from_file(&path).expect("the small scenario parses");
+    let report = run(&scenario, "small_churn").report;
+    let overlay = &report.counters.overlay;
+    // Every message the engine carried was sent by a node and counted there, including by nodes that crashed or
+    // left before the end (their counts are kept when they go): the sums match the engine's exactly.
+    assert_eq!(overlay["sent"], report.messages.sent, "{overlay:?}");
+    assert_eq!(overlay["received"], report.messages.delivered, "duplicates included: {overlay:?}");
+    // The scenario crashes coordinators and the root: their children noticed and someone took over.
+    assert!(overlay["parent_failures"] > 0 && overlay["takeovers"] > 0, "{overlay:?}");
+    let routing = &report.counters.routing;
+    assert!(routing["grants_made"] >= report.r#final.live as u64, "every live machine got a subnet: {routing:?}");
+    let summary = report.summary();
+    assert!(summary.contains(&format!("takeovers {}", overlay["takeovers"])), "{summary}");
+}
