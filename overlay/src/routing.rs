@@ -351,6 +351,8 @@ pub struct RoutingCounters {
     pub blocks_given_back: u64,
     /// Blocks of children that moved away in a split, handed to the parent for them.
     pub blocks_handed_over: u64,
+    /// This machine's subnets and this group's blocks moved to other ones, and children's grants that lapsed
+    /// (their holder went silent or moved away): not only machines that were renumbered.
     pub renumbered: u64,
     pub queries_up: u64,
     pub answers: u64,

@@ -228,6 +228,8 @@ pub struct Simulation {
     out_buf: VecDeque<Output>,
     /// `AllocationFailed` events from all nodes.
     allocation_failures: u64,
+    /// `SubnetChanged` events from all nodes.
+    machine_subnet_changes: u64,
     /// Live nodes whose last role event said Root.
     roots: BTreeSet<u32>,
     pending: Vec<PendingReattach>,
@@ -348,6 +350,7 @@ impl Simulation {
             choice_rng: ChaCha8Rng::seed_from_u64(derive_seed(seed, 3)),
             out_buf: VecDeque::new(),
             allocation_failures: 0,
+            machine_subnet_changes: 0,
             roots: BTreeSet::new(),
             pending: Vec::new(),
             join_samples: Vec::new(),
@@ -782,8 +785,10 @@ impl Simulation {
                 }
             }
             Event::Route(e) => {
-                if matches!(e, canopy_overlay::routing::RouteEvent::AllocationFailed { .. }) {
-                    self.allocation_failures += 1;
+                match e {
+                    canopy_overlay::routing::RouteEvent::AllocationFailed { .. } => self.allocation_failures += 1,
+                    canopy_overlay::routing::RouteEvent::SubnetChanged { .. } => self.machine_subnet_changes += 1,
+                    _ => {}
                 }
                 self.route_event(i, &e)
             }
@@ -1068,7 +1073,11 @@ impl Simulation {
 
     /// Per-node protocol state over the live nodes.
     fn state_sizes(&self) -> StateSizes {
-        let mut sizes = StateSizes { allocation_failures: self.allocation_failures, ..StateSizes::default() };
+        let mut sizes = StateSizes {
+            allocation_failures: self.allocation_failures,
+            machine_subnet_changes: self.machine_subnet_changes,
+            ..StateSizes::default()
+        };
         let (mut total, mut live) = (0usize, 0usize);
         for (i, n) in self.nodes.iter().enumerate() {
             let Some(node) = n.node.as_ref().filter(|_| n.alive()) else { continue };

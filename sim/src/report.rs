@@ -125,6 +125,9 @@ pub struct StateSizes {
     /// platform range is too small for the fleet (set `[overlay] platform_range`).
     #[serde(default)]
     pub allocation_failures: u64,
+    /// Machine subnets changed during the run (`SubnetChanged` events): each restarts that machine's data plane.
+    #[serde(default)]
+    pub machine_subnet_changes: u64,
 }
 
 /// Percentiles by nearest rank; `None` when there were no samples.
@@ -359,7 +362,7 @@ impl Report {
             s,
             "  state per node: pool grants max {} (node {}) mean {:.2}, per holder max {}, owned blocks max {}, \
              registry max {}, cache max {}; addresses: machines {}, granted by roots {}, idle in coordinator pools {}; \
-             machines without a subnet {}, allocation failures {}, subnet conflicts {}",
+             machines without a subnet {}, machine subnets changed {}, allocation failures {}, subnet conflicts {}",
             z.pool_grants_max,
             z.pool_grants_max_node.map_or("-".into(), |n| n.to_string()),
             z.pool_grants_mean,
@@ -371,6 +374,7 @@ impl Report {
             z.root_granted_addresses,
             z.idle_pool_addresses,
             z.machines_without_subnet,
+            z.machine_subnet_changes,
             z.allocation_failures,
             f.subnet_conflicts
         );

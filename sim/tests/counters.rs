@@ -16,6 +16,9 @@ fn protocol_counters_add_up_to_the_engine_s_message_counts_across_crashes_and_re
     assert!(overlay["parent_failures"] > 0 && overlay["takeovers"] > 0, "{overlay:?}");
     let routing = &report.counters.routing;
     assert!(routing["grants_made"] >= report.r#final.live as u64, "every live machine got a subnet: {routing:?}");
+    // A machine whose subnet changes counts a renumbering too; routing also counts blocks and lapsed grants.
+    let changes = report.state_sizes.machine_subnet_changes;
+    assert!(changes > 0 && changes <= routing["renumbered"], "{changes} changes, {routing:?}");
     let summary = report.summary();
     assert!(summary.contains(&format!("takeovers {}", overlay["takeovers"])), "{summary}");
 }
