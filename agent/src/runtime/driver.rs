@@ -302,6 +302,7 @@ impl Driver {
                 Output::Event(event) => self.on_overlay_event(event),
             }
         }
+        self.metrics.set_protocol(self.node.counters(), self.node.routing().counters());
     }
 
     fn send(&mut self, to: NodeId, envelope: Envelope) {
