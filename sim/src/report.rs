@@ -75,11 +75,11 @@ impl ProtocolCounters {
         add_fields(&mut self.routing, routing);
     }
 
-    fn overlay(&self, name: &str) -> u64 {
+    fn overlay_count(&self, name: &str) -> u64 {
         self.overlay.get(name).copied().unwrap_or(0)
     }
 
-    fn routing(&self, name: &str) -> u64 {
+    fn routing_count(&self, name: &str) -> u64 {
         self.routing.get(name).copied().unwrap_or(0)
     }
 }
@@ -383,16 +383,16 @@ impl Report {
             s,
             "  protocol: splits {}, takeovers {}, step-downs {}, merges {}, parent failures {}, duplicates dropped {}; \
              subnets granted {}, renumbered {}, blocks handed over {}, given back {}",
-            c.overlay("splits"),
-            c.overlay("takeovers"),
-            c.overlay("step_downs"),
-            c.overlay("merges"),
-            c.overlay("parent_failures"),
-            c.overlay("duplicates"),
-            c.routing("grants_made"),
-            c.routing("renumbered"),
-            c.routing("blocks_handed_over"),
-            c.routing("blocks_given_back")
+            c.overlay_count("splits"),
+            c.overlay_count("takeovers"),
+            c.overlay_count("step_downs"),
+            c.overlay_count("merges"),
+            c.overlay_count("parent_failures"),
+            c.overlay_count("duplicates"),
+            c.routing_count("grants_made"),
+            c.routing_count("renumbered"),
+            c.routing_count("blocks_handed_over"),
+            c.routing_count("blocks_given_back")
         );
         let m = &self.messages;
         let _ = writeln!(
