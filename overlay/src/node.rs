@@ -78,8 +78,12 @@ pub struct Config {
     pub child_timeout: Duration,
     /// How long to wait for an `Accept` to a direct `Attach`. Default half an interval.
     pub attach_timeout: Duration,
-    /// How long to wait for an `Accept` to a `JoinRequest`. Default 2 intervals.
+    /// How long a root waits for an `Accept` to a `JoinRequest` (merging islands), and with `retry_interval` how
+    /// long a detached node with a subtree waits before it makes itself an island's root. Default 2 intervals.
     pub join_timeout: Duration,
+    /// How long a detached node waits for the answer to a `JoinRequest` before it asks its next contact (one at a
+    /// time: asking another while the answer is on its way got the node adopted twice). Default half an interval.
+    pub join_answer_wait: Duration,
     /// How often a root (or a detached node) retries its contacts. Default 1 interval.
     pub retry_interval: Duration,
     /// A change of members' ranks alone (a machine's uptime class ticking over, its reachability) reaches the
@@ -112,6 +116,7 @@ impl Config {
             child_timeout: heartbeat_interval * 3,
             attach_timeout: heartbeat_interval / 2,
             join_timeout: heartbeat_interval * 2,
+            join_answer_wait: heartbeat_interval / 2,
             retry_interval: heartbeat_interval,
             rank_push_delay: heartbeat_interval * 30,
             bootstrap: Vec::new(),
@@ -801,7 +806,13 @@ impl Node {
     fn send_join(&mut self, now: Time, contact: NodeId) {
         let req = self.join_request(contact);
         self.send(contact, Message::JoinRequest(Box::new(req)));
-        self.pending = Pending::Join { contact, deadline: now + self.config.join_timeout };
+        self.pending = Pending::Join { contact, deadline: now + self.join_wait() };
+        self.retry_at = now + self.config.retry_interval;
+    }
+
+    /// How long the answer to our `JoinRequest` may take before we ask elsewhere (see `Config::join_answer_wait`).
+    fn join_wait(&self) -> Duration {
+        if self.is_root { self.config.join_timeout } else { self.config.join_answer_wait }
     }
 
     fn on_join_request(&mut self, now: Time, mut r: JoinRequest) {
@@ -1288,30 +1299,37 @@ impl Node {
         {
             self.become_root();
         }
-        // Detached, or a root that may be an island: retry contacts.
+        // Detached, or a root that may be an island: retry contacts. A detached node waits for the answer to the
+        // join it sent (`check_pending` asks the next contact once it is overdue).
         let detached = self.parent.is_none() && !self.is_root && self.orphan.is_none();
         let attaching = matches!(self.pending, Pending::Attach { .. });
-        if !attaching && (detached || self.is_root) && now >= self.retry_at {
-            self.retry_at = now + self.config.retry_interval;
-            // Several contacts at once: some may be unreachable (a partition); the first to accept wins and
-            // later accepts are declined.
-            let mut first = None;
-            // A lone detached node asks one contact at a time: parallel accepts would make parents adopt and
-            // drop it again. A root brings a tree and merges are rare, so it asks several.
-            let fanout = if self.is_root { CONTACTS_PER_RETRY } else { 1 };
-            self.refill_contacts(now);
-            for _ in 0..fanout.min(self.contacts.len()) {
-                if let Some(contact) = self.pick_contact()
-                    && first != Some(contact)
-                {
-                    let req = self.join_request(contact);
-                    self.send(contact, Message::JoinRequest(Box::new(req)));
-                    first.get_or_insert(contact);
-                }
+        let joining = detached && matches!(self.pending, Pending::Join { .. });
+        if !attaching && !joining && (detached || self.is_root) && now >= self.retry_at {
+            self.retry_contacts(now);
+        }
+    }
+
+    /// Asks the next contact (a root: several) to take us in.
+    fn retry_contacts(&mut self, now: Time) {
+        self.retry_at = now + self.config.retry_interval;
+        // Several contacts at once: some may be unreachable (a partition); the first to accept wins and
+        // later accepts are declined.
+        let mut first = None;
+        // A lone detached node asks one contact at a time: parallel accepts would make parents adopt and
+        // drop it again. A root brings a tree and merges are rare, so it asks several.
+        let fanout = if self.is_root { CONTACTS_PER_RETRY } else { 1 };
+        self.refill_contacts(now);
+        for _ in 0..fanout.min(self.contacts.len()) {
+            if let Some(contact) = self.pick_contact()
+                && first != Some(contact)
+            {
+                let req = self.join_request(contact);
+                self.send(contact, Message::JoinRequest(Box::new(req)));
+                first.get_or_insert(contact);
             }
-            if let Some(contact) = first {
-                self.pending = Pending::Join { contact, deadline: now + self.config.join_timeout };
-            }
+        }
+        if let Some(contact) = first {
+            self.pending = Pending::Join { contact, deadline: now + self.join_wait() };
         }
     }
 
@@ -1517,6 +1535,10 @@ impl Node {
             Pending::Join { deadline, .. } if now >= deadline => {
                 self.counters.join_lost += 1;
                 self.pending = Pending::None;
+                // A detached node asks its next contact at once; a root retries with its tick.
+                if self.parent.is_none() && !self.is_root && self.orphan.is_none() {
+                    self.retry_contacts(now);
+                }
             }
             Pending::Attach { deadline, .. } if now >= deadline => self.attach_failed(now),
             _ => {}

@@ -350,3 +350,48 @@ fn rank_changes_alone_reach_the_children_late_and_once() {
     assert!(views(&net) - before >= 15, "a member's loss is pushed to the others within the child timeout");
     assert!(net.check_tree().is_ok());
 }
+
+/// The join requests a lone node sends, with the contact each goes to, while time runs to `until` in 10 ms steps.
+fn join_requests_until(
+    node: &mut canopy_overlay::Node,
+    from: Duration,
+    until: Duration,
+) -> Vec<(Duration, canopy_overlay::NodeId)> {
+    use canopy_overlay::{Message, Output};
+    let mut sent = Vec::new();
+    let mut now = from;
+    while now <= until {
+        if node.poll_timeout().is_some_and(|t| t <= now) {
+            node.handle_timeout(now);
+        }
+        while let Some(out) = node.poll_output() {
+            if let Output::Send { to, envelope } = out
+                && matches!(envelope.body, Message::JoinRequest(_))
+            {
+                sent.push((now, to));
+            }
+        }
+        now += MS(10);
+    }
+    sent
+}
+
+#[test]
+fn a_lone_joiner_asks_one_contact_at_a_time_and_the_next_once_the_answer_is_overdue() {
+    use canopy_overlay::{Input, Node};
+    let config = Config::default();
+    let wait = config.join_answer_wait;
+    let mut node = Node::new(common::info(9), config, 7, Duration::ZERO);
+    node.handle(Duration::ZERO, Input::Command(Command::AddContact(common::info(2).id)));
+    node.handle(Duration::ZERO, Input::Command(Command::Join { via: common::info(1).id }));
+    // Its first tick falls somewhere in the first heartbeat interval: it must not ask a second contact while the
+    // first one's answer may still be on its way (both could accept, and one would be left at once).
+    let sent = join_requests_until(&mut node, Duration::ZERO, wait - MS(10));
+    assert_eq!(sent, vec![(Duration::ZERO, common::info(1).id)], "one request, to the contact given");
+    // No answer in time: it asks again at once rather than at its next tick, one contact at a time, going round
+    // its contacts (the one given first comes round again first).
+    let sent = join_requests_until(&mut node, wait, 2 * wait + MS(20));
+    let times: Vec<Duration> = sent.iter().map(|(t, _)| *t).collect();
+    assert_eq!(times, vec![wait, 2 * wait], "{sent:?}");
+    assert!(sent.iter().any(|(_, to)| *to == common::info(2).id), "the other contact is asked too: {sent:?}");
+}
