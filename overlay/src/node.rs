@@ -1027,10 +1027,8 @@ impl Node {
             term,
         };
         // Recovery and moves (a split or leave redirects whole groups) are on the clock: send twice, so that one
-        // lost message does not cost an attach timeout and a detour through the bootstrap contacts. Attach is
-        // idempotent.
-        self.send(target, Message::Attach(Box::new(attach.clone())));
-        self.send(target, Message::Attach(Box::new(attach)));
+        // lost message does not cost an attach timeout and a detour through the bootstrap contacts.
+        self.send_twice(target, Message::Attach(Box::new(attach)));
         self.pending = Pending::Attach { target, deadline: now + self.config.attach_timeout, purpose };
     }
 
@@ -1745,6 +1743,19 @@ impl Node {
         self.counters.sent += 1;
         let envelope = Envelope { version: crate::PROTOCOL_VERSION, id: self.next_msg_id, from: self.info.id, body };
         self.outputs.push_back(Output::Send { to, envelope });
+    }
+
+    /// Sends `body` and a copy with the same id: the receiver's duplicate check drops the copy when the first
+    /// arrived, so it only stands in for a lost first. (Copies with ids of their own were each handled: a parent
+    /// that split between the two adopted a child again that it had just sent elsewhere, and a block it then kept
+    /// for that child went to another one while the child's subtree still used it.)
+    fn send_twice(&mut self, to: NodeId, body: Message) {
+        self.send(to, body);
+        if let Some(Output::Send { envelope, .. }) = self.outputs.back() {
+            let envelope = envelope.clone();
+            self.counters.sent += 1;
+            self.outputs.push_back(Output::Send { to, envelope });
+        }
     }
 
     fn push_event(&mut self, e: Event) {

@@ -14,6 +14,10 @@ fn protocol_counters_add_up_to_the_engine_s_message_counts_across_crashes_and_re
     assert_eq!(overlay["received"], report.messages.delivered, "duplicates included: {overlay:?}");
     // The scenario crashes coordinators and the root: their children noticed and someone took over.
     assert!(overlay["parent_failures"] > 0 && overlay["takeovers"] > 0, "{overlay:?}");
+    // Attaches go out twice with one id (so that one lost copy costs no timeout): where both arrive, the receiver
+    // drops the second as a duplicate instead of adopting the node again.
+    let attaches = report.messages.by_kind["Attach"].msgs;
+    assert!(overlay["duplicates"] > 0 && 2 * overlay["duplicates"] <= attaches, "{attaches} attaches, {overlay:?}");
     let routing = &report.counters.routing;
     assert!(routing["grants_made"] >= report.r#final.live as u64, "every live machine got a subnet: {routing:?}");
     // A machine whose subnet changes counts a renumbering too; routing also counts blocks and lapsed grants.
