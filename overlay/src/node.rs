@@ -233,6 +233,9 @@ pub struct Counters {
     pub spoofed: u64,
     /// Heartbeats/reports/probe answers from nodes that are not our parent or child.
     pub from_non_members: u64,
+    /// Heartbeats that overtook the `Accept` we wait for: not answered with `NotYourChild`, which would make the
+    /// parent drop us just before we attach to it.
+    pub early_heartbeats: u64,
     pub unexpected: u64,
     pub join_refused: u64,
     pub join_lost: u64,
@@ -1132,6 +1135,18 @@ impl Node {
 
     fn apply_heartbeat(&mut self, now: Time, from: NodeId, h: Heartbeat) {
         let Some(p) = self.parent.as_mut().filter(|p| p.info.id == from) else {
+            // A parent that just adopted us sends its next heartbeat right after the `Accept`, and with jitter
+            // (or separate streams) it can arrive first. While our join or attach is open, any coordinator may be
+            // the one that accepted us (a join descends), so we wait for the answer instead of disowning it.
+            let awaiting_accept = match self.pending {
+                Pending::Join { .. } => true,
+                Pending::Attach { target, .. } => target == from,
+                Pending::None => false,
+            };
+            if awaiting_accept {
+                self.counters.early_heartbeats += 1;
+                return;
+            }
             self.counters.from_non_members += 1;
             self.send(
                 from,

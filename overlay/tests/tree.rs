@@ -395,3 +395,76 @@ fn a_lone_joiner_asks_one_contact_at_a_time_and_the_next_once_the_answer_is_over
     assert_eq!(times, vec![wait, 2 * wait], "{sent:?}");
     assert!(sent.iter().any(|(_, to)| *to == common::info(2).id), "the other contact is asked too: {sent:?}");
 }
+
+/// Every message `node` has queued, in order.
+fn sent_by(node: &mut canopy_overlay::Node) -> Vec<(canopy_overlay::NodeId, canopy_overlay::Envelope)> {
+    let mut sent = Vec::new();
+    while let Some(out) = node.poll_output() {
+        if let canopy_overlay::Output::Send { to, envelope } = out {
+            sent.push((to, envelope));
+        }
+    }
+    sent
+}
+
+#[test]
+fn a_heartbeat_that_overtakes_the_accept_does_not_make_the_parent_drop_the_joiner() {
+    // A parent's first heartbeat to a child it just adopted can arrive before its `Accept` (jitter, separate
+    // streams). Answering it with `NotYourChild` made the parent drop the child, which then attached anyway; its
+    // next report was refused, it attached again directly and over-filled the parent: the first split of a cascade.
+    use canopy_overlay::{Input, Message, Node};
+    let config = Config::default();
+    let mut root = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
+    let mut joiner = Node::new(common::info(2), config, 2, Duration::ZERO);
+    let (root_id, joiner_id) = (root.id(), joiner.id());
+    root.handle(Duration::ZERO, Input::Command(Command::Start));
+    joiner.handle(Duration::ZERO, Input::Command(Command::Join { via: root_id }));
+    let mut now = MS(5);
+    for (to, envelope) in sent_by(&mut joiner) {
+        assert_eq!(to, root_id);
+        root.handle(now, Input::Message { from: joiner_id, envelope });
+    }
+    let mut to_joiner: Vec<_> = sent_by(&mut root).into_iter().filter(|(to, _)| *to == joiner_id).collect();
+    let accept = to_joiner.iter().position(|(_, e)| matches!(e.body, Message::Accept(_))).expect("the root accepts");
+    let accept = to_joiner.remove(accept).1;
+    let heartbeat = loop {
+        now += MS(10);
+        assert!(now < Duration::from_secs(3), "the root sends its child a heartbeat within an interval");
+        if root.poll_timeout().is_some_and(|t| t <= now) {
+            root.handle_timeout(now);
+        }
+        let sent = sent_by(&mut root);
+        if let Some((_, e)) =
+            sent.into_iter().find(|(to, e)| *to == joiner_id && matches!(e.body, Message::Heartbeat(_)))
+        {
+            break e;
+        }
+    };
+    // The heartbeat arrives first, then the accept.
+    joiner.handle(now, Input::Message { from: root_id, envelope: heartbeat });
+    assert!(
+        sent_by(&mut joiner).iter().all(|(_, e)| !matches!(e.body, Message::NotYourChild(_))),
+        "the joiner waits for its answer instead of disowning the parent"
+    );
+    assert_eq!(joiner.counters().early_heartbeats, 1);
+    joiner.handle(now + MS(1), Input::Message { from: root_id, envelope: accept });
+    assert_eq!(joiner.parent(), Some(root_id));
+    assert!(root.children().any(|c| c == joiner_id), "the root still counts the joiner as its child");
+    // Once attached, a heartbeat from a coordinator that is not our parent is disowned again.
+    let stranger = Node::new(common::info(3), Config::default(), 3, Duration::ZERO).id();
+    let stray = canopy_overlay::Envelope {
+        version: canopy_overlay::PROTOCOL_VERSION,
+        id: 77,
+        from: stranger,
+        body: Message::Heartbeat(canopy_overlay::message::Heartbeat {
+            term: 0,
+            view_version: 0,
+            view: None,
+            address_block: None,
+            grids: None,
+            between_rounds: false,
+        }),
+    };
+    joiner.handle(now + MS(2), Input::Message { from: stranger, envelope: stray });
+    assert!(sent_by(&mut joiner).iter().any(|(to, e)| *to == stranger && matches!(e.body, Message::NotYourChild(_))));
+}
