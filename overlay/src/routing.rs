@@ -94,6 +94,10 @@ pub struct RoutingConfig {
     pub lease: Duration,
     /// How often a child repeats its subnet sync (lost messages, reclaimed grants).
     pub resync_interval: Duration,
+    /// How long a request to the parent (our own machine subnet, a block for our children) may go unanswered
+    /// before it is asked again. Waiting a resync interval, one lost request near the root of a join storm left
+    /// hundreds of machines below it without a subnet for ten seconds. A refusal still waits a resync interval.
+    pub answer_wait: Duration,
     /// Interests lapse after this unless renewed.
     pub interest_ttl: Duration,
     /// How often wanted interests are renewed with the parent.
@@ -114,6 +118,7 @@ impl Default for RoutingConfig {
             machine_prefix: DEFAULT_MACHINE_PREFIX,
             lease: Duration::from_secs(30),
             resync_interval: Duration::from_secs(10),
+            answer_wait: Duration::from_secs(2),
             interest_ttl: Duration::from_secs(60),
             renew_interval: Duration::from_secs(20),
             not_found_ttl: Duration::from_secs(5),
@@ -415,6 +420,10 @@ pub struct Routing {
     /// Our pool's blocks when `waiting_up` was last checked against them.
     owned_checked: Vec<Ipv4Net>,
     block_asked_at: Option<Time>,
+    /// The parent refused our open block request: asked again after a resync interval, not `answer_wait`.
+    block_refused: bool,
+    /// Our last sync wanted a machine subnet and no answer to it came yet: synced again after `answer_wait`.
+    sync_awaits_answer: bool,
     extra_machine_wanted: bool,
     /// Machine subnets from before a restart, asked back from the parent (or claimed at a root).
     restoring: Vec<Ipv4Net>,
@@ -475,6 +484,8 @@ impl Routing {
             waiting_up: BTreeMap::new(),
             owned_checked: Vec::new(),
             block_asked_at: None,
+            block_refused: false,
+            sync_awaits_answer: false,
             next_lease_sweep: Time::ZERO,
             own_checked: None,
             extra_machine_wanted: false,
@@ -635,7 +646,8 @@ impl Routing {
         if let Some(table) = self.allocator.as_mut() {
             table.release_lapsed(now, self.cfg.instance_ip_grace);
         }
-        if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > self.cfg.resync_interval) {
+        let block_wait = if self.block_refused { self.cfg.resync_interval } else { self.cfg.answer_wait };
+        if self.block_asked_at.is_some_and(|t| now.saturating_sub(t) > block_wait) {
             self.block_asked_at = None;
             // Lost or refused: what still waits asks again.
             if !self.waiting.is_empty() || !self.waiting_up.is_empty() {
@@ -852,6 +864,12 @@ impl Routing {
             replaces: Some(old),
             on_behalf: None,
         }));
+        // A want is asked again soon if the answer does not come (see `answer_wait`); the parent counts a repeated
+        // want once.
+        self.sync_awaits_answer = !want.is_empty();
+        if self.sync_awaits_answer {
+            self.next_sync = now + self.cfg.answer_wait;
+        }
         self.send(parent, RoutesMessage::SubnetSync { held, want });
     }
 
@@ -889,6 +907,7 @@ impl Routing {
     fn ask_block(&mut self, now: Time, ctx: &TreeCtx) {
         let Some(parent) = ctx.parent else { return };
         self.block_asked_at = Some(now);
+        self.block_refused = false;
         let held: u64 = self.parent_blocks.iter().map(|b| block_size(b.prefix_len())).sum();
         let waiting: u64 =
             self.waiting.iter().chain(self.waiting_up.values().flatten()).map(|(_, w)| block_size(w.prefix)).sum();
@@ -1144,8 +1163,16 @@ impl Routing {
                 // block as large as all it held, a /18 each time), and the parent granted every ask.
                 let block_refused = refused.iter().any(|(w, _)| w.purpose == Purpose::Block && w.replaces.is_none());
                 let block_granted = granted.iter().any(|g| g.purpose == Purpose::Block && g.replaces.is_none());
+                let machine_answered = granted.iter().any(|g| g.purpose == Purpose::Machine)
+                    || refused.iter().any(|(w, _)| w.purpose == Purpose::Machine);
+                if machine_answered && self.sync_awaits_answer {
+                    // Answered: the next sync waits a resync interval, unless what follows asks for one sooner.
+                    self.sync_awaits_answer = false;
+                    self.next_sync = self.next_sync.max(now + self.cfg.resync_interval);
+                }
                 if block_refused {
                     self.block_asked_at = Some(now);
+                    self.block_refused = true;
                 } else if block_granted {
                     self.block_asked_at = None;
                 }
@@ -2556,11 +2583,65 @@ mod tests {
         coord.on_message(Time::from_millis(10), &c, parent, refusal(26));
         coord.on_message(Time::from_millis(20), &c, kids[2].0, machine_sync());
         assert_eq!(wanted_of(coord.drain().0, parent), vec![]);
+        // Refused, not lost: not asked again after the short wait for a lost answer either.
+        coord.tick(Time::ZERO + RoutingConfig::default().answer_wait + Duration::from_secs(1), &c);
+        assert_eq!(wanted_of(coord.drain().0, parent), vec![]);
         // After a resync interval the block is asked for again, sized to the three machines waiting.
         let later = Time::ZERO + RoutingConfig::default().resync_interval + Duration::from_secs(1);
         coord.tick(later, &c);
         let asked = wanted_of(coord.drain().0, parent);
         assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 24, replaces: None, on_behalf: None }]);
+    }
+
+    #[test]
+    fn an_unanswered_block_request_is_asked_again_after_the_answer_wait() {
+        // One lost request near the root of a join storm left the machines below it without a subnet for a resync
+        // interval (ten seconds).
+        let parent = NodeId::from_u64(9);
+        let kids = three_machines();
+        let c = ctx(1, Some(9), false, &kids);
+        let mut coord = Routing::new(RoutingConfig::default());
+        let wait = RoutingConfig::default().answer_wait;
+        coord.on_message(Time::ZERO, &c, kids[0].0, machine_sync());
+        assert_eq!(wanted_of(coord.drain().0, parent).len(), 1, "one block asked for");
+        coord.tick(wait, &c);
+        assert_eq!(wanted_of(coord.drain().0, parent), vec![], "not before the answer is overdue");
+        coord.tick(wait + Duration::from_secs(1), &c);
+        let asked = wanted_of(coord.drain().0, parent);
+        assert_eq!(asked, vec![Want { purpose: Purpose::Block, prefix: 26, replaces: None, on_behalf: None }]);
+    }
+
+    #[test]
+    fn a_machine_asks_for_its_subnet_again_until_an_answer_comes_then_syncs_at_the_resync_interval() {
+        let parent = NodeId::from_u64(1);
+        let c = ctx(2, Some(1), false, &[]);
+        let mut machine = Routing::new(RoutingConfig::default());
+        let (wait, resync) = (RoutingConfig::default().answer_wait, RoutingConfig::default().resync_interval);
+        let machine_want = Want { purpose: Purpose::Machine, prefix: 26, replaces: None, on_behalf: None };
+        machine.poll(Time::ZERO, &c);
+        assert_eq!(wanted_of(machine.drain().0, parent), vec![machine_want]);
+        machine.poll(wait - Duration::from_millis(1), &c);
+        assert_eq!(wanted_of(machine.drain().0, parent), vec![], "not before the answer is overdue");
+        // The sync (or its answer) was lost: asked again.
+        machine.poll(wait, &c);
+        assert_eq!(wanted_of(machine.drain().0, parent), vec![machine_want]);
+        let granted: Ipv4Net = "10.16.9.0/26".parse().unwrap();
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Machine, block: granted, replaces: None }],
+            refused: vec![],
+        };
+        let answered = wait + Duration::from_millis(10);
+        machine.on_message(answered, &c, parent, reply);
+        assert_eq!(machine.machine_subnets(), &[granted]);
+        machine.drain();
+        machine.poll(answered + resync - Duration::from_millis(1), &c);
+        assert!(machine.drain().0.is_empty(), "answered: the next sync waits a resync interval");
+        machine.poll(answered + resync, &c);
+        let sent = machine.drain().0;
+        assert!(
+            sent.iter()
+                .any(|(to, m)| *to == parent && matches!(m, RoutesMessage::SubnetSync { want, .. } if want.is_empty()))
+        );
     }
 
     #[test]

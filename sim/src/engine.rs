@@ -163,6 +163,8 @@ struct SimNode {
     role_at_crash: Role,
     /// When the current join started, and whether it is a rejoin after a restart.
     joining_since: Option<(u64, bool)>,
+    /// When the node first joined, until its first machine subnet is granted (for `subnet_ms`).
+    subnet_wanted_since: Option<u64>,
     /// When the node entered its current traffic bucket (for node-seconds per role).
     bucket_since: u64,
 }
@@ -235,6 +237,7 @@ pub struct Simulation {
     pending: Vec<PendingReattach>,
     join_samples: Vec<f64>,
     rejoin_samples: Vec<f64>,
+    subnet_samples: Vec<f64>,
     reattach_samples: Vec<f64>,
     detection_samples: Vec<f64>,
     failover_samples: Vec<f64>,
@@ -315,6 +318,7 @@ impl Simulation {
                     parent: None,
                     role_at_crash: Role::Detached,
                     joining_since: None,
+                    subnet_wanted_since: None,
                     bucket_since: 0,
                 }
             })
@@ -355,6 +359,7 @@ impl Simulation {
             pending: Vec::new(),
             join_samples: Vec::new(),
             rejoin_samples: Vec::new(),
+            subnet_samples: Vec::new(),
             reattach_samples: Vec::new(),
             detection_samples: Vec::new(),
             failover_samples: Vec::new(),
@@ -666,6 +671,9 @@ impl Simulation {
         let command = match self.pick_member(i) {
             Some(via) if i != 0 || rejoin => {
                 self.nodes[i as usize].joining_since = Some((self.now, rejoin));
+                if !rejoin {
+                    self.nodes[i as usize].subnet_wanted_since = Some(self.now);
+                }
                 Command::Join { via: node_id(via) }
             }
             _ => Command::Start,
@@ -694,6 +702,7 @@ impl Simulation {
         n.role = Role::Detached;
         n.parent = None;
         n.joining_since = None;
+        n.subnet_wanted_since = None;
         self.roots.remove(&i);
         for p in self.pending.iter_mut().chain(self.failovers.iter_mut()) {
             p.orphans.retain(|&o| o != i);
@@ -788,6 +797,11 @@ impl Simulation {
                 match e {
                     canopy_overlay::routing::RouteEvent::AllocationFailed { .. } => self.allocation_failures += 1,
                     canopy_overlay::routing::RouteEvent::SubnetChanged { .. } => self.machine_subnet_changes += 1,
+                    canopy_overlay::routing::RouteEvent::SubnetGranted { .. } => {
+                        if let Some(since) = self.nodes[i as usize].subnet_wanted_since.take() {
+                            self.subnet_samples.push(ns_to_ms(self.now - since));
+                        }
+                    }
                     _ => {}
                 }
                 self.route_event(i, &e)
@@ -1165,6 +1179,7 @@ impl Simulation {
         let closest_experiment = self.run_experiment();
         let joins_incomplete = self.nodes.iter().filter(|n| n.joining_since.is_some_and(|(_, r)| !r)).count();
         let rejoins_incomplete = self.nodes.iter().filter(|n| n.joining_since.is_some_and(|(_, r)| r)).count();
+        let subnets_incomplete = self.nodes.iter().filter(|n| n.subnet_wanted_since.is_some()).count();
         let reattach_incomplete = self.pending.iter().filter(|p| !p.orphans.is_empty()).count();
         let report = Report {
             scenario: name.to_string(),
@@ -1176,6 +1191,7 @@ impl Simulation {
             max_children: self.config.max_children,
             join_ms: Stats::from_samples(&self.join_samples, joins_incomplete),
             rejoin_ms: Stats::from_samples(&self.rejoin_samples, rejoins_incomplete),
+            subnet_ms: Stats::from_samples(&self.subnet_samples, subnets_incomplete),
             detection_ms: Stats::from_samples(&self.detection_samples, 0),
             reattach_ms: Stats::from_samples(&self.reattach_samples, reattach_incomplete),
             root_failover_ms: Stats::from_samples(&self.failover_samples, self.failovers.len()),

@@ -20,6 +20,10 @@ pub struct Report {
     pub join_ms: Stats,
     /// The same for nodes joining again after a restart.
     pub rejoin_ms: Stats,
+    /// Start of an initial join to the machine's first subnet (`SubnetGranted`): when its data plane can start.
+    /// Incomplete: live machines still without one at the end.
+    #[serde(default)]
+    pub subnet_ms: Stats,
     /// From a coordinator's (or the root's) crash until every one of its live children has a live parent again
     /// (or became root): one sample per crash.
     pub reattach_ms: Stats,
@@ -270,6 +274,7 @@ impl Report {
         );
         stats(&mut s, "join", &self.join_ms);
         stats(&mut s, "rejoin", &self.rejoin_ms);
+        stats(&mut s, "first subnet", &self.subnet_ms);
         stats(&mut s, "detection", &self.detection_ms);
         stats(&mut s, "reattach", &self.reattach_ms);
         stats(&mut s, "root failover", &self.root_failover_ms);
