@@ -1434,7 +1434,10 @@ impl Routing {
     /// root, which owns the platform range), so blocks that clash with nothing are never renumbered.
     fn keep(&mut self, now: Time, ctx: &TreeCtx, child: NodeId, old: Ipv4Net, holder_below: NodeId) -> Keep {
         if self.pool.grant(old).is_some_and(|g| g.holder == child) {
-            self.pool.renew(child, now);
+            // It asks for a block it has: its own sync, sent just before, may not list it, and would free a grant
+            // older than a resync interval. New to it from now (seen in a root_crash_10k run: a root freed a /18 so,
+            // granted it to another coordinator 10 s later, and 91 machines below were renumbered).
+            self.pool.reassign(old, child, now);
             return Keep::Kept;
         }
         // Already asked up: the answer serves it (re-checking every waiting want against the pool would cost
@@ -2642,6 +2645,31 @@ mod tests {
             sent.iter()
                 .any(|(to, m)| *to == parent && matches!(m, RoutesMessage::SubnetSync { want, .. } if want.is_empty()))
         );
+    }
+
+    #[test]
+    fn a_block_claimed_again_is_not_freed_by_a_sync_that_crossed_the_claim() {
+        let kid = NodeId::from_u64(2);
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let c = ctx(1, None, true, &kids);
+        let mut root = Routing::new(RoutingConfig::default());
+        root.poll(Time::ZERO, &c);
+        let block: Ipv4Net = "10.17.0.0/24".parse().unwrap();
+        let claim =
+            Want { purpose: Purpose::Block, prefix: 24, replaces: Some(block), on_behalf: Some(NodeId::from_u64(3)) };
+        root.on_message(Time::ZERO, &c, kid, RoutesMessage::SubnetWant(vec![claim]));
+        assert_eq!(granted_to(root.drain().0, kid)[0].block, block, "kept for the claim");
+        // Later the child claims it again (a grandchild moved under it) while its sync, sent just before, omits it.
+        let resync = RoutingConfig::default().resync_interval;
+        let later = Time::ZERO + resync + Duration::from_secs(1);
+        root.on_message(later, &c, kid, RoutesMessage::SubnetWant(vec![claim]));
+        assert_eq!(granted_to(root.drain().0, kid)[0].block, block, "kept again");
+        root.on_message(later, &c, kid, RoutesMessage::SubnetSync { held: vec![], want: vec![] });
+        assert!(root.pool().grant(block).is_some_and(|g| g.holder == kid), "the crossing sync does not free it");
+        // A sync a resync interval after the claim that still omits it does.
+        let much_later = later + resync + Duration::from_secs(1);
+        root.on_message(much_later, &c, kid, RoutesMessage::SubnetSync { held: vec![], want: vec![] });
+        assert!(root.pool().grant(block).is_none());
     }
 
     #[test]
