@@ -1303,9 +1303,7 @@ impl Node {
         // ancestor left). As a root we keep retrying our contacts, and roots that reach each other merge; a
         // detached node only refuses joins, so islands of detached nodes would otherwise wait on each other.
         let island_after = self.config.join_timeout + self.config.retry_interval;
-        if self.parent.is_none()
-            && !self.is_root
-            && self.orphan.is_none()
+        if self.is_detached()
             && self.pending == Pending::None
             && !self.children.is_empty()
             && self.detached_since.is_some_and(|t| now.saturating_sub(t) >= island_after)
@@ -1314,12 +1312,18 @@ impl Node {
         }
         // Detached, or a root that may be an island: retry contacts. A detached node waits for the answer to the
         // join it sent (`check_pending` asks the next contact once it is overdue).
-        let detached = self.parent.is_none() && !self.is_root && self.orphan.is_none();
+        let detached = self.is_detached();
         let attaching = matches!(self.pending, Pending::Attach { .. });
         let joining = detached && matches!(self.pending, Pending::Join { .. });
         if !attaching && !joining && (detached || self.is_root) && now >= self.retry_at {
             self.retry_contacts(now);
         }
+    }
+
+    /// Without a parent, not a root and not running a succession as an orphan: a node that must join through its
+    /// contacts.
+    fn is_detached(&self) -> bool {
+        self.parent.is_none() && !self.is_root && self.orphan.is_none()
     }
 
     /// Asks the next contact (a root: several) to take us in.
@@ -1549,7 +1553,7 @@ impl Node {
                 self.counters.join_lost += 1;
                 self.pending = Pending::None;
                 // A detached node asks its next contact at once; a root retries with its tick.
-                if self.parent.is_none() && !self.is_root && self.orphan.is_none() {
+                if self.is_detached() {
                     self.retry_contacts(now);
                 }
             }
