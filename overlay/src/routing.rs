@@ -339,6 +339,9 @@ enum Keep {
     Kept,
     /// Asked our own parent for it; the want waits.
     AskedUp,
+    /// We are moving ourselves (detached, our attach pending): the want waits for our parent, who may hold the
+    /// block for us. A fresh block now would renumber the child's whole subtree.
+    NoParentYet,
     No,
 }
 
@@ -1388,6 +1391,10 @@ impl Routing {
                         self.waiting_up.entry(old).or_default().insert((child, w));
                         continue;
                     }
+                    Keep::NoParentYet => {
+                        self.waiting.insert((child, w));
+                        continue;
+                    }
                     Keep::No => {}
                 }
             }
@@ -1458,7 +1465,7 @@ impl Routing {
                 Keep::Kept
             }
             Err(PoolError::NotOwned(_)) if !ctx.is_root && is_machine_block_in(self.cfg.platform_range, &old) => {
-                let Some(parent) = ctx.parent else { return Keep::No };
+                let Some(parent) = ctx.parent else { return Keep::NoParentYet };
                 // Our own subnets come from the parent too (it would see them as ours and say "kept"), and so do the
                 // blocks our pool owns: looked up in the pool's index, as a coordinator high in a large tree holds
                 // thousands (a scan of them per claim was a sixth of a 100k-node run).
@@ -2670,6 +2677,36 @@ mod tests {
         let much_later = later + resync + Duration::from_secs(1);
         root.on_message(much_later, &c, kid, RoutesMessage::SubnetSync { held: vec![], want: vec![] });
         assert!(root.pool().grant(block).is_none());
+    }
+
+    #[test]
+    fn a_moving_coordinator_keeps_a_child_s_claim_waiting_for_its_parent_instead_of_renumbering_it() {
+        let (parent, kid) = (NodeId::from_u64(9), NodeId::from_u64(2));
+        let kids = [(kid, Position::new(1.0, 1.0))];
+        let mut coord = Routing::new(RoutingConfig::default());
+        let attached = ctx(1, Some(9), false, &kids);
+        coord.poll(Time::ZERO, &attached);
+        // Its parent granted it a block, with room for a fresh /24.
+        let pool_block: Ipv4Net = "10.16.0.0/22".parse().unwrap();
+        let reply = RoutesMessage::SubnetReply {
+            granted: vec![Granted { purpose: Purpose::Block, block: pool_block, replaces: None }],
+            refused: vec![],
+        };
+        coord.on_message(Time::from_millis(5), &attached, parent, reply);
+        coord.drain();
+        // Now it moves (detached, its attach pending: no parent, not a root), and a child claims the block its
+        // subtree uses, held from elsewhere.
+        let moving = ctx(1, None, false, &kids);
+        coord.poll(Time::from_millis(10), &moving);
+        let block: Ipv4Net = "10.17.0.0/24".parse().unwrap();
+        let claim = Want { purpose: Purpose::Block, prefix: 24, replaces: Some(block), on_behalf: None };
+        coord.on_message(Time::from_millis(20), &moving, kid, RoutesMessage::SubnetWant(vec![claim]));
+        let (sent, _) = coord.drain();
+        assert_eq!(granted_to(sent, kid), vec![], "no fresh block (renumbering the subtree) while there is no parent");
+        // Attached again: the claim goes up for the block itself.
+        coord.poll(Time::from_millis(50), &attached);
+        let asked = wanted_of(coord.drain().0, parent);
+        assert!(asked.iter().any(|w| w.replaces == Some(block) && w.prefix == 24), "claimed up: {asked:?}");
     }
 
     #[test]

@@ -149,6 +149,11 @@ fn former_property_failures_converge() {
         ("island_roots_with_only_dead_contacts", include_str!("regressions/island_roots_with_only_dead_contacts.toml")),
         ("island_roots_whose_anchors_are_gone", include_str!("regressions/island_roots_whose_anchors_are_gone.toml")),
         ("split_cascade_after_root_crash", include_str!("regressions/split_cascade_after_root_crash.toml")),
+        ("split_ping_pong_between_full_groups", include_str!("regressions/split_ping_pong_between_full_groups.toml")),
+        (
+            "redirected_node_whose_accept_was_lost",
+            include_str!("regressions/redirected_node_whose_accept_was_lost.toml"),
+        ),
     ];
     for (name, text) in cases {
         let scenario = canopy_sim::scenario::Scenario::from_toml(text, name).expect("a valid scenario");
