@@ -828,11 +828,10 @@ impl Node {
             }
             return;
         }
-        // Only a node that answers the joiner needs its addresses: hops that pass the request on do not remember it
-        // (at 10,000 joins, every hop's cache filling with joiners was a fifth of the simulator's heap).
+        self.remember_peer(r.joiner.clone());
         if r.hops >= MAX_HOPS {
             self.counters.join_lost += 1;
-            self.refuse_joiner(&r.joiner, Refuse::Lost);
+            self.send(joiner, Message::Refuse(Refuse::Lost));
             return;
         }
         r.hops += 1;
@@ -843,7 +842,7 @@ impl Node {
                 return;
             }
             if !self.is_root {
-                self.refuse_joiner(&r.joiner, Refuse::NotInTree);
+                self.send(joiner, Message::Refuse(Refuse::NotInTree));
                 // A root looking for other trees is a live tree for us to join (with our subtree, if any).
                 if r.root_claim.is_some() && self.orphan.is_none() {
                     self.add_contact_front(joiner);
@@ -857,7 +856,7 @@ impl Node {
                 && claim > self.root_claim()
             {
                 // The other tree's root outranks us: we join it (with our whole tree) instead.
-                self.refuse_joiner(&r.joiner, Refuse::LowerRoot);
+                self.send(joiner, Message::Refuse(Refuse::LowerRoot));
                 self.add_contact_front(joiner);
                 if !matches!(self.pending, Pending::Join { .. }) {
                     self.send_join(now, joiner);
@@ -866,12 +865,12 @@ impl Node {
             }
             r.descending = true;
         } else if self.parent.is_none() && !self.is_root {
-            self.refuse_joiner(&r.joiner, Refuse::NotInTree);
+            self.send(joiner, Message::Refuse(Refuse::NotInTree));
             return;
         }
         if self.ancestors.iter().any(|a| a.id == joiner) {
             self.counters.cycles_avoided += 1;
-            self.refuse_joiner(&r.joiner, Refuse::Cycle);
+            self.send(joiner, Message::Refuse(Refuse::Cycle));
             return;
         }
         let is_child = self.children.contains(&joiner);
@@ -890,12 +889,6 @@ impl Node {
             }
             None => self.adopt(now, r.joiner, r.rank, r.summary),
         }
-    }
-
-    /// Answers a join request with a refusal, remembering where the joiner is (it may also become a contact).
-    fn refuse_joiner(&mut self, joiner: &NodeInfo, why: Refuse) {
-        self.remember_peer(joiner.clone());
-        self.send(joiner.id, Message::Refuse(why));
     }
 
     fn on_accept(&mut self, now: Time, from: NodeId, a: Accept) {
