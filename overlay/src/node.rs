@@ -909,6 +909,13 @@ impl Node {
             }
             return;
         }
+        // A root (its chain is itself alone) has no parent, so it is not our child whatever our list says: that
+        // record is stale (a root trying to merge lets our heartbeats pass unanswered while its join is open, so it
+        // was never disowned), and keeping it refused the merge for good (two roots to the end of a property schedule).
+        if a.view.ancestors.len() == 1 && a.view.ancestors[0].id == from && self.children.remove(&from).is_some() {
+            self.push_event(Event::MemberLeft(from));
+            self.mark_view_changed();
+        }
         let chain_ok = a.view.ancestors.len() <= MAX_ANCESTORS
             && a.view.ancestors.last().map(|p| p.id) == Some(from)
             && !a.view.ancestors.iter().any(|x| x.id == self.info.id)
@@ -1178,6 +1185,12 @@ impl Node {
             self.send(from, Message::Leaving);
             self.add_contact(from);
             self.parent = None;
+            if !self.children.is_empty() && self.orphan.is_none() {
+                // Our subtree is whole: it has a root at once while we merge again (a root retries its contacts).
+                // Two island roots that each joined the other's tree both found the cycle, and left detached, the
+                // whole tree was without a root until the island wait passed (property schedules).
+                self.become_root();
+            }
             return;
         }
         // Our children's view holds our ancestors and our siblings (their uncles).

@@ -154,6 +154,11 @@ fn former_property_failures_converge() {
             "redirected_node_whose_accept_was_lost",
             include_str!("regressions/redirected_node_whose_accept_was_lost.toml"),
         ),
+        (
+            "merging_roots_that_adopted_each_other",
+            include_str!("regressions/merging_roots_that_adopted_each_other.toml"),
+        ),
+        ("a_root_still_listed_as_a_child", include_str!("regressions/a_root_still_listed_as_a_child.toml")),
     ];
     for (name, text) in cases {
         let scenario = canopy_sim::scenario::Scenario::from_toml(text, name).expect("a valid scenario");
