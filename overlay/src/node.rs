@@ -909,10 +909,19 @@ impl Node {
             }
             return;
         }
-        // A root (its chain is itself alone) has no parent, so it is not our child whatever our list says: that
-        // record is stale (a root trying to merge lets our heartbeats pass unanswered while its join is open, so it
-        // was never disowned), and keeping it refused the merge for good (two roots to the end of a property schedule).
-        if a.view.ancestors.len() == 1 && a.view.ancestors[0].id == from && self.children.remove(&from).is_some() {
+        // A root (its chain is itself alone) that has not reported to us for longer than a heartbeat is not our
+        // child, whatever our list says: that record is stale (a root trying to merge lets our heartbeats pass
+        // unanswered while its join is open, so it was never disowned), and keeping it refused the merge for good
+        // (two roots to the end of a property schedule). One we adopted a moment ago is our child: its Accept
+        // crossed ours.
+        let silent_root = a.view.ancestors.len() == 1
+            && a.view.ancestors[0].id == from
+            && self
+                .children
+                .get(&from)
+                .is_some_and(|c| now.saturating_sub(c.last_heard) > self.config.heartbeat_interval * 3 / 2);
+        if silent_root {
+            self.children.remove(&from);
             self.push_event(Event::MemberLeft(from));
             self.mark_view_changed();
         }

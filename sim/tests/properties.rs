@@ -159,6 +159,7 @@ fn former_property_failures_converge() {
             include_str!("regressions/merging_roots_that_adopted_each_other.toml"),
         ),
         ("a_root_still_listed_as_a_child", include_str!("regressions/a_root_still_listed_as_a_child.toml")),
+        ("a_joiner_whose_accept_crossed_ours", include_str!("regressions/a_joiner_whose_accept_crossed_ours.toml")),
     ];
     for (name, text) in cases {
         let scenario = canopy_sim::scenario::Scenario::from_toml(text, name).expect("a valid scenario");
