@@ -1196,8 +1196,8 @@ impl Node {
             self.parent = None;
             if !self.children.is_empty() && self.orphan.is_none() {
                 // Our subtree is whole: it has a root at once while we merge again (a root retries its contacts).
-                // Two island roots that each joined the other's tree both found the cycle, and left detached, the
-                // whole tree was without a root until the island wait passed (property schedules).
+                // Two island roots that each joined the other's tree both found the cycle and left as detached
+                // nodes: the whole tree was without a root until the island wait passed (property schedules).
                 self.become_root();
             }
             return;
