@@ -468,3 +468,39 @@ fn a_heartbeat_that_overtakes_the_accept_does_not_make_the_parent_drop_the_joine
     joiner.handle(now + MS(2), Input::Message { from: stranger, envelope: stray });
     assert!(sent_by(&mut joiner).iter().any(|(to, e)| *to == stranger && matches!(e.body, Message::NotYourChild(_))));
 }
+
+#[test]
+fn a_node_whose_attach_after_a_redirect_goes_unanswered_asks_the_target_then_the_parent_first() {
+    // Redirected by a split, a node attaches to the target; when that answer is lost it joins through its contacts.
+    // Older contacts (ancestors that may have crashed, each costing a join wait) came first, and a node in a
+    // property schedule was still detached 3 s later.
+    use canopy_overlay::{Envelope, Input, Message, Node, PROTOCOL_VERSION};
+    let config = Config::default();
+    let mut parent = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
+    let mut node = Node::new(common::info(9), config.clone(), 9, Duration::ZERO);
+    let (parent_id, node_id, target) = (parent.id(), node.id(), common::info(5));
+    parent.handle(Duration::ZERO, Input::Command(Command::Start));
+    for old in [2, 3] {
+        node.handle(Duration::ZERO, Input::Command(Command::AddContact(common::info(old).id)));
+    }
+    node.handle(Duration::ZERO, Input::Command(Command::Join { via: parent_id }));
+    for (_, envelope) in sent_by(&mut node) {
+        parent.handle(MS(5), Input::Message { from: node_id, envelope });
+    }
+    for (_, envelope) in sent_by(&mut parent).into_iter().filter(|(to, _)| *to == node_id) {
+        node.handle(MS(10), Input::Message { from: parent_id, envelope });
+    }
+    assert_eq!(node.parent(), Some(parent_id));
+    let redirect = Envelope {
+        version: PROTOCOL_VERSION,
+        id: 1_000,
+        from: parent_id,
+        body: Message::Redirect { to: Box::new(target.clone()) },
+    };
+    node.handle(MS(20), Input::Message { from: parent_id, envelope: redirect });
+    assert!(sent_by(&mut node).iter().any(|(to, e)| *to == target.id && matches!(e.body, Message::Attach(_))));
+    // Nothing answers the attach: the joins that follow go to the target, then to the parent that sent us there.
+    let until = MS(20) + config.attach_timeout + config.heartbeat_interval + 2 * config.join_answer_wait;
+    let asked: Vec<_> = join_requests_until(&mut node, MS(30), until).into_iter().map(|(_, to)| to).collect();
+    assert_eq!(asked.get(..2), Some(&[target.id, parent_id][..]), "asked, in order: {asked:?}");
+}
