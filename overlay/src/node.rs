@@ -347,7 +347,6 @@ pub struct Node {
 
     /// Shared by a simulator's nodes, so the many lines of it a tick reads stay in the cache.
     config: Arc<Config>,
-    rng: ChaCha8Rng,
     started: Time,
     /// Root first, the parent last (kept while orphaned, for cycle checks).
     ancestors: Arc<[NodeInfo]>,
@@ -360,6 +359,16 @@ pub struct Node {
     /// Since when the view we sent holds outdated ranks only (pushed after `rank_push_delay`).
     ranks_stale_since: Option<Time>,
     address_block: Option<Ipv4Net>,
+    relays: Vec<Relay>,
+    probe_seq: u64,
+    grids: Grids,
+    routing: Routing,
+    /// The routing context's children with their positions, and the children's generation it was built at.
+    routing_children: (Vec<(NodeId, Position)>, u64),
+
+    // Read by few inputs (joins, successions, probes): after everything a heartbeat reads, out of the part of the
+    // record a driver prefetches (see `Node::hot_len`).
+    rng: ChaCha8Rng,
     orphan: Option<Orphan>,
     contacts: VecDeque<NodeId>,
     /// Contacts we were given (bootstrap, `Join { via }`, `AddContact`): contacts found inside our own tree are
@@ -371,12 +380,6 @@ pub struct Node {
     peers: HashMap<NodeId, NodeInfo>,
     peer_order: VecDeque<NodeId>,
     replaced: VecDeque<(NodeId, NodeInfo, u64)>,
-    relays: Vec<Relay>,
-    probe_seq: u64,
-    grids: Grids,
-    routing: Routing,
-    /// The routing context's children with their positions, and the children's generation it was built at.
-    routing_children: (Vec<(NodeId, Position)>, u64),
 }
 
 /// Everything a routing poll reads from the node (see [`TreeCtx`]), children by generation.
@@ -453,6 +456,12 @@ impl Node {
             routing_children: (Vec::new(), 0),
             routing_polled: None,
         }
+    }
+
+    /// How many leading bytes of a `Node` a heartbeat or report reads, all but a line or two of routing's: a driver
+    /// of many nodes may prefetch those ahead of an input, and only those (the rest would crowd the cache).
+    pub const fn hot_len() -> usize {
+        std::mem::offset_of!(Node, routing)
     }
 
     pub fn id(&self) -> NodeId {
@@ -1309,7 +1318,11 @@ impl Node {
         }
         let children = &self.children;
         self.grids.retain_children(|id| children.contains(id));
-        self.with_routing(|r, ctx| r.tick(now, ctx));
+        // A quiet routing tick is skipped, and so is the poll a tick starts (see `finish`): the two read a few dozen
+        // cache lines of routing's state in every node at every heartbeat.
+        if self.routing.tick_due(now, self.parent.is_some()) {
+            self.with_routing(|r, ctx| r.tick(now, ctx));
+        }
         self.send_heartbeats(false);
         if let Some(p) = &self.parent {
             let to = p.info.id;

@@ -405,6 +405,25 @@ impl MachineSubnets {
     }
 }
 
+/// When [`Routing::tick`] and the periodic poll have work, kept together so that [`Routing::tick_due`] and
+/// [`Routing::sync_due`] read one cache line: a quiet
+/// tick read a dozen lines of routing's state (and the poll after it a dozen more) to find nothing to do, in every
+/// node at every heartbeat.
+#[derive(Debug, Clone, Copy)]
+struct TickSchedule {
+    /// Nothing that expires or is waited for is held: no interests, cached routes, tombstones, lapsing service
+    /// addresses, open block request, claims, replacements, refusals or deployments on their way. A tick then only
+    /// sweeps leases and renews interests, each on its own schedule. Set by the tick that finds it so, cleared by
+    /// every input.
+    idle: bool,
+    /// When the children's leases are next renewed and lapsed grants swept (a few times per lease, not every tick:
+    /// a root holds thousands of grants).
+    next_lease_sweep: Time,
+    next_renew: Time,
+    /// The next periodic resync with the parent (a poll does it; see [`Routing::sync_due`]).
+    next_sync: Time,
+}
+
 pub struct Routing {
     cfg: RoutingConfig,
     /// This machine's subnets.
@@ -443,7 +462,6 @@ pub struct Routing {
     /// The group blocks of our parent (what we inherit when we take its place).
     parent_group: Vec<Ipv4Net>,
     synced_parent: Option<NodeId>,
-    next_sync: Time,
     was_root: bool,
     known_children: Vec<NodeId>,
     /// The children's generation `known_children` was taken at (see [`TreeCtx::children_generation`]).
@@ -455,10 +473,7 @@ pub struct Routing {
     interests: InterestTable,
     pending: HashMap<QueryKey, Vec<Asker>>,
     allocator: Option<ServiceIpAllocator>,
-    next_renew: Time,
-    /// When the children's leases are next renewed and lapsed grants swept (a few times per lease, not every tick:
-    /// a root holds thousands of grants).
-    next_lease_sweep: Time,
+    schedule: TickSchedule,
     /// The pool version and the machine subnets' change count `own_subnets_in_pool` last found in order (it runs on
     /// every poll).
     own_checked: Option<(u64, u64)>,
@@ -489,7 +504,6 @@ impl Routing {
             block_asked_at: None,
             block_refused: false,
             sync_awaits_answer: false,
-            next_lease_sweep: Time::ZERO,
             own_checked: None,
             extra_machine_wanted: false,
             restoring: Vec::new(),
@@ -499,14 +513,18 @@ impl Routing {
             unavailable_up: BTreeSet::new(),
             parent_group: Vec::new(),
             synced_parent: None,
-            next_sync: Time::ZERO,
             was_root: false,
             known_children: Vec::new(),
             known_generation: None,
             sent_group: Vec::new(),
             pending: HashMap::new(),
             allocator: None,
-            next_renew: Time::ZERO,
+            schedule: TickSchedule {
+                idle: false,
+                next_lease_sweep: Time::ZERO,
+                next_renew: Time::ZERO,
+                next_sync: Time::ZERO,
+            },
             own_deploys: Vec::new(),
             out: Vec::new(),
             events: Vec::new(),
@@ -612,27 +630,51 @@ impl Routing {
             if let Some(parent) = ctx.parent {
                 self.parent_changed(now, ctx, parent);
             }
-        } else if ctx.parent.is_some() && now >= self.next_sync {
+        } else if ctx.parent.is_some() && now >= self.schedule.next_sync {
             self.sync(now, ctx);
         }
         // A coordinator needs a block to grant from.
         if !ctx.is_root && !ctx.children.is_empty() && self.pool.owned().is_empty() && self.block_asked_at.is_none() {
             self.ask_block(now, ctx);
         }
-        before == (self.out.len(), self.events.len(), self.pool.version())
+        let quiet = before == (self.out.len(), self.events.len(), self.pool.version());
+        if !quiet {
+            self.schedule.idle = false;
+        }
+        quiet
     }
 
     /// Whether the periodic resync with the parent is due (a poll does it).
     pub fn sync_due(&self, now: Time) -> bool {
-        now >= self.next_sync
+        now >= self.schedule.next_sync
+    }
+
+    /// Whether [`Routing::tick`] would do anything at `now` (`has_parent`: the node has a parent). When it would
+    /// not, the caller may skip it, and with it the poll that follows a tick.
+    pub fn tick_due(&self, now: Time, has_parent: bool) -> bool {
+        let s = &self.schedule;
+        !s.idle || now >= s.next_lease_sweep || (has_parent && now >= s.next_renew)
+    }
+
+    /// Nothing held that a tick expires or waits for (see [`TickSchedule::idle`]).
+    fn holds_nothing_timed(&self) -> bool {
+        self.interests.is_empty()
+            && self.cache.is_empty()
+            && !self.registry.has_tombstones()
+            && self.allocator.as_ref().is_none_or(|a| !a.has_lapsing())
+            && self.block_asked_at.is_none()
+            && self.claims_up.is_empty()
+            && self.replacements.is_empty()
+            && self.unavailable_up.is_empty()
+            && self.own_deploys.is_empty()
     }
 
     /// Every heartbeat interval: renew children's leases, expire what lapsed, renew interests upwards.
     pub fn tick(&mut self, now: Time, ctx: &TreeCtx) {
-        if now >= self.next_lease_sweep {
+        if now >= self.schedule.next_lease_sweep {
             // Renewed every sixth of a lease, a live child's grant never lapses; a lapsed one is freed at most that
             // much late.
-            self.next_lease_sweep = now + self.cfg.lease / LEASE_SWEEPS;
+            self.schedule.next_lease_sweep = now + self.cfg.lease / LEASE_SWEEPS;
             for (c, _) in ctx.children {
                 self.pool.renew(*c, now);
             }
@@ -676,9 +718,9 @@ impl Routing {
         }
         self.resend_deploys(now, ctx, now.saturating_sub(self.cfg.resync_interval));
         if let Some(parent) = ctx.parent
-            && now >= self.next_renew
+            && now >= self.schedule.next_renew
         {
-            self.next_renew = now + self.cfg.renew_interval;
+            self.schedule.next_renew = now + self.cfg.renew_interval;
             let wanted: Vec<ServiceName> = self.interests.wanted(now).into_iter().cloned().collect();
             if !wanted.is_empty() {
                 for s in &wanted {
@@ -687,10 +729,12 @@ impl Routing {
                 self.send(parent, RoutesMessage::Renew(wanted));
             }
         }
+        self.schedule.idle = self.holds_nothing_timed();
     }
 
     /// We took the place of our failed (or leaving) parent: its group blocks become ours.
     pub fn took_over(&mut self, now: Time, me: NodeId) {
+        self.schedule.idle = false;
         let inherited = std::mem::take(&mut self.parent_group);
         if inherited.is_empty() {
             return;
@@ -708,7 +752,7 @@ impl Routing {
         }
         self.parent_blocks = inherited;
         self.pool = pool;
-        self.next_sync = now;
+        self.schedule.next_sync = now;
     }
 
     fn become_root(&mut self, now: Time, ctx: &TreeCtx) {
@@ -832,7 +876,7 @@ impl Routing {
             self.pending.entry(key.clone()).or_default();
             self.send(parent, RoutesMessage::Query { key, position: ctx.position });
         }
-        self.next_renew = now + self.cfg.renew_interval;
+        self.schedule.next_renew = now + self.cfg.renew_interval;
         self.resend_deploys(now, ctx, Time::MAX);
     }
 
@@ -848,7 +892,7 @@ impl Routing {
 
     fn sync(&mut self, now: Time, ctx: &TreeCtx) {
         let Some(parent) = ctx.parent else { return };
-        self.next_sync = now + self.cfg.resync_interval;
+        self.schedule.next_sync = now + self.cfg.resync_interval;
         self.give_back_idle_blocks();
         let held = self.held();
         let mut want = Vec::new();
@@ -871,7 +915,7 @@ impl Routing {
         // want once.
         self.sync_awaits_answer = !want.is_empty();
         if self.sync_awaits_answer {
-            self.next_sync = now + self.cfg.answer_wait;
+            self.schedule.next_sync = now + self.cfg.answer_wait;
         }
         self.send(parent, RoutesMessage::SubnetSync { held, want });
     }
@@ -928,6 +972,7 @@ impl Routing {
     /// every level, the platform range ran dry. Moving down, their grants stay here until claimed or lapsed;
     /// released at once, they were granted afresh to others while the claims were on their way.
     pub fn hand_over(&mut self, now: Time, ctx: &TreeCtx, moved: &[NodeId]) {
+        self.schedule.idle = false;
         // Blocks we are still asking our parent to keep for them follow them when the answer comes.
         let mut claimed: Vec<(Ipv4Net, NodeId)> = Vec::new();
         if let Some(parent) = ctx.parent
@@ -999,6 +1044,7 @@ impl Routing {
     // ----- commands -----------------------------------------------------------------------------------------
 
     pub fn on_command(&mut self, now: Time, ctx: &TreeCtx, cmd: RouteCommand) {
+        self.schedule.idle = false;
         match cmd {
             RouteCommand::DeployService { name, request, instances } => {
                 if !ctx.is_root && ctx.parent.is_some() {
@@ -1152,6 +1198,7 @@ impl Routing {
     // ----- messages -----------------------------------------------------------------------------------------
 
     pub fn on_message(&mut self, now: Time, ctx: &TreeCtx, from: NodeId, m: RoutesMessage) {
+        self.schedule.idle = false;
         let from_parent = ctx.parent == Some(from);
         let from_child = ctx.children.iter().any(|(c, _)| *c == from);
         match m {
@@ -1171,7 +1218,7 @@ impl Routing {
                 if machine_answered && self.sync_awaits_answer {
                     // Answered: the next sync waits a resync interval, unless what follows asks for one sooner.
                     self.sync_awaits_answer = false;
-                    self.next_sync = self.next_sync.max(now + self.cfg.resync_interval);
+                    self.schedule.next_sync = self.schedule.next_sync.max(now + self.cfg.resync_interval);
                 }
                 if block_refused {
                     self.block_asked_at = Some(now);
@@ -1705,7 +1752,7 @@ impl Routing {
                 Err(_) => {
                     // No room here: the parent grants a fresh one with the next sync.
                     self.events.push(RouteEvent::SubnetRevoked { block: old });
-                    self.next_sync = now;
+                    self.schedule.next_sync = now;
                 }
             }
         }
@@ -1726,11 +1773,11 @@ impl Routing {
     fn revoke(&mut self, now: Time, old: Ipv4Net) {
         if self.restoring.contains(&old) {
             self.restoring.retain(|m| *m != old);
-            self.next_sync = now;
+            self.schedule.next_sync = now;
         } else if self.machine.contains(&old) {
             self.machine.retain(|m| *m != old);
             self.events.push(RouteEvent::SubnetRevoked { block: old });
-            self.next_sync = now;
+            self.schedule.next_sync = now;
         } else if self.parent_blocks.contains(&old) {
             self.parent_blocks.retain(|b| *b != old);
             let grants: Vec<(Ipv4Net, NodeId)> = self.pool.grants().map(|g| (g.block, g.holder)).collect();
@@ -2109,6 +2156,36 @@ mod tests {
         let holders: Vec<NodeId> = root.pool().grants().map(|g| g.holder).collect();
         assert!(!holders.contains(&NodeId::from_u64(4)));
         assert!(holders.contains(&NodeId::from_u64(2)) && holders.contains(&NodeId::from_u64(3)));
+    }
+
+    /// A tick with nothing timed held is skipped between lease sweeps and interest renewals; any input, or a
+    /// deployment on its way, makes the next one due again.
+    #[test]
+    fn a_quiet_tick_is_due_only_for_sweeps_and_renewals_until_an_input_arrives() {
+        let cfg = RoutingConfig::default();
+        let (sweep, renew) = (cfg.lease / LEASE_SWEEPS, cfg.renew_interval);
+        let mut node = Routing::new(cfg);
+        let leaf = ctx(1, Some(2), false, &[]);
+        let t0 = Time::from_secs(1);
+        assert!(node.tick_due(t0, true), "a new node has not found out yet that it holds nothing timed");
+        node.poll(t0, &leaf);
+        node.tick(t0, &leaf);
+        node.drain();
+        let soon = t0 + Duration::from_millis(1);
+        assert!(!node.tick_due(soon, true));
+        assert!(node.tick_due(t0 + sweep.min(renew), true), "the first of the lease sweep and the renewal");
+        assert!(!node.tick_due(t0 + sweep.min(renew) - Duration::from_millis(1), true));
+
+        let sync = RoutesMessage::GroupBlocks(vec![]);
+        node.on_message(soon, &leaf, NodeId::from_u64(2), sync);
+        assert!(node.tick_due(soon, true), "an input may have left something timed");
+        node.tick(soon, &leaf);
+        assert!(!node.tick_due(soon, true));
+
+        let cmd = RouteCommand::DeployService { name: svc(), request: AddressRequest::default(), instances: 1 };
+        node.on_command(soon, &leaf, cmd);
+        node.tick(soon, &leaf);
+        assert!(node.tick_due(soon, true), "a deployment waits for its answer: every tick looks at it");
     }
 
     #[test]

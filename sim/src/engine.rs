@@ -8,7 +8,7 @@ use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::message_size::MessageSizes;
 use crate::network::{Attachment, NetworkModel};
-use crate::prefetch::prefetch;
+use crate::prefetch::{prefetch, prefetch_prefix};
 use crate::queue::{EventQueue, Timed};
 use crate::report::{
     AppliedEvent, ByRole, FinalState, MessageCounts, ProtocolCounters, Report, StateSizes, Stats, Violation,
@@ -31,6 +31,9 @@ const CHECK_INTERVAL_NS: u64 = 5_000_000_000;
 /// `Simulation::armed` for a node with no wakeup queued: a plain `u64` takes half the cache of an `Option<u64>`, and
 /// that array is read on every event (no time reaches it: `u64::MAX` ns is 584 years).
 const NOT_ARMED: u64 = u64::MAX;
+/// The leading bytes of a [`SimNode`] an input to it reads, bar a few lines: its own fields and the node's hot part
+/// (a line more, for an `Option` tag in front of the node).
+const HOT_SIM_NODE_BYTES: usize = std::mem::offset_of!(SimNode, node) + Node::hot_len() + 64;
 /// At most this many violations are kept in the report (all are counted).
 const MAX_VIOLATIONS: usize = 200;
 
@@ -151,14 +154,17 @@ enum Life {
     Left,
 }
 
+// In this order: what every event reads (`life`, `at`, `role`) and the node's own hot part come first, and only
+// those are prefetched (see `Simulation::prefetch_upcoming`).
+#[repr(C)]
 struct SimNode {
-    node: Option<Node>,
-    info: NodeInfo,
-    at: Attachment,
     life: Life,
-    incarnation: u64,
     /// Role and parent as last announced by the node's events.
     role: Role,
+    at: Attachment,
+    node: Option<Node>,
+    info: NodeInfo,
+    incarnation: u64,
     parent: Option<u32>,
     role_at_crash: Role,
     /// When the current join started, and whether it is a rejoin after a restart.
@@ -451,7 +457,7 @@ impl Simulation {
             _ => None,
         };
         if let Some(i) = target {
-            prefetch(&self.nodes[i as usize]);
+            prefetch_prefix(&self.nodes[i as usize], HOT_SIM_NODE_BYTES);
         }
     }
 

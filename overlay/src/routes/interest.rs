@@ -57,6 +57,10 @@ impl InterestTable {
         self.ttl
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
     /// Registers or renews `child`'s interest in `service`; true when it is new (or had lapsed).
     pub fn register(&mut self, service: &ServiceName, child: NodeId, now: Time) -> bool {
         let entry = self.services.entry(service.clone()).or_default();

@@ -307,6 +307,11 @@ impl Registry {
     }
 
     /// Forgets removals older than the tombstone TTL.
+    /// Whether any tombstone waits to expire.
+    pub fn has_tombstones(&self) -> bool {
+        !self.tombstones.is_empty()
+    }
+
     pub fn expire(&mut self, now: Time) {
         self.tombstones.retain(|_, t| t.until > now);
     }

@@ -432,6 +432,11 @@ impl ServiceIpAllocator {
         }
     }
 
+    /// Whether an address of a gone instance waits for its grace to pass (see [`ServiceIpAllocator::release_lapsed`]).
+    pub fn has_lapsing(&self) -> bool {
+        !self.gone.is_empty()
+    }
+
     /// Frees the InstanceIPs of instances gone for `grace` or longer at `now`; returns them sorted by key.
     pub fn release_lapsed(&mut self, now: Time, grace: Duration) -> Vec<Assignment> {
         let lapsed: Vec<AddressKey> =
