@@ -1320,7 +1320,7 @@ impl Node {
         self.grids.retain_children(|id| children.contains(id));
         // A quiet routing tick is skipped, and so is the poll a tick starts (see `finish`): the two read a few dozen
         // cache lines of routing's state in every node at every heartbeat.
-        if self.routing.tick_due(now, self.parent.is_some()) {
+        if !self.routing.skip_quiet_tick(now, self.parent.is_some()) {
             self.with_routing(|r, ctx| r.tick(now, ctx));
         }
         self.send_heartbeats(false);

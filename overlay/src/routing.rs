@@ -405,7 +405,7 @@ impl MachineSubnets {
     }
 }
 
-/// When [`Routing::tick`] and the periodic poll have work, kept together so that [`Routing::tick_due`] and
+/// When [`Routing::tick`] and the periodic poll have work, kept together so that [`Routing::skip_quiet_tick`] and
 /// [`Routing::sync_due`] read one cache line: a quiet
 /// tick read a dozen lines of routing's state (and the poll after it a dozen more) to find nothing to do, in every
 /// node at every heartbeat.
@@ -416,6 +416,9 @@ struct TickSchedule {
     /// sweeps leases and renews interests, each on its own schedule. Set by the tick that finds it so, cleared by
     /// every input.
     idle: bool,
+    /// The pool held no grants after the last tick (a leaf's never does): a lease sweep then renews nothing. Only
+    /// read while `idle`, which any input clears.
+    pool_empty: bool,
     /// When the children's leases are next renewed and lapsed grants swept (a few times per lease, not every tick:
     /// a root holds thousands of grants).
     next_lease_sweep: Time,
@@ -521,6 +524,7 @@ impl Routing {
             allocator: None,
             schedule: TickSchedule {
                 idle: false,
+                pool_empty: false,
                 next_lease_sweep: Time::ZERO,
                 next_renew: Time::ZERO,
                 next_sync: Time::ZERO,
@@ -649,11 +653,21 @@ impl Routing {
         now >= self.schedule.next_sync
     }
 
-    /// Whether [`Routing::tick`] would do anything at `now` (`has_parent`: the node has a parent). When it would
-    /// not, the caller may skip it, and with it the poll that follows a tick.
-    pub fn tick_due(&self, now: Time, has_parent: bool) -> bool {
-        let s = &self.schedule;
-        !s.idle || now >= s.next_lease_sweep || (has_parent && now >= s.next_renew)
+    /// Skips a tick at `now` that would only move its lease sweep and interest renewal on (`has_parent`: the node
+    /// has a parent): with nothing timed held and no grants in the pool, a sweep renews nothing and a renewal sends
+    /// nothing. Returns whether it skipped; the caller then skips the tick, and the poll a tick starts.
+    pub fn skip_quiet_tick(&mut self, now: Time, has_parent: bool) -> bool {
+        let s = &mut self.schedule;
+        if !s.idle || (now >= s.next_lease_sweep && !s.pool_empty) {
+            return false;
+        }
+        if now >= s.next_lease_sweep {
+            s.next_lease_sweep = now + self.cfg.lease / LEASE_SWEEPS;
+        }
+        if has_parent && now >= s.next_renew {
+            s.next_renew = now + self.cfg.renew_interval;
+        }
+        true
     }
 
     /// Nothing held that a tick expires or waits for (see [`TickSchedule::idle`]).
@@ -730,6 +744,7 @@ impl Routing {
             }
         }
         self.schedule.idle = self.holds_nothing_timed();
+        self.schedule.pool_empty = !self.pool.has_grants();
     }
 
     /// We took the place of our failed (or leaving) parent: its group blocks become ours.
@@ -2158,34 +2173,43 @@ mod tests {
         assert!(holders.contains(&NodeId::from_u64(2)) && holders.contains(&NodeId::from_u64(3)));
     }
 
-    /// A tick with nothing timed held is skipped between lease sweeps and interest renewals; any input, or a
-    /// deployment on its way, makes the next one due again.
+    /// A tick with nothing timed held and no grants in the pool is skipped (its sweep and renewal only move on);
+    /// any input, a deployment on its way or grants to renew make ticks run again.
     #[test]
-    fn a_quiet_tick_is_due_only_for_sweeps_and_renewals_until_an_input_arrives() {
+    fn a_quiet_tick_is_skipped_until_an_input_or_a_grant_gives_it_work() {
         let cfg = RoutingConfig::default();
-        let (sweep, renew) = (cfg.lease / LEASE_SWEEPS, cfg.renew_interval);
+        let sweep = cfg.lease / LEASE_SWEEPS;
         let mut node = Routing::new(cfg);
         let leaf = ctx(1, Some(2), false, &[]);
         let t0 = Time::from_secs(1);
-        assert!(node.tick_due(t0, true), "a new node has not found out yet that it holds nothing timed");
+        assert!(!node.skip_quiet_tick(t0, true), "a new node has not found out yet that it holds nothing timed");
         node.poll(t0, &leaf);
         node.tick(t0, &leaf);
         node.drain();
         let soon = t0 + Duration::from_millis(1);
-        assert!(!node.tick_due(soon, true));
-        assert!(node.tick_due(t0 + sweep.min(renew), true), "the first of the lease sweep and the renewal");
-        assert!(!node.tick_due(t0 + sweep.min(renew) - Duration::from_millis(1), true));
+        assert!(node.skip_quiet_tick(soon, true));
+        assert!(node.skip_quiet_tick(t0 + sweep * 3, true), "an empty pool's sweep renews nothing");
+        assert_eq!(node.schedule.next_lease_sweep, t0 + sweep * 4, "the sweep moves on as the tick would have");
 
-        let sync = RoutesMessage::GroupBlocks(vec![]);
-        node.on_message(soon, &leaf, NodeId::from_u64(2), sync);
-        assert!(node.tick_due(soon, true), "an input may have left something timed");
-        node.tick(soon, &leaf);
-        assert!(!node.tick_due(soon, true));
+        let later = t0 + sweep * 3;
+        node.on_message(later, &leaf, NodeId::from_u64(2), RoutesMessage::GroupBlocks(vec![]));
+        assert!(!node.skip_quiet_tick(later, true), "an input may have left something timed");
+        node.tick(later, &leaf);
+        assert!(node.skip_quiet_tick(later, true));
 
         let cmd = RouteCommand::DeployService { name: svc(), request: AddressRequest::default(), instances: 1 };
-        node.on_command(soon, &leaf, cmd);
-        node.tick(soon, &leaf);
-        assert!(node.tick_due(soon, true), "a deployment waits for its answer: every tick looks at it");
+        node.on_command(later, &leaf, cmd);
+        node.tick(later, &leaf);
+        assert!(!node.skip_quiet_tick(later, true), "a deployment waits for its answer: every tick looks at it");
+
+        // A root grants itself a subnet from its own pool: its sweeps renew it, so they run.
+        let mut root = Routing::new(RoutingConfig::default());
+        let top = ctx(1, None, true, &[]);
+        root.poll(t0, &top);
+        root.tick(t0, &top);
+        root.drain();
+        assert!(root.skip_quiet_tick(soon, false));
+        assert!(!root.skip_quiet_tick(t0 + sweep, false), "a sweep with grants to renew");
     }
 
     #[test]

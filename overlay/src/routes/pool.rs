@@ -517,6 +517,11 @@ impl AddressPool {
         self.blocks_of(holder).into_iter().map(|b| self.free(b).expect("indexed")).collect()
     }
 
+    /// Whether any block is granted (to a child, or at the root to itself).
+    pub fn has_grants(&self) -> bool {
+        !self.grants.is_empty()
+    }
+
     /// Extends every lease of `holder` to `now + lease`; returns how many it holds.
     pub fn renew(&mut self, holder: NodeId, now: Time) -> usize {
         let Some(blocks) = self.by_holder.get(&holder) else { return 0 };
