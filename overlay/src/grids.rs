@@ -233,11 +233,20 @@ struct OpenQuery {
 }
 
 /// Grid state of one node. Pure: the node calls in on reports, heartbeats and ticks.
+// In this order: what a leaf's heartbeat and report read comes first (see `Grids::HOT_LEN`).
+#[repr(C)]
 pub struct Grids {
     config: GridConfig,
     position: Position,
     own_free: Capacity,
+    /// What we last reported, to whom, and how many reports ago.
+    sent_up: Option<(NodeId, SubtreeGrid)>,
+    reports_since_sent: u32,
     children: Vec<(NodeId, SubtreeGrid)>,
+    open: Vec<OpenQuery>,
+    counters: GridCounters,
+
+    // Read by coordinators and on changes only: past `Grids::HOT_LEN`.
     siblings: Vec<(NodeId, SubtreeGrid)>,
     outside: Option<Arc<CapacityGrid>>,
     /// Merge of this node and its children; dropped when one of those changes.
@@ -252,9 +261,6 @@ pub struct Grids {
     /// This node and its siblings, as merged into `outside_for_children`: the outside grid changes with every change
     /// anywhere in the tree, they less often.
     own_and_siblings: MergeCache,
-    /// What we last reported, to whom, and how many reports ago.
-    sent_up: Option<(NodeId, SubtreeGrid)>,
-    reports_since_sent: u32,
     /// A child's grid changed significantly since the last group we sent.
     group_dirty: bool,
     /// The children the last group was built for, and the group itself (the current version).
@@ -268,9 +274,7 @@ pub struct Grids {
     outside_checked: Option<Arc<CapacityGrid>>,
     heartbeats_since_group: u32,
     held: Option<Vec<CapacityGrid>>,
-    open: Vec<OpenQuery>,
     next_query: u64,
-    counters: GridCounters,
 }
 
 /// Versions of the group whose changes a parent remembers; a child further behind gets the whole group.
@@ -300,6 +304,9 @@ fn same_subtree(a: &SubtreeGrid, b: &SubtreeGrid) -> bool {
 }
 
 impl Grids {
+    /// How many leading bytes of a `Grids` a leaf's heartbeat and report read (see `Node::hot_ranges`).
+    pub const HOT_LEN: usize = std::mem::offset_of!(Grids, siblings);
+
     pub fn new(config: GridConfig, position: Position, own_free: Capacity) -> Self {
         let config = GridConfig { size: config.size.clamp(1, MAX_GRID_SIZE), ..config };
         Self {

@@ -367,7 +367,7 @@ pub struct Node {
     routing_children: (Vec<(NodeId, Position)>, u64),
 
     // Read by few inputs (joins, successions, probes): after everything a heartbeat reads, out of the part of the
-    // record a driver prefetches (see `Node::hot_len`).
+    // record a driver prefetches (see `Node::hot_ranges`).
     rng: ChaCha8Rng,
     orphan: Option<Orphan>,
     contacts: VecDeque<NodeId>,
@@ -458,10 +458,11 @@ impl Node {
         }
     }
 
-    /// How many leading bytes of a `Node` a heartbeat or report reads, all but a line or two of routing's: a driver
-    /// of many nodes may prefetch those ahead of an input, and only those (the rest would crowd the cache).
-    pub const fn hot_len() -> usize {
-        std::mem::offset_of!(Node, routing)
+    /// The byte ranges (offset, length) of a `Node` that a heartbeat or report reads, bar a few lines: a driver of
+    /// many nodes may prefetch those ahead of an input, and only those (the rest would crowd the cache).
+    pub const fn hot_ranges() -> [(usize, usize); 2] {
+        let grids = std::mem::offset_of!(Node, grids);
+        [(0, grids + Grids::HOT_LEN), (std::mem::offset_of!(Node, routing), Routing::SCHEDULE_LEN)]
     }
 
     pub fn id(&self) -> NodeId {

@@ -427,7 +427,11 @@ struct TickSchedule {
     next_sync: Time,
 }
 
+// `schedule` first: every heartbeat reads it, and a driver prefetches it with the node's hot part (see
+// `Routing::SCHEDULE_LEN`).
+#[repr(C)]
 pub struct Routing {
+    schedule: TickSchedule,
     cfg: RoutingConfig,
     /// This machine's subnets.
     machine: MachineSubnets,
@@ -476,7 +480,6 @@ pub struct Routing {
     interests: InterestTable,
     pending: HashMap<QueryKey, Vec<Asker>>,
     allocator: Option<ServiceIpAllocator>,
-    schedule: TickSchedule,
     /// The pool version and the machine subnets' change count `own_subnets_in_pool` last found in order (it runs on
     /// every poll).
     own_checked: Option<(u64, u64)>,
@@ -652,6 +655,9 @@ impl Routing {
     pub fn sync_due(&self, now: Time) -> bool {
         now >= self.schedule.next_sync
     }
+
+    /// How many leading bytes of a `Routing` every heartbeat reads (the tick's schedule).
+    pub const SCHEDULE_LEN: usize = size_of::<TickSchedule>();
 
     /// Skips a tick at `now` that would only move its lease sweep and interest renewal on (`has_parent`: the node
     /// has a parent): with nothing timed held and no grants in the pool, a sweep renews nothing and a renewal sends

@@ -8,7 +8,7 @@ use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
 use crate::message_size::MessageSizes;
 use crate::network::{Attachment, NetworkModel};
-use crate::prefetch::{prefetch, prefetch_prefix};
+use crate::prefetch::{prefetch, prefetch_ranges};
 use crate::queue::{EventQueue, Timed};
 use crate::report::{
     AppliedEvent, ByRole, FinalState, MessageCounts, ProtocolCounters, Report, StateSizes, Stats, Violation,
@@ -31,9 +31,16 @@ const CHECK_INTERVAL_NS: u64 = 5_000_000_000;
 /// `Simulation::armed` for a node with no wakeup queued: a plain `u64` takes half the cache of an `Option<u64>`, and
 /// that array is read on every event (no time reaches it: `u64::MAX` ns is 584 years).
 const NOT_ARMED: u64 = u64::MAX;
-/// The leading bytes of a [`SimNode`] an input to it reads, bar a few lines: its own fields and the node's hot part
-/// (a line more, for an `Option` tag in front of the node).
-const HOT_SIM_NODE_BYTES: usize = std::mem::offset_of!(SimNode, node) + Node::hot_len() + 64;
+/// The byte ranges of a [`SimNode`] an input to it reads, bar a few lines: its own fields in front of the node, and
+/// the node's hot parts (see [`Node::hot_ranges`]).
+const HOT_SIM_NODE_RANGES: [(usize, usize); 3] = {
+    let node = std::mem::offset_of!(SimNode, node);
+    let [(a, a_len), (b, b_len)] = Node::hot_ranges();
+    [(0, node), (node + a, a_len), (node + b, b_len)]
+};
+// The ranges above take the node at the start of its `Option` (no tag in front).
+const _: () = assert!(size_of::<Option<Node>>() == size_of::<Node>());
+
 /// At most this many violations are kept in the report (all are counted).
 const MAX_VIOLATIONS: usize = 200;
 
@@ -457,7 +464,7 @@ impl Simulation {
             _ => None,
         };
         if let Some(i) = target {
-            prefetch_prefix(&self.nodes[i as usize], HOT_SIM_NODE_BYTES);
+            prefetch_ranges(&self.nodes[i as usize], &HOT_SIM_NODE_RANGES);
         }
     }
 
