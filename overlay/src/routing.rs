@@ -406,9 +406,8 @@ impl MachineSubnets {
 }
 
 /// When [`Routing::tick`] and the periodic poll have work, kept together so that [`Routing::skip_quiet_tick`] and
-/// [`Routing::sync_due`] read one cache line: a quiet
-/// tick read a dozen lines of routing's state (and the poll after it a dozen more) to find nothing to do, in every
-/// node at every heartbeat.
+/// [`Routing::sync_due`] read one cache line. A quiet tick used to read a dozen lines of routing's state (and the poll
+/// after it a dozen more) to find nothing to do, in every node at every heartbeat.
 #[derive(Debug, Clone, Copy)]
 struct TickSchedule {
     /// Nothing that expires or is waited for is held: no interests, cached routes, tombstones, lapsing service

@@ -449,10 +449,11 @@ impl Simulation {
         self.now = self.end;
     }
 
-    /// Starts loading the record of the node that the third event from now goes to: a node's state is spread over
-    /// most of its record, and at 10,000 nodes it is rarely still cached. (One, two and four events ahead measured
-    /// the same; events pushed meanwhile may come first.) For a message, its slab slot too, and the receiver from a
-    /// list of its own, not from the slot: with the tree beating in step, 6% faster (bench_10k).
+    /// Starts loading the hot ranges of the record of the node that the third event from now goes to (see
+    /// [`HOT_SIM_NODE_RANGES`]): a heartbeat reads lines spread over them, and at 10,000 nodes they are rarely still
+    /// cached. (One, two and four events ahead measured the same; events pushed meanwhile may come first.) For a
+    /// message, its slab slot too, and the receiver from a list of its own, not from the slot: with the tree beating
+    /// in step, 6% faster (bench_10k).
     fn prefetch_upcoming(&self) {
         let Some(event) = self.queue.ahead(2) else { return };
         let target = match event.what {
