@@ -462,7 +462,8 @@ impl Node {
     /// many nodes may prefetch those ahead of an input, and only those (the rest would crowd the cache).
     pub const fn hot_ranges() -> [(usize, usize); 2] {
         let grids = std::mem::offset_of!(Node, grids);
-        [(0, grids + Grids::HOT_LEN), (std::mem::offset_of!(Node, routing), Routing::SCHEDULE_LEN)]
+        let (schedule, schedule_len) = Routing::SCHEDULE_RANGE;
+        [(0, grids + Grids::HOT_LEN), (std::mem::offset_of!(Node, routing) + schedule, schedule_len)]
     }
 
     pub fn id(&self) -> NodeId {

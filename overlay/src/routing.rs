@@ -427,7 +427,7 @@ struct TickSchedule {
 }
 
 // `schedule` first: every heartbeat reads it, and a driver prefetches it with the node's hot part (see
-// `Routing::SCHEDULE_LEN`).
+// `Routing::SCHEDULE_RANGE`).
 #[repr(C)]
 pub struct Routing {
     schedule: TickSchedule,
@@ -655,8 +655,8 @@ impl Routing {
         now >= self.schedule.next_sync
     }
 
-    /// How many leading bytes of a `Routing` every heartbeat reads (the tick's schedule).
-    pub const SCHEDULE_LEN: usize = size_of::<TickSchedule>();
+    /// The bytes of a `Routing` every heartbeat reads, as (offset, length): the tick's schedule.
+    pub const SCHEDULE_RANGE: (usize, usize) = (std::mem::offset_of!(Routing, schedule), size_of::<TickSchedule>());
 
     /// Skips a tick at `now` that would only move its lease sweep and interest renewal on (`has_parent`: the node
     /// has a parent): with nothing timed held and no grants in the pool, a sweep renews nothing and a renewal sends
