@@ -66,7 +66,8 @@ pub enum Message {
         seq: u64,
         alive: bool,
     },
-    /// Attach to `to` instead of me (split, graceful leave, step-down).
+    /// Attach to `to` instead of me (split, graceful leave, step-down, a collapsed chain link). The receiver keeps me
+    /// as its parent until `to` accepts it.
     Redirect {
         to: Box<NodeInfo>,
     },

@@ -53,6 +53,9 @@ const CONTACTS_PER_RETRY: usize = 3;
 const MAX_RELAYS: usize = 32;
 /// A group over-filled by an attach splits a heartbeat interval divided by this later (see `on_attach`).
 const SPLIT_GRACE_DIVISOR: u32 = 4;
+/// Heartbeat intervals a coordinator waits, with one child that heads a subtree of its own, before that child moves
+/// up beside it (see `Node::collapse_chain_link`): long enough for a split, a merge or a join to settle first.
+const CHAIN_LINK_GRACE_BEATS: u32 = 3;
 /// Changes of a coordinator's view reach its children at most once per heartbeat interval divided by this.
 const VIEW_PUSH_DIVISOR: u32 = 10;
 /// A node ticks on its parent's periodic heartbeat unless it ticked less than a heartbeat interval divided by this
@@ -245,6 +248,9 @@ pub struct Counters {
     pub splits: u64,
     pub step_downs: u64,
     pub merges: u64,
+    /// Times a coordinator with one child, itself a coordinator, moved it up beside itself (see
+    /// `Node::collapse_chain_link`).
+    pub chain_links_collapsed: u64,
 }
 
 /// A snapshot for `agent status` and the simulator's checks.
@@ -380,6 +386,8 @@ pub struct Node {
     peers: HashMap<NodeId, NodeInfo>,
     peer_order: VecDeque<NodeId>,
     replaced: VecDeque<(NodeId, NodeInfo, u64)>,
+    /// Our only child, a coordinator, and since when it has been so (see `collapse_chain_link`).
+    lone_child_since: Option<(NodeId, Time)>,
 }
 
 /// Everything a routing poll reads from the node (see [`TreeCtx`]), children by generation.
@@ -441,6 +449,7 @@ impl Node {
             peers: HashMap::new(),
             peer_order: VecDeque::new(),
             replaced: VecDeque::new(),
+            lone_child_since: None,
             relays: Vec::new(),
             probe_seq: 0,
             dedup: Dedup::new(64),
@@ -1132,6 +1141,49 @@ impl Node {
         self.mark_view_changed();
     }
 
+    /// A coordinator whose only child heads a subtree of its own is a link in a chain: it adds a level to that whole
+    /// subtree and leads no group. Merging islands make such links (a joining tree descends to the smallest
+    /// subtree, often a leaf, which adopts it whole), and their levels add up (depth 8 against a bound of 7 in a
+    /// property schedule with two partitions healed). Once the link has lasted a few heartbeats and our parent's
+    /// group has room, the child moves up beside us with its subnets, as a split moves a new group's coordinator,
+    /// and we are a leaf again.
+    fn collapse_chain_link(&mut self, now: Time) {
+        let link = match (&self.parent, &self.children[..]) {
+            (Some(p), [only])
+                if only.summary.height >= 2
+                    && self.members.len() < self.config.max_children
+                    && !self.leaving
+                    && self.orphan.is_none()
+                    && self.pending == Pending::None =>
+            {
+                Some((only.info.id, p.info.clone()))
+            }
+            _ => None,
+        };
+        let Some((child, parent)) = link else {
+            self.lone_child_since = None;
+            return;
+        };
+        match self.lone_child_since {
+            Some((id, since)) if id == child => {
+                if now.saturating_sub(since) < self.config.heartbeat_interval * CHAIN_LINK_GRACE_BEATS {
+                    return;
+                }
+            }
+            _ => {
+                self.lone_child_since = Some((child, now));
+                return;
+            }
+        }
+        self.lone_child_since = None;
+        self.counters.chain_links_collapsed += 1;
+        self.children.remove(&child);
+        self.send(child, Message::Redirect { to: Box::new(parent) });
+        self.push_event(Event::MemberLeft(child));
+        self.with_routing(|r, ctx| r.hand_over(now, ctx, &[child]));
+        self.mark_view_changed();
+    }
+
     fn on_redirect(&mut self, now: Time, from: NodeId, to: NodeInfo) {
         if self.parent() != Some(from) || to.id == self.info.id {
             self.counters.unexpected += 1;
@@ -1142,8 +1194,17 @@ impl Node {
         self.remember_tree_contacts(from);
         // The parent that redirected us is alive: after the target, the first to ask.
         self.add_contact_front(from);
-        self.parent = None;
+        // Make before break: the link to the parent that sent us stays until the target accepts (or refuses, or the
+        // attach times out), so a subtree on the move is never cut off from the tree. Cut at once, every move left
+        // the subtree detached for a round trip, where a snapshot of the tree found it.
         self.send_attach(now, to.id, None, AttachPurpose::Direct);
+    }
+
+    /// An attach (after a redirect) is open to another node than our parent: the link to the parent is only kept
+    /// until the move completes.
+    fn moving_from_parent(&self) -> bool {
+        matches!(self.pending, Pending::Attach { target, purpose: AttachPurpose::Direct, .. }
+            if self.parent.as_ref().is_some_and(|p| p.info.id != target))
     }
 
     // ----- heartbeats ---------------------------------------------------------------------------------------
@@ -1271,6 +1332,9 @@ impl Node {
         }
         match n.replaced_by {
             Some(successor) if successor.id != self.info.id => self.step_down(now, successor),
+            // It let us go (a redirect) and our attach elsewhere is open: it answers a report sent before we knew.
+            // The link stays until the move completes or fails.
+            _ if self.moving_from_parent() => {}
             // Our parent restarted and lost its state: as good as crashed, so the group elects a successor.
             _ if !n.in_tree => self.parent_failed(now, from),
             _ => {
@@ -1318,6 +1382,7 @@ impl Node {
         if self.children.len() > self.config.max_children {
             self.split(now);
         }
+        self.collapse_chain_link(now);
         let children = &self.children;
         self.grids.retain_children(|id| children.contains(id));
         // A quiet routing tick is skipped, and so is the poll a tick starts (see `finish`): the two read a few dozen
@@ -1326,7 +1391,11 @@ impl Node {
             self.with_routing(|r, ctx| r.tick(now, ctx));
         }
         self.send_heartbeats(false);
-        if let Some(p) = &self.parent {
+        // A parent we are moving away from (see `on_redirect`) let us go: it would only answer `NotYourChild`.
+        let moving = self.moving_from_parent();
+        if let Some(p) = &self.parent
+            && !moving
+        {
             let to = p.info.id;
             let grid = self.grids.report_grid(to).map(Box::new);
             let report = Report {
@@ -1337,7 +1406,7 @@ impl Node {
                 group_version: p.group_version,
             };
             self.send(to, Message::Report(report));
-        } else {
+        } else if self.parent.is_none() {
             self.grids.clear_parent_grids();
         }
         self.relays.retain(|r| r.deadline > now);
@@ -1616,6 +1685,10 @@ impl Node {
             }
             AttachPurpose::Climb => self.climb(now),
             AttachPurpose::Direct => {
+                // The parent that redirected us let us go: the link kept for the move goes too.
+                if self.parent.as_ref().is_some_and(|p| p.info.id != target) {
+                    self.parent = None;
+                }
                 // Fall back to a normal join through our contacts (next tick), asking the target first: a live
                 // parent sent us there, and its answer may be what was lost. Behind older contacts (ancestors that
                 // may have crashed, each costing a join wait), a node redirected by a split was still detached 3 s

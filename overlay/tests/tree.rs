@@ -504,3 +504,71 @@ fn a_node_whose_attach_after_a_redirect_goes_unanswered_asks_the_target_then_the
     let asked: Vec<_> = join_requests_until(&mut node, MS(30), until).into_iter().map(|(_, to)| to).collect();
     assert_eq!(asked.get(..2), Some(&[target.id, parent_id][..]), "asked, in order: {asked:?}");
 }
+
+#[test]
+fn a_redirected_node_keeps_its_parent_until_the_target_accepts() {
+    // Make before break: a subtree moved by a split or a collapsed chain link stays attached while it moves, so
+    // the tree never shows it cut off for the round trip of its attach.
+    use canopy_overlay::{Envelope, Input, Message, Node, PROTOCOL_VERSION};
+    let config = Config::default();
+    let mut parent = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
+    let mut target = Node::new(common::info(5), config.clone(), 5, Duration::ZERO);
+    let mut node = Node::new(common::info(9), config.clone(), 9, Duration::ZERO);
+    let (parent_id, target_id, node_id) = (parent.id(), target.id(), node.id());
+    for root in [&mut parent, &mut target] {
+        root.handle(Duration::ZERO, Input::Command(Command::Start));
+    }
+    node.handle(Duration::ZERO, Input::Command(Command::Join { via: parent_id }));
+    for (_, envelope) in sent_by(&mut node) {
+        parent.handle(MS(5), Input::Message { from: node_id, envelope });
+    }
+    for (_, envelope) in sent_by(&mut parent).into_iter().filter(|(to, _)| *to == node_id) {
+        node.handle(MS(10), Input::Message { from: parent_id, envelope });
+    }
+    assert_eq!(node.parent(), Some(parent_id));
+    let redirect = Envelope {
+        version: PROTOCOL_VERSION,
+        id: 1_000,
+        from: parent_id,
+        body: Message::Redirect { to: Box::new(common::info(5)) },
+    };
+    node.handle(MS(20), Input::Message { from: parent_id, envelope: redirect });
+    let attaches: Vec<_> = sent_by(&mut node).into_iter().filter(|(to, _)| *to == target_id).collect();
+    assert!(attaches.iter().any(|(_, e)| matches!(e.body, Message::Attach(_))), "attaches to the target");
+    assert_eq!(node.parent(), Some(parent_id), "still linked to the parent while the attach is open");
+    assert_ne!(node.role(), Role::Detached);
+    for (_, envelope) in attaches {
+        target.handle(MS(25), Input::Message { from: node_id, envelope });
+    }
+    for (_, envelope) in sent_by(&mut target).into_iter().filter(|(to, _)| *to == node_id) {
+        node.handle(MS(30), Input::Message { from: target_id, envelope });
+    }
+    assert_eq!(node.parent(), Some(target_id), "moved once the target accepted");
+}
+
+#[test]
+fn a_redirected_node_whose_target_does_not_answer_lets_its_parent_go() {
+    use canopy_overlay::{Envelope, Input, Message, Node, PROTOCOL_VERSION};
+    let config = Config::default();
+    let mut parent = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
+    let mut node = Node::new(common::info(9), config.clone(), 9, Duration::ZERO);
+    let (parent_id, node_id) = (parent.id(), node.id());
+    parent.handle(Duration::ZERO, Input::Command(Command::Start));
+    node.handle(Duration::ZERO, Input::Command(Command::Join { via: parent_id }));
+    for (_, envelope) in sent_by(&mut node) {
+        parent.handle(MS(5), Input::Message { from: node_id, envelope });
+    }
+    for (_, envelope) in sent_by(&mut parent).into_iter().filter(|(to, _)| *to == node_id) {
+        node.handle(MS(10), Input::Message { from: parent_id, envelope });
+    }
+    let redirect = Envelope {
+        version: PROTOCOL_VERSION,
+        id: 1_000,
+        from: parent_id,
+        body: Message::Redirect { to: Box::new(common::info(5)) },
+    };
+    node.handle(MS(20), Input::Message { from: parent_id, envelope: redirect });
+    let timeout_at = MS(20) + config.attach_timeout;
+    node.handle_timeout(timeout_at);
+    assert_eq!(node.parent(), None, "the parent let it go: the kept link goes with the failed move");
+}

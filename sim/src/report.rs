@@ -386,12 +386,13 @@ impl Report {
         let c = &self.counters;
         let _ = writeln!(
             s,
-            "  protocol: splits {}, takeovers {}, step-downs {}, merges {}, parent failures {}, duplicates dropped {}; \
-             subnets granted {}, renumbered {}, blocks handed over {}, given back {}",
+            "  protocol: splits {}, takeovers {}, step-downs {}, merges {}, chain links collapsed {}, parent failures {}, \
+             duplicates dropped {}; subnets granted {}, renumbered {}, blocks handed over {}, given back {}",
             c.overlay_count("splits"),
             c.overlay_count("takeovers"),
             c.overlay_count("step_downs"),
             c.overlay_count("merges"),
+            c.overlay_count("chain_links_collapsed"),
             c.overlay_count("parent_failures"),
             c.overlay_count("duplicates"),
             c.routing_count("grants_made"),

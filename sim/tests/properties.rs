@@ -160,6 +160,7 @@ fn former_property_failures_converge() {
         ),
         ("a_root_still_listed_as_a_child", include_str!("regressions/a_root_still_listed_as_a_child.toml")),
         ("a_joiner_whose_accept_crossed_ours", include_str!("regressions/a_joiner_whose_accept_crossed_ours.toml")),
+        ("tall_islands_merged_under_leaves", include_str!("regressions/tall_islands_merged_under_leaves.toml")),
     ];
     for (name, text) in cases {
         let scenario = canopy_sim::scenario::Scenario::from_toml(text, name).expect("a valid scenario");
