@@ -386,8 +386,8 @@ pub struct Node {
     peers: HashMap<NodeId, NodeInfo>,
     peer_order: VecDeque<NodeId>,
     replaced: VecDeque<(NodeId, NodeInfo, u64)>,
-    /// Our only child, a coordinator, and since when it has been so (see `collapse_chain_link`).
-    lone_child_since: Option<(NodeId, Time)>,
+    /// Since when our children (by their generation) have been one coordinator (see `collapse_chain_link`).
+    lone_child_since: Option<(u64, Time)>,
 }
 
 /// Everything a routing poll reads from the node (see [`TreeCtx`]), children by generation.
@@ -1148,8 +1148,9 @@ impl Node {
     /// group has room, the child moves up beside us with its subnets, as a split moves a new group's coordinator,
     /// and we are a leaf again.
     fn collapse_chain_link(&mut self, now: Time) {
-        let link = match (&self.parent, &self.children[..]) {
-            (Some(p), [only])
+        // Most nodes have no child or several: decided without reading the colder fields below.
+        let link = match (&self.children[..], &self.parent) {
+            ([only], Some(p))
                 if only.summary.height >= 2
                     && self.members.len() < self.config.max_children
                     && !self.leaving
@@ -1160,18 +1161,17 @@ impl Node {
             }
             _ => None,
         };
-        let Some((child, parent)) = link else {
-            self.lone_child_since = None;
-            return;
-        };
+        let Some((child, parent)) = link else { return };
+        // The grace counts from when the children became what they are (a change of children changes the generation).
+        let generation = self.children.generation();
         match self.lone_child_since {
-            Some((id, since)) if id == child => {
+            Some((seen, since)) if seen == generation => {
                 if now.saturating_sub(since) < self.config.heartbeat_interval * CHAIN_LINK_GRACE_BEATS {
                     return;
                 }
             }
             _ => {
-                self.lone_child_since = Some((child, now));
+                self.lone_child_since = Some((generation, now));
                 return;
             }
         }
