@@ -469,18 +469,18 @@ fn a_heartbeat_that_overtakes_the_accept_does_not_make_the_parent_drop_the_joine
     assert!(sent_by(&mut joiner).iter().any(|(to, e)| *to == stranger && matches!(e.body, Message::NotYourChild(_))));
 }
 
-#[test]
-fn a_node_whose_attach_after_a_redirect_goes_unanswered_asks_the_target_then_the_parent_first() {
-    // Redirected by a split, a node attaches to the target; when that answer is lost it joins through its contacts.
-    // Older contacts (ancestors that may have crashed, each costing a join wait) came first, and a node in a
-    // property schedule was still detached 3 s later.
+/// Node 9 joined under root 1 (given `contacts` first), then redirected by it to node 5 at 20 ms; returns the
+/// parent and the node with the messages the redirect made the node send.
+fn redirected_child(
+    config: &Config,
+    contacts: &[usize],
+) -> (canopy_overlay::Node, canopy_overlay::Node, Vec<(canopy_overlay::NodeId, canopy_overlay::Envelope)>) {
     use canopy_overlay::{Envelope, Input, Message, Node, PROTOCOL_VERSION};
-    let config = Config::default();
     let mut parent = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
     let mut node = Node::new(common::info(9), config.clone(), 9, Duration::ZERO);
-    let (parent_id, node_id, target) = (parent.id(), node.id(), common::info(5));
+    let (parent_id, node_id) = (parent.id(), node.id());
     parent.handle(Duration::ZERO, Input::Command(Command::Start));
-    for old in [2, 3] {
+    for &old in contacts {
         node.handle(Duration::ZERO, Input::Command(Command::AddContact(common::info(old).id)));
     }
     node.handle(Duration::ZERO, Input::Command(Command::Join { via: parent_id }));
@@ -495,47 +495,42 @@ fn a_node_whose_attach_after_a_redirect_goes_unanswered_asks_the_target_then_the
         version: PROTOCOL_VERSION,
         id: 1_000,
         from: parent_id,
-        body: Message::Redirect { to: Box::new(target.clone()) },
+        body: Message::Redirect { to: Box::new(common::info(5)) },
     };
     node.handle(MS(20), Input::Message { from: parent_id, envelope: redirect });
-    assert!(sent_by(&mut node).iter().any(|(to, e)| *to == target.id && matches!(e.body, Message::Attach(_))));
+    let sent = sent_by(&mut node);
+    (parent, node, sent)
+}
+
+#[test]
+fn a_node_whose_attach_after_a_redirect_goes_unanswered_asks_the_target_then_the_parent_first() {
+    // Redirected by a split, a node attaches to the target; when that answer is lost it joins through its contacts.
+    // Older contacts (ancestors that may have crashed, each costing a join wait) came first, and a node in a
+    // property schedule was still detached 3 s later.
+    use canopy_overlay::Message;
+    let config = Config::default();
+    let (parent, mut node, sent) = redirected_child(&config, &[2, 3]);
+    let target = common::info(5).id;
+    assert!(sent.iter().any(|(to, e)| *to == target && matches!(e.body, Message::Attach(_))));
     // Nothing answers the attach: the joins that follow go to the target, then to the parent that sent us there.
     let until = MS(20) + config.attach_timeout + config.heartbeat_interval + 2 * config.join_answer_wait;
     let asked: Vec<_> = join_requests_until(&mut node, MS(30), until).into_iter().map(|(_, to)| to).collect();
-    assert_eq!(asked.get(..2), Some(&[target.id, parent_id][..]), "asked, in order: {asked:?}");
+    assert_eq!(asked.get(..2), Some(&[target, parent.id()][..]), "asked, in order: {asked:?}");
 }
 
 #[test]
 fn a_redirected_node_keeps_its_parent_until_the_target_accepts() {
     // Make before break: a subtree moved by a split or a collapsed chain link stays attached while it moves, so
     // the tree never shows it cut off for the round trip of its attach.
-    use canopy_overlay::{Envelope, Input, Message, Node, PROTOCOL_VERSION};
+    use canopy_overlay::{Input, Message, Node};
     let config = Config::default();
-    let mut parent = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
+    let (parent, mut node, sent) = redirected_child(&config, &[]);
     let mut target = Node::new(common::info(5), config.clone(), 5, Duration::ZERO);
-    let mut node = Node::new(common::info(9), config.clone(), 9, Duration::ZERO);
-    let (parent_id, target_id, node_id) = (parent.id(), target.id(), node.id());
-    for root in [&mut parent, &mut target] {
-        root.handle(Duration::ZERO, Input::Command(Command::Start));
-    }
-    node.handle(Duration::ZERO, Input::Command(Command::Join { via: parent_id }));
-    for (_, envelope) in sent_by(&mut node) {
-        parent.handle(MS(5), Input::Message { from: node_id, envelope });
-    }
-    for (_, envelope) in sent_by(&mut parent).into_iter().filter(|(to, _)| *to == node_id) {
-        node.handle(MS(10), Input::Message { from: parent_id, envelope });
-    }
-    assert_eq!(node.parent(), Some(parent_id));
-    let redirect = Envelope {
-        version: PROTOCOL_VERSION,
-        id: 1_000,
-        from: parent_id,
-        body: Message::Redirect { to: Box::new(common::info(5)) },
-    };
-    node.handle(MS(20), Input::Message { from: parent_id, envelope: redirect });
-    let attaches: Vec<_> = sent_by(&mut node).into_iter().filter(|(to, _)| *to == target_id).collect();
+    target.handle(Duration::ZERO, Input::Command(Command::Start));
+    let (target_id, node_id) = (target.id(), node.id());
+    let attaches: Vec<_> = sent.into_iter().filter(|(to, _)| *to == target_id).collect();
     assert!(attaches.iter().any(|(_, e)| matches!(e.body, Message::Attach(_))), "attaches to the target");
-    assert_eq!(node.parent(), Some(parent_id), "still linked to the parent while the attach is open");
+    assert_eq!(node.parent(), Some(parent.id()), "still linked to the parent while the attach is open");
     assert_ne!(node.role(), Role::Detached);
     for (_, envelope) in attaches {
         target.handle(MS(25), Input::Message { from: node_id, envelope });
@@ -548,27 +543,8 @@ fn a_redirected_node_keeps_its_parent_until_the_target_accepts() {
 
 #[test]
 fn a_redirected_node_whose_target_does_not_answer_lets_its_parent_go() {
-    use canopy_overlay::{Envelope, Input, Message, Node, PROTOCOL_VERSION};
     let config = Config::default();
-    let mut parent = Node::new(common::info(1), config.clone(), 1, Duration::ZERO);
-    let mut node = Node::new(common::info(9), config.clone(), 9, Duration::ZERO);
-    let (parent_id, node_id) = (parent.id(), node.id());
-    parent.handle(Duration::ZERO, Input::Command(Command::Start));
-    node.handle(Duration::ZERO, Input::Command(Command::Join { via: parent_id }));
-    for (_, envelope) in sent_by(&mut node) {
-        parent.handle(MS(5), Input::Message { from: node_id, envelope });
-    }
-    for (_, envelope) in sent_by(&mut parent).into_iter().filter(|(to, _)| *to == node_id) {
-        node.handle(MS(10), Input::Message { from: parent_id, envelope });
-    }
-    let redirect = Envelope {
-        version: PROTOCOL_VERSION,
-        id: 1_000,
-        from: parent_id,
-        body: Message::Redirect { to: Box::new(common::info(5)) },
-    };
-    node.handle(MS(20), Input::Message { from: parent_id, envelope: redirect });
-    let timeout_at = MS(20) + config.attach_timeout;
-    node.handle_timeout(timeout_at);
+    let (_parent, mut node, _) = redirected_child(&config, &[]);
+    node.handle_timeout(MS(20) + config.attach_timeout);
     assert_eq!(node.parent(), None, "the parent let it go: the kept link goes with the failed move");
 }
