@@ -1123,20 +1123,20 @@ impl Node {
         self.counters.splits += 1;
         // Like a B-tree: the new group's coordinator moves up beside us (under our parent), so the depth of the
         // moved half does not grow. A root keeps it as a child (the tree grows by one level at the top).
-        if let Some(p) = &self.parent {
-            let to = p.info.clone();
-            self.children.remove(&coordinator.id);
-            self.send(coordinator.id, Message::Redirect { to: Box::new(to) });
-            self.push_event(Event::MemberLeft(coordinator.id));
-        }
-        for id in &s.members {
+        let up = self.parent.as_ref().map(|p| (coordinator.id, p.info.clone()));
+        let down = s.members.iter().map(|id| (*id, coordinator.clone()));
+        let moves: Vec<(NodeId, NodeInfo)> = up.into_iter().chain(down).collect();
+        self.redirect_children(now, &moves);
+    }
+
+    /// Lets each child go to its new parent (`Redirect`), with the subnets we granted it (see `Routing::hand_over`).
+    fn redirect_children(&mut self, now: Time, moves: &[(NodeId, NodeInfo)]) {
+        for (id, to) in moves {
             self.children.remove(id);
-            self.send(*id, Message::Redirect { to: Box::new(coordinator.clone()) });
+            self.send(*id, Message::Redirect { to: Box::new(to.clone()) });
             self.push_event(Event::MemberLeft(*id));
         }
-        // The moved half keeps its subnets.
-        let moved_up = self.parent.is_some().then_some(coordinator.id);
-        let moved: Vec<NodeId> = moved_up.into_iter().chain(s.members.iter().copied()).collect();
+        let moved: Vec<NodeId> = moves.iter().map(|(id, _)| *id).collect();
         self.with_routing(|r, ctx| r.hand_over(now, ctx, &moved));
         self.mark_view_changed();
     }
@@ -1175,13 +1175,8 @@ impl Node {
                 return;
             }
         }
-        self.lone_child_since = None;
         self.counters.chain_links_collapsed += 1;
-        self.children.remove(&child);
-        self.send(child, Message::Redirect { to: Box::new(parent) });
-        self.push_event(Event::MemberLeft(child));
-        self.with_routing(|r, ctx| r.hand_over(now, ctx, &[child]));
-        self.mark_view_changed();
+        self.redirect_children(now, &[(child, parent)]);
     }
 
     fn on_redirect(&mut self, now: Time, from: NodeId, to: NodeInfo) {
