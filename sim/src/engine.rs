@@ -169,10 +169,13 @@ struct SimNode {
     /// Role and parent as last announced by the node's events.
     role: Role,
     at: Attachment,
+    parent: Option<u32>,
+    /// [`NetworkModel::path_ns`] to `parent`, taken when the parent changed: most messages are heartbeats and
+    /// reports between a node and its parent, and the distance's trigonometry was a few percent of a run.
+    parent_path_ns: f64,
     node: Option<Node>,
     info: NodeInfo,
     incarnation: u64,
-    parent: Option<u32>,
     role_at_crash: Role,
     /// When the current join started, and whether it is a rejoin after a restart.
     joining_since: Option<(u64, bool)>,
@@ -329,6 +332,7 @@ impl Simulation {
                     incarnation: 0,
                     role: Role::Detached,
                     parent: None,
+                    parent_path_ns: 0.0,
                     role_at_crash: Role::Detached,
                     joining_since: None,
                     subnet_wanted_since: None,
@@ -576,7 +580,8 @@ impl Simulation {
             self.counts.dropped_partition += 1;
             return;
         }
-        let latency = self.net.latency_ns(&a, &b, &mut self.net_rng);
+        let path_ns = self.path_ns(from, to);
+        let latency = self.net.latency_over_ns(path_ns, &a, &b, &mut self.net_rng);
         let flight = InFlight { from, to, bytes, envelope };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -591,6 +596,18 @@ impl Simulation {
             }
         };
         self.schedule(self.now + latency, What::Deliver(slot));
+    }
+
+    /// [`NetworkModel::path_ns`] between two nodes, kept for a node and its parent.
+    fn path_ns(&self, from: u32, to: u32) -> f64 {
+        let (sender, receiver) = (&self.nodes[from as usize], &self.nodes[to as usize]);
+        if receiver.parent == Some(from) {
+            receiver.parent_path_ns
+        } else if sender.parent == Some(to) {
+            sender.parent_path_ns
+        } else {
+            self.net.path_ns(&sender.at, &receiver.at)
+        }
     }
 
     fn deliver(&mut self, slot: u32) {
@@ -793,6 +810,9 @@ impl Simulation {
             Event::ParentChanged { parent } => {
                 let parent_index = parent.as_ref().map(|p| self.index_of(p).unwrap_or(u32::MAX));
                 self.nodes[i as usize].parent = parent_index;
+                if let Some(p) = parent_index.and_then(|p| self.nodes.get(p as usize)) {
+                    self.nodes[i as usize].parent_path_ns = self.net.path_ns(&self.nodes[i as usize].at, &p.at);
+                }
                 if parent_index.is_some()
                     && let Some((since, rejoin)) = self.nodes[i as usize].joining_since.take()
                 {

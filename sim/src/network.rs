@@ -74,21 +74,27 @@ impl NetworkModel {
 
     /// One-way delay of one message, in nanoseconds.
     pub fn latency_ns(&self, from: &Attachment, to: &Attachment, rng: &mut impl Rng) -> u64 {
-        let fixed = match &self.switch_tree {
-            Some(tree) => tree.hop_ns * f64::from(tree.host_hops(from.switch, to.switch)),
-            None => self.base_ns + distance_km(from, to) * self.ns_per_km,
-        };
+        self.latency_over_ns(self.path_ns(from, to), from, to, rng)
+    }
+
+    /// The part of the one-way delay between two places that is the same for every message, without access links
+    /// (ns). The same both ways, to the bit, so a driver may keep it for a pair of nodes.
+    pub fn path_ns(&self, a: &Attachment, b: &Attachment) -> f64 {
+        match &self.switch_tree {
+            Some(tree) => tree.hop_ns * f64::from(tree.host_hops(a.switch, b.switch)),
+            None => self.base_ns + distance_km(a, b) * self.ns_per_km,
+        }
+    }
+
+    /// [`NetworkModel::latency_ns`] for a path whose [`NetworkModel::path_ns`] is known already.
+    pub fn latency_over_ns(&self, path_ns: f64, from: &Attachment, to: &Attachment, rng: &mut impl Rng) -> u64 {
         let jitter = if self.jitter_ns > 0.0 { rng.random::<f64>() * self.jitter_ns } else { 0.0 };
-        (fixed + jitter).round() as u64 + from.access_ns + to.access_ns
+        (path_ns + jitter).round() as u64 + from.access_ns + to.access_ns
     }
 
     /// Round-trip time without jitter, in milliseconds (the truth the closest experiment scores against).
     pub fn rtt_ms(&self, a: &Attachment, b: &Attachment) -> f64 {
-        let fixed = match &self.switch_tree {
-            Some(tree) => tree.hop_ns * f64::from(tree.host_hops(a.switch, b.switch)),
-            None => self.base_ns + distance_km(a, b) * self.ns_per_km,
-        };
-        2.0 * (fixed + (a.access_ns + b.access_ns) as f64) / 1e6
+        2.0 * (self.path_ns(a, b) + (a.access_ns + b.access_ns) as f64) / 1e6
     }
 
     /// Draws whether a message is lost. Consumes randomness only when loss is configured, so a loss-free
@@ -239,6 +245,18 @@ mod tests {
         let mut sorted = switches.clone();
         sorted.sort();
         assert_eq!(sorted, vec![3, 3, 4, 4, 5, 5, 6, 6], "evenly spread over the leaves");
+    }
+
+    #[test]
+    fn a_path_is_as_long_both_ways_to_the_bit() {
+        // The engine keeps a node's path to its parent for the messages both ways.
+        let net = NetworkModel::new(&Network::default(), None);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for _ in 0..10_000 {
+            let mut place = || at(rng.random_range(-90.0..90.0), rng.random_range(-180.0..180.0));
+            let (a, b) = (place(), place());
+            assert_eq!(net.path_ns(&a, &b).to_bits(), net.path_ns(&b, &a).to_bits(), "{a:?} {b:?}");
+        }
     }
 
     #[test]
