@@ -6,7 +6,7 @@
 
 use crate::check::{NodeView, TreeCheck, check_tree, depth_bound};
 use crate::experiment::{Client, ExperimentReport, Setup};
-use crate::message_size::MessageSizes;
+use crate::message_size::{LastSent, MessageSizes};
 use crate::network::{Attachment, NetworkModel};
 use crate::prefetch::{prefetch, prefetch_ranges};
 use crate::queue::{EventQueue, Timed};
@@ -173,6 +173,9 @@ struct SimNode {
     /// [`NetworkModel::path_ns`] to `parent`, taken when the parent changed: most messages are heartbeats and
     /// reports between a node and its parent, and the distance's trigonometry was a few percent of a run.
     parent_path_ns: f64,
+    /// What the node sent last, to size its repeats (see [`LastSent`]); in front of the node with what an input to
+    /// it reads, as its outputs are sized then.
+    last_sent: LastSent,
     node: Option<Node>,
     info: NodeInfo,
     incarnation: u64,
@@ -333,6 +336,7 @@ impl Simulation {
                     role: Role::Detached,
                     parent: None,
                     parent_path_ns: 0.0,
+                    last_sent: LastSent::default(),
                     role_at_crash: Role::Detached,
                     joining_since: None,
                     subnet_wanted_since: None,
@@ -558,7 +562,7 @@ impl Simulation {
 
     fn send(&mut self, from: u32, to: NodeId, envelope: Envelope) {
         self.trace(from, |sim| format!("-> {} {}", sim.name(&to), describe(&envelope.body, |id| sim.name(id))));
-        let (bytes, grid_bytes) = self.sizes.sized(&envelope);
+        let (bytes, grid_bytes) = self.sizes.sized(&envelope, &mut self.nodes[from as usize].last_sent);
         let bytes = bytes as u32;
         self.counts.sent += 1;
         self.counts.bytes_sent += u64::from(bytes);
