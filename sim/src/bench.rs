@@ -31,11 +31,17 @@ pub fn speed(report: &Report) -> f64 {
     if report.wall_seconds > 0.0 { report.sim_seconds / report.wall_seconds } else { f64::INFINITY }
 }
 
-/// Runs the benchmark scenarios (`with_100k = false` skips the largest) and reports against the targets.
-pub fn run_bench(with_100k: bool, mut progress: impl FnMut(&Report)) -> anyhow::Result<BenchResult> {
+/// Runs the benchmark scenarios (`with_100k = false` skips the largest) and reports against the targets. `before` is
+/// called with each scenario before it runs (the binary chooses the heap's page size there).
+pub fn run_bench(
+    with_100k: bool,
+    mut before: impl FnMut(&Scenario),
+    mut progress: impl FnMut(&Report),
+) -> anyhow::Result<BenchResult> {
     let mut reports = Vec::new();
     for (name, text) in SCENARIOS.iter().take(if with_100k { 3 } else { 2 }) {
         let scenario = Scenario::from_toml(text, name)?;
+        before(&scenario);
         let Outcome { report, .. } = run(&scenario, name);
         progress(&report);
         reports.push(report);
