@@ -197,3 +197,28 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// The process's huge page flag as the kernel reports it (`PR_GET_THP_DISABLE`: 1 when disabled).
+    fn huge_pages_disabled() -> bool {
+        // SAFETY: PR_GET_THP_DISABLE reads the flag and takes no pointers.
+        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
+    }
+
+    #[test]
+    fn small_runs_keep_the_heap_off_huge_pages_and_large_ones_on() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+            eprintln!("skipped: MIMALLOC_ALLOW_THP is set, so the environment chooses the page size");
+            return;
+        }
+        choose_page_size(10_000);
+        assert!(huge_pages_disabled(), "10,000 nodes: 4 KiB pages");
+        choose_page_size(HUGE_PAGES_FROM_NODES);
+        assert!(!huge_pages_disabled(), "from {HUGE_PAGES_FROM_NODES} nodes: huge pages");
+        choose_page_size(HUGE_PAGES_FROM_NODES - 1);
+        assert!(huge_pages_disabled());
+    }
+}
