@@ -266,10 +266,12 @@ fn garbage_and_duplicates_are_counted_not_fatal() {
 }
 
 #[test]
-fn a_replayed_heartbeat_or_report_is_dropped_as_a_duplicate() {
-    // The parent's heartbeats and the children's reports are checked in windows kept with the parent's and the
-    // children's records, the rest in the shared table: each must still catch a copy.
+fn a_replayed_message_from_the_parent_or_a_child_is_dropped_as_a_duplicate() {
+    // The parent's heartbeats and routing messages, and a child's reports and routing messages, are checked in
+    // windows kept with the parent's and the children's records, the rest in the shared table: each must still catch
+    // a copy.
     use canopy_overlay::message::{Heartbeat, Report};
+    use canopy_overlay::routing::RoutesMessage;
     use canopy_overlay::{Capacity, Envelope, Message, PROTOCOL_VERSION, Position, Rank, Summary};
     let mut net = built(3, 4);
     let root = net.roots()[0];
@@ -291,16 +293,25 @@ fn a_replayed_heartbeat_or_report_is_dropped_as_a_duplicate() {
         grid: None,
         group_version: 0,
     };
+    let routes = || Message::Routes(Box::new(RoutesMessage::GroupBlocks(vec![])));
     let now = net.now;
-    let heartbeat = envelope(root_id, 1 << 40, Message::Heartbeat(heartbeat)).encode();
-    let report = envelope(child_id, 1 << 40, Message::Report(report)).encode();
+    let down = [
+        envelope(root_id, 1 << 40, Message::Heartbeat(heartbeat)).encode(),
+        envelope(root_id, (1 << 40) + 1, routes()).encode(),
+    ];
+    let up = [
+        envelope(child_id, 1 << 40, Message::Report(report)).encode(),
+        envelope(child_id, (1 << 40) + 1, routes()).encode(),
+    ];
     let (child_before, root_before) = (net.nodes[child].counters().duplicates, net.nodes[root].counters().duplicates);
     for _ in 0..2 {
-        net.nodes[child].handle_bytes(now, root_id, &heartbeat);
-        net.nodes[root].handle_bytes(now, child_id, &report);
+        for (to_child, to_root) in down.iter().zip(&up) {
+            net.nodes[child].handle_bytes(now, root_id, to_child);
+            net.nodes[root].handle_bytes(now, child_id, to_root);
+        }
     }
-    assert_eq!(net.nodes[child].counters().duplicates, child_before + 1);
-    assert_eq!(net.nodes[root].counters().duplicates, root_before + 1);
+    assert_eq!(net.nodes[child].counters().duplicates, child_before + 2);
+    assert_eq!(net.nodes[root].counters().duplicates, root_before + 2);
     net.run_for(Duration::from_secs(2));
     net.check_tree().unwrap();
 }
