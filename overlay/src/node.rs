@@ -709,22 +709,21 @@ impl Node {
         }
     }
 
-    /// Whether a message was not seen before (and records it). Ids count up per sender, and one window of them
-    /// per sender tells a duplicate. The windows of the parent's heartbeats and of each child's reports, most of
-    /// what a node hears, are kept in those records, which the handler reads next anyway; looking them up in the
-    /// shared table cost two more cache misses a message in a large simulation. A duplicate has its original's
-    /// kind, so it meets the same window (unless the sender stopped being our parent or child in between: then it
-    /// may be taken once more, which handlers bear, as when the shared table forgets a sender).
+    /// Whether a message was not seen before (and records it). Ids count up per sender over everything it sends, and
+    /// one window of them per sender tells a duplicate. The windows of the parent and of each child, for their
+    /// periodic traffic (heartbeats, reports, routing's syncs and answers: most of what a node hears), are kept in
+    /// those records, which the handler reads next anyway; the shared table cost two more cache misses a message in
+    /// a large simulation, and scanning it for routing's messages alone 2% of a 10,000-node run. A duplicate has its
+    /// original's kind, so it meets the same window (unless the sender stopped being our parent or child in between:
+    /// then it may be taken once more, which handlers bear, as when the shared table forgets a sender). Attaches and
+    /// accepts stay in the shared table: a copy sent twice (see `send_twice`) may arrive after the first made the
+    /// sender our child, when the new child's window holds neither.
     fn fresh(&mut self, from: NodeId, env: &Envelope) -> bool {
-        // A sender's ids count up over everything it sends, so one window serves all its periodic traffic: routing's
-        // syncs and answers go with the heartbeats and reports (scanning the shared table for them was 2% of a
-        // 10,000-node run). Attaches and accepts stay in the shared table: a copy sent twice (see `send_twice`) may
-        // arrive after the first made the sender our child, when a new child's window holds neither.
-        match &env.body {
-            Message::Heartbeat(_) | Message::Routes(_) if self.parent.as_ref().is_some_and(|p| p.info.id == from) => {
-                self.parent.as_mut().expect("checked above").heartbeats_seen.check(env.id)
+        match (&env.body, &mut self.parent) {
+            (Message::Heartbeat(_) | Message::Routes(_), Some(p)) if p.info.id == from => {
+                p.heartbeats_seen.check(env.id)
             }
-            Message::Report(_) | Message::Routes(_) => match self.children.get_mut(&from) {
+            (Message::Report(_) | Message::Routes(_), _) => match self.children.get_mut(&from) {
                 Some(child) => child.reports_seen.check(env.id),
                 None => self.dedup.check(from, env.id),
             },

@@ -52,7 +52,7 @@ struct Sized<T> {
 
 /// The length of `envelope`, whose body is `body`: from the last one `last` holds when the bodies are equal.
 fn repeated<T: Clone + PartialEq>(last: &mut Option<Sized<T>>, body: &T, envelope: &Envelope) -> usize {
-    let id_len = wire_size::uint_len(envelope.id);
+    let id_len = wire_size::header_len(envelope.id);
     match last {
         Some(sized) if sized.body == *body => sized.len as usize - usize::from(sized.id_len) + id_len,
         _ => {

@@ -114,13 +114,8 @@ pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
     }
 }
 
-/// The encoded length of an unsigned integer.
-pub fn uint_len(value: u64) -> usize {
-    header_len(value)
-}
-
-/// Bytes of a CBOR item header carrying `value` (an integer, a length or a tag).
-fn header_len(value: u64) -> usize {
+/// Bytes of a CBOR item header carrying `value` (an integer, a length or a tag): an unsigned integer's whole length.
+pub(crate) fn header_len(value: u64) -> usize {
     match value {
         0..=23 => 1,
         24..=0xff => 2,
