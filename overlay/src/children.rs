@@ -59,6 +59,13 @@ impl Children {
         position_by_key(&self.keys, id, |i| self.list[i].info.id == *id)
     }
 
+    /// The record of the child whose key is `id`'s, found from the keys alone: confirming the id would read the
+    /// record. A hint of what a message from `id` will read, never a lookup.
+    pub fn record_by_key(&self, id: &NodeId) -> Option<&Child> {
+        let key = id.key();
+        self.keys.iter().position(|&k| k == key).map(|i| &self.list[i])
+    }
+
     pub fn contains(&self, id: &NodeId) -> bool {
         self.position(id).is_some()
     }
@@ -191,6 +198,20 @@ mod tests {
         children.clear();
         assert!(changed(&children));
         assert!(children.is_empty() && !children.contains(&NodeId::from_u64(4)));
+    }
+
+    #[test]
+    fn a_senders_record_is_found_by_its_key_alone() {
+        let mut children = Children::default();
+        for n in 1..=3 {
+            children.push(child(n));
+        }
+        let record = children.record_by_key(&NodeId::from_u64(2)).expect("a child");
+        assert!(std::ptr::eq(record, &children[1]));
+        assert!(children.record_by_key(&NodeId::from_u64(9)).is_none());
+        // A hint, not a lookup: a colliding key names the first record with it.
+        children.keys[2] = children.keys[0];
+        assert!(std::ptr::eq(children.record_by_key(&NodeId::from_u64(1)).expect("by key"), &children[0]));
     }
 
     #[test]

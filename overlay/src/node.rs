@@ -475,6 +475,12 @@ impl Node {
         [(0, grids + Grids::HOT_LEN), (std::mem::offset_of!(Node, routing) + schedule, schedule_len)]
     }
 
+    /// What a message from `from` reads outside [`Node::hot_ranges`]: the sender's record, when it is our child (its
+    /// report updates it). A driver of many nodes may prefetch it; it is a hint, found by key without confirming.
+    pub fn sender_record(&self, from: &NodeId) -> Option<&(impl Sized + use<>)> {
+        self.children.record_by_key(from)
+    }
+
     pub fn id(&self) -> NodeId {
         self.info.id
     }
