@@ -1787,8 +1787,9 @@ impl Node {
         if info.id == self.info.id {
             return;
         }
-        if self.peers.insert(info.id, info.clone()).is_none() {
-            self.peer_order.push_back(info.id);
+        let id = info.id;
+        if self.peers.insert(id, info).is_none() {
+            self.peer_order.push_back(id);
             if self.peer_order.len() > MAX_PEER_CACHE
                 && let Some(old) = self.peer_order.pop_front()
             {
