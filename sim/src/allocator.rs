@@ -8,33 +8,37 @@
 //! the over-allocating path alone took 5% of the samples.
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
 
 /// What every block mimalloc hands out is aligned to.
 const WORD: usize = size_of::<usize>();
 
 pub struct WordAlignedMimalloc;
 
+/// `plain(size)` when a word's alignment is enough, else `aligned(size, align)`.
+#[inline]
+fn by_alignment(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    // SAFETY: mimalloc's allocation functions take any size and a power-of-two alignment, which a `Layout` has.
+    let block =
+        unsafe { if layout.align() <= WORD { plain(layout.size()) } else { aligned(layout.size(), layout.align()) } };
+    block.cast()
+}
+
 // SAFETY: each call forwards to the mimalloc function for the same job, with an alignment it guarantees (a word,
 // which every block has, or the layout's own through the aligned entry points); `mi_free` takes both kinds.
 unsafe impl GlobalAlloc for WordAlignedMimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let block = if layout.align() <= WORD {
-            unsafe { libmimalloc_sys::mi_malloc(layout.size()) }
-        } else {
-            unsafe { libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()) }
-        };
-        block.cast()
+        by_alignment(layout, libmimalloc_sys::mi_malloc, libmimalloc_sys::mi_malloc_aligned)
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let block = if layout.align() <= WORD {
-            unsafe { libmimalloc_sys::mi_zalloc(layout.size()) }
-        } else {
-            unsafe { libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()) }
-        };
-        block.cast()
+        by_alignment(layout, libmimalloc_sys::mi_zalloc, libmimalloc_sys::mi_zalloc_aligned)
     }
 
     #[inline]
