@@ -96,7 +96,13 @@ impl<T: Timed> EventQueue<T> {
 
     /// The earliest event, without removing it.
     pub fn peek(&mut self) -> Option<&T> {
-        self.fill_current();
+        self.peek_live(|_| true)
+    }
+
+    /// [`EventQueue::peek`], dropping the events of each bucket for which `live` is false when the bucket's turn
+    /// comes, before it is sorted.
+    pub fn peek_live(&mut self, live: impl FnMut(&T) -> bool) -> Option<&T> {
+        self.fill_current(live);
         self.current.last()
     }
 
@@ -106,12 +112,12 @@ impl<T: Timed> EventQueue<T> {
     }
 
     pub fn pop(&mut self) -> Option<T> {
-        self.fill_current();
+        self.fill_current(|_| true);
         self.current.pop()
     }
 
     /// Moves the cursor to the next non-empty bucket while the current one is empty.
-    fn fill_current(&mut self) {
+    fn fill_current(&mut self, mut live: impl FnMut(&T) -> bool) {
         while self.current.is_empty() {
             if self.in_fine == 0 {
                 // Nothing more in this coarse bucket: go to its last fine bucket, so the step below enters the next
@@ -131,6 +137,7 @@ impl<T: Timed> EventQueue<T> {
             let slot = (self.cursor % FINE) as usize;
             let mut events = std::mem::take(&mut self.fine[slot]);
             self.in_fine -= events.len();
+            events.retain(|e| live(e));
             events.sort_unstable_by(|a, b| b.cmp(a));
             // The emptied bucket's allocation goes back to the fine slot.
             self.fine[slot] = std::mem::replace(&mut self.current, events);
@@ -193,6 +200,28 @@ mod tests {
         assert_eq!(queue.ahead(3), None, "the next bucket's event is not looked at");
         queue.pop();
         assert_eq!(queue.ahead(1).copied(), Some(Ev { at: 30, seq: 1 }));
+    }
+
+    /// Events `live` rejects when their bucket's turn comes never come out; the rest come in order, and so do events
+    /// pushed into the current bucket afterwards, which `live` does not see.
+    #[test]
+    fn events_found_dead_when_their_bucket_comes_are_dropped() {
+        let mut queue: EventQueue<Ev> = EventQueue::new();
+        let bucket = 1u64 << BUCKET_SHIFT;
+        // Past the cursor's bucket: pushes into the current bucket go in sorted, unfiltered.
+        for (seq, at) in [(1, 30), (2, 10), (3, 20), (4, bucket + 5), (5, bucket + 1)] {
+            queue.push(Ev { at: bucket + at, seq });
+        }
+        let dead = |e: &Ev| e.seq.is_multiple_of(2);
+        assert_eq!(queue.peek_live(|e| !dead(e)).copied(), Some(Ev { at: bucket + 20, seq: 3 }));
+        queue.push(Ev { at: bucket + 25, seq: 6 });
+        let mut order = Vec::new();
+        while let Some(e) = queue.peek_live(|e| !dead(e)).copied() {
+            queue.pop();
+            order.push(e.seq);
+        }
+        assert_eq!(order, [3, 6, 1, 5], "seq 2 and 4 were dead when their buckets came; 6 came later");
+        assert!(queue.is_empty());
     }
 
     proptest! {
