@@ -62,8 +62,7 @@ impl Children {
     /// The record of the child whose key is `id`'s, found from the keys alone: confirming the id would read the
     /// record. A hint of what a message from `id` will read, never a lookup.
     pub fn record_by_key(&self, id: &NodeId) -> Option<&Child> {
-        let key = id.key();
-        self.keys.iter().position(|&k| k == key).map(|i| &self.list[i])
+        position_by_key(&self.keys, id, |_| true).map(|i| &self.list[i])
     }
 
     pub fn contains(&self, id: &NodeId) -> bool {
