@@ -15,7 +15,7 @@
 //! Skipping the explicit common-cell-size matrix matters: a city-level grid (cells of tens of metres) merged with a
 //! continent-level one would need billions of intermediate cells, while the result is identical.
 
-use crate::grid::{CapacityGrid, DEFAULT_GRID_SIZE, MAX_GRID_SIZE, RESOURCES};
+use crate::grid::{CapacityGrid, DEFAULT_GRID_SIZE, MAX_GRID_SIZE, RESOURCES, larger};
 use crate::lattice::{CellIndex, MAX_LEVEL, cell_of};
 use crate::position::{Capacity, Position};
 
@@ -207,7 +207,7 @@ impl Accumulator {
                     (&mut self.free[out * RESOURCES..][..RESOURCES], &mut self.largest[out * RESOURCES..][..RESOURCES]);
                 for r in 0..RESOURCES {
                     sums[r] += f64::from(free[r]);
-                    maxima[r] = maxima[r].max(f64::from(largest[r]));
+                    maxima[r] = larger(maxima[r], f64::from(largest[r]));
                 }
                 let (at, sum) = (&centroid[col * 2..][..2], &mut self.position[out * 2..][..2]);
                 sum[0] += f64::from(at[0]) * f64::from(nodes);
@@ -224,7 +224,7 @@ impl Accumulator {
         for (r, (f, l)) in free.to_array().into_iter().zip(largest.to_array()).enumerate() {
             self.free[cell * RESOURCES + r] += f;
             let slot = &mut self.largest[cell * RESOURCES + r];
-            *slot = slot.max(l);
+            *slot = larger(*slot, l);
         }
         if let Some(p) = centroid {
             self.position[cell * 2] += p.lat * f64::from(nodes);
