@@ -7,8 +7,10 @@
 use crate::wire_size::{self, ArcLengths, Presized};
 use canopy_overlay::grids::{GroupGrids, SubtreeGrid};
 use canopy_overlay::message::{Heartbeat, Report, View};
+use canopy_overlay::routing::RoutesMessage;
 use canopy_overlay::{Envelope, Message};
 use canopy_policies::CapacityGrid;
+use std::sync::Arc;
 
 /// The fields that hold capacity grids, in the message body (depth 2: inside the envelope).
 const GRID_FIELDS: [&str; 2] = ["grid", "grids"];
@@ -33,56 +35,92 @@ impl Default for MessageSizes {
     }
 }
 
-/// The last report and the last heartbeat without a view or grids that one node sent, with their lengths. A leaf's
-/// reports and a coordinator's heartbeats repeat round after round but for the envelope's message id, so a repeat is
-/// sized from the one before, corrected for the id's length: nothing else in the envelope changes (the sender's id
-/// and the protocol version are the node's own). Walking them was most of the sizing of a 10,000-node run.
+/// What one node sent last of the kinds that repeat, with their lengths. A leaf's reports and a coordinator's
+/// heartbeats repeat round after round but for the envelope's message id, and so do the routes messages of a round
+/// (a coordinator's address blocks to each child, a child's resync with its parent); a heartbeat carrying a view or
+/// grids goes alike to every child that needs them. A repeat is sized from the one before, corrected for the id's
+/// length: nothing else in the envelope changes (the sender's id and the protocol version are the node's own).
+/// Walking them was most of the sizing of a 10,000-node run.
 #[derive(Default)]
 pub struct LastSent {
     report: Option<Sized<Report>>,
     heartbeat: Option<Sized<Heartbeat>>,
+    full_heartbeat: Option<Sized<Heartbeat>>,
+    routes: Option<Sized<RoutesMessage>>,
 }
 
 struct Sized<T> {
     body: T,
-    /// The whole envelope's encoded length, and its message id's.
+    /// The whole envelope's encoded length, the part of it that is capacity grids, and its message id's length.
     len: u32,
+    grid_len: u32,
     id_len: u8,
 }
 
-/// The length of `envelope`, whose body is `body`: from the last one `last` holds when the bodies are equal.
-fn repeated<T: Clone + PartialEq>(last: &mut Option<Sized<T>>, body: &T, envelope: &Envelope) -> usize {
+/// The length of `envelope` and of its grids (see [`MessageSizes::sized`]), whose body is `body`: from the last one
+/// `last` holds when `same` finds the bodies equal, else by `size`.
+fn repeated<T: Clone>(
+    last: &mut Option<Sized<T>>,
+    body: &T,
+    envelope: &Envelope,
+    same: impl Fn(&T, &T) -> bool,
+    size: impl FnOnce() -> (usize, usize),
+) -> (usize, usize) {
     let id_len = wire_size::header_len(envelope.id);
     match last {
-        Some(sized) if sized.body == *body => sized.len as usize - usize::from(sized.id_len) + id_len,
+        Some(sized) if same(&sized.body, body) => {
+            (sized.len as usize - usize::from(sized.id_len) + id_len, sized.grid_len as usize)
+        }
         _ => {
-            let len = wire_size::cbor_len(envelope);
-            *last = Some(Sized { body: body.clone(), len: len as u32, id_len: id_len as u8 });
-            len
+            let (len, grid_len) = size();
+            *last =
+                Some(Sized { body: body.clone(), len: len as u32, grid_len: grid_len as u32, id_len: id_len as u8 });
+            (len, grid_len)
         }
     }
+}
+
+/// Heartbeats with the same fields, the shared parts the same values (not only equal ones: comparing views would
+/// cost what sizing them does).
+fn same_heartbeat(a: &Heartbeat, b: &Heartbeat) -> bool {
+    let Heartbeat { term, view_version, view, address_block, grids, between_rounds } = a;
+    *term == b.term
+        && *view_version == b.view_version
+        && match (view, &b.view) {
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+            (x, y) => x.is_none() && y.is_none(),
+        }
+        && *address_block == b.address_block
+        && match (grids, &b.grids) {
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+            (x, y) => x.is_none() && y.is_none(),
+        }
+        && *between_rounds == b.between_rounds
 }
 
 impl MessageSizes {
     /// The exact encoded length of a message, and how many of those bytes are the capacity grids it carries.
     /// `last` holds what the sender sent before (see [`LastSent`]).
     pub fn sized(&mut self, envelope: &Envelope, last: &mut LastSent) -> (usize, usize) {
+        let whole = || (wire_size::cbor_len(envelope), 0);
         let (len, grids) = match &envelope.body {
             Message::Heartbeat(heartbeat) if heartbeat.view.is_none() && heartbeat.grids.is_none() => {
-                (repeated(&mut last.heartbeat, heartbeat, envelope), 0)
+                repeated(&mut last.heartbeat, heartbeat, envelope, Heartbeat::eq, whole)
             }
             Message::Heartbeat(heartbeat) => {
-                // In field order: the view comes before the grids.
-                let view = heartbeat
-                    .view
-                    .as_ref()
-                    .map(|view| Presized::Struct("View", self.views.get_or_size(view, wire_size::cbor_len)));
-                let grids = &mut self.grids;
-                let group = heartbeat.grids.as_ref().map(|group| {
-                    Presized::Struct("GroupGrids", self.groups.get_or_size(group, |g| group_len(g, grids)))
-                });
-                let parts: Vec<Presized> = view.into_iter().chain(group).collect();
-                wire_size::cbor_len_presized(envelope, 2, &GRID_FIELDS, &parts)
+                repeated(&mut last.full_heartbeat, heartbeat, envelope, same_heartbeat, || {
+                    // In field order: the view comes before the grids.
+                    let view = heartbeat
+                        .view
+                        .as_ref()
+                        .map(|view| Presized::Struct("View", self.views.get_or_size(view, wire_size::cbor_len)));
+                    let grids = &mut self.grids;
+                    let group = heartbeat.grids.as_ref().map(|group| {
+                        Presized::Struct("GroupGrids", self.groups.get_or_size(group, |g| group_len(g, grids)))
+                    });
+                    let parts: Vec<Presized> = view.into_iter().chain(group).collect();
+                    wire_size::cbor_len_presized(envelope, 2, &GRID_FIELDS, &parts)
+                })
             }
             Message::Report(report) => match report.grid.as_deref() {
                 Some(SubtreeGrid::Grid(grid)) => {
@@ -90,9 +128,10 @@ impl MessageSizes {
                     wire_size::cbor_len_presized(envelope, 2, &GRID_FIELDS, &[grid])
                 }
                 Some(SubtreeGrid::Node { .. }) => wire_size::cbor_len_with_fields(envelope, 2, &GRID_FIELDS),
-                None => (repeated(&mut last.report, report, envelope), 0),
+                None => repeated(&mut last.report, report, envelope, Report::eq, whole),
             },
-            _ => (wire_size::cbor_len(envelope), 0),
+            Message::Routes(routes) => repeated(&mut last.routes, &**routes, envelope, RoutesMessage::eq, whole),
+            _ => whole(),
         };
         debug_assert_eq!(len, wire_size::encoded_len(envelope), "wire_size disagrees with ciborium");
         debug_assert_eq!(
@@ -135,7 +174,7 @@ fn grid_len(grid: &CapacityGrid) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use canopy_overlay::{NodeId, PROTOCOL_VERSION, Rank, Summary};
+    use canopy_overlay::{NodeId, NodeInfo, PROTOCOL_VERSION, Rank, Summary};
     use canopy_policies::{Capacity, GridInput, Position};
 
     #[test]
@@ -169,6 +208,48 @@ mod tests {
                 let envelope = Envelope { version: PROTOCOL_VERSION, id, from: NodeId::from_u64(5), body };
                 assert_eq!(sizes.sized(&envelope, &mut last), (wire_size::encoded_len(&envelope), 0), "{envelope:?}");
             }
+        }
+    }
+
+    /// Heartbeats with a view and routes messages repeat too: the one before is reused only for the same view (the
+    /// same allocation) and an equal routes message.
+    #[test]
+    fn a_repeated_view_or_routes_message_has_its_encoded_length() {
+        let info = |n: u64, lat: f64| NodeInfo {
+            id: NodeId::from_u64(n),
+            addrs: vec![format!("sim:{n}")],
+            position: Position::new(lat, 11.5),
+            capacity: Capacity { cpu: 4.0, mem_mb: 8192.0, bandwidth_mbps: 100.0 },
+            reachable: true,
+        };
+        let view = |lat: f64| {
+            Arc::new(View {
+                version: 4,
+                ancestors: Arc::from([info(1, lat)]),
+                members: Arc::from([]),
+                uncles: Arc::from([]),
+            })
+        };
+        // Two views alike but for a position's length on the wire (48.0 fits an f16, 48.1 takes an f64).
+        let (short, long) = (view(48.0), view(48.1));
+        let heartbeat = |view: &Arc<View>| {
+            Message::Heartbeat(Heartbeat {
+                term: 3,
+                view_version: 4,
+                view: Some(Arc::clone(view)),
+                address_block: None,
+                grids: None,
+                between_rounds: false,
+            })
+        };
+        let blocks = |n: u8| {
+            Message::Routes(Box::new(RoutesMessage::GroupBlocks(vec![format!("10.{n}.0.0/16").parse().unwrap()])))
+        };
+        let (mut sizes, mut last) = (MessageSizes::default(), LastSent::default());
+        let bodies = [heartbeat(&short), heartbeat(&short), heartbeat(&long), blocks(1), blocks(1), blocks(200)];
+        for (n, body) in bodies.into_iter().enumerate() {
+            let envelope = Envelope { version: PROTOCOL_VERSION, id: 20 + n as u64, from: NodeId::from_u64(5), body };
+            assert_eq!(sizes.sized(&envelope, &mut last), (wire_size::encoded_len(&envelope), 0), "{envelope:?}");
         }
     }
 
