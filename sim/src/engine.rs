@@ -565,8 +565,10 @@ impl Simulation {
                 node.handle(now, self.slab[slot as usize].take().expect("each slot is delivered once"));
             }
         }
-        if node.poll_timeout().is_some_and(|t| t <= now) {
+        let mut timeout = node.poll_timeout();
+        if timeout.is_some_and(|t| t <= now) {
             node.handle_timeout(now);
+            timeout = node.poll_timeout();
         }
         node.swap_outputs(&mut outputs);
         // Each send reads its receiver's attachment, rarely cached: ask for all of them first, so that a
@@ -585,13 +587,15 @@ impl Simulation {
             }
         }
         self.out_buf = outputs;
-        self.arm(i);
+        self.arm(i, timeout);
     }
 
-    fn arm(&mut self, i: u32) {
-        let Some(node) = self.nodes[i as usize].node.as_ref() else { return };
+    /// Queues a wakeup for node `i` at `timeout`, its [`Node::poll_timeout`] (sending its outputs left the node as
+    /// it was), unless one is queued for that instant already.
+    fn arm(&mut self, i: u32, timeout: Option<Duration>) {
+        debug_assert_eq!(self.nodes[i as usize].node.as_ref().and_then(Node::poll_timeout), timeout);
         // A timer in the past fires at the current instant, after what is already queued for it.
-        let wanted = node.poll_timeout().map_or(NOT_ARMED, |t| (t.as_nanos() as u64).max(self.now));
+        let wanted = timeout.map_or(NOT_ARMED, |t| (t.as_nanos() as u64).max(self.now));
         if wanted != self.armed[i as usize] {
             self.armed[i as usize] = wanted;
             if wanted != NOT_ARMED {
