@@ -195,15 +195,17 @@ pub fn u32_seq_len(values: &[u32]) -> usize {
 /// 2^-14 in magnitude, rare in grids) take the scalar rule.
 pub fn f32_seq_len(values: &[f32]) -> Option<usize> {
     // Counted in u32 lanes, as above.
+    // In signed lanes, which SSE2 compares directly (ranges of unsigned lanes took twice the instructions).
     let (mut nan, mut subnormal_range, mut wide) = (false, false, 0u32);
     for &v in values {
-        let bits = v.to_bits();
+        let bits = v.to_bits() as i32;
         let magnitude = bits & 0x7fff_ffff;
-        let biased = (bits >> 23) & 0xff;
+        let biased = magnitude >> 23;
         nan |= magnitude > 0x7f80_0000;
-        subnormal_range |= (127 - 24..=127 - 15).contains(&biased);
-        let normal = (127 - 14..=127 + 15).contains(&biased) & (bits & 0x1fff == 0);
-        let exact = (magnitude == 0) | (magnitude == 0x7f80_0000) | normal;
+        subnormal_range |= (biased > 127 - 25) & (biased < 127 - 14);
+        // Zero and infinity have no mantissa bits at all, so the low ones' test covers them too.
+        let normal_range = (biased > 127 - 15) & (biased < 127 + 16);
+        let exact = (bits & 0x1fff == 0) & (normal_range | (magnitude == 0) | (magnitude == 0x7f80_0000));
         wide += u32::from(!exact);
     }
     if nan {
