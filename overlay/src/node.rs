@@ -391,7 +391,7 @@ pub struct Node {
 }
 
 /// Everything a routing poll reads from the node (see [`TreeCtx`]), children by generation.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 struct RoutingPollKey {
     is_root: bool,
     parent: Option<NodeId>,
@@ -1906,14 +1906,24 @@ impl Node {
     /// After every input: push changed views to children and report role/parent changes.
     fn finish(&mut self, now: Time) {
         // Polling runs after every input, but finds work only when routing had an input, the tree around it
-        // changed, or a resync is due: skipping the rest spares most inputs reading routing's state.
-        let key = RoutingPollKey {
-            is_root: self.is_root,
-            parent: self.parent(),
-            position: self.info.position,
-            children_generation: self.children.generation(),
-        };
-        if self.routing_polled != Some(key) || (key.parent.is_some() && self.routing.sync_due(now)) {
+        // changed, or a resync is due: skipping the rest spares most inputs reading routing's state. The key is
+        // compared in place and built only for a poll: copying the parent's id for it, and again below, was a tenth
+        // of this function's instructions.
+        let parent = self.parent.as_ref().map(|p| &p.info.id);
+        let polled_as_is = self.routing_polled.as_ref().is_some_and(|key| {
+            let RoutingPollKey { is_root, parent: polled_parent, position, children_generation } = key;
+            *is_root == self.is_root
+                && polled_parent.as_ref() == parent
+                && *position == self.info.position
+                && *children_generation == self.children.generation()
+        });
+        if !polled_as_is || (parent.is_some() && self.routing.sync_due(now)) {
+            let key = RoutingPollKey {
+                is_root: self.is_root,
+                parent: self.parent(),
+                position: self.info.position,
+                children_generation: self.children.generation(),
+            };
             let mut quiet = false;
             self.with_routing(|r, ctx| quiet = r.poll(now, ctx));
             // A poll that did something may find more to do on the next input, as it always could.
@@ -1927,13 +1937,13 @@ impl Node {
             self.send_heartbeats(true);
         }
         let role = (self.role(), self.term);
-        let parent = self.parent();
         if role.0 != Role::Detached {
             self.detached_since = None;
         } else if self.detached_since.is_none() {
             self.detached_since = Some(now);
         }
-        if parent != self.last_parent {
+        if self.last_parent.as_ref() != self.parent.as_ref().map(|p| &p.info.id) {
+            let parent = self.parent();
             self.last_parent = parent;
             self.push_event(Event::ParentChanged { parent });
         }
@@ -1942,7 +1952,7 @@ impl Node {
             self.last_role = role;
             self.push_event(Event::RoleChanged { role: role.0, term: role.1 });
             if was_detached && role.0 != Role::Detached {
-                self.push_event(Event::Joined { parent, term: role.1 });
+                self.push_event(Event::Joined { parent: self.parent(), term: role.1 });
             }
         }
     }
