@@ -586,8 +586,9 @@ impl Grids {
         self.heartbeats_since_group += 1;
         self.rounds_since_outside = self.rounds_since_outside.saturating_add(1);
         let outside = self.outside_for_children();
-        let members_changed =
-            self.sent_members.len() != children.len() || children.iter().any(|c| !self.sent_members.contains(c));
+        // The same list in the same order, as a rule: checked first, as one pass instead of one per child.
+        let members_changed = self.sent_members.as_slice() != children
+            && (self.sent_members.len() != children.len() || children.iter().any(|c| !self.sent_members.contains(c)));
         let mut due = self.group_dirty || members_changed || self.outside_changed(&outside);
         if !due && self.heartbeats_since_group >= self.config.refresh_every {
             // Changes too small to matter on their own (and drift that has not added up yet) go out now.
