@@ -80,22 +80,23 @@ fn repeated<T: Clone>(
     }
 }
 
-/// Heartbeats with the same fields, the shared parts the same values (not only equal ones: comparing views would
-/// cost what sizing them does).
+/// Heartbeats with equal fields and the same shared parts: the same allocations, not only equal values (comparing
+/// views would cost what sizing them does).
 fn same_heartbeat(a: &Heartbeat, b: &Heartbeat) -> bool {
     let Heartbeat { term, view_version, view, address_block, grids, between_rounds } = a;
     *term == b.term
         && *view_version == b.view_version
-        && match (view, &b.view) {
-            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
-            (x, y) => x.is_none() && y.is_none(),
-        }
+        && same_allocation(view, &b.view)
         && *address_block == b.address_block
-        && match (grids, &b.grids) {
-            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
-            (x, y) => x.is_none() && y.is_none(),
-        }
+        && same_allocation(grids, &b.grids)
         && *between_rounds == b.between_rounds
+}
+
+fn same_allocation<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    }
 }
 
 impl MessageSizes {

@@ -194,8 +194,8 @@ pub fn u32_seq_len(values: &[u32]) -> usize {
 /// told apart without branches, so that the compiler vectorizes the loop; values in f16's subnormal range (below
 /// 2^-14 in magnitude, rare in grids) take the scalar rule.
 pub fn f32_seq_len(values: &[f32]) -> Option<usize> {
-    // Counted in u32 lanes, as above.
-    // In signed lanes, which SSE2 compares directly (ranges of unsigned lanes took twice the instructions).
+    // Counted in u32 lanes, as above. The bits are taken as signed: as unsigned, the loop took a fifth more
+    // instructions (callgrind, bench_10k).
     let (mut nan, mut subnormal_range, mut wide) = (false, false, 0u32);
     for &v in values {
         let bits = v.to_bits() as i32;
