@@ -907,11 +907,13 @@ impl Node {
             return;
         }
         let kids = self.children.iter().map(|c| (c.info.id, c.summary));
-        match choose_descent(r.joiner.position, joiner, kids) {
+        match choose_descent((r.joiner.position, &r.summary), joiner, kids, self.config.max_children) {
             Some(next) => {
-                // Count the joiner in at once, so a burst of joins spreads before the next reports arrive.
+                // Count the joiner in at once, so a burst of joins fills groups and spreads as it should before the
+                // next reports arrive: a leaf that takes one leads a group from now on.
                 if let Some(c) = self.children.get_mut(&next) {
                     c.summary.size = c.summary.size.saturating_add(r.summary.size);
+                    c.summary.height = c.summary.height.max(r.summary.height.saturating_add(1));
                 }
                 self.send(next, Message::JoinRequest(Box::new(r)));
             }

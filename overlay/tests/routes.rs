@@ -296,12 +296,12 @@ fn restart(net: &mut Net, i: usize, subnets: Vec<Ipv4Net>, via: usize) {
     net.command(i, Command::Join { via });
 }
 
-#[test]
-fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent() {
-    let mut net = built(40, 4);
-    // Two leaves of a coordinator below the root whose subnets it granted from one block it holds: the one with the
-    // higher subnet restarts, the lower one stays dead, so a fresh grant would hand out the lower (free) subnet
-    // instead of the old one. (In one block: a block left empty could go back up the tree, as idle.)
+/// A tree of `n` nodes where a coordinator below the root granted two of its leaves subnets from one block it holds,
+/// after both crashed and the coordinator freed their grants: the tree, the coordinator, the leaf with the higher
+/// subnet and that subnet. The lower one stays dead, so a fresh grant to the other would hand out the lower (free)
+/// subnet instead of the old one. (In one block: a block left empty could go back up the tree, as idle.)
+fn restart_setup(n: usize) -> Option<(Net, usize, usize, Vec<Ipv4Net>)> {
+    let mut net = built(n, 4);
     let leaves_in_one_block = |net: &Net, p: usize| -> Option<(usize, usize)> {
         let pool = net.nodes[p].routing().pool();
         let mut kids: Vec<(Ipv4Net, usize)> = net.nodes[p]
@@ -319,18 +319,26 @@ fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent
         .coordinators()
         .into_iter()
         .filter(|&c| net.nodes[c].parent().is_some())
-        .find_map(|c| leaves_in_one_block(&net, c).map(|pair| (c, pair)))
-        .expect("a coordinator with two leaves in one of its blocks");
+        .find_map(|c| leaves_in_one_block(&net, c).map(|pair| (c, pair)))?;
     let old = net.nodes[leaf].routing().machine_subnets().to_vec();
-
-    // Same parent: crash, let the parent notice and free the grants, come back with the same id.
+    // Crashed, and the parent noticed and freed the grants.
     net.crash(leaf);
     net.crash(lower);
     net.run_for(Duration::from_secs(10));
     let lower_free = |net: &Net, p: usize| {
         net.nodes[p].routing().pool().free_blocks().iter().any(|b| b.network() < old[0].network())
     };
-    assert!(lower_free(&net, parent), "a fresh grant would not differ from the old subnet");
+    // Else a fresh grant would not differ from the old subnet.
+    lower_free(&net, parent).then_some((net, parent, leaf, old))
+}
+
+#[test]
+fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent() {
+    // Same parent: the first tree (of 40 nodes and more) where that setup holds; the leaf comes back with the same id.
+    let (mut net, parent, leaf, old) = (40..=120)
+        .step_by(4)
+        .find_map(restart_setup)
+        .expect("a tree with two leaves of one coordinator in one of its blocks");
     let mark = net.events.len();
     restart(&mut net, leaf, old.clone(), parent);
     net.run_for(Duration::from_secs(5));
@@ -360,12 +368,15 @@ fn a_restarted_machine_gets_its_old_subnet_back_under_the_same_or_another_parent
     assert_eq!(overlaps(&net), vec![]);
 }
 
-/// Cuts a subtree two levels down off the tree (so it joins back under a coordinator, not the root; it becomes an island with its own root), optionally has both roots grant
-/// themselves extra subnets while apart (each reuses space it believes free, so they clash with the other side),
-/// heals, and returns the machines that may be renumbered (those inside a block the joining root had granted
-/// that overlaps a machine subnet of the surviving side) and those renumbered (`SubnetChanged`) after the heal.
-fn heal_and_count_renumbered(extra_grants: usize) -> (Vec<usize>, Vec<usize>) {
-    let mut net = built(30, 4);
+/// Cuts a subtree two levels down off a tree of `n` nodes (so it joins back under a coordinator, not the root; it
+/// becomes an island with its own root), optionally has both roots grant themselves extra subnets while apart (each
+/// reuses space it believes free, so they clash with the other side), heals, and returns the machines that may be
+/// renumbered (those inside a block the joining root had granted that overlaps a machine subnet of the surviving
+/// side) and those renumbered (`SubnetChanged`) after the heal. `None` when the island did not join back under the
+/// coordinator it was cut from: its blocks lie in that coordinator's space, which another one cannot claim them from,
+/// so the island is renumbered whole (a limitation, see README's "Addressing and naming").
+fn heal_and_count_renumbered(n: usize, extra_grants: usize) -> Option<(Vec<usize>, Vec<usize>)> {
+    let mut net = built(n, 4);
     let root = net.roots()[0];
     let in_subtree = |net: &Net, mut i: usize, top: usize| loop {
         if i == top {
@@ -382,6 +393,7 @@ fn heal_and_count_renumbered(extra_grants: usize) -> (Vec<usize>, Vec<usize>) {
         .filter(|&c| net.nodes[c].parent().is_some_and(|p| p != net.id(root)))
         .max_by_key(|&c| net.live().filter(|&i| in_subtree(&net, i, c)).count())
         .expect("a coordinator two levels down");
+    let cut_from = net.nodes[cut].parent().map(|p| net.idx(p));
     for i in 0..net.nodes.len() {
         net.group[i] = u8::from(in_subtree(&net, i, cut));
     }
@@ -406,7 +418,10 @@ fn heal_and_count_renumbered(extra_grants: usize) -> (Vec<usize>, Vec<usize>) {
     assert_eq!(overlaps(&net), vec![]);
     let joined = usize::from(net.roots()[0] == roots[0]);
     let joined_under = net.nodes[roots[joined]].parent().map(|p| net.idx(p));
-    eprintln!("root {} joined under {joined_under:?} (root {})", roots[joined], net.roots()[0]);
+    eprintln!("root {} joined under {joined_under:?} (root {}), cut from {cut_from:?}", roots[joined], net.roots()[0]);
+    if joined != 1 || joined_under != cut_from {
+        return None;
+    }
     let survivors: Vec<Ipv4Net> =
         (0..net.nodes.len()).filter(|&i| usize::from(sides[i]) != joined).flat_map(|i| machines[i].clone()).collect();
     let clash = |b: &Ipv4Net| survivors.iter().any(|s| s.contains(b) || b.contains(s));
@@ -421,21 +436,30 @@ fn heal_and_count_renumbered(extra_grants: usize) -> (Vec<usize>, Vec<usize>) {
         .collect();
     let side = sides.iter().filter(|&&g| usize::from(g) == joined).count();
     eprintln!("joining side {side} machines, movable {movable:?}, renumbered {renumbered:?}");
-    (movable, renumbered)
+    Some((movable, renumbered))
+}
+
+/// The first `cases` heals (trees of 30 nodes and more) whose island joined back where it was cut from.
+fn heals_back_in_place(extra_grants: usize, cases: usize) -> Vec<(Vec<usize>, Vec<usize>)> {
+    let found: Vec<_> = (30..50).filter_map(|n| heal_and_count_renumbered(n, extra_grants)).take(cases).collect();
+    assert_eq!(found.len(), cases, "islands that joined back where they were cut from");
+    found
 }
 
 #[test]
 fn a_heal_renumbers_no_machine_when_the_islands_did_not_overlap() {
-    let (movable, renumbered) = heal_and_count_renumbered(0);
-    assert_eq!(movable, Vec::<usize>::new(), "no new grants while apart, so nothing clashes");
-    assert_eq!(renumbered, Vec::<usize>::new());
+    for (movable, renumbered) in heals_back_in_place(0, 3) {
+        assert_eq!(movable, Vec::<usize>::new(), "no new grants while apart, so nothing clashes");
+        assert_eq!(renumbered, Vec::<usize>::new());
+    }
 }
 
 #[test]
 fn a_heal_renumbers_only_machines_whose_subnets_overlapped() {
-    let (movable, renumbered) = heal_and_count_renumbered(3);
-    assert!(!renumbered.is_empty(), "the extra grants on both sides clash, so some machines move");
-    assert!(renumbered.iter().all(|i| movable.contains(i)), "renumbered {renumbered:?}, movable {movable:?}");
+    for (movable, renumbered) in heals_back_in_place(3, 3) {
+        assert!(!renumbered.is_empty(), "the extra grants on both sides clash, so some machines move");
+        assert!(renumbered.iter().all(|i| movable.contains(i)), "renumbered {renumbered:?}, movable {movable:?}");
+    }
 }
 
 #[test]
