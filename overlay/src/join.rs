@@ -19,7 +19,7 @@ pub const NEW_GROUP_NEARER: f64 = 4.0;
 /// instead (a child whose children are all leaves and number fewer than `max_children`, as its summary tells:
 /// height 2, size at most `max_children`), unless the leaf is [`NEW_GROUP_NEARER`] times nearer. Balancing alone
 /// turned every leaf below a full group into the coordinator of one to three leaves: 2,731 coordinators in a tree of
-/// 10,000 nodes (bench_10k) against 989 this way, and every coordinator builds grids and views and heartbeats its
+/// 10,000 nodes (bench_10k) against 1,002 this way, and every coordinator builds grids and views and heartbeats its
 /// group each round.
 pub fn choose_descent(
     joiner: (Position, &Summary),
