@@ -29,21 +29,43 @@ pub fn choose_descent(
 ) -> Option<NodeId> {
     let (position, subtree) = joiner;
     let candidates = children.filter(move |(id, _)| *id != exclude);
-    let nearest = |among: &mut dyn Iterator<Item = (NodeId, Summary)>| {
-        among
-            .map(|(id, s)| (position.distance_km(&s.centroid), id, s.height))
-            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
-    };
-    let min_size = candidates.clone().map(|(_, s)| s.size as u64).min()?;
-    let limit = 2 * min_size + 1;
-    let (balanced_km, balanced, height) = nearest(&mut candidates.clone().filter(|(_, s)| s.size as u64 <= limit))?;
-    if height > 1 || subtree.height > 1 {
-        return Some(balanced);
-    }
+    let limit = 2 * candidates.clone().map(|(_, s)| s.size as u64).min()? + 1;
+    let single = subtree.height <= 1;
     let open = |s: &Summary| s.height == 2 && (s.size as usize) <= max_children;
-    match nearest(&mut candidates.filter(|(_, s)| open(s))) {
-        Some((group_km, group, _)) if balanced_km * NEW_GROUP_NEARER >= group_km => Some(group),
-        _ => Some(balanced),
+    // One pass, one distance per child that may be picked (a descent runs at every level of every join).
+    let (mut balanced, mut group): (Option<Candidate>, Option<Candidate>) = (None, None);
+    for (id, s) in candidates {
+        let (fits, opens) = (s.size as u64 <= limit, single && open(&s));
+        if !fits && !opens {
+            continue;
+        }
+        let here = Candidate { km: position.distance_km(&s.centroid), id, height: s.height };
+        if fits && here.nearer_than(&balanced) {
+            balanced = Some(here);
+        }
+        if opens && here.nearer_than(&group) {
+            group = Some(here);
+        }
+    }
+    let balanced = balanced?;
+    match group {
+        Some(group) if single && balanced.height <= 1 && balanced.km * NEW_GROUP_NEARER >= group.km => Some(group.id),
+        _ => Some(balanced.id),
+    }
+}
+
+/// A child the descent may pick, with its distance to the joiner.
+#[derive(Clone, Copy)]
+struct Candidate {
+    km: f64,
+    id: NodeId,
+    height: u16,
+}
+
+impl Candidate {
+    /// Nearer than `best` so far (ties go to the lower id, so every coordinator picks alike).
+    fn nearer_than(&self, best: &Option<Candidate>) -> bool {
+        best.is_none_or(|b| self.km.total_cmp(&b.km).then(self.id.cmp(&b.id)).is_lt())
     }
 }
 
