@@ -33,13 +33,13 @@ pub fn choose_descent(
     let single = subtree.height <= 1;
     let open = |s: &Summary| s.height == 2 && (s.size as usize) <= max_children;
     // One pass, one distance per child that may be picked (a descent runs at every level of every join).
-    let (mut balanced, mut group): (Option<Candidate>, Option<Candidate>) = (None, None);
+    let (mut balanced, mut group): (Option<Pick>, Option<Pick>) = (None, None);
     for (id, s) in candidates {
         let (fits, opens) = (s.size as u64 <= limit, single && open(&s));
         if !fits && !opens {
             continue;
         }
-        let here = Candidate { km: position.distance_km(&s.centroid), id, height: s.height };
+        let here = Pick { km: position.distance_km(&s.centroid), id, height: s.height };
         if fits && here.nearer_than(&balanced) {
             balanced = Some(here);
         }
@@ -56,15 +56,15 @@ pub fn choose_descent(
 
 /// A child the descent may pick, with its distance to the joiner.
 #[derive(Clone, Copy)]
-struct Candidate {
+struct Pick {
     km: f64,
     id: NodeId,
     height: u16,
 }
 
-impl Candidate {
+impl Pick {
     /// Nearer than `best` so far (ties go to the lower id, so every coordinator picks alike).
-    fn nearer_than(&self, best: &Option<Candidate>) -> bool {
+    fn nearer_than(&self, best: &Option<Pick>) -> bool {
         best.is_none_or(|b| self.km.total_cmp(&b.km).then(self.id.cmp(&b.id)).is_lt())
     }
 }
