@@ -7,7 +7,7 @@
 use crate::api;
 use crate::cli::GlobalArgs;
 use crate::dataplane::routes::RouteTable;
-use crate::dataplane::{AttachRequest, AttachTarget, Attachment, DataPlane, DataPlaneConfig};
+use crate::dataplane::{AttachRequest, AttachTarget, Attachment, DataPlane, DataPlaneConfig, ReservedSocket};
 use crate::persist::{self, KeySource, StateStore};
 use crate::runtime::behaviour::{SwarmOptions, build_swarm};
 use crate::runtime::driver::{Driver, DriverConfig, Mode};
@@ -297,12 +297,17 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
         None => Mode::Start,
     };
     tracing::info!(peer_id = %local, data_dir = %data_dir.display(), "canopy agent starting");
+    // Routes come from the tree unless a static table was given (`--subnet`) or the data plane is off.
+    let tree_mode = settings.dataplane && settings.subnet.is_none();
+    // Bound before anything else opens sockets, for the data plane to take once the tree grants a subnet.
+    let tunnel_socket = match tree_mode {
+        true => ReservedSocket::new(bind_tunnel_port(settings.tunnel_port)?),
+        false => ReservedSocket::default(),
+    };
 
     let swarm = build_swarm(keypair, SwarmOptions { mdns: settings.mdns, request_timeout: Duration::from_secs(10) })?;
     let metrics = Arc::new(Metrics::default());
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(64);
-    // Routes come from the tree unless a static table was given (`--subnet`) or the data plane is off.
-    let tree_mode = settings.dataplane && settings.subnet.is_none();
     let (route_events, tree_inbox) = match tree_mode {
         true => {
             let (sink, pending) = crate::tree_routes::channel();
@@ -366,6 +371,7 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
                 .chain(crate::tree_routes::tunnel_endpoints(driver.listen_addrs(), settings.tunnel_port))
                 .collect(),
             tunnel_port: settings.tunnel_port,
+            tunnel_socket,
             position: settings.position,
             capacity: capacity_watch,
             tunnel_key: Some(crate::tree_routes::tunnel_key(&network_key.to_hex())),
@@ -422,6 +428,16 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
 
 /// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet` (and an optional
 /// static `--routes` table); without `--subnet`, or with `--no-dataplane`, the agent runs the control plane only.
+/// Binds the tunnel's UDP port on every address, or says which port is taken and how to choose another.
+fn bind_tunnel_port(port: u16) -> anyhow::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).with_context(|| {
+        format!(
+            "cannot bind the tunnel's UDP port {port} (another agent on this machine?): choose another with \
+             --tunnel-port, or run with --no-dataplane"
+        )
+    })
+}
+
 async fn start_dataplane(settings: &Settings, node_name: &str, data_dir: &Path) -> anyhow::Result<Option<DataPlane>> {
     let Some(subnet) = settings.subnet.filter(|_| settings.dataplane) else {
         tracing::info!("control plane only (no --subnet)");

@@ -357,6 +357,15 @@ fn bad_input_gives_one_clear_error_line() {
     assert!(err.contains("could not reach the bootstrap peer /ip4/127.0.0.1/tcp/1 after 2 attempts"), "{err}");
     assert!(took < Duration::from_secs(30), "gave up after {took:?}");
 
+    // A tunnel port in use: said at the start, not when the tree grants a subnet.
+    let taken = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (err, _) = run(&["--data-dir", dir, "start", "--tunnel-port", &port]);
+    assert!(err.contains(&format!("cannot bind the tunnel's UDP port {port}")), "{err}");
+    assert!(err.contains("--tunnel-port"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    drop(taken);
+
     // A second agent on a data dir in use.
     let first = cluster.add("a");
     cluster.agents[first].spawn(&["start"]);

@@ -112,6 +112,26 @@ pub struct DataPlaneConfig {
     pub cpu_latency_us: Option<u32>,
     /// How long the packet loop keeps reading after packet work before it sleeps (see `Engine::busy_poll`).
     pub busy_poll: Duration,
+    /// The tunnel socket, when the caller bound `listen` already (see [`ReservedSocket`]).
+    pub reserved_socket: ReservedSocket,
+}
+
+/// A tunnel socket bound before the data plane starts, which the data plane then takes instead of binding its
+/// listen address. An agent in tree mode binds its tunnel port first thing: its data plane starts only when the
+/// tree grants a subnet, and by then any socket the agent opened meanwhile (libp2p's, mDNS's per interface) could
+/// hold the port, which left the machine in the tree without a data plane (seen once in the Mininet testbed).
+#[derive(Debug, Clone, Default)]
+pub struct ReservedSocket(Arc<std::sync::Mutex<Option<std::net::UdpSocket>>>);
+
+impl ReservedSocket {
+    pub fn new(socket: std::net::UdpSocket) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(socket))))
+    }
+
+    /// The socket, once: a data plane started again later binds its address anew.
+    fn take(&self) -> Option<std::net::UdpSocket> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
 }
 
 impl DataPlaneConfig {
@@ -135,6 +155,7 @@ impl DataPlaneConfig {
             notice_queue: 1024,
             cpu_latency_us: None,
             busy_poll: Duration::ZERO,
+            reserved_socket: ReservedSocket::default(),
         }
     }
 
@@ -400,6 +421,7 @@ impl DataPlane {
         let keepalive_interval = config.keepalive_interval;
         let liveness = config.liveness;
         let busy_poll = config.busy_poll;
+        let reserved = config.reserved_socket.clone();
         let pending = pending::PendingPackets::new(pending::PendingConfig {
             max_packet: usize::from(mtu),
             ..pending::PendingConfig::default()
@@ -413,8 +435,11 @@ impl DataPlane {
             .spawn(move || {
                 let opened = || {
                     let tun = device::create(&tun_name, mtu)?;
-                    let socket = std::net::UdpSocket::bind(listen)
-                        .with_context(|| format!("binding the tunnel socket {listen}"))?;
+                    let socket = match reserved.take() {
+                        Some(socket) => socket,
+                        None => std::net::UdpSocket::bind(listen)
+                            .with_context(|| format!("binding the tunnel socket {listen}"))?,
+                    };
                     socket.set_nonblocking(true)?;
                     enlarge_socket_buffers(&socket);
                     let udp = quinn_udp::UdpSocketState::new((&socket).into())

@@ -19,7 +19,7 @@ mod lookup;
 pub mod table;
 
 use crate::dataplane::routes::RouteTable;
-use crate::dataplane::{AttachRequest, Attachment, DataPlane, DataPlaneConfig, Notice};
+use crate::dataplane::{AttachRequest, Attachment, DataPlane, DataPlaneConfig, Notice, ReservedSocket};
 use crate::dns::{self, DnsConfig, RunningResolver};
 use crate::persist::StateStore;
 use crate::runtime::{Handle, node_name};
@@ -59,6 +59,8 @@ pub struct TreeRoutesConfig {
     /// Where this machine's tunnel can be reached, best first.
     pub tunnel_endpoints: Vec<SocketAddr>,
     pub tunnel_port: u16,
+    /// The tunnel port, bound when the agent started (the data plane takes it when it starts).
+    pub tunnel_socket: ReservedSocket,
     pub position: Position,
     /// This machine's free capacity, as measured (or overridden) now: the records of hosted instances carry it.
     pub capacity: tokio::sync::watch::Receiver<Capacity>,
@@ -675,6 +677,7 @@ impl Task {
         config.keep_netns = crate::daemon::adopted_netns(&restore);
         config.cpu_latency_us = self.config.cpu_latency_us;
         config.busy_poll = self.config.busy_poll;
+        config.reserved_socket = self.config.tunnel_socket.clone();
         let dataplane = match DataPlane::start(config).await {
             Ok(dataplane) => dataplane,
             Err(err) => {
