@@ -426,8 +426,6 @@ async fn daemon_main(data_dir: &Path, settings: Settings, bootstrap: Option<Stri
     result
 }
 
-/// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet` (and an optional
-/// static `--routes` table); without `--subnet`, or with `--no-dataplane`, the agent runs the control plane only.
 /// Binds the tunnel's UDP port on every address, or says which port is taken and how to choose another.
 fn bind_tunnel_port(port: u16) -> anyhow::Result<std::net::UdpSocket> {
     std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).with_context(|| {
@@ -438,6 +436,8 @@ fn bind_tunnel_port(port: u16) -> anyhow::Result<std::net::UdpSocket> {
     })
 }
 
+/// Until the routes issue brings subnet grants from the tree, the data plane starts from `--subnet` (and an optional
+/// static `--routes` table); without `--subnet`, or with `--no-dataplane`, the agent runs the control plane only.
 async fn start_dataplane(settings: &Settings, node_name: &str, data_dir: &Path) -> anyhow::Result<Option<DataPlane>> {
     let Some(subnet) = settings.subnet.filter(|_| settings.dataplane) else {
         tracing::info!("control plane only (no --subnet)");
